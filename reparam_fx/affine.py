@@ -1,0 +1,442 @@
+"""Exact affine algebra of conv-shaped maps. Pure tensor math: no graph code here.
+
+Every op the passes remove is an affine, translation-equivariant map of one tensor, and
+is one of two kinds of *term*:
+
+``ChannelAffine(scale, shift, padding)``
+    ``y = zero_pad(scale * x + shift)`` per channel: eval BatchNorm, identity, layer
+    scale, constant mul/div/add/sub, explicit zero padding. ``scale``/``shift`` are
+    float64 scalars or ``(C,)`` vectors, so their channel count can stay unknown until
+    the term meets a conv.
+
+``ConvTerm(weight, bias, stride, padding, dilation, groups)``
+    ``y = conv(x, W, b)`` with zero padding, in 0 (linear), 1, 2 or 3 spatial dims.
+    ``macs`` is the cost, per output position, of the *original* ops the term stands
+    for: a rewrite is allowed only if the single conv it emits costs no more.
+
+The rules (all exact; each raises :class:`NotExact` with a reason when it is not):
+
+BatchNorm as a channel affine::
+
+    s = gamma / sqrt(var + eps)            t = beta - mean * s
+    BN(x) = s * x + t
+
+Channel affine after a conv (``compose(conv, affine)``)::
+
+    W'[o] = W[o] * s[o]                    b' = s[o] * b[o] + t[o]
+
+Channel affine before a conv (``compose(affine, conv)``), with ``in(o, j)`` the input
+channel that weight column ``j`` of output ``o`` reads under grouping::
+
+    W'[o, j] = W[o, j] * s[in(o, j)]       b'[o] = b[o] + sum_{j,k} W[o, j, k] * t[in(o, j)]
+
+exact only if ``t == 0`` or the conv has no padding (a zero-padded border would see
+``t`` where the original sees 0).
+
+Pointwise conv after a kxk conv (``compose(kxk, 1x1)``), per group::
+
+    W'[o, i, k] = sum_c W2[o, c] W1[c, i, k]        b' = W2 b1 + b2
+    stride s1*s2, padding p1, dilation d1 (always exact).
+
+Pointwise conv (stride 1, zero padding p1) before a kxk conv::
+
+    W'[o, i, k] = sum_c W2[o, c, k] W1[c, i]        b'[o] = b2[o] + sum_{c,k} W2[o, c, k] b1[c]
+    stride s2, dilation d2, padding p1 + p2; exact iff b1 == 0 or p2 == 0.
+
+Sum of terms over the same input (``merge``): terms must share stride and the *centre
+offset* ``padding - dilation*(kernel-1)/2`` per dim (so their outputs have the same
+size and alignment for every input size). With ``D`` the gcd of the dilations of
+kernels wider than 1 and ``P`` the largest padding, each kernel is zero-embedded on the
+common tap lattice of size ``K = 2*(P - c)/D + 1``; groups become the gcd of the
+terms' groups (an identity is a grouped dirac kernel); weights and biases add.
+
+Everything is computed in float64; :meth:`ConvTerm.weights_as` casts back.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field, replace
+from functools import reduce
+
+import torch
+
+DOUBLE = torch.float64
+
+
+class NotExact(Exception):
+    """A rewrite was declined; ``str(exc)`` says why, in words a user understands."""
+
+
+def _as_double(value) -> torch.Tensor:
+    return torch.as_tensor(value).detach().to(device="cpu", dtype=DOUBLE)
+
+
+# ---- the two kinds of term -----------------------------------------------------------
+
+@dataclass(frozen=True)
+class ChannelAffine:
+    """``y = zero_pad(scale * x + shift, padding)`` along the channel axis."""
+
+    scale: torch.Tensor  # 0-d or (C,)
+    shift: torch.Tensor | None = None  # 0-d or (C,), None means 0
+    padding: tuple[int, ...] = ()  # symmetric zero padding per spatial dim, () for none
+
+    @property
+    def channels(self) -> int | None:
+        sizes = {t.numel() for t in (self.scale, self.shift) if t is not None and t.dim() > 0}
+        return sizes.pop() if len(sizes) == 1 else None
+
+    @property
+    def is_identity(self) -> bool:
+        return (not any(self.padding) and bool((self.scale == 1).all())
+                and (self.shift is None or bool((self.shift == 0).all())))
+
+
+@dataclass(frozen=True)
+class ConvTerm:
+    """``y = conv(x, weight, bias)`` with zero padding; ``macs`` is the original ops' cost."""
+
+    weight: torch.Tensor  # (out, in/groups, *kernel), float64
+    bias: torch.Tensor | None
+    stride: tuple[int, ...]
+    padding: tuple[int, ...]
+    dilation: tuple[int, ...]
+    groups: int
+    macs: float = field(default=0.0, compare=False)
+    padding_mode: str = "zeros"  # non-zero modes fold what follows them, never merge
+
+    @property
+    def spatial(self) -> int:
+        return self.weight.dim() - 2
+
+    @property
+    def kernel(self) -> tuple[int, ...]:
+        return tuple(self.weight.shape[2:])
+
+    @property
+    def out_channels(self) -> int:
+        return self.weight.shape[0]
+
+    @property
+    def in_channels(self) -> int:
+        return self.weight.shape[1] * self.groups
+
+    @property
+    def cost(self) -> int:
+        """MACs per output position of this term emitted as one conv."""
+        return self.weight.numel()
+
+    @property
+    def is_pointwise(self) -> bool:
+        return all(k == 1 for k in self.kernel)
+
+    def weights_as(self, like: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Weight and bias cast to ``like``'s dtype and device."""
+        cast = lambda t: None if t is None else t.to(dtype=like.dtype, device=like.device)
+        return cast(self.weight), cast(self.bias)
+
+
+Term = ChannelAffine | ConvTerm
+
+
+# ---- constructors --------------------------------------------------------------------
+
+def identity() -> ChannelAffine:
+    return ChannelAffine(_as_double(1.0))
+
+
+def channel_affine(scale=1.0, shift=None) -> ChannelAffine:
+    return ChannelAffine(_as_double(scale), None if shift is None else _as_double(shift))
+
+
+def batchnorm(mean, var, weight, bias, eps: float) -> ChannelAffine:
+    """Eval-mode BatchNorm: ``s = gamma / sqrt(var + eps)``, ``t = beta - mean * s``."""
+    scale = torch.rsqrt(_as_double(var) + eps)
+    if weight is not None:
+        scale = scale * _as_double(weight)
+    shift = -_as_double(mean) * scale
+    if bias is not None:
+        shift = shift + _as_double(bias)
+    return ChannelAffine(scale, shift)
+
+
+def zero_pad(padding: tuple[int, ...]) -> ChannelAffine:
+    return ChannelAffine(_as_double(1.0), None, tuple(padding))
+
+
+def conv(weight, bias, stride, padding, dilation, groups: int,
+         padding_mode: str = "zeros") -> ConvTerm:
+    weight = _as_double(weight)
+    spatial = weight.dim() - 2
+    expand = lambda v: tuple(int(i) for i in v) if isinstance(v, (tuple, list)) else (int(v),) * spatial
+    term = ConvTerm(weight, None if bias is None else _as_double(bias), expand(stride),
+                    expand(padding), expand(dilation), int(groups), padding_mode=padding_mode)
+    return replace(term, macs=float(term.cost))
+
+
+def linear(weight, bias) -> ConvTerm:
+    """``F.linear`` is a conv with no spatial dims (channel axis last)."""
+    return conv(weight, bias, (), (), (), 1)
+
+
+def avg_pool(channels: int, kernel: tuple[int, ...], stride: tuple[int, ...],
+             padding: tuple[int, ...]) -> ConvTerm:
+    """Average pooling that counts padded zeros is a depthwise conv with ``1/prod(k)`` taps."""
+    weight = torch.full((channels, 1, *kernel), 1.0 / math.prod(kernel), dtype=DOUBLE)
+    return conv(weight, None, stride, padding, (1,) * len(kernel), channels)
+
+
+# ---- helpers -------------------------------------------------------------------------
+
+def _is_zero(t: torch.Tensor | None) -> bool:
+    return t is None or not bool(t.any())
+
+
+def _vector(t: torch.Tensor, channels: int, what: str) -> torch.Tensor:
+    if t.dim() == 0 or t.numel() == 1:
+        return t.reshape(()).expand(channels)
+    if t.numel() != channels:
+        raise NotExact(f"{what} has {t.numel()} channels, the conv has {channels}")
+    return t.reshape(channels)
+
+
+def as_conv(term: Term, channels: int, spatial: int) -> ConvTerm:
+    """A channel affine as a depthwise 1x1 ConvTerm (a grouped dirac kernel)."""
+    if isinstance(term, ConvTerm):
+        return term
+    if term.padding:
+        raise NotExact("zero padding cannot be summed with other branches")
+    weight = _vector(term.scale, channels, "a per-channel scale").reshape(channels, 1, *(1,) * spatial)
+    bias = None if term.shift is None else _vector(term.shift, channels, "a per-channel shift").clone()
+    ones = (1,) * spatial
+    return ConvTerm(weight.clone(), bias, ones, (0,) * spatial, ones, channels, macs=0.0)
+
+
+def regroup(term: ConvTerm, groups: int) -> ConvTerm:
+    """The same conv written with fewer groups (``groups`` must divide ``term.groups``).
+
+    Weight columns of group ``q`` land in block ``q mod (G/g)`` of the coarser group's
+    input range, zeros elsewhere (block-diagonal expansion).
+    """
+    G = term.groups
+    if groups == G:
+        return term
+    if G % groups:
+        raise ValueError(f"cannot regroup {G} groups into {groups}")
+    ratio = G // groups
+    out, cin_g = term.out_channels, term.weight.shape[1]
+    kernel = term.kernel
+    w5 = term.weight.reshape(groups, ratio, out // G, cin_g, *kernel)
+    w6 = term.weight.new_zeros(groups, ratio, out // G, ratio, cin_g, *kernel)
+    index = torch.arange(ratio)
+    # w6[:, r, :, r] = w5[:, r]  for every r (advanced indexing puts r first)
+    w6[:, index, :, index] = w5.transpose(0, 1)
+    weight = w6.reshape(out, ratio * cin_g, *kernel)
+    return replace(term, weight=weight, groups=groups)
+
+
+# ---- composition: second(first(x)) ---------------------------------------------------
+
+def compose(first: Term, second: Term) -> Term:
+    """The single term equal to ``second(first(x))``, or :class:`NotExact`."""
+    if isinstance(first, ChannelAffine) and isinstance(second, ChannelAffine):
+        return _affine_then_affine(first, second)
+    if isinstance(first, ConvTerm) and isinstance(second, ChannelAffine):
+        return _conv_then_affine(first, second)
+    if isinstance(first, ChannelAffine):
+        return _affine_then_conv(first, second)
+    return _conv_then_conv(first, second)
+
+
+def _affine_then_affine(first: ChannelAffine, second: ChannelAffine) -> ChannelAffine:
+    if first.padding and (second.padding or not _is_zero(second.shift)):
+        raise NotExact("a shift after zero padding changes the padded border")
+    scale = first.scale * second.scale
+    shift = None if first.shift is None else first.shift * second.scale
+    if second.shift is not None:
+        shift = second.shift if shift is None else shift + second.shift
+    return ChannelAffine(scale, shift, first.padding or second.padding)
+
+
+def _conv_then_affine(first: ConvTerm, second: ChannelAffine) -> ConvTerm:
+    if second.padding:
+        raise NotExact("zero padding after a conv is not a conv padding")
+    out = first.out_channels
+    scale = _vector(second.scale, out, "a per-channel scale")
+    weight = first.weight * scale.reshape(out, *(1,) * (first.spatial + 1))
+    bias = None if first.bias is None else first.bias * scale
+    if second.shift is not None:
+        shift = _vector(second.shift, out, "a per-channel shift")
+        bias = shift.clone() if bias is None else bias + shift
+    return replace(first, weight=weight, bias=bias)
+
+
+def _input_channel_index(term: ConvTerm) -> torch.Tensor:
+    """``in(o, j)``: the input channel read by weight column ``j`` of output ``o``."""
+    out, cin_g = term.out_channels, term.weight.shape[1]
+    group_of_output = torch.arange(out) // (out // term.groups)
+    return group_of_output[:, None] * cin_g + torch.arange(cin_g)[None, :]
+
+
+def _affine_then_conv(first: ChannelAffine, second: ConvTerm) -> ConvTerm:
+    spatial = second.spatial
+    if second.padding_mode != "zeros" and any(second.padding):
+        raise NotExact(f"nothing folds into a conv with padding_mode={second.padding_mode!r}")
+    if first.padding:
+        # conv(zero_pad(s*x + t, p1), padding p2) == conv(s*x + t, padding p1 + p2)
+        if len(first.padding) != spatial:
+            raise NotExact(f"zero padding over {len(first.padding)} dims before a "
+                           f"{spatial}-d conv")
+        padded = replace(second, padding=tuple(a + b for a, b in zip(first.padding, second.padding)))
+        return _affine_then_conv(replace(first, padding=()), padded)
+    if any(second.padding) and not _is_zero(first.shift):
+        raise NotExact("a per-channel shift (e.g. BatchNorm) before a zero-padded conv "
+                       "changes the border")
+    cin = second.in_channels
+    index = _input_channel_index(second)
+    view = (*index.shape, *(1,) * spatial)
+    scale = _vector(first.scale, cin, "a per-channel scale")
+    weight = second.weight * scale[index].reshape(view)
+    bias = second.bias
+    if first.shift is not None:
+        shift = _vector(first.shift, cin, "a per-channel shift")
+        extra = (second.weight * shift[index].reshape(view)).flatten(1).sum(1)
+        bias = extra if bias is None else bias + extra
+    return replace(second, weight=weight, bias=bias)
+
+
+def _grouped_product(second_w: torch.Tensor, first_w: torch.Tensor, groups: int,
+                     equation: str) -> torch.Tensor:
+    """Per-group einsum of two weights already written with ``groups`` groups."""
+    a = second_w.reshape(groups, second_w.shape[0] // groups, *second_w.shape[1:])
+    b = first_w.reshape(groups, first_w.shape[0] // groups, *first_w.shape[1:])
+    product = torch.einsum(equation, a, b)
+    return product.reshape(product.shape[0] * product.shape[1], *product.shape[2:])
+
+
+def _check_macs(result: ConvTerm, original_macs: float, what: str) -> ConvTerm:
+    if result.cost > original_macs + 1e-9:
+        raise NotExact(f"{what} would increase MACs ({result.cost:,} > {original_macs:,.0f} "
+                       "per output position)")
+    return replace(result, macs=original_macs)
+
+
+def _conv_then_conv(first: ConvTerm, second: ConvTerm) -> ConvTerm:
+    if first.spatial != second.spatial:
+        raise NotExact("convs of different dimensionality")
+    if first.out_channels != second.in_channels:
+        raise NotExact("channel counts do not chain")
+    if second.is_pointwise and not any(second.padding):
+        return _conv_then_pointwise(first, second)
+    if first.is_pointwise and all(s == 1 for s in first.stride):
+        return _pointwise_then_conv(first, second)
+    raise NotExact("two consecutive convs compose only when one of them is 1x1")
+
+
+def _conv_then_pointwise(first: ConvTerm, second: ConvTerm) -> ConvTerm:
+    groups = math.gcd(first.groups, second.groups)
+    a, b = regroup(second, groups), regroup(first, groups)
+    w2 = a.weight.flatten(1)  # (out, c) per group after reshape below
+    weight = _grouped_product(w2, b.weight, groups, "goc,gc...->go...")
+    bias = second.bias
+    if first.bias is not None:
+        carried = _grouped_product(w2, first.bias.reshape(-1, 1), groups, "goc,gcz->goz")[:, 0]
+        bias = carried if bias is None else bias + carried
+    result = ConvTerm(weight, bias, tuple(s1 * s2 for s1, s2 in zip(first.stride, second.stride)),
+                      first.padding, first.dilation, groups, padding_mode=first.padding_mode)
+    return _check_macs(result, first.macs * math.prod(second.stride) + second.macs,
+                       "composing a conv with the 1x1 conv after it")
+
+
+def _pointwise_then_conv(first: ConvTerm, second: ConvTerm) -> ConvTerm:
+    if "zeros" not in (first.padding_mode, second.padding_mode) or (
+            second.padding_mode != "zeros" and any(second.padding)):
+        raise NotExact(f"nothing folds into a conv with padding_mode={second.padding_mode!r}")
+    if any(second.padding) and not _is_zero(first.bias):
+        raise NotExact("a 1x1 conv with bias before a zero-padded conv: the border would "
+                       "see the bias")
+    groups = math.gcd(first.groups, second.groups)
+    a, b = regroup(second, groups), regroup(first, groups)
+    w1 = b.weight.flatten(1)  # (c, i) per group
+    weight = _grouped_product(a.weight, w1, groups, "goc...,gci->goi...")
+    bias = second.bias
+    if first.bias is not None:
+        per_tap = a.weight.flatten(2).sum(2)  # (out, c/groups)
+        bias_g = first.bias.reshape(groups, -1)
+        carried = torch.einsum("goc,gc->go", per_tap.reshape(groups, -1, per_tap.shape[1]), bias_g)
+        carried = carried.reshape(-1)
+        bias = carried if bias is None else bias + carried
+    padding = tuple(p1 + p2 for p1, p2 in zip(first.padding, second.padding))
+    result = ConvTerm(weight, bias, second.stride, padding, second.dilation, groups)
+    return _check_macs(result, first.macs * math.prod(second.stride) + second.macs,
+                       "composing a 1x1 conv with the conv after it")
+
+
+# ---- sums of terms over one input ----------------------------------------------------
+
+def merge(terms: list[Term], signs: list[float]) -> Term:
+    """``sum_i signs[i] * terms[i](x)`` as one term, or :class:`NotExact`."""
+    if all(isinstance(t, ChannelAffine) for t in terms):
+        if any(t.padding for t in terms):
+            raise NotExact("zero padding cannot be summed with other branches")
+        scale = sum(sign * t.scale for t, sign in zip(terms, signs))
+        shifts = [sign * t.shift for t, sign in zip(terms, signs) if t.shift is not None]
+        return ChannelAffine(scale, sum(shifts) if shifts else None)
+    convs = [t for t in terms if isinstance(t, ConvTerm)]
+    spatial, cin = convs[0].spatial, convs[0].in_channels
+    if any(t.spatial != spatial for t in convs):
+        raise NotExact("branches of different dimensionality")
+    if any(t.in_channels != cin for t in convs):
+        raise NotExact("branches read different channel counts")
+    modes = {t.padding_mode for t in convs if any(t.padding)} - {"zeros"}
+    if modes:
+        raise NotExact(f"branches with padding_mode={modes.pop()!r} never merge")
+    terms = [as_conv(t, cin, spatial) for t in terms]
+    out = terms[0].out_channels
+    if any(t.out_channels != out for t in terms):
+        raise NotExact("branches have different output channel counts "
+                       f"({sorted({t.out_channels for t in terms})})")
+    stride = terms[0].stride
+    if any(t.stride != stride for t in terms):
+        raise NotExact(f"branches have different strides ({sorted({t.stride for t in terms})})")
+
+    lattice = [_common_lattice([(t.kernel[d], t.padding[d], t.dilation[d]) for t in terms])
+               for d in range(spatial)]
+    padding = tuple(p for p, _, _ in lattice)
+    dilation = tuple(dil for _, dil, _ in lattice)
+    kernel = tuple(k for _, _, k in lattice)
+    groups = reduce(math.gcd, (t.groups for t in terms))
+
+    weight = torch.zeros(out, cin // groups, *kernel, dtype=DOUBLE)
+    bias = None
+    for term, sign in zip(terms, signs):
+        term = regroup(term, groups)
+        window = [slice(None), slice(None)]
+        for d in range(spatial):
+            step = term.dilation[d] // dilation[d] if term.kernel[d] > 1 else 1
+            start = (padding[d] - term.padding[d]) // dilation[d]
+            window.append(slice(start, start + step * (term.kernel[d] - 1) + 1, step))
+        weight[tuple(window)] += sign * term.weight
+        if term.bias is not None:
+            bias = sign * term.bias if bias is None else bias + sign * term.bias
+    result = ConvTerm(weight, bias, stride, padding, dilation, groups)
+    return _check_macs(result, sum(t.macs for t in terms), "merging these branches")
+
+
+def _common_lattice(taps: list[tuple[int, int, int]]) -> tuple[int, int, int]:
+    """(padding, dilation, kernel) of the one kernel that holds every branch's taps in
+    one spatial dim, given each branch's (kernel, padding, dilation)."""
+    twice_centre = {2 * p - d * (k - 1) for k, p, d in taps}
+    if len(twice_centre) != 1:
+        raise NotExact("branches are not aligned: different centre offsets "
+                       "(padding - dilation*(kernel-1)/2) would shift their outputs")
+    dilation = reduce(math.gcd, (d for k, p, d in taps if k > 1), 0) or 1
+    padding = max(p for _, p, _ in taps)
+    for k, p, d in taps:
+        if (padding - p) % dilation or (k > 1 and d % dilation):
+            raise NotExact("branch taps do not share a common dilation lattice")
+    span = 2 * padding - twice_centre.pop()
+    if span % dilation:
+        raise NotExact("branch taps do not share a common dilation lattice")
+    return padding, dilation, span // dilation + 1

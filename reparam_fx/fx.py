@@ -1,0 +1,2 @@
+class FusionError(Exception): pass
+def fuse(*a, **k): raise NotImplementedError
