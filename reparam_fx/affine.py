@@ -350,9 +350,10 @@ def _conv_then_pointwise(first: ConvTerm, second: ConvTerm) -> ConvTerm:
 
 
 def _pointwise_then_conv(first: ConvTerm, second: ConvTerm) -> ConvTerm:
-    if "zeros" not in (first.padding_mode, second.padding_mode) or (
-            second.padding_mode != "zeros" and any(second.padding)):
-        raise NotExact(f"nothing folds into a conv with padding_mode={second.padding_mode!r}")
+    for term in (first, second):
+        if term.padding_mode != "zeros" and any(term.padding):
+            raise NotExact(f"a conv with padding_mode={term.padding_mode!r} does not compose "
+                           "with the conv after it")
     if any(second.padding) and not _is_zero(first.bias):
         raise NotExact("a 1x1 conv with bias before a zero-padded conv: the border would "
                        "see the bias")

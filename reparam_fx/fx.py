@@ -1,2 +1,1070 @@
-class FusionError(Exception): pass
-def fuse(*a, **k): raise NotImplementedError
+"""torch.fx frontend: find every exactly-foldable linear region of a graph and write it
+back as one conv (or linear).
+
+The pass walks the graph once, in topological order, and gives each node it understands
+a *region*: ``node == term(source)`` where ``term`` is an :mod:`reparam_fx.affine` term
+and ``source`` an earlier node. A node's region extends the regions of its inputs:
+
+    conv / bn / linear / avgpool / zero-pad / x*c / x+c / x/c / -x:
+        region(node) = compose(region(input), op)          (same source)
+    a + b, a - b, torch.add(a, b, alpha=k):
+        region(node) = merge(region(a), region(b))        (only if the sources agree)
+
+An input's region is extended only if that input has no other user (so no value is
+computed twice) and is never mutated in place; otherwise the input itself becomes the
+source (``identity(input)``). When the algebra declines (``NotExact``), the op starts a
+new region at its input, or is left alone, and the reason goes to the report.
+
+A region is written back where its value leaves it (a user outside the region, or the
+graph output), as ``nn.ConvNd`` / ``nn.Linear`` modules in module-level and functional
+graphs, and as ``aten.convolution`` / ``aten.linear`` on ``get_attr`` weights in aten
+graphs (``torch.export``). Regions that absorbed fewer than two ops, or whose term has
+no conv (a pure per-channel affine), are left as they are. The driver repeats the pass
+until nothing changes.
+
+Channel axes: a conv term acts on axis ``-(spatial + 1)``, a linear on axis ``-1``;
+BatchNorm normalises axis 1 and a constant ``(C, 1, 1)`` acts on axis ``-3``. Terms meet
+only on the same axis, which needs tensor ranks: they come from shape metadata (aten
+graphs, or ``example_inputs``), from ``flatten``/``view`` and BatchNorm2d/3d, and
+otherwise a conv's input is taken to be batched (``N, C, *spatial``).
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+import operator
+import re
+from collections import Counter
+from dataclasses import dataclass, field
+
+import torch
+import torch.fx
+import torch.nn as nn
+import torch.nn.functional as F
+
+from reparam_fx import affine
+from reparam_fx.affine import ChannelAffine, ConvTerm, NotExact
+from reparam_fx.report import (FusedRegion, FusionReport, Skipped, classify_region,
+                               op_counts, parameter_count)
+
+MAX_PASSES = 4
+aten = torch.ops.aten
+
+
+class FusionError(ValueError):
+    """The model cannot be fused as given; the message says what to do instead."""
+
+
+# ---- capture -------------------------------------------------------------------------
+
+def _capture(model, example_inputs) -> tuple[torch.fx.GraphModule, str]:
+    """A private GraphModule copy of ``model`` and its frontend kind."""
+    if isinstance(model, torch.export.ExportedProgram):
+        return copy.deepcopy(model.module()), "aten"
+    if isinstance(model, torch.fx.GraphModule):
+        gm = copy.deepcopy(model)
+        return gm, "aten" if _is_aten_graph(gm) else "fx"
+    if not isinstance(model, nn.Module):
+        raise FusionError(f"fuse() takes an nn.Module, a torch.fx.GraphModule or a "
+                          f"torch.export.ExportedProgram, not {type(model).__name__}")
+    if model.training:
+        raise FusionError(
+            f"{type(model).__name__} is in training mode: BatchNorm would use batch "
+            "statistics, which cannot be folded. Call model.eval() before fuse().")
+    private = copy.deepcopy(model)
+    try:
+        return torch.fx.symbolic_trace(private), "fx"
+    except Exception as trace_error:  # noqa: BLE001 - any tracing failure falls back
+        if example_inputs is None:
+            raise FusionError(
+                f"torch.fx.symbolic_trace could not trace {type(model).__name__} "
+                f"({type(trace_error).__name__}: {str(trace_error).splitlines()[0][:200]}). "
+                "Pass example_inputs=(x,) so fuse() can capture it with torch.export "
+                "instead.") from trace_error
+    try:
+        program = torch.export.export(private, _as_tuple(example_inputs))
+    except Exception as export_error:  # noqa: BLE001
+        raise FusionError(
+            f"neither torch.fx.symbolic_trace nor torch.export could capture "
+            f"{type(model).__name__}: {str(export_error).splitlines()[0][:300]}") from export_error
+    return program.module(), "aten"
+
+
+def _as_tuple(example_inputs) -> tuple:
+    return (example_inputs,) if isinstance(example_inputs, torch.Tensor) else tuple(example_inputs)
+
+
+def _is_aten_graph(gm: torch.fx.GraphModule) -> bool:
+    return any(isinstance(n.target, torch._ops.OpOverload) for n in gm.graph.nodes)
+
+
+def _propagate_shapes(gm: torch.fx.GraphModule, example_inputs) -> None:
+    """Record tensor shapes on nodes (``meta['tensor_meta']``) by running the graph once.
+
+    Skipped when a BatchNorm is in training mode (running it would update statistics).
+    """
+    if any(isinstance(m, nn.modules.batchnorm._BatchNorm) and m.training for m in gm.modules()):
+        return
+    from torch.fx.passes.shape_prop import ShapeProp
+    try:
+        with torch.no_grad():
+            ShapeProp(gm).propagate(*_as_tuple(example_inputs))
+    except Exception:  # noqa: BLE001 - shapes are a hint; fusion works without them
+        pass
+
+
+# ---- what the graph says about its nodes ---------------------------------------------
+
+def _shape(node) -> tuple[int, ...] | None:
+    if not isinstance(node, torch.fx.Node):
+        return None
+    value = node.meta.get("val")
+    if isinstance(value, torch.Tensor):
+        return tuple(value.shape)
+    meta = node.meta.get("tensor_meta")
+    return tuple(meta.shape) if hasattr(meta, "shape") else None
+
+
+_INPLACE_FUNCTIONS = {operator.iadd, operator.isub, operator.imul, operator.itruediv}
+_VALUE_PRESERVING_METHODS = {"contiguous", "clone"}
+_PURE_CONSTANT_METHODS = {"view", "reshape", "unsqueeze", "squeeze", "to", "float", "double",
+                          "half", "contiguous", "clone", "detach", "neg", "t", "permute",
+                          "transpose", "expand", "flatten", "sqrt", "rsqrt", "exp", "abs",
+                          "mul", "add", "sub", "div", "__getitem__"}
+_PURE_CONSTANT_FUNCTIONS = {operator.neg, operator.mul, operator.add, operator.sub,
+                            operator.truediv, operator.getitem, torch.reshape, torch.unsqueeze,
+                            torch.squeeze, torch.flatten, torch.sqrt, torch.rsqrt, torch.exp,
+                            torch.abs, torch.mul, torch.add, torch.sub, torch.div, torch.neg}
+
+
+class _GraphFacts:
+    """Per-pass facts: modules, constant values, ranks and in-place mutations."""
+
+    def __init__(self, gm: torch.fx.GraphModule, frontend: str):
+        self.gm = gm
+        self.frontend = frontend
+        self.modules = dict(gm.named_modules())
+        self._constants: dict[torch.fx.Node, torch.Tensor | None] = {}
+        self._ranks: dict[torch.fx.Node, int | None] = {}
+        self.mutated = self._find_mutated()
+
+    # in-place ops --------------------------------------------------------------------
+    def is_inplace(self, node: torch.fx.Node) -> bool:
+        if node.op == "call_method":
+            return node.target.endswith("_") and not node.target.startswith("__")
+        if node.op == "call_function":
+            if node.target in _INPLACE_FUNCTIONS or node.kwargs.get("inplace") is True:
+                return True
+            if isinstance(node.target, torch._ops.OpOverload):
+                return node.target._schema.is_mutable
+            return False
+        if node.op == "call_module":
+            return getattr(self.modules.get(node.target), "inplace", False) is True
+        return False
+
+    def _find_mutated(self) -> set[torch.fx.Node]:
+        """Nodes whose value an in-place op changes while another user still reads it."""
+        mutated = set()
+        for node in self.gm.graph.nodes:
+            if self.is_inplace(node) and node.args and isinstance(node.args[0], torch.fx.Node):
+                target = node.args[0]
+                if len(target.users) > 1:
+                    mutated.add(target)
+        return mutated
+
+    # constants -----------------------------------------------------------------------
+    def constant(self, value) -> torch.Tensor | None:
+        """The tensor value of a graph-constant argument (number, get_attr, or pure op on
+        constants), else None."""
+        if isinstance(value, bool):
+            return None
+        if isinstance(value, (int, float)):
+            return torch.tensor(float(value), dtype=torch.float64)
+        if isinstance(value, torch.Tensor):
+            return value
+        if not isinstance(value, torch.fx.Node):
+            return None
+        if value not in self._constants:
+            self._constants[value] = self._evaluate_constant(value)
+        return self._constants[value]
+
+    def _evaluate_constant(self, node: torch.fx.Node) -> torch.Tensor | None:
+        if node.op == "get_attr":
+            try:
+                attr = self.gm.get_submodule("")
+                for part in node.target.split("."):
+                    attr = getattr(attr, part)
+            except AttributeError:
+                return None
+            return attr.detach() if isinstance(attr, torch.Tensor) else None
+        pure = ((node.op == "call_method" and node.target in _PURE_CONSTANT_METHODS)
+                or (node.op == "call_function" and (
+                    _hashable_in(node.target, _PURE_CONSTANT_FUNCTIONS)
+                    or _is_pure_aten(node.target))))
+        if not pure:
+            return None
+        resolved = []
+        for arg in node.args:
+            if isinstance(arg, torch.fx.Node):
+                tensor = self.constant(arg)
+                if tensor is None:
+                    return None
+                resolved.append(tensor)
+            else:
+                resolved.append(arg)
+        if any(isinstance(v, torch.fx.Node) for v in node.kwargs.values()):
+            return None
+        try:
+            with torch.no_grad():
+                if node.op == "call_method":
+                    result = getattr(resolved[0], node.target)(*resolved[1:], **node.kwargs)
+                else:
+                    result = node.target(*resolved, **node.kwargs)
+        except Exception:  # noqa: BLE001
+            return None
+        return result if isinstance(result, torch.Tensor) else None
+
+    # ranks ---------------------------------------------------------------------------
+    def rank(self, node) -> int | None:
+        """The tensor rank of ``node`` when the graph proves it, else None."""
+        if not isinstance(node, torch.fx.Node):
+            return None
+        if node not in self._ranks:
+            self._ranks[node] = None  # guards against cycles through odd graphs
+            self._ranks[node] = self._infer_rank(node)
+        return self._ranks[node]
+
+    def _infer_rank(self, node: torch.fx.Node) -> int | None:
+        shape = _shape(node)
+        if shape is not None:
+            return len(shape)
+        first = node.args[0] if node.args else None
+        if node.op == "call_module":
+            module = self.modules.get(node.target)
+            if isinstance(module, (nn.BatchNorm2d, nn.BatchNorm3d)):
+                return 4 if isinstance(module, nn.BatchNorm2d) else 5
+            if type(module) is nn.Flatten and module.end_dim == -1 and module.start_dim >= 0:
+                return module.start_dim + 1
+            if isinstance(module, (nn.Linear, nn.BatchNorm1d, nn.Identity, nn.Dropout,
+                                   nn.ReLU, nn.GELU, nn.SiLU, nn.Hardswish, nn.Sigmoid)):
+                return self.rank(first)
+            return None
+        name = node.target if node.op == "call_method" else getattr(node.target, "__name__", "")
+        if name == "flatten":
+            start = node.args[1] if len(node.args) > 1 else node.kwargs.get("start_dim", 0)
+            end = node.args[2] if len(node.args) > 2 else node.kwargs.get("end_dim", -1)
+            if end == -1 and isinstance(start, int) and start >= 0:
+                return start + 1
+        if name in ("view", "reshape") and node.op == "call_method":
+            sizes = node.args[1:]
+            if len(sizes) == 1 and isinstance(sizes[0], (tuple, list)):
+                sizes = sizes[0]
+            return len(sizes)
+        if name in ("linear", "batch_norm", "dropout", "relu", "gelu"):
+            return self.rank(first)
+        return None
+
+
+def _hashable_in(target, table) -> bool:
+    try:
+        return target in table
+    except TypeError:
+        return False
+
+
+_PURE_ATEN = {"view", "reshape", "unsqueeze", "squeeze", "permute", "t", "expand", "clone",
+              "alias", "_to_copy", "mul", "add", "sub", "div", "neg", "sqrt", "rsqrt"}
+
+
+def _is_pure_aten(target) -> bool:
+    return (isinstance(target, torch._ops.OpOverload)
+            and target._schema.name.split("::")[-1] in _PURE_ATEN
+            and not target._schema.is_mutable)
+
+
+# ---- ops: what one node does, as a term ----------------------------------------------
+
+@dataclass
+class _Unary:
+    """``node = term(input)``; ``term`` may need the channel count (average pooling)."""
+
+    input: torch.fx.Node
+    term: object  # affine term, or callable(channels) -> term
+    role: str  # conv, bn, linear, scale, avgpool, pad, identity
+    axis: int | None  # channel axis the term acts on (negative), None: any
+    params: int = 0
+    extra_nodes: tuple = ()  # nodes absorbed along (aten BN tuple producers, weight views)
+    const_rank: int = 0  # rank of a broadcast constant (must not raise the tensor's rank)
+
+
+@dataclass
+class _Sum:
+    """``node = sum_i coeff_i * operand_i``."""
+
+    operands: list  # [(node, coeff)]
+
+
+@dataclass
+class _Refused:
+    """The node looks foldable but is not; ``reason`` goes to the report."""
+
+    reason: str
+
+
+def _bind(node: torch.fx.Node, names: tuple[str, ...], defaults: dict) -> dict:
+    bound = dict(defaults)
+    bound.update(zip(names, node.args))
+    bound.update(node.kwargs)
+    return bound
+
+
+_CONV_ARGS = ("input", "weight", "bias", "stride", "padding", "dilation", "groups")
+_CONV_DEFAULTS = {"bias": None, "stride": 1, "padding": 0, "dilation": 1, "groups": 1}
+_FUNCTIONAL_CONVS = {F.conv1d: 1, F.conv2d: 2, F.conv3d: 3}
+_ATEN_CONVS = {"conv1d": 1, "conv2d": 2, "conv3d": 3}
+_POOL_ARGS = ("input", "kernel_size", "stride", "padding", "ceil_mode", "count_include_pad",
+              "divisor_override")
+_POOL_DEFAULTS = {"stride": None, "padding": 0, "ceil_mode": False, "count_include_pad": True,
+                  "divisor_override": None}
+_FUNCTIONAL_POOLS = {F.avg_pool1d: 1, F.avg_pool2d: 2, F.avg_pool3d: 3}
+_MODULE_POOLS = {nn.AvgPool1d: 1, nn.AvgPool2d: 2, nn.AvgPool3d: 3}
+_ADD_FUNCTIONS = {operator.add: 1, operator.iadd: 1, torch.add: 1,
+                  operator.sub: -1, operator.isub: -1, torch.sub: -1}
+_MUL_FUNCTIONS = {operator.mul, operator.imul, torch.mul}
+_DIV_FUNCTIONS = {operator.truediv, operator.itruediv, torch.div}
+
+
+def _tuple(value, n: int) -> tuple[int, ...]:
+    if isinstance(value, (tuple, list)):
+        value = tuple(int(v) for v in value)
+        return value * n if len(value) == 1 else value
+    return (int(value),) * n
+
+
+def _same_padding(padding, kernel, dilation) -> tuple[int, ...] | None:
+    """Explicit symmetric padding for 'valid' / 'same' (None when 'same' is asymmetric)."""
+    if padding == "valid":
+        return (0,) * len(kernel)
+    total = [d * (k - 1) for k, d in zip(kernel, dilation)]
+    if any(t % 2 for t in total):
+        return None
+    return tuple(t // 2 for t in total)
+
+
+def _own_forward(module: nn.Module, base: type) -> bool:
+    """True if ``module`` runs ``base``'s forward (subclasses that override it are opaque)."""
+    return isinstance(module, base) and type(module).forward is base.forward
+
+
+def _conv_op(facts, input_node, weight, bias, stride, padding, dilation, groups, spatial,
+             padding_mode="zeros", params=0):
+    if weight is None:
+        return None
+    if weight.dim() != spatial + 2:
+        return _Refused("conv weight of unexpected rank")
+    kernel = tuple(weight.shape[2:])
+    dilation = _tuple(dilation, spatial)
+    if isinstance(padding, str):
+        padding = _same_padding(padding, kernel, dilation)
+        if padding is None:
+            return _Refused("padding='same' with an even kernel is asymmetric")
+    term = affine.conv(weight, bias, _tuple(stride, spatial), _tuple(padding, spatial),
+                       dilation, groups, padding_mode)
+    return _Unary(input_node, term, "conv", -(spatial + 1), params=params)
+
+
+def _batchnorm_op(facts, input_node, mean, var, weight, bias, eps, training, rank_hint,
+                  params=0, extra_nodes=()):
+    if training:
+        return _Refused("BatchNorm in training mode uses batch statistics")
+    if mean is None or var is None:
+        return _Refused("BatchNorm without running statistics (track_running_stats=False) "
+                        "normalises with batch statistics")
+    rank = facts.rank(input_node) or rank_hint
+    axis = 1 - rank if rank else "bn"  # "bn": axis 1 of a rank not yet known
+    return _Unary(input_node, affine.batchnorm(mean, var, weight, bias, eps), "bn", axis,
+                  params=params, extra_nodes=extra_nodes)
+
+
+def _pool_op(input_node, kernel, stride, padding, ceil_mode, count_include_pad, divisor,
+             spatial):
+    kernel = _tuple(kernel, spatial)
+    stride = kernel if stride in (None, [], ()) else _tuple(stride, spatial)
+    padding = _tuple(padding, spatial)
+    if ceil_mode:
+        return _Refused("average pooling with ceil_mode=True is not a conv")
+    if divisor is not None:
+        return _Refused("average pooling with divisor_override is not folded")
+    if any(padding) and not count_include_pad:
+        return _Refused("average pooling with count_include_pad=False divides the border "
+                        "by fewer taps: not a conv")
+    return _Unary(input_node, lambda channels: affine.avg_pool(channels, kernel, stride, padding),
+                  "avgpool", -(spatial + 1))
+
+
+def _pad_op(input_node, pad, mode, value):
+    if mode != "constant" or (value not in (None, 0, 0.0)):
+        return None
+    pad = list(pad)
+    if len(pad) % 2:
+        return None
+    pairs = [(pad[i], pad[i + 1]) for i in range(0, len(pad), 2)][::-1]  # outermost first
+    if any(a != b or a < 0 for a, b in pairs):
+        return _Refused("asymmetric or negative zero padding has no conv equivalent")
+    return _Unary(input_node, affine.zero_pad(tuple(a for a, _ in pairs)), "pad",
+                  -(len(pairs) + 1))
+
+
+def _scale_op(facts, tensor_node, constant, *, invert=False, shift=False, coeff=1.0):
+    """``x * c``, ``x / c``, ``x + c``, ``x - c`` with a constant ``c`` broadcast per channel."""
+    value = constant.detach().to(torch.float64)
+    if invert:
+        if not bool((value != 0).all()):
+            return _Refused("division by a constant containing zeros")
+        value = 1.0 / value
+    shape = value.shape
+    wide = [i for i, size in enumerate(shape) if size != 1]
+    if len(wide) > 1:
+        return _Refused("constant varies along more than one axis: not per-channel")
+    axis = (wide[0] - len(shape)) if wide else None
+    vector = value.reshape(-1) if wide else value.reshape(())
+    term = (affine.channel_affine(1.0, coeff * vector) if shift
+            else affine.channel_affine(vector))
+    return _Unary(tensor_node, term, "scale", axis, const_rank=value.dim())
+
+
+def _arith_op(facts, node, a, b, kind, coeff=1.0):
+    """Binary arithmetic: two tensors -> _Sum; tensor and constant -> _Unary."""
+    const_a, const_b = facts.constant(a), facts.constant(b)
+    a_is_tensor = isinstance(a, torch.fx.Node) and const_a is None
+    b_is_tensor = isinstance(b, torch.fx.Node) and const_b is None
+    if kind == "add":
+        if a_is_tensor and b_is_tensor:
+            return _Sum([(a, 1.0), (b, coeff)])
+        if a_is_tensor and const_b is not None:
+            return _scale_op(facts, a, const_b, shift=True, coeff=coeff)
+        if b_is_tensor and const_a is not None:  # c + k*x (or c - x)
+            op = _scale_op(facts, b, const_a, shift=True)
+            if isinstance(op, _Unary) and coeff != 1.0:
+                op.term = affine.compose(affine.channel_affine(coeff), op.term)
+            return op
+        return None
+    if kind == "mul":
+        if a_is_tensor and const_b is not None:
+            return _scale_op(facts, a, const_b)
+        if b_is_tensor and const_a is not None:
+            return _scale_op(facts, b, const_a)
+        return None
+    if kind == "div" and a_is_tensor and const_b is not None:
+        return _scale_op(facts, a, const_b, invert=True)
+    return None
+
+
+def _interpret(node: torch.fx.Node, facts: _GraphFacts):
+    """What ``node`` computes, as an affine op of its tensor input(s), or None/_Refused."""
+    if node.op == "call_module":
+        return _interpret_module(node, facts)
+    if node.op == "call_method":
+        return _interpret_method(node, facts)
+    if node.op == "call_function":
+        if isinstance(node.target, torch._ops.OpOverload) or node.target is operator.getitem:
+            return _interpret_aten(node, facts)
+        return _interpret_function(node, facts)
+    return None
+
+
+def _interpret_module(node, facts):
+    module = facts.modules.get(node.target)
+    x = node.args[0] if node.args else None
+    if not isinstance(x, torch.fx.Node) or len(node.args) != 1 or node.kwargs:
+        return None
+    for base, spatial in ((nn.Conv1d, 1), (nn.Conv2d, 2), (nn.Conv3d, 3)):
+        if _own_forward(module, base):
+            return _conv_op(facts, x, module.weight, module.bias, module.stride, module.padding,
+                            module.dilation, module.groups, spatial, module.padding_mode,
+                            params=sum(p.numel() for p in module.parameters()))
+    for base, rank in ((nn.BatchNorm1d, None), (nn.BatchNorm2d, 4), (nn.BatchNorm3d, 5)):
+        if _own_forward(module, base):
+            return _batchnorm_op(facts, x, module.running_mean, module.running_var,
+                                 module.weight, module.bias, module.eps,
+                                 module.training, rank,
+                                 params=sum(p.numel() for p in module.parameters()))
+    if _own_forward(module, nn.Linear):
+        return _Unary(x, affine.linear(module.weight, module.bias), "linear", -1,
+                      params=sum(p.numel() for p in module.parameters()))
+    if type(module) is nn.Identity:
+        return _Unary(x, affine.identity(), "identity", None)
+    if isinstance(module, nn.modules.dropout._DropoutNd) and type(module).forward in (
+            nn.Dropout.forward, nn.Dropout1d.forward, nn.Dropout2d.forward, nn.Dropout3d.forward):
+        if module.training and module.p > 0:
+            return _Refused("Dropout in training mode")
+        return _Unary(x, affine.identity(), "identity", None)
+    for base, spatial in _MODULE_POOLS.items():
+        if _own_forward(module, base):
+            return _pool_op(x, module.kernel_size, module.stride, module.padding,
+                            module.ceil_mode, module.count_include_pad,
+                            getattr(module, "divisor_override", None), spatial)
+    if isinstance(module, nn.modules.padding._ConstantPadNd) and type(module).forward is \
+            nn.modules.padding._ConstantPadNd.forward:
+        return _pad_op(x, module.padding, "constant", module.value)
+    return None
+
+
+def _interpret_method(node, facts):
+    name = node.target
+    self_arg = node.args[0] if node.args else None
+    if name in _VALUE_PRESERVING_METHODS and len(node.args) == 1 and not node.kwargs:
+        return _Unary(self_arg, affine.identity(), "identity", None)
+    if name == "neg" and len(node.args) == 1:
+        return _Unary(self_arg, affine.channel_affine(-1.0), "scale", None)
+    base = name.rstrip("_")
+    if base in ("add", "sub", "mul", "div") and len(node.args) == 2:
+        if base == "div" and node.kwargs.get("rounding_mode") is not None:
+            return None
+        alpha = node.kwargs.get("alpha", 1)
+        if set(node.kwargs) - {"alpha"}:
+            return None
+        if base in ("add", "sub"):
+            return _arith_op(facts, node, self_arg, node.args[1], "add",
+                             coeff=alpha * (1 if base == "add" else -1))
+        return _arith_op(facts, node, self_arg, node.args[1], base)
+    return None
+
+
+def _interpret_function(node, facts):
+    target = node.target
+    if _hashable_in(target, _FUNCTIONAL_CONVS):
+        spatial = _FUNCTIONAL_CONVS[target]
+        a = _bind(node, _CONV_ARGS, _CONV_DEFAULTS)
+        weight, bias = facts.constant(a["weight"]), None
+        if a["bias"] is not None:
+            bias = facts.constant(a["bias"])
+            if bias is None:
+                return None
+        return _conv_op(facts, a["input"], weight, bias, a["stride"], a["padding"],
+                        a["dilation"], a["groups"], spatial)
+    if target is F.batch_norm:
+        a = _bind(node, ("input", "running_mean", "running_var", "weight", "bias", "training",
+                         "momentum", "eps"),
+                  {"running_mean": None, "running_var": None, "weight": None, "bias": None,
+                   "training": False, "momentum": 0.1, "eps": 1e-5})
+        tensors = {k: facts.constant(a[k]) if a[k] is not None else None
+                   for k in ("running_mean", "running_var", "weight", "bias")}
+        if any(a[k] is not None and tensors[k] is None for k in tensors):
+            return None
+        return _batchnorm_op(facts, a["input"], tensors["running_mean"], tensors["running_var"],
+                             tensors["weight"], tensors["bias"], a["eps"], a["training"], None)
+    if target is F.linear:
+        a = _bind(node, ("input", "weight", "bias"), {"bias": None})
+        weight = facts.constant(a["weight"])
+        bias = facts.constant(a["bias"]) if a["bias"] is not None else None
+        if weight is None or (a["bias"] is not None and bias is None):
+            return None
+        return _Unary(a["input"], affine.linear(weight, bias), "linear", -1)
+    if _hashable_in(target, _FUNCTIONAL_POOLS):
+        a = _bind(node, _POOL_ARGS, _POOL_DEFAULTS)
+        return _pool_op(a["input"], a["kernel_size"], a["stride"], a["padding"], a["ceil_mode"],
+                        a["count_include_pad"], a["divisor_override"], _FUNCTIONAL_POOLS[target])
+    if target is F.pad:
+        a = _bind(node, ("input", "pad", "mode", "value"), {"mode": "constant", "value": None})
+        return _pad_op(a["input"], a["pad"], a["mode"], a["value"])
+    if target in (F.dropout, F.dropout1d, F.dropout2d, F.dropout3d):
+        a = _bind(node, ("input", "p", "training", "inplace"), {"p": 0.5, "training": True})
+        if a["training"] and a["p"] > 0:
+            return _Refused("dropout in training mode")
+        return _Unary(a["input"], affine.identity(), "identity", None)
+    if target in (operator.neg, torch.neg):
+        return _Unary(node.args[0], affine.channel_affine(-1.0), "scale", None)
+    if _hashable_in(target, _ADD_FUNCTIONS):
+        if len(node.args) != 2 or set(node.kwargs) - {"alpha"}:
+            return None
+        coeff = _ADD_FUNCTIONS[target] * node.kwargs.get("alpha", 1)
+        return _arith_op(facts, node, node.args[0], node.args[1], "add", coeff)
+    if _hashable_in(target, _MUL_FUNCTIONS) and len(node.args) == 2 and not node.kwargs:
+        return _arith_op(facts, node, node.args[0], node.args[1], "mul")
+    if _hashable_in(target, _DIV_FUNCTIONS) and len(node.args) == 2 and not node.kwargs:
+        return _arith_op(facts, node, node.args[0], node.args[1], "div")
+    return None
+
+
+def _interpret_aten(node, facts):
+    if node.target is operator.getitem:
+        producer, index = node.args
+        if (isinstance(producer, torch.fx.Node) and index == 0
+                and producer.target is aten._native_batch_norm_legit_no_training.default
+                and len(producer.users) == 1):
+            x, weight, bias, mean, var, _momentum, eps = producer.args
+            tensors = [facts.constant(t) if t is not None else None for t in (mean, var, weight, bias)]
+            if tensors[0] is None or tensors[1] is None:
+                return None
+            return _batchnorm_op(facts, x, *tensors, eps, False, None, extra_nodes=(producer,))
+        return None
+    name = node.target._schema.name.split("::")[-1]
+    overload = node.target._overloadname
+    args = node.args
+    if name in _ATEN_CONVS or name == "convolution":
+        if name == "convolution":
+            a = _bind(node, ("input", "weight", "bias", "stride", "padding", "dilation",
+                             "transposed", "output_padding", "groups"), {})
+            if a["transposed"]:
+                return None
+        else:
+            a = _bind(node, _CONV_ARGS, _CONV_DEFAULTS)
+        weight = facts.constant(a["weight"])
+        bias = facts.constant(a["bias"]) if a["bias"] is not None else None
+        if weight is None or (a["bias"] is not None and bias is None):
+            return None
+        return _conv_op(facts, a["input"], weight, bias, a["stride"], a["padding"],
+                        a["dilation"], a["groups"], weight.dim() - 2)
+    if name == "batch_norm":
+        a = _bind(node, ("input", "weight", "bias", "running_mean", "running_var", "training",
+                         "momentum", "eps", "cudnn_enabled"), {})
+        tensors = [facts.constant(a[k]) if a[k] is not None else None
+                   for k in ("running_mean", "running_var", "weight", "bias")]
+        if (a["running_mean"] is not None and tensors[0] is None) or (
+                a["running_var"] is not None and tensors[1] is None):
+            return None
+        return _batchnorm_op(facts, a["input"], *tensors, a["eps"], a["training"], None)
+    if name == "linear":
+        weight = facts.constant(args[1])
+        bias = facts.constant(args[2]) if len(args) > 2 and args[2] is not None else None
+        if weight is None or (len(args) > 2 and args[2] is not None and bias is None):
+            return None
+        return _Unary(args[0], affine.linear(weight, bias), "linear", -1)
+    if name in ("avg_pool1d", "avg_pool2d", "avg_pool3d"):
+        a = _bind(node, _POOL_ARGS, _POOL_DEFAULTS)
+        return _pool_op(a["input"], a["kernel_size"], a["stride"], a["padding"], a["ceil_mode"],
+                        a["count_include_pad"], a["divisor_override"], int(name[-2]))
+    if name in ("constant_pad_nd", "pad"):
+        a = _bind(node, ("input", "pad", "value" if name == "constant_pad_nd" else "mode"), {})
+        return _pad_op(a["input"], a["pad"], a.get("mode", "constant"), a.get("value", 0))
+    if name == "dropout":
+        if len(args) > 2 and args[2] and args[1] > 0:
+            return _Refused("dropout in training mode")
+        return _Unary(args[0], affine.identity(), "identity", None)
+    if name in ("clone", "alias") and len(args) == 1:
+        return _Unary(args[0], affine.identity(), "identity", None)
+    if name == "neg":
+        return _Unary(args[0], affine.channel_affine(-1.0), "scale", None)
+    if name in ("add", "sub") and overload in ("Tensor", "Scalar"):
+        coeff = node.kwargs.get("alpha", 1) * (1 if name == "add" else -1)
+        return _arith_op(facts, node, args[0], args[1], "add", coeff)
+    if name in ("mul", "div") and overload in ("Tensor", "Scalar") and not node.kwargs:
+        return _arith_op(facts, node, args[0], args[1], name)
+    return None
+
+
+# ---- regions -------------------------------------------------------------------------
+
+@dataclass
+class _Region:
+    """``value == term(source)``, built from the original ``nodes``."""
+
+    source: torch.fx.Node
+    term: object
+    axis: int | None = None  # channel axis of the term (negative), None: any
+    nodes: list = field(default_factory=list)
+    kinds: Counter = field(default_factory=Counter)
+    kernels: list = field(default_factory=list)
+    branches: int = 1
+    has_identity: bool = False
+    has_sub: bool = False
+    params: int = 0
+
+    @property
+    def emittable(self) -> bool:
+        return isinstance(self.term, ConvTerm) and len(self.nodes) >= 2
+
+
+def _merged_axis(a, b):
+    if a is None or b is None or a == b:
+        return a if b is None else b
+    raise NotExact(f"the ops act on different tensor axes ({a} and {b})")
+
+
+class _RegionBuilder:
+    """One forward walk over the graph that assigns regions to nodes."""
+
+    def __init__(self, facts: _GraphFacts, report: FusionReport):
+        self.facts = facts
+        self.report = report
+        self.regions: dict[torch.fx.Node, _Region] = {}
+        self.absorbed: set[torch.fx.Node] = set()
+
+    def skip(self, node, reason):
+        self.report.skipped.append(Skipped(node.name, _op_name(node, self.facts), reason))
+
+    def operand(self, node: torch.fx.Node) -> _Region:
+        """``node``'s region if it can be absorbed by its (single) user, else identity(node)."""
+        region = self.regions.get(node)
+        if region is not None and len(node.users) == 1 and node not in self.facts.mutated:
+            return region
+        return _Region(node, affine.identity(), has_identity=True)
+
+    def usable_source(self, region: _Region) -> bool:
+        return region.source not in self.facts.mutated
+
+    def walk(self):
+        for node in self.facts.gm.graph.nodes:
+            op = _interpret(node, self.facts)
+            if isinstance(op, _Refused):
+                self.skip(node, op.reason)
+            elif isinstance(op, _Unary):
+                self.extend(node, op)
+            elif isinstance(op, _Sum):
+                self.sum(node, op)
+        return self.regions
+
+    # a unary op -------------------------------------------------------------------------
+    def extend(self, node, op: _Unary):
+        if node in self.facts.mutated:
+            return
+        if not isinstance(op.input, torch.fx.Node):
+            return
+        base = self.operand(op.input)
+        try:
+            region = self._compose(base, op, node)
+        except NotExact as reason:
+            if base.nodes:  # retry with the input as the source
+                try:
+                    region = self._compose(_Region(op.input, affine.identity(), has_identity=True),
+                                           op, node)
+                except NotExact as again:
+                    self.skip(node, str(again))
+                    return
+                self.skip(node, f"not folded into the ops before it: {reason}")
+            else:
+                self.skip(node, str(reason))
+                return
+        if not self.usable_source(region):
+            self.skip(node, "its input is modified in place by another op")
+            return
+        self.regions[node] = region
+
+    def _compose(self, base: _Region, op: _Unary, node) -> _Region:
+        axis = op.axis
+        term = op.term
+        if axis == "bn":  # BatchNorm on a tensor of unproven rank
+            axis = self._assumed_axis(base, "BatchNorm")
+        if callable(term):  # average pooling needs the channel count
+            channels = self._channels(base, op.input)
+            if channels is None:
+                raise NotExact("channel count unknown: pass example_inputs")
+            term = term(channels)
+        if op.const_rank and not self._constant_fits(base, op):
+            raise NotExact("the constant would broadcast the tensor to a higher rank")
+        region_axis = _merged_axis(base.axis, axis)
+        new_term = affine.compose(base.term, term)
+        region = _Region(base.source, new_term, region_axis, [*base.nodes, *op.extra_nodes, node],
+                         base.kinds.copy(), list(base.kernels), base.branches, base.has_identity,
+                         base.has_sub, base.params + op.params)
+        region.kinds[op.role] += 1
+        if op.role == "conv":
+            region.kernels.append(term.kernel)
+        if base.nodes:
+            self.absorbed.add(op.input)
+        return region
+
+    def _assumed_axis(self, base: _Region, what: str) -> int:
+        if isinstance(base.term, ConvTerm) and base.term.spatial > 0:
+            return -(base.term.spatial + 1)  # conv input taken as batched
+        raise NotExact(f"{what} on a tensor of unknown rank: pass example_inputs")
+
+    def _channels(self, base: _Region, node) -> int | None:
+        if isinstance(base.term, ConvTerm):
+            return base.term.out_channels
+        shape = _shape(node)
+        return shape[1] if shape and len(shape) > 1 else None
+
+    def _constant_fits(self, base: _Region, op: _Unary) -> bool:
+        rank = self.facts.rank(op.input)
+        if rank is None and isinstance(base.term, ConvTerm) and base.term.spatial > 0:
+            rank = base.term.spatial + 2
+        allowed = max(rank or 0, -op.axis if isinstance(op.axis, int) else 0)
+        return op.const_rank <= allowed
+
+    # a sum -------------------------------------------------------------------------------
+    def sum(self, node, op: _Sum):
+        if node in self.facts.mutated:
+            return
+        target = node.args[0] if self.facts.is_inplace(node) else None
+        if target is not None and len(target.users) > 1:
+            self.skip(node, "in-place add on a tensor that is read elsewhere")
+            return
+        parts = [self.operand(n) for n, _ in op.operands]
+        sources = {p.source for p in parts}
+        if len(sources) != 1:
+            return  # sums of different tensors are not affine in one tensor
+        try:
+            axis = None
+            for part in parts:
+                axis = _merged_axis(axis, part.axis)
+            term = affine.merge([p.term for p in parts], [c for _, c in op.operands])
+        except NotExact as reason:
+            self.skip(node, str(reason))
+            return
+        region = _Region(parts[0].source, term, axis)
+        for (operand, coeff), part in zip(op.operands, parts):
+            if part.nodes and part.nodes[-1] in region.nodes:
+                continue  # the same operand twice (x + x): its ops count once
+            region.nodes.extend(part.nodes)
+            if part.nodes:
+                self.absorbed.add(operand)
+            region.params += part.params
+            region.kinds.update(part.kinds)
+            region.kernels.extend(part.kernels)
+            region.has_identity |= part.has_identity or isinstance(part.term, ChannelAffine)
+            region.has_sub |= part.has_sub or coeff < 0
+        region.branches = sum(max(p.branches, 1) for p in parts)
+        region.nodes.append(node)
+        if not self.usable_source(region):
+            self.skip(node, "its input is modified in place by another op")
+            return
+        self.regions[node] = region
+
+
+def _op_name(node: torch.fx.Node, facts: _GraphFacts) -> str:
+    if node.op == "call_module":
+        return type(facts.modules.get(node.target)).__name__
+    if node.op == "call_function":
+        return getattr(node.target, "__name__", str(node.target))
+    return str(node.target)
+
+
+# ---- writing regions back ------------------------------------------------------------
+
+def _reference_tensor(gm, region: _Region, facts: _GraphFacts) -> torch.Tensor:
+    """A parameter of the region, for dtype/device of the new weights."""
+    for node in region.nodes:
+        if node.op == "call_module":
+            for p in facts.modules[node.target].parameters():
+                return p
+        for arg in node.args:
+            value = facts.constant(arg) if isinstance(arg, torch.fx.Node) else None
+            if isinstance(value, torch.Tensor) and value.is_floating_point():
+                return value
+    return torch.empty(0)
+
+
+def _new_name(gm, region: _Region, facts: _GraphFacts) -> str:
+    """A readable qualified name: the absorbed modules' common prefix + '.fused'."""
+    paths = [n.target.split(".") for n in region.nodes if n.op == "call_module"]
+    paths += [a.target.split(".")[:-1] for n in region.nodes
+              for a in n.all_input_nodes if a.op == "get_attr"]
+    prefix = []
+    if paths:
+        for parts in zip(*paths):
+            if len(set(parts)) != 1:
+                break
+            prefix.append(parts[0])
+        # stay inside a module that exists and survives (a container, not an absorbed op)
+        absorbed = {n.target for n in region.nodes if n.op == "call_module"}
+        while prefix and (".".join(prefix) in absorbed
+                          or not isinstance(facts.modules.get(".".join(prefix)), nn.Module)):
+            prefix.pop()
+    base = ".".join(prefix + ["fused"]) if prefix else "fused_" + re.sub(r"\W", "_", region.nodes[-1].name)
+    name, index = base, 1
+    while _has_attr(gm, name):
+        index += 1
+        name = f"{base}{index}"
+    return name
+
+
+def _has_attr(gm, qualified: str) -> bool:
+    obj = gm
+    for part in qualified.split("."):
+        if not hasattr(obj, part):
+            return False
+        obj = getattr(obj, part)
+    return True
+
+
+def _make_module(term: ConvTerm, like: torch.Tensor) -> nn.Module:
+    weight, bias = term.weights_as(like)
+    if term.spatial == 0:
+        module = nn.Linear(term.in_channels, term.out_channels, bias=bias is not None)
+    else:
+        conv_cls = (nn.Conv1d, nn.Conv2d, nn.Conv3d)[term.spatial - 1]
+        module = conv_cls(term.in_channels, term.out_channels, term.kernel, term.stride,
+                          term.padding, term.dilation, term.groups, bias=bias is not None,
+                          padding_mode=term.padding_mode)
+    module = module.to(device=like.device, dtype=like.dtype)
+    with torch.no_grad():
+        module.weight.copy_(weight)
+        if bias is not None:
+            module.bias.copy_(bias)
+    return module.eval()
+
+
+def _emit(gm, node: torch.fx.Node, region: _Region, facts: _GraphFacts, frontend: str,
+          source: torch.fx.Node):
+    """Insert the region's conv (reading ``source``) before its first op and route
+    ``node``'s users to it."""
+    term: ConvTerm = region.term
+    like = _reference_tensor(gm, region, facts)
+    if not like.is_floating_point():
+        like = torch.empty(0)
+    name = _new_name(gm, region, facts)
+    first = min(region.nodes, key=_order(gm))
+    graph = gm.graph
+    with graph.inserting_before(first):
+        if frontend == "aten" and term.padding_mode == "zeros":
+            module = _make_module(term, like)
+            gm.add_submodule(name, module)  # holds the tensors; called functionally
+            w = graph.get_attr(f"{name}.weight")
+            b = graph.get_attr(f"{name}.bias") if module.bias is not None else None
+            if term.spatial == 0:
+                new = graph.call_function(aten.linear.default, (source, w, b))
+            else:
+                s = term.spatial
+                new = graph.call_function(aten.convolution.default, (
+                    source, w, b, list(term.stride), list(term.padding),
+                    list(term.dilation), False, [0] * s, term.groups))
+        else:
+            gm.add_submodule(name, _make_module(term, like))
+            new = graph.call_module(name, (source,))
+    new.meta.update({k: v for k, v in node.meta.items() if k in ("val", "tensor_meta", "stack_trace")})
+    node.replace_all_uses_with(new)
+    return name, new
+
+
+def _order(gm):
+    index = {n: i for i, n in enumerate(gm.graph.nodes)}
+    return index.__getitem__
+
+
+def _erase_dead(gm, candidates, facts: _GraphFacts) -> None:
+    """Erase the absorbed nodes, and the constants that fed only them, once unused.
+
+    One walk in reverse graph order sees every user before the node it uses."""
+    doomed = set(candidates)
+    for node in reversed(list(gm.graph.nodes)):
+        if node not in doomed or node.users or node.op in ("placeholder", "output"):
+            continue
+        for inp in node.all_input_nodes:
+            if inp.op == "get_attr" or facts.constant(inp) is not None:
+                doomed.add(inp)
+        gm.graph.erase_node(node)
+
+
+def _delete_unused_attributes(gm) -> None:
+    """Drop parameters/buffers no node refers to any more, then unused submodules."""
+    used_attrs = {n.target for n in gm.graph.nodes if n.op == "get_attr"}
+    used_modules = {n.target for n in gm.graph.nodes if n.op == "call_module"}
+
+    def needed(qualified: str) -> bool:
+        parts = qualified.split(".")
+        prefixes = {".".join(parts[:i]) for i in range(1, len(parts) + 1)}
+        return bool(prefixes & used_modules) or qualified in used_attrs
+
+    for name, _ in list(gm.named_parameters()) + list(gm.named_buffers()):
+        if not needed(name):
+            owner_name, _, leaf = name.rpartition(".")
+            owner = gm.get_submodule(owner_name)
+            if leaf in owner._parameters:
+                del owner._parameters[leaf]
+            elif leaf in owner._buffers:
+                del owner._buffers[leaf]
+    gm.delete_all_unused_submodules()
+
+
+def _fusion_pass(gm, facts: _GraphFacts, frontend: str, report: FusionReport,
+                 final: bool) -> int:
+    builder = _RegionBuilder(facts, report if final else FusionReport())
+    regions = builder.walk()
+    emitted = 0
+    dead = []
+    replaced: dict[torch.fx.Node, torch.fx.Node] = {}
+    for node, region in list(regions.items()):
+        if node in builder.absorbed and len(node.users) == 1:
+            user = next(iter(node.users))
+            if user in regions and node in regions[user].nodes:
+                continue  # lives on inside its user's region
+        if not region.emittable:
+            continue
+        source = replaced.get(region.source, region.source)
+        name, replaced[node] = _emit(gm, node, region, facts, frontend, source)
+        kinds = region.kinds
+        report.fused.append(FusedRegion(
+            pattern=classify_region(kinds, region.kernels, region.branches,
+                                    region.has_identity, region.has_sub),
+            output=node.name, module=name,
+            nodes=tuple(n.name for n in region.nodes),
+            ops=tuple(sorted(Counter(_category(n, facts) for n in region.nodes
+                                     if _category(n, facts)).items())),
+            params_before=region.params or _region_params(region, facts),
+            params_after=region.term.weight.numel() + (0 if region.term.bias is None
+                                                       else region.term.bias.numel())))
+        dead.extend(region.nodes)
+        emitted += 1
+    _erase_dead(gm, dead, facts)
+    return emitted
+
+
+def _category(node, facts):
+    from reparam_fx.report import node_category
+    return node_category(node, facts.modules)
+
+
+def _region_params(region: _Region, facts: _GraphFacts) -> int:
+    total = 0
+    for node in region.nodes:
+        for arg in node.all_input_nodes:
+            if arg.op == "get_attr" and not arg.target.endswith(("running_mean", "running_var")):
+                value = facts.constant(arg)
+                total += value.numel() if value is not None else 0
+    return total
+
+
+def fuse(model, example_inputs=None) -> torch.fx.GraphModule:
+    """Collapse every exactly-foldable linear region of ``model`` into one conv/linear.
+
+    ``model``: an ``nn.Module`` in eval mode (traced with ``torch.fx.symbolic_trace``;
+    if that fails and ``example_inputs`` is given, captured with ``torch.export`` and
+    fused at the aten level), a ``torch.fx.GraphModule`` (module-level, functional or
+    aten) or a ``torch.export.ExportedProgram``. ``example_inputs`` (a tensor or tuple)
+    also gives the pass tensor shapes, which lets it prove ranks for BatchNorm1d and
+    broadcast constants.
+
+    Returns a new ``GraphModule``; ``model`` is never modified. ``result.fusion_report``
+    lists the regions fused (by pattern) and the nodes left alone, with reasons.
+    """
+    gm, frontend = _capture(model, example_inputs)
+    if example_inputs is not None and frontend == "fx":
+        _propagate_shapes(gm, example_inputs)
+    report = FusionReport(frontend=frontend)
+    report.ops_before = op_counts(gm)
+    report.params_before = parameter_count(gm)
+    report.nodes_before = _count_ops(gm)
+    for attempt in range(MAX_PASSES):
+        facts = _GraphFacts(gm, frontend)
+        if not _fusion_pass(gm, facts, frontend, report, final=False):
+            break
+    # one last reporting walk over the final graph: what is still foldable-looking and why not
+    _fusion_pass(gm, _GraphFacts(gm, frontend), frontend, report, final=True)
+    for node in list(gm.graph.nodes):  # e.g. BatchNorm counters export left unread
+        if node.op == "get_attr" and not node.users:
+            gm.graph.erase_node(node)
+    _delete_unused_attributes(gm)
+    gm.graph.lint()
+    gm.recompile()
+    report.ops_after = op_counts(gm)
+    report.params_after = parameter_count(gm)
+    report.nodes_after = _count_ops(gm)
+    report.skipped = _dedupe(report.skipped)
+    gm.fusion_report = report
+    return gm
+
+
+def _count_ops(gm) -> int:
+    return sum(1 for n in gm.graph.nodes if n.op.startswith("call_"))
+
+
+def _dedupe(skipped):
+    seen, result = set(), []
+    for item in skipped:
+        if (item.node, item.reason) not in seen:
+            seen.add((item.node, item.reason))
+            result.append(item)
+    return result

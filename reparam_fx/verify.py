@@ -5,9 +5,10 @@ The error is relative to the reference's largest magnitude::
     err = max|reference(x) - candidate(x)| / max|reference(x)|
 
 taken over every tensor output. Both models run on the same inputs; copies of both are
-cast to float64 first, so the comparison measures the rewrite, not fp32 round-off — a
-correct fusion gives ~1e-15 there. ``precision="model"`` compares in the models' own
-dtype instead (fp32 fused models land near 1e-7).
+cast to float64 first, so the comparison measures the rewrite, not the arithmetic's
+round-off. A correct fusion of a float64 model gives ~1e-15; of an fp32 model ~1e-7
+(the fused weights themselves are rounded to fp32). ``precision="model"`` compares in
+the models' own dtype instead.
 """
 
 from __future__ import annotations
