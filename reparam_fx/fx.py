@@ -46,7 +46,7 @@ import torch.nn.functional as F
 from reparam_fx import affine
 from reparam_fx.affine import ChannelAffine, ConvTerm, NotExact
 from reparam_fx.report import (FusedRegion, FusionReport, Skipped, classify_region,
-                               op_counts, parameter_count)
+                               node_category, op_counts, parameter_count)
 
 MAX_PASSES = 4
 aten = torch.ops.aten
@@ -58,13 +58,75 @@ class FusionError(ValueError):
 
 # ---- capture -------------------------------------------------------------------------
 
-def _capture(model, example_inputs) -> tuple[torch.fx.GraphModule, str]:
-    """A private GraphModule copy of ``model`` and its frontend kind."""
+class _Workspace:
+    """The graph being rewritten and where its attributes live.
+
+    ``root`` is the caller's module (or a trace of it, sharing its submodules): it is
+    only ever read. The pass edits ``graph`` (a private copy) and puts what it creates in
+    ``added``; :meth:`build` assembles the result from deep copies of the attributes the
+    final graph still uses, so the result shares no state with the caller's model.
+    """
+
+    def __init__(self, root: nn.Module, graph: torch.fx.Graph, frontend: str, class_name: str):
+        self.root, self.graph, self.frontend, self.class_name = root, graph, frontend, class_name
+        self.added: dict[str, object] = {}  # qualified name -> new module or tensor
+        self._modules: dict[str, nn.Module | None] = {}
+
+    def resolve(self, qualified: str):
+        """The module or tensor at ``qualified`` (new attributes first), or None."""
+        if qualified in self.added:
+            return self.added[qualified]
+        head, _, leaf = qualified.rpartition(".")
+        owner = self.added.get(head) if head else None
+        if owner is not None:
+            return getattr(owner, leaf, None)
+        obj = self.root
+        for part in qualified.split("."):
+            obj = getattr(obj, part, None)
+            if obj is None:
+                return None
+        return obj
+
+    def module(self, target: str) -> nn.Module | None:
+        if target not in self._modules:
+            found = self.resolve(target)
+            self._modules[target] = found if isinstance(found, nn.Module) else None
+        return self._modules[target]
+
+    def taken(self, qualified: str) -> bool:
+        return (self.resolve(qualified) is not None
+                or any(name.startswith(qualified + ".") for name in self.added))
+
+    def build(self) -> torch.fx.GraphModule:
+        memo: dict = {}
+        attributes = {}
+        for node in self.graph.nodes:
+            if node.op in ("call_module", "get_attr") and node.target not in attributes:
+                value = self.resolve(node.target)
+                new = node.target in self.added or node.target.rpartition(".")[0] in self.added
+                if new:
+                    attributes[node.target] = value
+                elif isinstance(value, nn.Module) and not _has_state(value):
+                    attributes[node.target] = copy.copy(value)  # e.g. activations: cheap
+                else:
+                    attributes[node.target] = copy.deepcopy(value, memo)
+        return torch.fx.GraphModule(attributes, self.graph, self.class_name)
+
+
+def _has_state(module: nn.Module) -> bool:
+    return any(True for _ in module.parameters()) or any(True for _ in module.buffers()) \
+        or any(True for _ in module.children())
+
+
+def _capture(model, example_inputs) -> _Workspace:
+    """A workspace over ``model``: a private graph, the model itself only read."""
+    name = f"Fused{type(model).__name__}"
     if isinstance(model, torch.export.ExportedProgram):
-        return copy.deepcopy(model.module()), "aten"
+        gm = model.module()  # a new module; its graph is ours to edit
+        return _Workspace(gm, gm.graph, "aten", "FusedExportedProgram")
     if isinstance(model, torch.fx.GraphModule):
-        gm = copy.deepcopy(model)
-        return gm, "aten" if _is_aten_graph(gm) else "fx"
+        frontend = "aten" if _is_aten_graph(model.graph) else "fx"
+        return _Workspace(model, copy.deepcopy(model.graph), frontend, name)
     if not isinstance(model, nn.Module):
         raise FusionError(f"fuse() takes an nn.Module, a torch.fx.GraphModule or a "
                           f"torch.export.ExportedProgram, not {type(model).__name__}")
@@ -72,9 +134,9 @@ def _capture(model, example_inputs) -> tuple[torch.fx.GraphModule, str]:
         raise FusionError(
             f"{type(model).__name__} is in training mode: BatchNorm would use batch "
             "statistics, which cannot be folded. Call model.eval() before fuse().")
-    private = copy.deepcopy(model)
     try:
-        return torch.fx.symbolic_trace(private), "fx"
+        traced = torch.fx.symbolic_trace(model)  # shares submodules; never written to
+        return _Workspace(traced, traced.graph, "fx", name)
     except Exception as trace_error:  # noqa: BLE001 - any tracing failure falls back
         if example_inputs is None:
             raise FusionError(
@@ -83,33 +145,35 @@ def _capture(model, example_inputs) -> tuple[torch.fx.GraphModule, str]:
                 "Pass example_inputs=(x,) so fuse() can capture it with torch.export "
                 "instead.") from trace_error
     try:
-        program = torch.export.export(private, _as_tuple(example_inputs))
+        program = torch.export.export(model, _as_tuple(example_inputs))
     except Exception as export_error:  # noqa: BLE001
         raise FusionError(
             f"neither torch.fx.symbolic_trace nor torch.export could capture "
             f"{type(model).__name__}: {str(export_error).splitlines()[0][:300]}") from export_error
-    return program.module(), "aten"
+    gm = program.module()
+    return _Workspace(gm, gm.graph, "aten", name)
 
 
 def _as_tuple(example_inputs) -> tuple:
     return (example_inputs,) if isinstance(example_inputs, torch.Tensor) else tuple(example_inputs)
 
 
-def _is_aten_graph(gm: torch.fx.GraphModule) -> bool:
-    return any(isinstance(n.target, torch._ops.OpOverload) for n in gm.graph.nodes)
+def _is_aten_graph(graph: torch.fx.Graph) -> bool:
+    return any(isinstance(n.target, torch._ops.OpOverload) for n in graph.nodes)
 
 
-def _propagate_shapes(gm: torch.fx.GraphModule, example_inputs) -> None:
-    """Record tensor shapes on nodes (``meta['tensor_meta']``) by running the graph once.
-
-    Skipped when a BatchNorm is in training mode (running it would update statistics).
-    """
-    if any(isinstance(m, nn.modules.batchnorm._BatchNorm) and m.training for m in gm.modules()):
+def _propagate_shapes(ws: _Workspace, example_inputs) -> None:
+    """Record tensor shapes on the workspace graph (``meta['tensor_meta']``) by running
+    it once. Skipped when a BatchNorm is in training mode (running would update its
+    statistics)."""
+    if any(isinstance(m, nn.modules.batchnorm._BatchNorm) and m.training
+           for m in ws.root.modules()):
         return
     from torch.fx.passes.shape_prop import ShapeProp
     try:
+        runner = torch.fx.GraphModule(ws.root, ws.graph)  # shares, does not copy, attributes
         with torch.no_grad():
-            ShapeProp(gm).propagate(*_as_tuple(example_inputs))
+            ShapeProp(runner).propagate(*_as_tuple(example_inputs))
     except Exception:  # noqa: BLE001 - shapes are a hint; fusion works without them
         pass
 
@@ -141,10 +205,13 @@ _PURE_CONSTANT_FUNCTIONS = {operator.neg, operator.mul, operator.add, operator.s
 class _GraphFacts:
     """Per-pass facts: modules, constant values, ranks and in-place mutations."""
 
-    def __init__(self, gm: torch.fx.GraphModule, frontend: str):
-        self.gm = gm
-        self.frontend = frontend
-        self.modules = dict(gm.named_modules())
+    def __init__(self, ws: _Workspace):
+        self.ws = ws
+        self.frontend = ws.frontend
+        self.modules = _ModuleLookup(ws)
+        # attribute paths in use: new modules must not be nested under them
+        self.attribute_targets = {n.target for n in ws.graph.nodes
+                                  if n.op in ("call_module", "get_attr")} | set(ws.added)
         self._constants: dict[torch.fx.Node, torch.Tensor | None] = {}
         self._ranks: dict[torch.fx.Node, int | None] = {}
         self.mutated = self._find_mutated()
@@ -166,7 +233,7 @@ class _GraphFacts:
     def _find_mutated(self) -> set[torch.fx.Node]:
         """Nodes whose value an in-place op changes while another user still reads it."""
         mutated = set()
-        for node in self.gm.graph.nodes:
+        for node in self.ws.graph.nodes:
             if self.is_inplace(node) and node.args and isinstance(node.args[0], torch.fx.Node):
                 target = node.args[0]
                 if len(target.users) > 1:
@@ -191,12 +258,7 @@ class _GraphFacts:
 
     def _evaluate_constant(self, node: torch.fx.Node) -> torch.Tensor | None:
         if node.op == "get_attr":
-            try:
-                attr = self.gm.get_submodule("")
-                for part in node.target.split("."):
-                    attr = getattr(attr, part)
-            except AttributeError:
-                return None
+            attr = self.ws.resolve(node.target)
             return attr.detach() if isinstance(attr, torch.Tensor) else None
         pure = ((node.op == "call_method" and node.target in _PURE_CONSTANT_METHODS)
                 or (node.op == "call_function" and (
@@ -264,6 +326,20 @@ class _GraphFacts:
         if name in ("linear", "batch_norm", "dropout", "relu", "gelu"):
             return self.rank(first)
         return None
+
+
+class _ModuleLookup:
+    """``modules.get(target)`` over a workspace, as the report's op counter expects."""
+
+    def __init__(self, ws: _Workspace):
+        self.ws = ws
+
+    def get(self, target, default=None):
+        found = self.ws.module(target)
+        return default if found is None else found
+
+    def __getitem__(self, target):
+        return self.ws.module(target)
 
 
 def _hashable_in(target, table) -> bool:
@@ -482,17 +558,14 @@ def _interpret_module(node, facts):
     for base, spatial in ((nn.Conv1d, 1), (nn.Conv2d, 2), (nn.Conv3d, 3)):
         if _own_forward(module, base):
             return _conv_op(facts, x, module.weight, module.bias, module.stride, module.padding,
-                            module.dilation, module.groups, spatial, module.padding_mode,
-                            params=sum(p.numel() for p in module.parameters()))
+                            module.dilation, module.groups, spatial, module.padding_mode)
     for base, rank in ((nn.BatchNorm1d, None), (nn.BatchNorm2d, 4), (nn.BatchNorm3d, 5)):
         if _own_forward(module, base):
             return _batchnorm_op(facts, x, module.running_mean, module.running_var,
                                  module.weight, module.bias, module.eps,
-                                 module.training, rank,
-                                 params=sum(p.numel() for p in module.parameters()))
+                                 module.training, rank)
     if _own_forward(module, nn.Linear):
-        return _Unary(x, affine.linear(module.weight, module.bias), "linear", -1,
-                      params=sum(p.numel() for p in module.parameters()))
+        return _Unary(x, affine.linear(module.weight, module.bias), "linear", -1)
     if type(module) is nn.Identity:
         return _Unary(x, affine.identity(), "identity", None)
     if isinstance(module, nn.modules.dropout._DropoutNd) and type(module).forward in (
@@ -706,7 +779,7 @@ class _RegionBuilder:
         return region.source not in self.facts.mutated
 
     def walk(self):
-        for node in self.facts.gm.graph.nodes:
+        for node in self.facts.ws.graph.nodes:
             op = _interpret(node, self.facts)
             if isinstance(op, _Refused):
                 self.skip(node, op.reason)
@@ -834,21 +907,22 @@ def _op_name(node: torch.fx.Node, facts: _GraphFacts) -> str:
 
 # ---- writing regions back ------------------------------------------------------------
 
-def _reference_tensor(gm, region: _Region, facts: _GraphFacts) -> torch.Tensor:
-    """A parameter of the region, for dtype/device of the new weights."""
+def _reference_tensor(region: _Region, facts: _GraphFacts) -> torch.Tensor:
+    """A floating-point parameter of the region: the new weights take its dtype/device."""
     for node in region.nodes:
         if node.op == "call_module":
             for p in facts.modules[node.target].parameters():
-                return p
+                if p.is_floating_point():
+                    return p
         for arg in node.args:
             value = facts.constant(arg) if isinstance(arg, torch.fx.Node) else None
-            if isinstance(value, torch.Tensor) and value.is_floating_point():
+            if isinstance(value, torch.Tensor) and value.is_floating_point() and value.dim():
                 return value
     return torch.empty(0)
 
 
-def _new_name(gm, region: _Region, facts: _GraphFacts) -> str:
-    """A readable qualified name: the absorbed modules' common prefix + '.fused'."""
+def _new_name(region: _Region, facts: _GraphFacts) -> str:
+    """A readable qualified name: the absorbed attributes' common parent + '.fused'."""
     paths = [n.target.split(".") for n in region.nodes if n.op == "call_module"]
     paths += [a.target.split(".")[:-1] for n in region.nodes
               for a in n.all_input_nodes if a.op == "get_attr"]
@@ -858,121 +932,95 @@ def _new_name(gm, region: _Region, facts: _GraphFacts) -> str:
             if len(set(parts)) != 1:
                 break
             prefix.append(parts[0])
-        # stay inside a module that exists and survives (a container, not an absorbed op)
-        absorbed = {n.target for n in region.nodes if n.op == "call_module"}
-        while prefix and (".".join(prefix) in absorbed
-                          or not isinstance(facts.modules.get(".".join(prefix)), nn.Module)):
+        # a container path, never an attribute in use (a module called elsewhere)
+        while prefix and ".".join(prefix) in facts.attribute_targets:
             prefix.pop()
-    base = ".".join(prefix + ["fused"]) if prefix else "fused_" + re.sub(r"\W", "_", region.nodes[-1].name)
+    base = (".".join(prefix + ["fused"]) if prefix
+            else "fused_" + re.sub(r"\W", "_", region.nodes[-1].name))
     name, index = base, 1
-    while _has_attr(gm, name):
+    while facts.ws.taken(name):
         index += 1
         name = f"{base}{index}"
     return name
 
 
-def _has_attr(gm, qualified: str) -> bool:
-    obj = gm
-    for part in qualified.split("."):
-        if not hasattr(obj, part):
-            return False
-        obj = getattr(obj, part)
-    return True
-
-
 def _make_module(term: ConvTerm, like: torch.Tensor) -> nn.Module:
+    """An ``nn.ConvNd``/``nn.Linear`` holding the term's weights in ``like``'s dtype/device
+    (built on the meta device, so no random initialisation is computed and discarded)."""
     weight, bias = term.weights_as(like)
     if term.spatial == 0:
-        module = nn.Linear(term.in_channels, term.out_channels, bias=bias is not None)
+        module = nn.Linear(term.in_channels, term.out_channels, bias=False, device="meta")
     else:
         conv_cls = (nn.Conv1d, nn.Conv2d, nn.Conv3d)[term.spatial - 1]
         module = conv_cls(term.in_channels, term.out_channels, term.kernel, term.stride,
-                          term.padding, term.dilation, term.groups, bias=bias is not None,
-                          padding_mode=term.padding_mode)
-    module = module.to(device=like.device, dtype=like.dtype)
-    with torch.no_grad():
-        module.weight.copy_(weight)
-        if bias is not None:
-            module.bias.copy_(bias)
+                          term.padding, term.dilation, term.groups, bias=False,
+                          padding_mode=term.padding_mode, device="meta")
+    module.weight = nn.Parameter(weight.contiguous())
+    module.bias = None if bias is None else nn.Parameter(bias.contiguous())
     return module.eval()
 
 
-def _emit(gm, node: torch.fx.Node, region: _Region, facts: _GraphFacts, frontend: str,
-          source: torch.fx.Node):
+def _emit(node: torch.fx.Node, region: _Region, facts: _GraphFacts, source: torch.fx.Node,
+          order) -> tuple[str, torch.fx.Node]:
     """Insert the region's conv (reading ``source``) before its first op and route
-    ``node``'s users to it."""
-    term: ConvTerm = region.term
-    like = _reference_tensor(gm, region, facts)
+    ``node``'s users to it: ``nn.ConvNd``/``nn.Linear`` modules in fx graphs,
+    ``aten.convolution``/``aten.linear`` on new weights in aten graphs."""
+    ws, term = facts.ws, region.term
+    like = _reference_tensor(region, facts)
     if not like.is_floating_point():
         like = torch.empty(0)
-    name = _new_name(gm, region, facts)
-    first = min(region.nodes, key=_order(gm))
-    graph = gm.graph
-    with graph.inserting_before(first):
-        if frontend == "aten" and term.padding_mode == "zeros":
-            module = _make_module(term, like)
-            gm.add_submodule(name, module)  # holds the tensors; called functionally
-            w = graph.get_attr(f"{name}.weight")
-            b = graph.get_attr(f"{name}.bias") if module.bias is not None else None
+    name = _new_name(region, facts)
+    module = _make_module(term, like)
+    graph = ws.graph
+    with graph.inserting_before(min(region.nodes, key=order)):
+        if ws.frontend == "aten" and term.padding_mode == "zeros":
+            ws.added[f"{name}.weight"] = module.weight
+            w = graph.create_node("get_attr", f"{name}.weight")
+            b = None
+            if module.bias is not None:
+                ws.added[f"{name}.bias"] = module.bias
+                b = graph.create_node("get_attr", f"{name}.bias")
             if term.spatial == 0:
-                new = graph.call_function(aten.linear.default, (source, w, b))
+                target, args = aten.linear.default, (source, w, b)
             else:
-                s = term.spatial
-                new = graph.call_function(aten.convolution.default, (
-                    source, w, b, list(term.stride), list(term.padding),
-                    list(term.dilation), False, [0] * s, term.groups))
+                target, args = aten.convolution.default, (
+                    source, w, b, list(term.stride), list(term.padding), list(term.dilation),
+                    False, [0] * term.spatial, term.groups)
+            new = graph.create_node("call_function", target, args, name=name.replace(".", "_"))
         else:
-            gm.add_submodule(name, _make_module(term, like))
-            new = graph.call_module(name, (source,))
+            ws.added[name] = module
+            new = graph.create_node("call_module", name, (source,))
     new.meta.update({k: v for k, v in node.meta.items() if k in ("val", "tensor_meta", "stack_trace")})
     node.replace_all_uses_with(new)
     return name, new
 
 
-def _order(gm):
-    index = {n: i for i, n in enumerate(gm.graph.nodes)}
+def _order(graph: torch.fx.Graph):
+    index = {n: i for i, n in enumerate(graph.nodes)}
     return index.__getitem__
 
 
-def _erase_dead(gm, candidates, facts: _GraphFacts) -> None:
+def _erase_dead(graph: torch.fx.Graph, candidates, facts: _GraphFacts) -> None:
     """Erase the absorbed nodes, and the constants that fed only them, once unused.
 
     One walk in reverse graph order sees every user before the node it uses."""
     doomed = set(candidates)
-    for node in reversed(list(gm.graph.nodes)):
+    for node in reversed(list(graph.nodes)):
         if node not in doomed or node.users or node.op in ("placeholder", "output"):
             continue
         for inp in node.all_input_nodes:
             if inp.op == "get_attr" or facts.constant(inp) is not None:
                 doomed.add(inp)
-        gm.graph.erase_node(node)
+        graph.erase_node(node)
 
 
-def _delete_unused_attributes(gm) -> None:
-    """Drop parameters/buffers no node refers to any more, then unused submodules."""
-    used_attrs = {n.target for n in gm.graph.nodes if n.op == "get_attr"}
-    used_modules = {n.target for n in gm.graph.nodes if n.op == "call_module"}
-
-    def needed(qualified: str) -> bool:
-        parts = qualified.split(".")
-        prefixes = {".".join(parts[:i]) for i in range(1, len(parts) + 1)}
-        return bool(prefixes & used_modules) or qualified in used_attrs
-
-    for name, _ in list(gm.named_parameters()) + list(gm.named_buffers()):
-        if not needed(name):
-            owner_name, _, leaf = name.rpartition(".")
-            owner = gm.get_submodule(owner_name)
-            if leaf in owner._parameters:
-                del owner._parameters[leaf]
-            elif leaf in owner._buffers:
-                del owner._buffers[leaf]
-    gm.delete_all_unused_submodules()
-
-
-def _fusion_pass(gm, facts: _GraphFacts, frontend: str, report: FusionReport,
-                 final: bool) -> int:
-    builder = _RegionBuilder(facts, report if final else FusionReport())
+def _fusion_pass(facts: _GraphFacts, report: FusionReport) -> int:
+    """One walk and rewrite; returns how many regions it emitted. ``report.skipped`` is
+    rebuilt each pass, so after the last one it describes the final graph."""
+    report.skipped = []
+    builder = _RegionBuilder(facts, report)
     regions = builder.walk()
+    order = _order(facts.ws.graph)
     emitted = 0
     dead = []
     replaced: dict[torch.fx.Node, torch.fx.Node] = {}
@@ -984,32 +1032,34 @@ def _fusion_pass(gm, facts: _GraphFacts, frontend: str, report: FusionReport,
         if not region.emittable:
             continue
         source = replaced.get(region.source, region.source)
-        name, replaced[node] = _emit(gm, node, region, facts, frontend, source)
-        kinds = region.kinds
+        name, replaced[node] = _emit(node, region, facts, source, order)
         report.fused.append(FusedRegion(
-            pattern=classify_region(kinds, region.kernels, region.branches,
+            pattern=classify_region(region.kinds, region.kernels, region.branches,
                                     region.has_identity, region.has_sub),
             output=node.name, module=name,
             nodes=tuple(n.name for n in region.nodes),
-            ops=tuple(sorted(Counter(_category(n, facts) for n in region.nodes
-                                     if _category(n, facts)).items())),
-            params_before=region.params or _region_params(region, facts),
+            ops=tuple(sorted(Counter(c for c in (_category(n, facts) for n in region.nodes)
+                                     if c).items())),
+            params_before=_region_params(region, facts),
             params_after=region.term.weight.numel() + (0 if region.term.bias is None
                                                        else region.term.bias.numel())))
         dead.extend(region.nodes)
         emitted += 1
-    _erase_dead(gm, dead, facts)
+    _erase_dead(facts.ws.graph, dead, facts)
     return emitted
 
 
 def _category(node, facts):
-    from reparam_fx.report import node_category
     return node_category(node, facts.modules)
 
 
 def _region_params(region: _Region, facts: _GraphFacts) -> int:
+    """Parameters of the absorbed ops (modules' parameters and get_attr tensors,
+    BatchNorm statistics excluded)."""
     total = 0
     for node in region.nodes:
+        if node.op == "call_module":
+            total += sum(p.numel() for p in facts.modules[node.target].parameters())
         for arg in node.all_input_nodes:
             if arg.op == "get_attr" and not arg.target.endswith(("running_mean", "running_var")):
                 value = facts.constant(arg)
@@ -1027,38 +1077,62 @@ def fuse(model, example_inputs=None) -> torch.fx.GraphModule:
     also gives the pass tensor shapes, which lets it prove ranks for BatchNorm1d and
     broadcast constants.
 
-    Returns a new ``GraphModule``; ``model`` is never modified. ``result.fusion_report``
-    lists the regions fused (by pattern) and the nodes left alone, with reasons.
+    Returns a new ``GraphModule`` sharing no state with ``model``, which is never
+    modified. ``result.fusion_report`` lists the regions fused (by pattern) and the nodes
+    left alone, with reasons.
     """
-    gm, frontend = _capture(model, example_inputs)
-    if example_inputs is not None and frontend == "fx":
-        _propagate_shapes(gm, example_inputs)
-    report = FusionReport(frontend=frontend)
-    report.ops_before = op_counts(gm)
-    report.params_before = parameter_count(gm)
-    report.nodes_before = _count_ops(gm)
-    for attempt in range(MAX_PASSES):
-        facts = _GraphFacts(gm, frontend)
-        if not _fusion_pass(gm, facts, frontend, report, final=False):
+    ws = _capture(model, example_inputs)
+    if example_inputs is not None and ws.frontend == "fx":
+        _propagate_shapes(ws, example_inputs)
+    report = FusionReport(frontend=ws.frontend)
+    report.ops_before = _graph_op_counts(ws)
+    report.params_before = _graph_parameter_count(ws)
+    report.nodes_before = _count_ops(ws.graph)
+    for _ in range(MAX_PASSES):  # to a fixpoint; one pass usually finds everything
+        if not _fusion_pass(_GraphFacts(ws), report):
             break
-    # one last reporting walk over the final graph: what is still foldable-looking and why not
-    _fusion_pass(gm, _GraphFacts(gm, frontend), frontend, report, final=True)
-    for node in list(gm.graph.nodes):  # e.g. BatchNorm counters export left unread
+    for node in list(ws.graph.nodes):  # e.g. BatchNorm counters export left unread
         if node.op == "get_attr" and not node.users:
-            gm.graph.erase_node(node)
-    _delete_unused_attributes(gm)
-    gm.graph.lint()
-    gm.recompile()
-    report.ops_after = op_counts(gm)
-    report.params_after = parameter_count(gm)
-    report.nodes_after = _count_ops(gm)
+            ws.graph.erase_node(node)
+    result = ws.build()
+    result.graph.lint()
+    report.ops_after = op_counts(result)
+    report.params_after = parameter_count(result)
+    report.nodes_after = _count_ops(result.graph)
     report.skipped = _dedupe(report.skipped)
-    gm.fusion_report = report
-    return gm
+    result.fusion_report = report
+    return result
 
 
-def _count_ops(gm) -> int:
-    return sum(1 for n in gm.graph.nodes if n.op.startswith("call_"))
+def _graph_op_counts(ws: _Workspace) -> Counter:
+    lookup = _ModuleLookup(ws)
+    return Counter(c for c in (node_category(n, lookup) for n in ws.graph.nodes) if c)
+
+
+def _graph_parameter_count(ws: _Workspace) -> int:
+    """Parameters the graph uses (as ``parameter_count`` counts them), read in place."""
+    seen, total = set(), 0
+    for node in ws.graph.nodes:
+        if node.op == "call_module":
+            tensors = [(name, t) for name, t in ws.module(node.target).named_parameters()]
+            tensors += [(name, t) for name, t in ws.module(node.target).named_buffers()]
+        elif node.op == "get_attr":
+            value = ws.resolve(node.target)
+            tensors = [(node.target, value)] if isinstance(value, torch.Tensor) else []
+        else:
+            continue
+        for name, tensor in tensors:
+            leaf = name.rsplit(".", 1)[-1]
+            if id(tensor) in seen or leaf in ("running_mean", "running_var", "num_batches_tracked"):
+                continue
+            seen.add(id(tensor))
+            if isinstance(tensor, nn.Parameter) or tensor.is_floating_point():
+                total += tensor.numel()
+    return total
+
+
+def _count_ops(graph: torch.fx.Graph) -> int:
+    return sum(1 for n in graph.nodes if n.op.startswith("call_"))
 
 
 def _dedupe(skipped):
