@@ -411,11 +411,16 @@ _MUL_FUNCTIONS = {operator.mul, operator.imul, torch.mul}
 _DIV_FUNCTIONS = {operator.truediv, operator.itruediv, torch.div}
 
 
+class _Dynamic(Exception):
+    """An op argument is computed at run time (e.g. from ``x.size()``): not foldable."""
+
+
 def _tuple(value, n: int) -> tuple[int, ...]:
-    if isinstance(value, (tuple, list)):
-        value = tuple(int(v) for v in value)
-        return value * n if len(value) == 1 else value
-    return (int(value),) * n
+    """``value`` as ``n`` static ints; raises :class:`_Dynamic` for graph values."""
+    items = tuple(value) if isinstance(value, (tuple, list)) else (value,)
+    if not all(isinstance(v, int) and not isinstance(v, bool) for v in items):
+        raise _Dynamic
+    return items * n if len(items) == 1 else items
 
 
 def _same_padding(padding, kernel, dilation) -> tuple[int, ...] | None:
@@ -441,6 +446,7 @@ def _conv_op(facts, input_node, weight, bias, stride, padding, dilation, groups,
         return _Refused("conv weight of unexpected rank")
     kernel = tuple(weight.shape[2:])
     dilation = _tuple(dilation, spatial)
+    groups = _tuple(groups, 1)[0]
     if isinstance(padding, str):
         padding = _same_padding(padding, kernel, dilation)
         if padding is None:
@@ -482,7 +488,7 @@ def _pool_op(input_node, kernel, stride, padding, ceil_mode, count_include_pad, 
 def _pad_op(input_node, pad, mode, value):
     if mode != "constant" or (value not in (None, 0, 0.0)):
         return None
-    pad = list(pad)
+    pad = list(_tuple(pad, 1))
     if len(pad) % 2:
         return None
     pairs = [(pad[i], pad[i + 1]) for i in range(0, len(pad), 2)][::-1]  # outermost first
@@ -539,14 +545,18 @@ def _arith_op(facts, node, a, b, kind, coeff=1.0):
 
 def _interpret(node: torch.fx.Node, facts: _GraphFacts):
     """What ``node`` computes, as an affine op of its tensor input(s), or None/_Refused."""
-    if node.op == "call_module":
-        return _interpret_module(node, facts)
-    if node.op == "call_method":
-        return _interpret_method(node, facts)
-    if node.op == "call_function":
-        if isinstance(node.target, torch._ops.OpOverload) or node.target is operator.getitem:
-            return _interpret_aten(node, facts)
-        return _interpret_function(node, facts)
+    try:
+        if node.op == "call_module":
+            return _interpret_module(node, facts)
+        if node.op == "call_method":
+            return _interpret_method(node, facts)
+        if node.op == "call_function":
+            if isinstance(node.target, torch._ops.OpOverload) or node.target is operator.getitem:
+                return _interpret_aten(node, facts)
+            return _interpret_function(node, facts)
+    except _Dynamic:
+        return _Refused("an argument (kernel size, stride, padding ...) is computed at run "
+                        "time")
     return None
 
 
@@ -674,6 +684,8 @@ def _interpret_aten(node, facts):
             return _batchnorm_op(facts, x, *tensors, eps, False, None, extra_nodes=(producer,))
         return None
     name = node.target._schema.name.split("::")[-1]
+    if name in ("add_", "sub_", "mul_", "div_"):  # in-place forms (export's training IR)
+        name = name[:-1]
     overload = node.target._overloadname
     args = node.args
     if name in _ATEN_CONVS or name == "convolution":
@@ -1099,9 +1111,21 @@ def fuse(model, example_inputs=None) -> torch.fx.GraphModule:
     report.ops_after = op_counts(result)
     report.params_after = parameter_count(result)
     report.nodes_after = _count_ops(result.graph)
-    report.skipped = _dedupe(report.skipped)
+    report.skipped = _dedupe(report.skipped + _unfolded_batchnorms(result, report))
     result.fusion_report = report
     return result
+
+
+def _unfolded_batchnorms(result: torch.fx.GraphModule, report: FusionReport) -> list[Skipped]:
+    """Every BatchNorm still in the graph gets a line in the report, if it has none yet."""
+    explained = {item.node for item in report.skipped}
+    modules = dict(result.named_modules())
+    missing = []
+    for node in result.graph.nodes:
+        if node_category(node, modules) == "batch_norm" and node.name not in explained:
+            missing.append(Skipped(node.name, "batch_norm",
+                                   "no conv or linear next to it to fold into"))
+    return missing
 
 
 def _graph_op_counts(ws: _Workspace) -> Counter:

@@ -29,6 +29,7 @@ before/after histograms compare across frontends.
 from __future__ import annotations
 
 import operator
+import re
 from collections import Counter
 from dataclasses import dataclass, field
 
@@ -79,7 +80,8 @@ class FusionReport:
         return Counter(region.pattern for region in self.fused)
 
     def skip_reasons(self) -> Counter:
-        return Counter(item.reason for item in self.skipped)
+        """Skip reasons without their per-node details (numbers in parentheses)."""
+        return Counter(re.sub(r"\s*\([^)]*\)", "", item.reason) for item in self.skipped)
 
     def table(self) -> str:
         """A plain-text summary: totals, one row per pattern, one row per skip reason."""
