@@ -69,7 +69,10 @@ class NotExact(Exception):
 
 
 def _as_double(value) -> torch.Tensor:
-    return torch.as_tensor(value).detach().to(device="cpu", dtype=DOUBLE)
+    """A float64 CPU *copy* (never an alias: the algebra may work in place on it)."""
+    if isinstance(value, torch.Tensor):
+        return value.detach().to("cpu", DOUBLE, copy=True)
+    return torch.tensor(value, dtype=DOUBLE)
 
 
 # ---- the two kinds of term -----------------------------------------------------------
@@ -142,8 +145,11 @@ Term = ChannelAffine | ConvTerm
 
 # ---- constructors --------------------------------------------------------------------
 
+IDENTITY = ChannelAffine(torch.tensor(1.0, dtype=DOUBLE))  # terms are never changed in place
+
+
 def identity() -> ChannelAffine:
-    return ChannelAffine(_as_double(1.0))
+    return IDENTITY
 
 
 def channel_affine(scale=1.0, shift=None) -> ChannelAffine:
@@ -152,12 +158,12 @@ def channel_affine(scale=1.0, shift=None) -> ChannelAffine:
 
 def batchnorm(mean, var, weight, bias, eps: float) -> ChannelAffine:
     """Eval-mode BatchNorm: ``s = gamma / sqrt(var + eps)``, ``t = beta - mean * s``."""
-    scale = torch.rsqrt(_as_double(var) + eps)
+    scale = (_as_double(var) + eps).rsqrt_()
     if weight is not None:
-        scale = scale * _as_double(weight)
-    shift = -_as_double(mean) * scale
+        scale.mul_(_as_double(weight))
+    shift = _as_double(mean).mul_(scale).neg_()
     if bias is not None:
-        shift = shift + _as_double(bias)
+        shift.add_(_as_double(bias))
     return ChannelAffine(scale, shift)
 
 
@@ -240,6 +246,10 @@ def regroup(term: ConvTerm, groups: int) -> ConvTerm:
 
 def compose(first: Term, second: Term) -> Term:
     """The single term equal to ``second(first(x))``, or :class:`NotExact`."""
+    if first is IDENTITY:
+        return second
+    if second is IDENTITY:
+        return first
     if isinstance(first, ChannelAffine) and isinstance(second, ChannelAffine):
         return _affine_then_affine(first, second)
     if isinstance(first, ConvTerm) and isinstance(second, ChannelAffine):
@@ -393,25 +403,40 @@ def merge(terms: list[Term], signs: list[float]) -> Term:
     modes = {t.padding_mode for t in convs if any(t.padding)} - {"zeros"}
     if modes:
         raise NotExact(f"branches with padding_mode={modes.pop()!r} never merge")
-    terms = [as_conv(t, cin, spatial) for t in terms]
-    out = terms[0].out_channels
-    if any(t.out_channels != out for t in terms):
-        raise NotExact("branches have different output channel counts "
-                       f"({sorted({t.out_channels for t in terms})})")
-    stride = terms[0].stride
-    if any(t.stride != stride for t in terms):
-        raise NotExact(f"branches have different strides ({sorted({t.stride for t in terms})})")
+    for t in terms:
+        if isinstance(t, ChannelAffine) and t.padding:
+            raise NotExact("zero padding cannot be summed with other branches")
+    # a channel affine is a 1x1, stride-1, unpadded grouped dirac: y[c] = s[c] x[c] + t[c]
+    out = convs[0].out_channels
+    if any(t.out_channels != out for t in convs) or (len(convs) < len(terms) and out != cin):
+        sizes = sorted({t.out_channels for t in convs} | ({cin} if len(convs) < len(terms) else set()))
+        raise NotExact(f"branches have different output channel counts ({sizes})")
+    stride = convs[0].stride
+    strides = {t.stride for t in convs} | ({(1,) * spatial} if len(convs) < len(terms) else set())
+    if len(strides) > 1:
+        raise NotExact(f"branches have different strides ({sorted(strides)})")
+    identity_taps = (1, 0, 1)  # kernel, padding, dilation of a dirac
 
-    lattice = [_common_lattice([(t.kernel[d], t.padding[d], t.dilation[d]) for t in terms])
+    lattice = [_common_lattice([(t.kernel[d], t.padding[d], t.dilation[d])
+                                if isinstance(t, ConvTerm) else identity_taps for t in terms])
                for d in range(spatial)]
     padding = tuple(p for p, _, _ in lattice)
     dilation = tuple(dil for _, dil, _ in lattice)
     kernel = tuple(k for _, _, k in lattice)
-    groups = reduce(math.gcd, (t.groups for t in terms))
+    groups = reduce(math.gcd, (t.groups for t in convs))
 
     weight = torch.zeros(out, cin // groups, *kernel, dtype=DOUBLE)
     bias = None
     for term, sign in zip(terms, signs):
+        if isinstance(term, ChannelAffine):
+            centre = tuple(p // dil for p, dil in zip(padding, dilation))
+            channel = torch.arange(out)
+            weight[(channel, channel % (cin // groups), *centre)] += \
+                sign * _vector(term.scale, out, "a per-channel scale")
+            if term.shift is not None:
+                shift = sign * _vector(term.shift, out, "a per-channel shift")
+                bias = shift if bias is None else bias + shift
+            continue
         term = regroup(term, groups)
         window = [slice(None), slice(None)]
         for d in range(spatial):
@@ -422,7 +447,7 @@ def merge(terms: list[Term], signs: list[float]) -> Term:
         if term.bias is not None:
             bias = sign * term.bias if bias is None else bias + sign * term.bias
     result = ConvTerm(weight, bias, stride, padding, dilation, groups)
-    return _check_macs(result, sum(t.macs for t in terms), "merging these branches")
+    return _check_macs(result, sum(t.macs for t in convs), "merging these branches")
 
 
 def _common_lattice(taps: list[tuple[int, int, int]]) -> tuple[int, int, int]:

@@ -69,8 +69,15 @@ class _Workspace:
 
     def __init__(self, root: nn.Module, graph: torch.fx.Graph, frontend: str, class_name: str):
         self.root, self.graph, self.frontend, self.class_name = root, graph, frontend, class_name
+        self.private = False  # True once ``graph`` is ours to edit (not the caller's)
         self.added: dict[str, object] = {}  # qualified name -> new module or tensor
+        self._added_parents: set[str] = set()  # every proper prefix of an added name
         self._modules: dict[str, nn.Module | None] = {}
+
+    def add(self, qualified: str, value) -> None:
+        self.added[qualified] = value
+        parts = qualified.split(".")
+        self._added_parents.update(".".join(parts[:i]) for i in range(1, len(parts)))
 
     def resolve(self, qualified: str):
         """The module or tensor at ``qualified`` (new attributes first), or None."""
@@ -94,10 +101,14 @@ class _Workspace:
         return self._modules[target]
 
     def taken(self, qualified: str) -> bool:
-        return (self.resolve(qualified) is not None
-                or any(name.startswith(qualified + ".") for name in self.added))
+        return qualified in self._added_parents or self.resolve(qualified) is not None
+
+    def make_private(self) -> None:
+        if not self.private:
+            self.graph, self.private = copy.deepcopy(self.graph), True
 
     def build(self) -> torch.fx.GraphModule:
+        self.make_private()
         memo: dict = {}
         attributes = {}
         for node in self.graph.nodes:
@@ -122,11 +133,11 @@ def _capture(model, example_inputs) -> _Workspace:
     """A workspace over ``model``: a private graph, the model itself only read."""
     name = f"Fused{type(model).__name__}"
     if isinstance(model, torch.export.ExportedProgram):
-        gm = model.module()  # a new module; its graph is ours to edit
+        gm = model.module()  # a new module, but its graph may share nodes' meta: copy
         return _Workspace(gm, gm.graph, "aten", "FusedExportedProgram")
     if isinstance(model, torch.fx.GraphModule):
         frontend = "aten" if _is_aten_graph(model.graph) else "fx"
-        return _Workspace(model, copy.deepcopy(model.graph), frontend, name)
+        return _Workspace(model, model.graph, frontend, name)  # read; rewritten into a copy
     if not isinstance(model, nn.Module):
         raise FusionError(f"fuse() takes an nn.Module, a torch.fx.GraphModule or a "
                           f"torch.export.ExportedProgram, not {type(model).__name__}")
@@ -170,6 +181,7 @@ def _propagate_shapes(ws: _Workspace, example_inputs) -> None:
            for m in ws.root.modules()):
         return
     from torch.fx.passes.shape_prop import ShapeProp
+    ws.make_private()  # shapes are written onto nodes
     try:
         runner = torch.fx.GraphModule(ws.root, ws.graph)  # shares, does not copy, attributes
         with torch.no_grad():
@@ -972,93 +984,98 @@ def _make_module(term: ConvTerm, like: torch.Tensor) -> nn.Module:
     return module.eval()
 
 
-def _emit(node: torch.fx.Node, region: _Region, facts: _GraphFacts, source: torch.fx.Node,
-          order) -> tuple[str, torch.fx.Node]:
-    """Insert the region's conv (reading ``source``) before its first op and route
-    ``node``'s users to it: ``nn.ConvNd``/``nn.Linear`` modules in fx graphs,
-    ``aten.convolution``/``aten.linear`` on new weights in aten graphs."""
+def _emit(graph: torch.fx.Graph, region: _Region, output: torch.fx.Node, source,
+          facts: _GraphFacts) -> tuple[str, torch.fx.Node]:
+    """Append the region's single op (reading ``source``) to ``graph``: an
+    ``nn.ConvNd``/``nn.Linear`` module in fx graphs, ``aten.convolution``/``aten.linear``
+    on new weights in aten graphs."""
     ws, term = facts.ws, region.term
     like = _reference_tensor(region, facts)
     if not like.is_floating_point():
         like = torch.empty(0)
     name = _new_name(region, facts)
     module = _make_module(term, like)
-    graph = ws.graph
-    with graph.inserting_before(min(region.nodes, key=order)):
-        if ws.frontend == "aten" and term.padding_mode == "zeros":
-            ws.added[f"{name}.weight"] = module.weight
-            w = graph.create_node("get_attr", f"{name}.weight")
-            b = None
-            if module.bias is not None:
-                ws.added[f"{name}.bias"] = module.bias
-                b = graph.create_node("get_attr", f"{name}.bias")
-            if term.spatial == 0:
-                target, args = aten.linear.default, (source, w, b)
-            else:
-                target, args = aten.convolution.default, (
-                    source, w, b, list(term.stride), list(term.padding), list(term.dilation),
-                    False, [0] * term.spatial, term.groups)
-            new = graph.create_node("call_function", target, args, name=name.replace(".", "_"))
+    if ws.frontend == "aten" and term.padding_mode == "zeros":
+        ws.add(f"{name}.weight", module.weight)
+        w = graph.create_node("get_attr", f"{name}.weight")
+        b = None
+        if module.bias is not None:
+            ws.add(f"{name}.bias", module.bias)
+            b = graph.create_node("get_attr", f"{name}.bias")
+        if term.spatial == 0:
+            target, args = aten.linear.default, (source, w, b)
         else:
-            ws.added[name] = module
-            new = graph.create_node("call_module", name, (source,))
-    new.meta.update({k: v for k, v in node.meta.items() if k in ("val", "tensor_meta", "stack_trace")})
-    node.replace_all_uses_with(new)
+            target, args = aten.convolution.default, (
+                source, w, b, list(term.stride), list(term.padding), list(term.dilation),
+                False, [0] * term.spatial, term.groups)
+        new = graph.create_node("call_function", target, args, name=name.replace(".", "_"))
+    else:
+        ws.add(name, module)
+        new = graph.create_node("call_module", name, (source,))
+    new.meta.update({k: v for k, v in output.meta.items()
+                     if k in ("val", "tensor_meta", "stack_trace")})
     return name, new
 
 
-def _order(graph: torch.fx.Graph):
-    index = {n: i for i, n in enumerate(graph.nodes)}
-    return index.__getitem__
+def _rewrite(facts: _GraphFacts, emit: list, report: FusionReport) -> torch.fx.Graph:
+    """A new graph: the old one with each emitted region replaced by its single op,
+    placed where the region's first op was. Absorbed ops, and constants only they
+    read, are not copied."""
+    old = facts.ws.graph
+    order = {n: i for i, n in enumerate(old.nodes)}
+    dead, starts = set(), {}
+    for output, region in emit:
+        dead.update(region.nodes)
+        starts.setdefault(min(region.nodes, key=order.__getitem__), []).append((output, region))
+    for node in reversed(old.nodes):  # users come later, so they are decided first
+        if (node not in dead and node.users and all(u in dead for u in node.users)
+                and (node.op == "get_attr" or facts.constant(node) is not None)):
+            dead.add(node)
+    new = torch.fx.Graph()
+    new._codegen = copy.deepcopy(old._codegen)
+    env: dict[torch.fx.Node, torch.fx.Node] = {}
+    for node in old.nodes:
+        for output, region in starts.get(node, ()):
+            name, env[output] = _emit(new, region, output, env[region.source], facts)
+            report.fused.append(_fused_region(output, name, region, facts))
+        if node not in dead:
+            env[node] = new.node_copy(node, env.__getitem__)
+    return new
 
 
-def _erase_dead(graph: torch.fx.Graph, candidates, facts: _GraphFacts) -> None:
-    """Erase the absorbed nodes, and the constants that fed only them, once unused.
-
-    One walk in reverse graph order sees every user before the node it uses."""
-    doomed = set(candidates)
-    for node in reversed(list(graph.nodes)):
-        if node not in doomed or node.users or node.op in ("placeholder", "output"):
-            continue
-        for inp in node.all_input_nodes:
-            if inp.op == "get_attr" or facts.constant(inp) is not None:
-                doomed.add(inp)
-        graph.erase_node(node)
+def _fused_region(output: torch.fx.Node, name: str, region: _Region,
+                  facts: _GraphFacts) -> FusedRegion:
+    term = region.term
+    return FusedRegion(
+        pattern=classify_region(region.kinds, region.kernels, region.branches,
+                                region.has_identity, region.has_sub),
+        output=output.name, module=name,
+        nodes=tuple(n.name for n in region.nodes),
+        ops=tuple(sorted(Counter(c for c in (_category(n, facts) for n in region.nodes)
+                                 if c).items())),
+        params_before=_region_params(region, facts),
+        params_after=term.weight.numel() + (0 if term.bias is None else term.bias.numel()))
 
 
 def _fusion_pass(facts: _GraphFacts, report: FusionReport) -> int:
-    """One walk and rewrite; returns how many regions it emitted. ``report.skipped`` is
-    rebuilt each pass, so after the last one it describes the final graph."""
+    """One walk, then one rewrite into a new graph; returns how many regions it emitted.
+    ``report.skipped`` is rebuilt each pass, so after the last one it describes the
+    final graph."""
     report.skipped = []
     builder = _RegionBuilder(facts, report)
     regions = builder.walk()
-    order = _order(facts.ws.graph)
-    emitted = 0
-    dead = []
-    replaced: dict[torch.fx.Node, torch.fx.Node] = {}
-    for node, region in list(regions.items()):
+    emit = []
+    for node, region in regions.items():
         if node in builder.absorbed and len(node.users) == 1:
             user = next(iter(node.users))
             if user in regions and node in regions[user].nodes:
                 continue  # lives on inside its user's region
-        if not region.emittable:
-            continue
-        source = replaced.get(region.source, region.source)
-        name, replaced[node] = _emit(node, region, facts, source, order)
-        report.fused.append(FusedRegion(
-            pattern=classify_region(region.kinds, region.kernels, region.branches,
-                                    region.has_identity, region.has_sub),
-            output=node.name, module=name,
-            nodes=tuple(n.name for n in region.nodes),
-            ops=tuple(sorted(Counter(c for c in (_category(n, facts) for n in region.nodes)
-                                     if c).items())),
-            params_before=_region_params(region, facts),
-            params_after=region.term.weight.numel() + (0 if region.term.bias is None
-                                                       else region.term.bias.numel())))
-        dead.extend(region.nodes)
-        emitted += 1
-    _erase_dead(facts.ws.graph, dead, facts)
-    return emitted
+        if region.emittable:
+            emit.append((node, region))
+    if emit:
+        facts.ws.graph = _rewrite(facts, emit, report)
+        facts.ws.private = True
+    return len(emit)
 
 
 def _category(node, facts):
@@ -1103,6 +1120,7 @@ def fuse(model, example_inputs=None) -> torch.fx.GraphModule:
     for _ in range(MAX_PASSES):  # to a fixpoint; one pass usually finds everything
         if not _fusion_pass(_GraphFacts(ws), report):
             break
+    ws.make_private()
     for node in list(ws.graph.nodes):  # e.g. BatchNorm counters export left unread
         if node.op == "get_attr" and not node.users:
             ws.graph.erase_node(node)

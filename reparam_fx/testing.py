@@ -54,6 +54,10 @@ A single linear term is a chain and always folds whatever follows it (BN, layer 
 whatever its padding mode. A conv folds its own BN even when its sum does not merge; a BN
 or layer scale after a sum that does not merge stays.
 
+The rule applies to each add node. A block's sum is the left-deep chain
+``((b0 + b1) + b2) + ...``, so the longest prefix of branches that merges becomes one conv
+and the add that refuses, and every add after it, stay (:meth:`BlockSpec.merged_prefix`).
+
 Requires ``hypothesis`` (``pip install reparam-fx[test]``).
 """
 
@@ -394,10 +398,10 @@ def merge_refusal(terms: list[_Term], in_channels: int) -> str | None:
 
     The rule of the module docstring, written independently of the engine.
     """
-    if len(terms) <= 1:
-        return None
     if any(term.act for term in terms):
         return "a branch contains a nonlinearity"
+    if len(terms) <= 1:
+        return None
     if any(term.is_conv and term.padding_mode != "zeros" for term in terms):
         return "a conv branch has a non-zeros padding_mode"
     if len({term.stride for term in terms}) > 1:
@@ -575,10 +579,22 @@ class BlockSpec:
     def _identity_term(self) -> _Term:
         return self._terms([BranchSpec.identity()._normalised(self.dims, "zeros")])[0]
 
+    def merged_prefix(self) -> tuple[int, str | None]:
+        """``(j, reason)``: the block's sum is the left-deep chain ``((b0 + b1) + b2) + ...``
+        and the rule applies at every add, so the first ``j`` branches merge into one term
+        and the add joining branch ``j`` refuses, for ``reason`` (``j == len(branches)``
+        and ``None`` when the whole sum merges; ``j == 0`` when branch 0 is nonlinear)."""
+        terms = self._terms(self.branches)
+        for length in range(1, len(terms) + 1):
+            refusal = merge_refusal(terms[:length], self.in_channels)
+            if refusal is not None:
+                return length - 1, refusal
+        return len(terms), None
+
     @property
     def sum_refusal(self) -> str | None:
         """Why the sum of the branches does not merge (None: it merges)."""
-        return merge_refusal(self._terms(self.branches), self.in_channels)
+        return self.merged_prefix()[1]
 
     @property
     def merge_reason(self) -> str | None:
@@ -605,12 +621,30 @@ class BlockSpec:
         }
 
     def expected_ops(self) -> dict[str, int]:
-        """Op histogram the fused block must have (conv, batch_norm, add, sub, mul)."""
-        if self.sum_refusal is None:
+        """Op histogram the fused block must have (conv, batch_norm, add, sub, mul).
+
+        Whole sum merges: one conv absorbing the post BN and layer scale, plus the residual
+        add if the residual does not merge. Otherwise the merged prefix (if it holds a conv)
+        is one conv, every other conv folds its own BN, BN-only branches, the post BN, the
+        layer scale, the residual and the adds joining the unmerged branches stay.
+        """
+        merged, refusal = self.merged_prefix()
+        if refusal is None:
             residual_stays = self.residual and not self.merges
             return {"conv": 1, "batch_norm": 0, "add": int(residual_stays), "sub": 0, "mul": 0}
-        ops = self.original_ops()
-        ops["batch_norm"] = sum(branch.kind == "bn" for branch in self.branches) + self.post_bn
+        prefix, rest = self.branches[:merged], self.branches[merged:]
+        ops = {"conv": 0, "batch_norm": int(self.post_bn), "add": int(self.residual), "sub": 0,
+               "mul": int(self.layer_scale)}
+        if merged >= 1 and any(branch.is_conv for branch in prefix):
+            ops["conv"] += 1  # the prefix: one conv, its BNs and adds absorbed
+        else:
+            ops["batch_norm"] += sum(branch.kind == "bn" for branch in prefix)
+            for branch in prefix[1:]:
+                ops["sub" if branch.subtract else "add"] += 1
+        ops["conv"] += sum(branch.is_conv for branch in rest)
+        ops["batch_norm"] += sum(branch.kind == "bn" for branch in rest)
+        for branch in self.branches[max(merged, 1):]:  # the adds joining the rest
+            ops["sub" if branch.subtract else "add"] += 1
         return ops
 
     def expected_convs(self) -> int:
