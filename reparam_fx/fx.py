@@ -381,7 +381,6 @@ class _Unary:
     term: object  # affine term, or callable(channels) -> term
     role: str  # conv, bn, linear, scale, avgpool, pad, identity
     axis: int | None  # channel axis the term acts on (negative), None: any
-    params: int = 0
     extra_nodes: tuple = ()  # nodes absorbed along (aten BN tuple producers, weight views)
     const_rank: int = 0  # rank of a broadcast constant (must not raise the tensor's rank)
 
@@ -451,7 +450,7 @@ def _own_forward(module: nn.Module, base: type) -> bool:
 
 
 def _conv_op(facts, input_node, weight, bias, stride, padding, dilation, groups, spatial,
-             padding_mode="zeros", params=0):
+             padding_mode="zeros"):
     if weight is None:
         return None
     if weight.dim() != spatial + 2:
@@ -465,11 +464,11 @@ def _conv_op(facts, input_node, weight, bias, stride, padding, dilation, groups,
             return _Refused("padding='same' with an even kernel is asymmetric")
     term = affine.conv(weight, bias, _tuple(stride, spatial), _tuple(padding, spatial),
                        dilation, groups, padding_mode)
-    return _Unary(input_node, term, "conv", -(spatial + 1), params=params)
+    return _Unary(input_node, term, "conv", -(spatial + 1))
 
 
 def _batchnorm_op(facts, input_node, mean, var, weight, bias, eps, training, rank_hint,
-                  params=0, extra_nodes=()):
+                  extra_nodes=()):
     if training:
         return _Refused("BatchNorm in training mode uses batch statistics")
     if mean is None or var is None:
@@ -478,7 +477,7 @@ def _batchnorm_op(facts, input_node, mean, var, weight, bias, eps, training, ran
     rank = facts.rank(input_node) or rank_hint
     axis = 1 - rank if rank else "bn"  # "bn": axis 1 of a rank not yet known
     return _Unary(input_node, affine.batchnorm(mean, var, weight, bias, eps), "bn", axis,
-                  params=params, extra_nodes=extra_nodes)
+                  extra_nodes=extra_nodes)
 
 
 def _pool_op(input_node, kernel, stride, padding, ceil_mode, count_include_pad, divisor,
@@ -767,7 +766,6 @@ class _Region:
     branches: int = 1
     has_identity: bool = False
     has_sub: bool = False
-    params: int = 0
 
     @property
     def emittable(self) -> bool:
@@ -855,7 +853,7 @@ class _RegionBuilder:
         new_term = affine.compose(base.term, term)
         region = _Region(base.source, new_term, region_axis, [*base.nodes, *op.extra_nodes, node],
                          base.kinds.copy(), list(base.kernels), base.branches, base.has_identity,
-                         base.has_sub, base.params + op.params)
+                         base.has_sub)
         region.kinds[op.role] += 1
         if op.role == "conv":
             region.kernels.append(term.kernel)
@@ -908,7 +906,6 @@ class _RegionBuilder:
             region.nodes.extend(part.nodes)
             if part.nodes:
                 self.absorbed.add(operand)
-            region.params += part.params
             region.kinds.update(part.kinds)
             region.kernels.extend(part.kernels)
             region.has_identity |= part.has_identity or isinstance(part.term, ChannelAffine)
