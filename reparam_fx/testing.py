@@ -21,9 +21,10 @@ Three things live here, all public:
    engine — what the fused block must contain. :func:`block_specs`,
    :func:`linear_head_specs` and :func:`small_graphs` generate them::
 
-       from hypothesis import given
+       from hypothesis import given, settings
        from reparam_fx.testing import assert_fuses_exactly, block_specs
 
+       @settings(deadline=None)  # the first fuse of a process is slow (imports, warm-up)
        @given(block_specs(dims=(2,), max_channels=8))
        def test_blocks_fuse(spec):
            model = spec.build(seed=0)
@@ -44,7 +45,8 @@ A sum of terms over one input merges into one conv iff
 (c) all terms have the same centre offset per spatial dim, ``c = p - d*(k - 1)/2``;
 (d) all terms have the same output channels (identity: ``in_channels``);
 (e) no term contains a nonlinearity;
-(f) the MAC gate: per dim, ``D`` = gcd of the dilations of terms whose kernel > 1 there
+(f) the MAC gate (sums of identities and BN-only branches alone are a per-channel affine
+    and always merge): per dim, ``D`` = gcd of the dilations of terms whose kernel > 1 there
     (1 if none), ``P`` = max padding; every term's taps lie on the merged lattice
     (``(P - p_i) % D == 0``); merged kernel ``K = 2*(P - c)/D + 1``; merged groups
     ``g`` = gcd of the conv terms' groups; then ``C_out*(C_in/g)*prod(K)`` must not exceed
@@ -65,12 +67,12 @@ from __future__ import annotations
 
 import copy
 import math
-import operator
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, replace
 from fractions import Fraction
 
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 
 try:
     from hypothesis import assume
@@ -94,6 +96,7 @@ PADDING_MODES = ("zeros", "reflect", "replicate", "circular")
 _NONLINEARITIES = {"relu": nn.ReLU, "gelu": nn.GELU}
 _CONV = {1: nn.Conv1d, 2: nn.Conv2d, 3: nn.Conv3d}
 _BATCHNORM = {1: nn.BatchNorm1d, 2: nn.BatchNorm2d, 3: nn.BatchNorm3d}
+_FUNCTIONAL_CONV = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}
 
 
 # ---- randomisers -----------------------------------------------------------------------
@@ -400,8 +403,8 @@ def merge_refusal(terms: list[_Term], in_channels: int) -> str | None:
     """
     if any(term.act for term in terms):
         return "a branch contains a nonlinearity"
-    if len(terms) <= 1:
-        return None
+    if len(terms) <= 1 or not any(term.is_conv for term in terms):
+        return None  # one term is a chain; identities and BNs sum to a per-channel affine
     if any(term.is_conv and term.padding_mode != "zeros" for term in terms):
         return "a conv branch has a non-zeros padding_mode"
     if len({term.stride for term in terms}) > 1:
@@ -425,7 +428,7 @@ def merge_refusal(terms: list[_Term], in_channels: int) -> str | None:
         merged_kernel.append(span.numerator // lattice + 1)
     convs = [term for term in terms if term.is_conv]
     out_channels = terms[0].out_channels
-    groups = math.gcd(*[term.groups for term in convs]) if convs else in_channels
+    groups = math.gcd(*[term.groups for term in convs])
     merged = out_channels * (in_channels // groups) * math.prod(merged_kernel)
     separate = sum(out_channels * (in_channels // term.groups) * math.prod(term.kernel) for term in convs)
     if merged > separate:
@@ -754,11 +757,11 @@ class GraphOp:
     groups: int = 1
     bias: bool = False
     padding_mode: str = "zeros"
-    functional: bool = False  # add via torch.add instead of the + operator
+    functional: bool = False  # functional form: torch.add, F.conv*, F.batch_norm, F.relu, x * scale
 
     def describe(self, index: int) -> str:
         args = ", ".join(f"v{i}" for i in self.inputs)
-        extra = ""
+        extra = " (functional)" if self.functional else ""
         if self.kind == "conv":
             extra = f" k{self.kernel_size}" + (f" d{self.dilation}" if self.dilation > 1 else "")
             extra += (f" g{self.groups}" if self.groups > 1 else "") + (" bias" if self.bias else "")
@@ -773,6 +776,7 @@ class SmallGraph(nn.Module):
         super().__init__()
         self.ops = spec.ops
         self.outputs = spec.outputs
+        self.dims = spec.dims
         layers = {}
         channels = spec.channels
         for index, op in enumerate(spec.ops):
@@ -797,10 +801,21 @@ class SmallGraph(nn.Module):
         values = [x]
         for index, op in enumerate(self.ops):
             a = values[op.inputs[0]]
-            if op.kind in ("conv", "bn", "identity", "relu"):
+            if op.functional and op.kind == "conv":
+                conv = self.layers[f"op{index}"]
+                y = _FUNCTIONAL_CONV[self.dims](a, conv.weight, conv.bias, conv.stride,
+                                                             conv.padding, conv.dilation, conv.groups)
+            elif op.functional and op.kind == "bn":
+                bn = self.layers[f"op{index}"]
+                y = F.batch_norm(a, bn.running_mean, bn.running_var, bn.weight, bn.bias, False,
+                                 bn.momentum, bn.eps)
+            elif op.functional and op.kind == "relu":
+                y = F.relu(a)
+            elif op.kind in ("conv", "bn", "identity", "relu"):
                 y = self.layers[f"op{index}"](a)
             elif op.kind == "scale":
-                y = getattr(self, f"layer_scale{index}") * a
+                scale = getattr(self, f"layer_scale{index}")
+                y = a * scale if op.functional else scale * a
             elif op.kind == "add":
                 b = values[op.inputs[1]]
                 y = torch.add(a, b) if op.functional else a + b
@@ -1012,9 +1027,11 @@ def small_graphs(draw, dims=(2,), max_channels: int = 6, max_ops: int = 8, paddi
             if padding and padding < min(size) and len(padding_modes) > 1 and _chance(draw, 15):
                 mode = draw(st.sampled_from(tuple(m for m in padding_modes if m != "zeros")))
             groups = _weighted(draw, [(3, 1), (2, channels)] + [(1, g) for g in _divisors(channels)[1:-1]])
-            ops.append(GraphOp("conv", (first,), kernel, dilation, groups, draw(st.booleans()), mode))
+            functional = mode == "zeros" and _chance(draw, 20)
+            ops.append(GraphOp("conv", (first,), kernel, dilation, groups, draw(st.booleans()), mode,
+                               functional))
         else:
-            ops.append(GraphOp(kind, (first,)))
+            ops.append(GraphOp(kind, (first,), functional=kind != "identity" and _chance(draw, 20)))
     outputs = (len(ops),)
     if len(ops) > 1 and _chance(draw, 30):
         outputs += (draw(st.integers(1, len(ops) - 1)),)
