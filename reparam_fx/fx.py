@@ -785,7 +785,8 @@ class _RegionBuilder:
         self.facts = facts
         self.report = report
         self.regions: dict[torch.fx.Node, _Region] = {}
-        self.absorbed: set[torch.fx.Node] = set()
+        self.sums: dict[torch.fx.Node, _Sum] = {}  # sum nodes seen, for flattening
+        self.partial_sums: dict[torch.fx.Node, _PartialSum] = {}
 
     def skip(self, node, reason):
         self.report.skipped.append(Skipped(node.name, _op_name(node, self.facts), reason))
@@ -857,8 +858,6 @@ class _RegionBuilder:
         region.kinds[op.role] += 1
         if op.role == "conv":
             region.kernels.append(term.kernel)
-        if base.nodes:
-            self.absorbed.add(op.input)
         return region
 
     def _assumed_axis(self, base: _Region, what: str) -> int:
@@ -881,41 +880,148 @@ class _RegionBuilder:
 
     # a sum -------------------------------------------------------------------------------
     def sum(self, node, op: _Sum):
+        """A sum of any number of terms: add/sub chains are flattened first, so the order
+        in which branches were added does not matter."""
         if node in self.facts.mutated:
             return
         target = node.args[0] if self.facts.is_inplace(node) else None
         if target is not None and len(target.users) > 1:
             self.skip(node, "in-place add on a tensor that is read elsewhere")
             return
-        parts = [self.operand(n) for n, _ in op.operands]
-        sources = {p.source for p in parts}
-        if len(sources) != 1:
-            return  # sums of different tensors are not affine in one tensor
-        try:
-            axis = None
-            for part in parts:
-                axis = _merged_axis(axis, part.axis)
-            term = affine.merge([p.term for p in parts], [c for _, c in op.operands])
-        except NotExact as reason:
-            self.skip(node, str(reason))
+        self.sums[node] = op
+        leaves, inner = self._flatten(op)
+        parts = [(self.operand(leaf), coeff, leaf) for leaf, coeff in leaves]
+        groups, refusal = _group_terms(parts)
+        if len(groups) == 1 and len(groups[0].members) == len(parts):
+            region = groups[0].region(self, inner + [node])
+            if region is None:
+                return
+            if not self.usable_source(region):
+                self.skip(node, "its input is modified in place by another op")
+                return
+            self.regions[node] = region
             return
-        region = _Region(parts[0].source, term, axis)
-        for (operand, coeff), part in zip(op.operands, parts):
+        if refusal:
+            self.skip(node, refusal)
+        merged = [g for g in groups if len(g.members) > 1 and isinstance(g.term, ConvTerm)]
+        if not merged or any(not self.usable_source(g) for g in merged):
+            return
+        # some branches merge, others do not: rewrite the sum as merged convs + the rest
+        terms = []
+        for group in groups:
+            if len(group.members) > 1 and isinstance(group.term, ConvTerm):
+                terms.append((group.region(self, []), 1.0))
+            else:
+                terms.extend((leaf, coeff) for _, coeff, leaf in group.members)
+        self.partial_sums[node] = _PartialSum(node, inner, terms)
+
+    def _flatten(self, op: _Sum):
+        """Leaves ``[(node, coeff)]`` of the add/sub tree under ``op`` and the inner sum
+        nodes that only this tree reads."""
+        leaves, inner = [], []
+        stack = list(reversed(op.operands))
+        while stack:
+            operand, coeff = stack.pop()
+            child = self.sums.get(operand)
+            if child is not None and len(operand.users) == 1 and operand not in self.facts.mutated:
+                inner.append(operand)
+                stack.extend((n, coeff * c) for n, c in reversed(child.operands))
+            else:
+                leaves.append((operand, coeff))
+        return leaves, inner
+
+
+@dataclass
+class _TermGroup:
+    """Summed terms over one source that merge into one term."""
+
+    members: list  # [(part region, coeff, leaf node)]
+    term: object
+    axis: int | None
+
+    @property
+    def source(self):
+        return self.members[0][0].source
+
+    def region(self, builder: _RegionBuilder, extra_nodes: list) -> _Region | None:
+        region = _Region(self.source, self.term, self.axis)
+        for part, coeff, leaf in self.members:
             if part.nodes and part.nodes[-1] in region.nodes:
                 continue  # the same operand twice (x + x): its ops count once
             region.nodes.extend(part.nodes)
-            if part.nodes:
-                self.absorbed.add(operand)
             region.kinds.update(part.kinds)
             region.kernels.extend(part.kernels)
             region.has_identity |= part.has_identity or isinstance(part.term, ChannelAffine)
             region.has_sub |= part.has_sub or coeff < 0
-        region.branches = sum(max(p.branches, 1) for p in parts)
-        region.nodes.append(node)
-        if not self.usable_source(region):
-            self.skip(node, "its input is modified in place by another op")
-            return
-        self.regions[node] = region
+        region.branches = sum(max(part.branches, 1) for part, _, _ in self.members)
+        region.nodes.extend(extra_nodes)
+        return region
+
+
+def _try_merge(members) -> _TermGroup | None | str:
+    """The members merged into one group, or the reason they do not merge."""
+    try:
+        axis = None
+        for part, _, _ in members:
+            axis = _merged_axis(axis, part.axis)
+        term = affine.merge([p.term for p, _, _ in members], [c for _, c, _ in members])
+    except NotExact as reason:
+        return str(reason)
+    return _TermGroup(list(members), term, axis)
+
+
+def _group_terms(parts) -> tuple[list[_TermGroup], str | None]:
+    """Partition summed terms into as few mergeable groups as possible.
+
+    Terms merge only with terms of the same source. Per source: the whole set if it
+    merges (the MAC gate is judged on the whole sum); else greedily, each term joining
+    the first group it merges with, then groups merging pairwise until nothing changes.
+    Returns the groups and the reason the whole set did not merge (None if it did)."""
+    by_source: dict = {}
+    for part in parts:
+        by_source.setdefault(part[0].source, []).append(part)
+    groups, refusal = [], None
+    for members in by_source.values():
+        whole = _try_merge(members)
+        if isinstance(whole, _TermGroup):
+            groups.append(whole)
+            continue
+        refusal = refusal or whole
+        local: list[_TermGroup] = []
+        for member in members:
+            for index, group in enumerate(local):
+                joined = _try_merge(group.members + [member])
+                if isinstance(joined, _TermGroup):
+                    local[index] = joined
+                    break
+            else:
+                single = _try_merge([member])
+                local.append(single if isinstance(single, _TermGroup)
+                             else _TermGroup([member], None, member[0].axis))
+        changed = True
+        while changed:
+            changed = False
+            for i in range(len(local)):
+                for j in range(i + 1, len(local)):
+                    joined = _try_merge(local[i].members + local[j].members)
+                    if isinstance(joined, _TermGroup):
+                        local[i] = joined
+                        del local[j]
+                        changed = True
+                        break
+                if changed:
+                    break
+        groups.extend(local)
+    return groups, refusal
+
+
+@dataclass
+class _PartialSum:
+    """A sum rewritten as ``sum(coeff * value)`` where some values are merged regions."""
+
+    root: torch.fx.Node
+    inner: list  # inner add/sub nodes of the flattened tree
+    terms: list  # [(_Region | leaf node, coeff)]
 
 
 def _op_name(node: torch.fx.Node, facts: _GraphFacts) -> str:
@@ -1014,30 +1120,67 @@ def _emit(graph: torch.fx.Graph, region: _Region, output: torch.fx.Node, source,
     return name, new
 
 
-def _rewrite(facts: _GraphFacts, emit: list, report: FusionReport) -> torch.fx.Graph:
+def _rewrite(facts: _GraphFacts, emit: list, partial_sums: list,
+             report: FusionReport) -> torch.fx.Graph:
     """A new graph: the old one with each emitted region replaced by its single op,
-    placed where the region's first op was. Absorbed ops, and constants only they
-    read, are not copied."""
+    placed where the region's first op was, and each partial sum rebuilt from its merged
+    regions and remaining terms. Absorbed ops, and constants only they read, are not
+    copied."""
     old = facts.ws.graph
     order = {n: i for i, n in enumerate(old.nodes)}
     dead, starts = set(), {}
-    for output, region in emit:
+
+    def schedule(key, output, region):
         dead.update(region.nodes)
-        starts.setdefault(min(region.nodes, key=order.__getitem__), []).append((output, region))
+        first = min(region.nodes, key=order.__getitem__)
+        starts.setdefault(first, []).append((key, output, region))
+
+    for output, region in emit:
+        schedule(output, output, region)
+    roots = {}
+    for partial in partial_sums:
+        dead.update(partial.inner)
+        dead.add(partial.root)
+        roots[partial.root] = partial
+        for index, (term, _) in enumerate(partial.terms):
+            if isinstance(term, _Region):
+                schedule((partial.root, index), partial.root, term)
     for node in reversed(old.nodes):  # users come later, so they are decided first
         if (node not in dead and node.users and all(u in dead for u in node.users)
                 and (node.op == "get_attr" or facts.constant(node) is not None)):
             dead.add(node)
     new = torch.fx.Graph()
     new._codegen = copy.deepcopy(old._codegen)
-    env: dict[torch.fx.Node, torch.fx.Node] = {}
+    env: dict = {}
     for node in old.nodes:
-        for output, region in starts.get(node, ()):
-            name, env[output] = _emit(new, region, output, env[region.source], facts)
+        for key, output, region in starts.get(node, ()):
+            name, env[key] = _emit(new, region, output, env[region.source], facts)
             report.fused.append(_fused_region(output, name, region, facts))
-        if node not in dead:
+        if node in roots:
+            partial = roots[node]
+            values = [(env[(node, i)] if isinstance(term, _Region) else env[term], coeff)
+                      for i, (term, coeff) in enumerate(partial.terms)]
+            env[node] = _emit_sum(new, values, node, facts.ws.frontend)
+        elif node not in dead:
             env[node] = new.node_copy(node, env.__getitem__)
     return new
+
+
+def _emit_sum(graph: torch.fx.Graph, values: list, like: torch.fx.Node, frontend: str):
+    """``sum(coeff * value)`` as a chain of add/sub (and mul for other coefficients)."""
+    aten_graph = frontend == "aten"
+    add, sub, mul = ((aten.add.Tensor, aten.sub.Tensor, aten.mul.Tensor) if aten_graph
+                     else (operator.add, operator.sub, operator.mul))
+    result = None
+    for value, coeff in values:
+        if result is None:
+            result = value if coeff == 1 else graph.call_function(mul, (value, coeff))
+        elif coeff in (1, -1):
+            result = graph.call_function(add if coeff == 1 else sub, (result, value))
+        else:
+            result = graph.call_function(add, (result, graph.call_function(mul, (value, coeff))))
+    result.meta.update({k: v for k, v in like.meta.items() if k in ("val", "tensor_meta")})
+    return result
 
 
 def _fused_region(output: torch.fx.Node, name: str, region: _Region,
@@ -1061,18 +1204,28 @@ def _fusion_pass(facts: _GraphFacts, report: FusionReport) -> int:
     report.skipped = []
     builder = _RegionBuilder(facts, report)
     regions = builder.walk()
-    emit = []
-    for node, region in regions.items():
-        if node in builder.absorbed and len(node.users) == 1:
-            user = next(iter(node.users))
-            if user in regions and node in regions[user].nodes:
-                continue  # lives on inside its user's region
-        if region.emittable:
-            emit.append((node, region))
-    if emit:
-        facts.ws.graph = _rewrite(facts, emit, report)
+    # Downstream rewrites first: a region or partial sum is written only if no rewrite
+    # after it already covers its node (its ops then live on inside that rewrite).
+    candidates = {node: region for node, region in regions.items() if region.emittable}
+    candidates.update(builder.partial_sums)
+    emit, partial_sums, covered = [], [], set()
+    for node in reversed(facts.ws.graph.nodes):
+        item = candidates.get(node)
+        if item is None or node in covered:
+            continue
+        if isinstance(item, _Region):
+            emit.append((node, item))
+            covered.update(item.nodes)
+        else:
+            partial_sums.append(item)
+            covered.update(item.inner)
+            for term, _ in item.terms:
+                if isinstance(term, _Region):
+                    covered.update(term.nodes)
+    if emit or partial_sums:
+        facts.ws.graph = _rewrite(facts, emit, partial_sums, report)
         facts.ws.private = True
-    return len(emit)
+    return len(emit) + len(partial_sums)
 
 
 def _category(node, facts):

@@ -56,9 +56,10 @@ A single linear term is a chain and always folds whatever follows it (BN, layer 
 whatever its padding mode. A conv folds its own BN even when its sum does not merge; a BN
 or layer scale after a sum that does not merge stays.
 
-The rule applies to each add node. A block's sum is the left-deep chain
-``((b0 + b1) + b2) + ...``, so the longest prefix of branches that merges becomes one conv
-and the add that refuses, and every add after it, stay (:meth:`BlockSpec.merged_prefix`).
+The rule applies to the whole sum: add/sub chains are flattened, so branch order does
+not matter. When the whole sum does not merge, the branches are partitioned into
+mergeable groups; each group that holds a conv becomes one conv and the sum of the rest
+stays (:meth:`BlockSpec.merged_groups`).
 
 Requires ``hypothesis`` (``pip install reparam-fx[test]``).
 """
@@ -582,28 +583,62 @@ class BlockSpec:
     def _identity_term(self) -> _Term:
         return self._terms([BranchSpec.identity()._normalised(self.dims, "zeros")])[0]
 
-    def merged_prefix(self) -> tuple[int, str | None]:
-        """``(j, reason)``: the block's sum is the left-deep chain ``((b0 + b1) + b2) + ...``
-        and the rule applies at every add, so the first ``j`` branches merge into one term
-        and the add joining branch ``j`` refuses, for ``reason`` (``j == len(branches)``
-        and ``None`` when the whole sum merges; ``j == 0`` when branch 0 is nonlinear)."""
-        terms = self._terms(self.branches)
-        for length in range(1, len(terms) + 1):
-            refusal = merge_refusal(terms[:length], self.in_channels)
-            if refusal is not None:
-                return length - 1, refusal
-        return len(terms), None
+    @property
+    def _residual_in_sum(self) -> bool:
+        """``x + (b0 + b1 + ...)`` with nothing between: one flattened sum."""
+        return self.residual and not self.post_bn and not self.layer_scale
+
+    @property
+    def _summands(self) -> tuple:
+        """The terms of the flattened sum: the branches, and the residual identity first
+        when it joins the same sum."""
+        if self._residual_in_sum:
+            return (BranchSpec.identity()._normalised(self.dims, "zeros"),) + tuple(self.branches)
+        return tuple(self.branches)
+
+    def merged_groups(self) -> tuple[list[list[int]], str | None]:
+        """``(groups, reason)``: how the branches of the sum partition into mergeable groups
+        (lists of branch indices), and why the whole sum does not merge (None: it does).
+
+        The sum is flattened, so branch order does not matter: the whole set if the rule
+        allows it; else each branch joins the first group it merges with, then groups
+        merge pairwise until nothing changes."""
+        terms = self._terms(self._summands)
+        refusal = merge_refusal(terms, self.in_channels)
+        if refusal is None:
+            return [list(range(len(terms)))], None
+        mergeable = lambda idx: merge_refusal([terms[i] for i in idx], self.in_channels) is None
+        groups: list[list[int]] = []
+        for index in range(len(terms)):
+            for group in groups:
+                if mergeable(group + [index]):
+                    group.append(index)
+                    break
+            else:
+                groups.append([index])
+        changed = True
+        while changed:
+            changed = False
+            for i in range(len(groups)):
+                for j in range(i + 1, len(groups)):
+                    if mergeable(groups[i] + groups[j]):
+                        groups[i] += groups.pop(j)
+                        changed = True
+                        break
+                if changed:
+                    break
+        return groups, refusal
 
     @property
     def sum_refusal(self) -> str | None:
         """Why the sum of the branches does not merge (None: it merges)."""
-        return self.merged_prefix()[1]
+        return self.merged_groups()[1]
 
     @property
     def merge_reason(self) -> str | None:
         """Why the whole block does not collapse into one conv (None: it does)."""
         refusal = self.sum_refusal
-        if refusal is None and self.residual:
+        if refusal is None and self.residual and not self._residual_in_sum:
             refusal = merge_refusal(self._terms(self.branches) + [self._identity_term()], self.in_channels)
         return refusal
 
@@ -631,23 +666,34 @@ class BlockSpec:
         is one conv, every other conv folds its own BN, BN-only branches, the post BN, the
         layer scale, the residual and the adds joining the unmerged branches stay.
         """
-        merged, refusal = self.merged_prefix()
+        groups, refusal = self.merged_groups()
         if refusal is None:
             residual_stays = self.residual and not self.merges
             return {"conv": 1, "batch_norm": 0, "add": int(residual_stays), "sub": 0, "mul": 0}
-        prefix, rest = self.branches[:merged], self.branches[merged:]
-        ops = {"conv": 0, "batch_norm": int(self.post_bn), "add": int(self.residual), "sub": 0,
+        summands = self._summands
+        ops = {"conv": 0, "batch_norm": int(self.post_bn),
+               "add": int(self.residual and not self._residual_in_sum), "sub": 0,
                "mul": int(self.layer_scale)}
-        if merged >= 1 and any(branch.is_conv for branch in prefix):
-            ops["conv"] += 1  # the prefix: one conv, its BNs and adds absorbed
-        else:
-            ops["batch_norm"] += sum(branch.kind == "bn" for branch in prefix)
-            for branch in prefix[1:]:
+        is_conv = lambda i: summands[i].is_conv
+        conv_groups = [g for g in groups if len(g) > 1 and any(is_conv(i) for i in g)]
+        if not conv_groups:  # no partial rewrite: every conv folds its own BN, adds stay
+            ops["conv"] += sum(b.is_conv for b in summands)
+            ops["batch_norm"] += sum(b.kind == "bn" for b in summands)
+            for branch in summands[1:]:
                 ops["sub" if branch.subtract else "add"] += 1
-        ops["conv"] += sum(branch.is_conv for branch in rest)
-        ops["batch_norm"] += sum(branch.kind == "bn" for branch in rest)
-        for branch in self.branches[max(merged, 1):]:  # the adds joining the rest
-            ops["sub" if branch.subtract else "add"] += 1
+            return ops
+        signs = []  # the rewritten sum: one term per merged conv group, the rest as they were
+        for group in groups:
+            if group in conv_groups:
+                ops["conv"] += 1
+                signs.append(1)
+                continue
+            for i in group:
+                ops["conv"] += int(is_conv(i))
+                ops["batch_norm"] += int(summands[i].kind == "bn")
+                signs.append(-1 if summands[i].subtract else 1)
+        for sign in signs[1:]:
+            ops["add" if sign == 1 else "sub"] += 1
         return ops
 
     def expected_convs(self) -> int:
