@@ -31,7 +31,9 @@ otherwise a conv's input is taken to be batched (``N, C, *spatial``).
 
 from __future__ import annotations
 
+import contextlib
 import copy
+import gc
 import math
 import operator
 import re
@@ -46,7 +48,7 @@ import torch.nn.functional as F
 from reparam_fx import affine
 from reparam_fx.affine import ChannelAffine, ConvTerm, NotExact
 from reparam_fx.report import (FusedRegion, FusionReport, Skipped, classify_region,
-                               node_category, op_counts, parameter_count)
+                               counts_as_parameter, node_category, op_counts, parameter_count)
 
 MAX_PASSES = 4
 aten = torch.ops.aten
@@ -787,6 +789,12 @@ class _RegionBuilder:
         self.regions: dict[torch.fx.Node, _Region] = {}
         self.sums: dict[torch.fx.Node, _Sum] = {}  # sum nodes seen, for flattening
         self.partial_sums: dict[torch.fx.Node, _PartialSum] = {}
+        self._ops: dict = {}
+
+    def interpretation(self, node):
+        if node not in self._ops:
+            self._ops[node] = _interpret(node, self.facts)
+        return self._ops[node]
 
     def skip(self, node, reason):
         self.report.skipped.append(Skipped(node.name, _op_name(node, self.facts), reason))
@@ -803,7 +811,7 @@ class _RegionBuilder:
 
     def walk(self):
         for node in self.facts.ws.graph.nodes:
-            op = _interpret(node, self.facts)
+            op = self.interpretation(node)
             if isinstance(op, _Refused):
                 self.skip(node, op.reason)
             elif isinstance(op, _Unary):
@@ -889,6 +897,8 @@ class _RegionBuilder:
             self.skip(node, "in-place add on a tensor that is read elsewhere")
             return
         self.sums[node] = op
+        if self._flattened_by_user(node):
+            return  # its terms are merged once, with the whole tree, at the user
         leaves, inner = self._flatten(op)
         parts = [(self.operand(leaf), coeff, leaf) for leaf, coeff in leaves]
         groups, refusal = _group_terms(parts)
@@ -914,6 +924,16 @@ class _RegionBuilder:
             else:
                 terms.extend((leaf, coeff) for _, coeff, leaf in group.members)
         self.partial_sums[node] = _PartialSum(node, inner, terms)
+
+    def _flattened_by_user(self, node) -> bool:
+        """True if ``node``'s only user is a sum that will flatten it into its own tree."""
+        if len(node.users) != 1 or node in self.facts.mutated:
+            return False
+        user = next(iter(node.users))
+        if user in self.facts.mutated or not isinstance(self.interpretation(user), _Sum):
+            return False
+        target = user.args[0] if self.facts.is_inplace(user) else None
+        return target is None or len(target.users) == 1
 
     def _flatten(self, op: _Sum):
         """Leaves ``[(node, coeff)]`` of the add/sub tree under ``op`` and the inner sum
@@ -1071,17 +1091,23 @@ def _new_name(region: _Region, facts: _GraphFacts) -> str:
     return name
 
 
+_META_INIT_ABOVE = 1 << 16  # weights larger than this are built on the meta device
+
+
 def _make_module(term: ConvTerm, like: torch.Tensor) -> nn.Module:
-    """An ``nn.ConvNd``/``nn.Linear`` holding the term's weights in ``like``'s dtype/device
-    (built on the meta device, so no random initialisation is computed and discarded)."""
+    """An ``nn.ConvNd``/``nn.Linear`` holding the term's weights in ``like``'s dtype/device.
+
+    Large modules are built on the meta device, so no random initialisation is computed
+    and thrown away; small ones on the CPU, where that is cheaper than meta dispatch."""
     weight, bias = term.weights_as(like)
+    device = "meta" if weight.numel() > _META_INIT_ABOVE else "cpu"
     if term.spatial == 0:
-        module = nn.Linear(term.in_channels, term.out_channels, bias=False, device="meta")
+        module = nn.Linear(term.in_channels, term.out_channels, bias=False, device=device)
     else:
         conv_cls = (nn.Conv1d, nn.Conv2d, nn.Conv3d)[term.spatial - 1]
         module = conv_cls(term.in_channels, term.out_channels, term.kernel, term.stride,
                           term.padding, term.dilation, term.groups, bias=False,
-                          padding_mode=term.padding_mode, device="meta")
+                          padding_mode=term.padding_mode, device=device)
     module.weight = nn.Parameter(weight.contiguous())
     module.bias = None if bias is None else nn.Parameter(bias.contiguous())
     return module.eval()
@@ -1197,10 +1223,10 @@ def _fused_region(output: torch.fx.Node, name: str, region: _Region,
         params_after=term.weight.numel() + (0 if term.bias is None else term.bias.numel()))
 
 
-def _fusion_pass(facts: _GraphFacts, report: FusionReport) -> int:
-    """One walk, then one rewrite into a new graph; returns how many regions it emitted.
-    ``report.skipped`` is rebuilt each pass, so after the last one it describes the
-    final graph."""
+def _fusion_pass(facts: _GraphFacts, report: FusionReport) -> bool:
+    """One walk, then one rewrite into a new graph; returns whether another pass may
+    find more. ``report.skipped`` is rebuilt each pass: it describes the graph of the
+    last pass."""
     report.skipped = []
     builder = _RegionBuilder(facts, report)
     regions = builder.walk()
@@ -1222,10 +1248,27 @@ def _fusion_pass(facts: _GraphFacts, report: FusionReport) -> int:
             for term, _ in item.terms:
                 if isinstance(term, _Region):
                     covered.update(term.nodes)
-    if emit or partial_sums:
-        facts.ws.graph = _rewrite(facts, emit, partial_sums, report)
-        facts.ws.private = True
-    return len(emit) + len(partial_sums)
+    if not emit and not partial_sums:
+        return False
+    facts.ws.graph = _rewrite(facts, emit, partial_sums, report)
+    facts.ws.private = True
+    sources = [region.source for _, region in emit]
+    sources += [term.source for partial in partial_sums for term, _ in partial.terms
+                if isinstance(term, _Region)]
+    return _may_grow(facts, sources)
+
+
+def _may_grow(facts: _GraphFacts, sources) -> bool:
+    """Whether another pass could fold more. A rewrite changes no node's user count but a
+    region source's, which now feeds only the new op: if such a source is itself an
+    affine op, the new op may absorb it next pass."""
+    rewritten = {n.name: n for n in facts.ws.graph.nodes}
+    for source in sources:
+        node = rewritten.get(source.name)
+        if node is not None and len(node.users) == 1 and node.op.startswith("call_"):
+            if isinstance(_interpret(node, facts), (_Unary, _Sum)):
+                return True
+    return False
 
 
 def _category(node, facts):
@@ -1267,9 +1310,10 @@ def fuse(model, example_inputs=None) -> torch.fx.GraphModule:
     report.ops_before = _graph_op_counts(ws)
     report.params_before = _graph_parameter_count(ws)
     report.nodes_before = _count_ops(ws.graph)
-    for _ in range(MAX_PASSES):  # to a fixpoint; one pass usually finds everything
-        if not _fusion_pass(_GraphFacts(ws), report):
-            break
+    with _gc_paused():  # collections would traverse the growing graph again and again
+        for _ in range(MAX_PASSES):  # to a fixpoint; one pass usually finds everything
+            if not _fusion_pass(_GraphFacts(ws), report):
+                break
     ws.make_private()
     for node in list(ws.graph.nodes):  # e.g. BatchNorm counters export left unread
         if node.op == "get_attr" and not node.users:
@@ -1296,6 +1340,17 @@ def _unfolded_batchnorms(result: torch.fx.GraphModule, report: FusionReport) -> 
     return missing
 
 
+@contextlib.contextmanager
+def _gc_paused():
+    enabled = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+    finally:
+        if enabled:
+            gc.enable()
+
+
 def _graph_op_counts(ws: _Workspace) -> Counter:
     lookup = _ModuleLookup(ws)
     return Counter(c for c in (node_category(n, lookup) for n in ws.graph.nodes) if c)
@@ -1314,11 +1369,8 @@ def _graph_parameter_count(ws: _Workspace) -> int:
         else:
             continue
         for name, tensor in tensors:
-            leaf = name.rsplit(".", 1)[-1]
-            if id(tensor) in seen or leaf in ("running_mean", "running_var", "num_batches_tracked"):
-                continue
-            seen.add(id(tensor))
-            if isinstance(tensor, nn.Parameter) or tensor.is_floating_point():
+            if id(tensor) not in seen and counts_as_parameter(name, tensor):
+                seen.add(id(tensor))
                 total += tensor.numel()
     return total
 

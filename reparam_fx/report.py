@@ -233,17 +233,19 @@ def op_counts(model) -> Counter:
     return counts
 
 
-def parameter_count(model: nn.Module) -> int:
-    """Parameters plus floating-point buffers that are not BatchNorm statistics.
+_STATISTICS = ("running_mean", "running_var", "num_batches_tracked")
 
-    BatchNorm running statistics and counters are not counted (as papers count
-    parameters); constant tensors a fusion writes as buffers are.
-    """
-    total = sum(p.numel() for p in model.parameters())
-    for name, buffer in model.named_buffers():
-        leaf = name.rsplit(".", 1)[-1]
-        if leaf in ("running_mean", "running_var", "num_batches_tracked"):
-            continue
-        if buffer.is_floating_point():
-            total += buffer.numel()
-    return total
+
+def counts_as_parameter(name: str, tensor: torch.Tensor) -> bool:
+    """Parameters, and floating-point buffers that are not BatchNorm statistics (as papers
+    count parameters; constants a fusion writes as buffers do count)."""
+    if name.rsplit(".", 1)[-1] in _STATISTICS:
+        return False
+    return isinstance(tensor, nn.Parameter) or tensor.is_floating_point()
+
+
+def parameter_count(model: nn.Module) -> int:
+    """Parameters plus floating-point buffers that are not BatchNorm statistics."""
+    tensors = dict((id(t), (name, t)) for name, t in model.named_parameters())
+    tensors.update((id(t), (name, t)) for name, t in model.named_buffers())
+    return sum(t.numel() for name, t in tensors.values() if counts_as_parameter(name, t))
