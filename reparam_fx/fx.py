@@ -127,8 +127,20 @@ class _Workspace:
 
 
 def _has_state(module: nn.Module) -> bool:
-    return any(True for _ in module.parameters()) or any(True for _ in module.buffers()) \
-        or any(True for _ in module.children())
+    return bool(module._parameters or module._buffers or module._modules)
+
+
+def _module_tensors(module: nn.Module):
+    """``(name, tensor)`` for a module's parameters and buffers; leaves read their own
+    dicts (``named_parameters`` walks ``named_modules``, slow over 10k modules)."""
+    if module._modules:
+        yield from module.named_parameters()
+        yield from module.named_buffers()
+        return
+    for table in (module._parameters, module._buffers):
+        for name, tensor in table.items():
+            if tensor is not None:
+                yield name, tensor
 
 
 def _capture(model, example_inputs) -> _Workspace:
@@ -1058,9 +1070,9 @@ def _reference_tensor(region: _Region, facts: _GraphFacts) -> torch.Tensor:
     """A floating-point parameter of the region: the new weights take its dtype/device."""
     for node in region.nodes:
         if node.op == "call_module":
-            for p in facts.modules[node.target].parameters():
-                if p.is_floating_point():
-                    return p
+            for _, tensor in _module_tensors(facts.modules[node.target]):
+                if tensor.is_floating_point():
+                    return tensor
         for arg in node.args:
             value = facts.constant(arg) if isinstance(arg, torch.fx.Node) else None
             if isinstance(value, torch.Tensor) and value.is_floating_point() and value.dim():
@@ -1281,7 +1293,8 @@ def _region_params(region: _Region, facts: _GraphFacts) -> int:
     total = 0
     for node in region.nodes:
         if node.op == "call_module":
-            total += sum(p.numel() for p in facts.modules[node.target].parameters())
+            total += sum(t.numel() for name, t in _module_tensors(facts.modules[node.target])
+                         if counts_as_parameter(name, t))
         for arg in node.all_input_nodes:
             if arg.op == "get_attr" and not arg.target.endswith(("running_mean", "running_var")):
                 value = facts.constant(arg)
@@ -1303,6 +1316,11 @@ def fuse(model, example_inputs=None) -> torch.fx.GraphModule:
     modified. ``result.fusion_report`` lists the regions fused (by pattern) and the nodes
     left alone, with reasons.
     """
+    with _gc_paused():  # collections would traverse the growing graph again and again
+        return _fuse(model, example_inputs)
+
+
+def _fuse(model, example_inputs) -> torch.fx.GraphModule:
     ws = _capture(model, example_inputs)
     if example_inputs is not None and ws.frontend == "fx":
         _propagate_shapes(ws, example_inputs)
@@ -1310,10 +1328,9 @@ def fuse(model, example_inputs=None) -> torch.fx.GraphModule:
     report.ops_before = _graph_op_counts(ws)
     report.params_before = _graph_parameter_count(ws)
     report.nodes_before = _count_ops(ws.graph)
-    with _gc_paused():  # collections would traverse the growing graph again and again
-        for _ in range(MAX_PASSES):  # to a fixpoint; one pass usually finds everything
-            if not _fusion_pass(_GraphFacts(ws), report):
-                break
+    for _ in range(MAX_PASSES):  # to a fixpoint; one pass usually finds everything
+        if not _fusion_pass(_GraphFacts(ws), report):
+            break
     ws.make_private()
     for node in list(ws.graph.nodes):  # e.g. BatchNorm counters export left unread
         if node.op == "get_attr" and not node.users:
@@ -1361,8 +1378,7 @@ def _graph_parameter_count(ws: _Workspace) -> int:
     seen, total = set(), 0
     for node in ws.graph.nodes:
         if node.op == "call_module":
-            tensors = [(name, t) for name, t in ws.module(node.target).named_parameters()]
-            tensors += [(name, t) for name, t in ws.module(node.target).named_buffers()]
+            tensors = _module_tensors(ws.module(node.target))
         elif node.op == "get_attr":
             value = ws.resolve(node.target)
             tensors = [(node.target, value)] if isinstance(value, torch.Tensor) else []
