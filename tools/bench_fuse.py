@@ -5,8 +5,9 @@ Three measurements, printed as markdown and written to ``out/bench_fuse.json``:
 1. Eager CPU latency of each reference model (third-party-style implementations in
    ``tests/reference``) in training form, after its own hand-written ``reparameterize()``
    and after ``reparam_fx.fuse``: medians of interleaved repeats (each repeat times the
-   three forms back to back, in rotating order), and the fused/hand ratio from the same
-   run. Also op counts and the fp32 relative error of the fused model.
+   three forms back to back, in rotating order, ``--calls`` calls each). The fused/hand
+   ratio is the median of the per-repeat ratios, which cancels the machine's drift
+   between repeats. Also op counts and the fp32 relative error of the fused model.
 2. ``reparam_fx.fuse`` wall time on an already traced graph of N RepVGG blocks, for
    N = 400 and 4000, median of repeats, and the 10x scaling ratio.
 
@@ -34,13 +35,14 @@ from reparam_fx.testing import randomize_batchnorm_, randomize_parameters_  # no
 from reference.models import ALL_BUILDERS, reparameterize_model  # noqa: E402
 
 
-def _time_once(model, x) -> float:
+def _time_calls(model, x, calls: int) -> float:
     start = time.perf_counter()
-    model(x)
-    return time.perf_counter() - start
+    for _ in range(calls):
+        model(x)
+    return (time.perf_counter() - start) / calls
 
 
-def latency_table(repeats: int, size: int) -> list[dict]:
+def latency_table(repeats: int, size: int, calls: int) -> list[dict]:
     rows = []
     x = torch.randn(1, 3, size, size)
     for name, build in ALL_BUILDERS.items():
@@ -61,13 +63,14 @@ def latency_table(repeats: int, size: int) -> list[dict]:
             for repeat in range(repeats):
                 order = keys[repeat % 3:] + keys[:repeat % 3]  # rotate to cancel drift
                 for key in order:
-                    samples[key].append(_time_once(forms[key], x))
+                    samples[key].append(_time_calls(forms[key], x, calls))
         median = {key: statistics.median(values) * 1e3 for key, values in samples.items()}
+        paired = statistics.median(f / h for f, h in zip(samples["fused"], samples["hand"]))
         ops_hand, ops_fused = reparam_fx.op_counts(hand), reparam_fx.op_counts(fused)
         rows.append({
             "model": name,
             "train_ms": median["train"], "hand_ms": median["hand"], "fused_ms": median["fused"],
-            "fused_over_hand": median["fused"] / median["hand"],
+            "fused_over_hand": paired,
             "speedup_vs_train": median["train"] / median["fused"],
             "ops_hand": dict(ops_hand), "ops_fused": dict(ops_fused),
             "ops_not_above_hand": all(ops_fused[k] <= ops_hand[k] for k in ops_fused),
@@ -115,22 +118,24 @@ def fuse_scaling(repeats: int, blocks=(400, 4000)) -> list[dict]:
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--repeats", type=int, default=30)
+    parser.add_argument("--repeats", type=int, default=60)
+    parser.add_argument("--calls", type=int, default=3, help="calls per timed sample")
     parser.add_argument("--size", type=int, default=224, help="input side (default 224)")
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--quick", action="store_true", help="few repeats, small input")
     parser.add_argument("--out", type=Path, default=ROOT / "out" / "bench_fuse.json")
     args = parser.parse_args(argv)
     if args.quick:
-        args.repeats, args.size = 5, 64
+        args.repeats, args.size, args.calls = 5, 64, 1
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
 
     machine = f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} thread(s), torch {torch.__version__}"
     print(f"# reparam_fx benchmark ({time.strftime('%Y-%m-%d')}; {machine})\n")
-    rows = latency_table(args.repeats, args.size)
+    rows = latency_table(args.repeats, args.size, args.calls)
     print(f"Eager CPU latency, batch 1, {args.size}x{args.size}, median of {args.repeats} "
-          "interleaved repeats (ms):\n")
+          f"interleaved repeats of {args.calls} call(s) (ms); fused/hand is the median of "
+          "per-repeat ratios:\n")
     print("| model | train | hand reparam | reparam_fx | fused/hand | speed-up vs train "
           "| ops <= hand | params hand -> fused | fp32 rel. error |")
     print("|---|---:|---:|---:|---:|---:|:---:|---:|---:|")
@@ -139,7 +144,7 @@ def main(argv=None) -> int:
               f"| {r['fused_over_hand']:.3f} | {r['speedup_vs_train']:.2f}x "
               f"| {'yes' if r['ops_not_above_hand'] else 'NO'} "
               f"| {r['params_hand']:,} -> {r['params_fused']:,} | {r['fp32_rel_error']:.1e} |")
-    scaling = fuse_scaling(3 if args.quick else 5, (40, 400) if args.quick else (400, 4000))
+    scaling = fuse_scaling(3 if args.quick else 7, (40, 400) if args.quick else (400, 4000))
     print("\n`reparam_fx.fuse` on an already traced graph of RepVGG blocks (median):\n")
     print("| blocks | graph nodes | fuse() seconds | convs after |")
     print("|---:|---:|---:|---:|")
