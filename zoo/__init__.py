@@ -1,0 +1,40 @@
+"""The model zoo: RepVGG, MobileOne, FastViT, RepViT and MobileViT in training form only.
+
+    import zoo
+    zoo.names()                                  # every registered variant
+    model = zoo.create("repvgg_a0", num_classes=1000)
+
+Inference form comes from ``reparam_fx.fuse(model.eval())``; nothing in ``zoo/`` has a
+deploy switch. Each architecture file registers its variants with :func:`register`.
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import torch.nn as nn
+
+_REGISTRY: dict[str, Callable[..., nn.Module]] = {}
+
+
+def register(name: str):
+    """Decorator: make ``builder(num_classes=..., **kwargs)`` available as ``name``."""
+    def decorate(builder):
+        if name in _REGISTRY:
+            raise ValueError(f"zoo model {name!r} is registered twice")
+        _REGISTRY[name] = builder
+        return builder
+    return decorate
+
+
+def names() -> list[str]:
+    """Every model variant, sorted."""
+    return sorted(_REGISTRY)
+
+
+def create(name: str, num_classes: int = 1000, **kwargs) -> nn.Module:
+    """Build variant ``name`` in training form (randomly initialised)."""
+    if name not in _REGISTRY:
+        known = ", ".join(names()) or "none registered yet"
+        raise ValueError(f"unknown zoo model {name!r}; valid names: {known}")
+    return _REGISTRY[name](num_classes=num_classes, **kwargs)
