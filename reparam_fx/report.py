@@ -47,7 +47,7 @@ class FusedRegion:
     pattern: str
     output: str  # name of the original node whose value the new module computes
     module: str  # qualified name of the new module (or of its weight, in aten graphs)
-    nodes: tuple[str, ...]  # original nodes absorbed, in graph order
+    nodes: tuple[str, ...]  # the original nodes absorbed
     ops: tuple[tuple[str, int], ...]  # op-category histogram of the absorbed nodes
     params_before: int
     params_after: int
