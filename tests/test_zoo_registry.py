@@ -20,3 +20,17 @@ def test_register_and_create(monkeypatch):
     assert zoo.create("tiny_linear", num_classes=3).out_features == 3
     with pytest.raises(ValueError, match="registered twice"):
         zoo.register("tiny_linear")(tiny_linear)
+
+
+def test_zoo_holds_training_form_only():
+    """Inference form comes from reparam_fx.fuse alone: no file in zoo/ carries
+    deploy-time code (reparameterize methods, deploy switches, reparam convs)."""
+    from pathlib import Path
+    forbidden = ("reparameterize", "switch_to_deploy", "inference_mode", "deploy",
+                 "reparam_conv", "def fuse")
+    files = sorted(Path(zoo.__file__).parent.glob("*.py"))
+    assert files
+    for path in files:
+        text = path.read_text()
+        for word in forbidden:
+            assert word not in text, f"zoo/{path.name} contains {word!r}"

@@ -4,8 +4,9 @@
     zoo.names()                                  # every registered variant
     model = zoo.create("repvgg_a0", num_classes=1000)
 
-Inference form comes from ``reparam_fx.fuse(model.eval())``; nothing in ``zoo/`` has a
-deploy switch. Each architecture file registers its variants with :func:`register`.
+The inference form comes from ``reparam_fx.fuse(model.eval())`` alone: no model here
+can switch itself to it. Each architecture file registers its variants with
+:func:`register`.
 """
 
 from __future__ import annotations
