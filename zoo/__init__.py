@@ -39,3 +39,7 @@ def create(name: str, num_classes: int = 1000, **kwargs) -> nn.Module:
         known = ", ".join(names()) or "none registered yet"
         raise ValueError(f"unknown zoo model {name!r}; valid names: {known}")
     return _REGISTRY[name](num_classes=num_classes, **kwargs)
+
+
+# Each family registers its variants on import.
+from zoo import repvgg  # noqa: E402,F401
