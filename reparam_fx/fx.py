@@ -21,8 +21,9 @@ judged per group) and rewritten as the merged convs plus the remaining terms.
 The rewrite builds a new graph: each region becomes one op where its first op was, as
 ``nn.ConvNd`` / ``nn.Linear`` modules in module-level and functional graphs, and as
 ``aten.convolution`` / ``aten.linear`` on ``get_attr`` weights in aten graphs
-(``torch.export``). Regions that absorbed fewer than two ops, or whose term has no conv
-(a pure per-channel affine), are left as they are. Another pass runs only when a rewrite
+(``torch.export``). Regions that absorbed fewer than two ops (identities such as eval
+Dropout do not count), or whose term has no conv (a pure per-channel affine), are left
+as they are. Another pass runs only when a rewrite
 left a region's source with a single user that is itself an affine op.
 
 The caller's model is only read: the result is assembled from the new modules and deep
@@ -54,7 +55,8 @@ from reparam_fx.affine import ChannelAffine, ConvTerm, NotExact
 from reparam_fx.fx_nodes import (GraphFacts, ModuleLookup, Refused, Sum, Unary, interpret,
                                  tensor_shape)
 from reparam_fx.report import (FusedRegion, FusionReport, Skipped, classify_region,
-                               counts_as_parameter, node_category, op_counts, parameter_count)
+                               counts_as_parameter, node_category, op_counts, parameter_count,
+                               shape_values)
 
 MAX_PASSES = 4
 aten = torch.ops.aten
@@ -243,7 +245,10 @@ class _Region:
 
     @property
     def emittable(self) -> bool:
-        return isinstance(self.term, ConvTerm) and len(self.nodes) >= 2
+        """A conv term that replaces at least two ops doing something (identities such
+        as eval-mode Dropout do not count: rewriting conv+Dropout would only copy the
+        conv)."""
+        return isinstance(self.term, ConvTerm) and len(self.nodes) - self.kinds["identity"] >= 2
 
 
 def _merged_axis(a, b):
@@ -832,7 +837,8 @@ def _gc_paused():
 
 def _graph_op_counts(ws: Workspace) -> Counter:
     lookup = ModuleLookup(ws)
-    return Counter(c for c in (node_category(n, lookup) for n in ws.graph.nodes) if c)
+    scalars = shape_values(ws.graph)
+    return Counter(c for c in (node_category(n, lookup, scalars) for n in ws.graph.nodes) if c)
 
 
 def _graph_parameter_count(ws: Workspace) -> int:

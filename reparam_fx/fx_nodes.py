@@ -32,6 +32,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from reparam_fx import affine
+from reparam_fx.report import shape_values
 
 if TYPE_CHECKING:
     from reparam_fx.fx import Workspace
@@ -76,6 +77,7 @@ class GraphFacts:
         self._constants: dict[torch.fx.Node, torch.Tensor | None] = {}
         self._ranks: dict[torch.fx.Node, int | None] = {}
         self.mutated = self._find_mutated()
+        self.scalars = shape_values(ws.graph)  # shape arithmetic: Python ints, not tensors
 
     # in-place ops --------------------------------------------------------------------
     def is_inplace(self, node: torch.fx.Node) -> bool:
@@ -405,6 +407,8 @@ def _arith_op(facts, node, a, b, kind, coeff=1.0):
 
 def interpret(node: torch.fx.Node, facts: GraphFacts):
     """What ``node`` computes, as an affine op of its tensor input(s), or None/Refused."""
+    if node in facts.scalars:
+        return None
     try:
         if node.op == "call_module":
             return _interpret_module(node, facts)

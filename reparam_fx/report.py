@@ -9,7 +9,7 @@ pattern                region absorbed
 =====================  =====================================================
 ``conv+bn``            one conv followed by BatchNorm (and nothing else)
 ``repvgg``             sum of a kxk conv branch, a 1x1 conv branch and/or an identity
-``mobileone``          sum with two or more same-size kxk conv branches
+``mobileone``          sum with two or more conv branches of the same kernel shape
 ``large+small kernel`` sum of conv branches with different kernel sizes > 1
 ``repmixer``           ``x + scale * (f(x) - g(x))``: a difference plus an identity
 ``cpe``                identity plus one conv, no BatchNorm (``x + dwconv(x)``)
@@ -133,11 +133,11 @@ def classify_region(kinds: Counter, conv_kernels: list[tuple[int, ...]], n_branc
     if n_branches > 1:
         if has_sub and has_identity:
             return "repmixer"
-        spatial = [k for k in conv_kernels if any(size > 1 for size in k)]
-        if len({tuple(k) for k in spatial}) > 1:
+        spatial = [tuple(k) for k in conv_kernels if any(size > 1 for size in k)]
+        if len(set(spatial)) > 1:
             return "large+small kernel"
-        if len(spatial) >= 2:
-            return "mobileone"
+        if len(conv_kernels) > len({tuple(k) for k in conv_kernels}):
+            return "mobileone"  # over-parameterised: several branches of one kernel shape
         if has_identity and n_conv == 1 and not kinds["bn"]:
             return "cpe"
         return "repvgg"
@@ -192,8 +192,40 @@ _ATEN_CATEGORIES = {
 }
 
 
-def node_category(node: torch.fx.Node, modules: dict[str, nn.Module]) -> str | None:
-    """The op category of one fx node (module, functional or aten form), or None."""
+_SHAPE_METHODS = {"size", "dim", "numel"}
+_SHAPE_ATTRIBUTES = {"shape", "ndim"}
+
+
+def shape_values(graph: torch.fx.Graph) -> set[torch.fx.Node]:
+    """Nodes that hold Python scalars derived from tensor shapes, not tensors:
+    ``x.shape``, ``x.size()``, ``aten.sym_size``, indexing and arithmetic on those
+    (``(h + p - 1) // p`` in a traced model). They are not tensor ops."""
+    scalars: set[torch.fx.Node] = set()
+    for node in graph.nodes:
+        value = node.meta.get("val")
+        if value is not None and not isinstance(value, torch.Tensor) and \
+                isinstance(value, (int, float, torch.SymInt, torch.SymFloat)):
+            scalars.add(node)
+        elif node.op == "call_method" and node.target in _SHAPE_METHODS:
+            scalars.add(node)
+        elif node.op == "call_function" and node.target is getattr and \
+                len(node.args) > 1 and node.args[1] in _SHAPE_ATTRIBUTES:
+            scalars.add(node)
+        elif (node.op == "call_function" and isinstance(node.target, torch._ops.OpOverload)
+              and node.target._schema.name.split("::")[-1].startswith("sym_")):
+            scalars.add(node)
+        elif node.op in ("call_function", "call_method") and node.all_input_nodes and \
+                all(arg in scalars for arg in node.all_input_nodes):
+            scalars.add(node)  # indexing / arithmetic on shape values
+    return scalars
+
+
+def node_category(node: torch.fx.Node, modules: dict[str, nn.Module],
+                  scalars: set = frozenset()) -> str | None:
+    """The op category of one fx node (module, functional or aten form), or None.
+    ``scalars`` (see :func:`shape_values`) are shape arithmetic, never counted."""
+    if node in scalars:
+        return None
     if node.op == "call_module":
         module = modules.get(node.target)
         for types, category in _MODULE_CATEGORIES:
@@ -225,9 +257,10 @@ def op_counts(model) -> Counter:
     if not isinstance(model, torch.fx.GraphModule):
         model = torch.fx.symbolic_trace(model)
     modules = dict(model.named_modules())
+    scalars = shape_values(model.graph)
     counts = Counter()
     for node in model.graph.nodes:
-        category = node_category(node, modules)
+        category = node_category(node, modules, scalars)
         if category is not None:
             counts[category] += 1
     return counts

@@ -42,4 +42,4 @@ def create(name: str, num_classes: int = 1000, **kwargs) -> nn.Module:
 
 
 # Each family registers its variants on import.
-from zoo import repvgg  # noqa: E402,F401
+from zoo import mobileone, mobilevit, repvgg  # noqa: E402,F401

@@ -31,12 +31,12 @@ padding and SiLU (``swish``) as ``act``; some instances drop the BN and/or the a
   ``unfold`` reshapes ``[B, d, n_h p_h, n_w p_w]`` to ``[B, d, n_h, p_h, n_w, p_w]``,
   permutes to ``[B, p_h, p_w, n_h, n_w, d]`` and flattens to ``[B P, N, d]`` (the same
   element order as the official reshape/transpose sequence); ``fold`` is its inverse.
-  The sizes come from ``x.shape`` (fx proxies), with no Python branching on them, so
-  ``2 x 2`` patches must tile every feature map: the last MobileViT block runs at stride
-  32, so the input sides must be multiples of 64 (64, 128, 192, 256, ...). A side that
-  is an odd multiple of 32 (96, 224) fails a traced ``torch._assert`` with that message.
-  The official ``F.interpolate`` fallback for such sizes (which resizes the 7x7 map of a
-  224 input to 8x8 and back) is deliberately not implemented.
+  The sizes come from ``x.shape`` (fx proxies), with no Python branching on them. As in
+  the official code, a map that ``2 x 2`` patches do not tile (the last block runs at
+  stride 32, so a 224 input gives 7x7) is resized bilinearly up to the next multiple of
+  the patch size before unfolding and back after folding. The resize always runs; when
+  the map already tiles it is a same-size resize, an exact copy, so any input side that
+  is a multiple of 32 works and gives the official result.
 
 Network. Stem ``ConvLayer(3)`` 3 -> 16, stride 2; ``layer_1`` one MV2 block (stride 1);
 ``layer_2`` three MV2 blocks (first with stride 2); ``layer_3``..``layer_5`` each one MV2
@@ -53,7 +53,9 @@ FFN) is not affine per pixel and is left as it is.
 from __future__ import annotations
 
 import torch
+import torch.fx
 import torch.nn as nn
+import torch.nn.functional as F
 
 import zoo
 
@@ -202,6 +204,14 @@ class TransformerEncoder(nn.Module):
         return x + self.pre_norm_ffn(x)
 
 
+@torch.fx.wrap
+def resize_bilinear(x: torch.Tensor, height, width) -> torch.Tensor:
+    """``F.interpolate(x, (height, width), bilinear)``, a leaf of traced graphs (it branches
+    on tensor dims inside, which symbolic tracing cannot follow)."""
+    return F.interpolate(x, size=(int(height), int(width)), mode="bilinear",
+                         align_corners=False)
+
+
 class MobileViTBlock(nn.Module):
     """Local conv representation, transformer over unfolded 2x2 patches, fold, project, fuse."""
 
@@ -222,29 +232,27 @@ class MobileViTBlock(nn.Module):
         self.conv_proj = ConvLayer(transformer_dim, in_channels, 1)
         self.fusion = ConvLayer(2 * in_channels, in_channels, conv_ksize)
         self.patch_h, self.patch_w = patch_size
-        self.tiling_error = (
-            f"MobileViT: a feature map is not tiled by {self.patch_h}x{self.patch_w} patches; "
-            f"input sides must be multiples of {32 * self.patch_h}x{32 * self.patch_w} "
-            "(stride 32 x patch size)")
 
     def unfolding(self, feature_map: torch.Tensor) -> torch.Tensor:
-        """``[B, C, n_h p_h, n_w p_w] -> [B p_h p_w, n_h n_w, C]``, a sequence per pixel slot."""
+        """``[B, C, H, W] -> [B p_h p_w, n_h n_w, C]``, a sequence per pixel slot, after
+        resizing ``H x W`` up to ``n_h p_h x n_w p_w`` (a copy when it already tiles)."""
         batch, channels = feature_map.shape[0], feature_map.shape[1]
-        height, width = feature_map.shape[2], feature_map.shape[3]
-        torch._assert((height % self.patch_h == 0) & (width % self.patch_w == 0),
-                      self.tiling_error)
-        n_h, n_w = height // self.patch_h, width // self.patch_w
+        n_h = (feature_map.shape[2] + self.patch_h - 1) // self.patch_h
+        n_w = (feature_map.shape[3] + self.patch_w - 1) // self.patch_w
+        feature_map = resize_bilinear(feature_map, n_h * self.patch_h, n_w * self.patch_w)
         patches = feature_map.reshape(batch, channels, n_h, self.patch_h, n_w, self.patch_w)
         patches = patches.permute(0, 3, 5, 2, 4, 1)  # [B, p_h, p_w, n_h, n_w, C]
         return patches.reshape(batch * self.patch_h * self.patch_w, n_h * n_w, channels)
 
     def folding(self, patches: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
-        """Inverse of :meth:`unfolding`; ``like`` is the unfolded map (for B, H and W)."""
+        """Inverse of :meth:`unfolding`; ``like`` is the map before unfolding (B, H, W)."""
         batch, height, width = like.shape[0], like.shape[2], like.shape[3]
-        n_h, n_w = height // self.patch_h, width // self.patch_w
+        n_h = (height + self.patch_h - 1) // self.patch_h
+        n_w = (width + self.patch_w - 1) // self.patch_w
         feature_map = patches.reshape(batch, self.patch_h, self.patch_w, n_h, n_w, -1)
         feature_map = feature_map.permute(0, 5, 3, 1, 4, 2)  # [B, C, n_h, p_h, n_w, p_w]
-        return feature_map.reshape(batch, -1, height, width)
+        feature_map = feature_map.reshape(batch, -1, n_h * self.patch_h, n_w * self.patch_w)
+        return resize_bilinear(feature_map, height, width)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         local = self.local_rep(x)
