@@ -334,11 +334,11 @@ def _grouped_product(second_w: torch.Tensor, first_w: torch.Tensor, groups: int,
     return product.reshape(product.shape[0] * product.shape[1], *product.shape[2:])
 
 
-def _check_macs(result: ConvTerm, original_macs: float, what: str) -> ConvTerm:
-    if result.cost > original_macs + 1e-9:
-        raise NotExact(f"{what} would increase MACs ({result.cost:,} > {original_macs:,.0f} "
+def _check_macs(cost: int, original_macs: float, what: str) -> None:
+    """Refuse before any weight is computed: the gate needs only the result's shape."""
+    if cost > original_macs + 1e-9:
+        raise NotExact(f"{what} would increase MACs ({cost:,} > {original_macs:,.0f} "
                        "per output position)")
-    return _with(result, macs=original_macs)
 
 
 def _conv_then_conv(first: ConvTerm, second: ConvTerm) -> ConvTerm:
@@ -355,6 +355,9 @@ def _conv_then_conv(first: ConvTerm, second: ConvTerm) -> ConvTerm:
 
 def _conv_then_pointwise(first: ConvTerm, second: ConvTerm) -> ConvTerm:
     groups = math.gcd(first.groups, second.groups)
+    original = first.macs * math.prod(second.stride) + second.macs
+    _check_macs(second.out_channels * (first.in_channels // groups) * math.prod(first.kernel),
+                original, "composing a conv with the 1x1 conv after it")
     a, b = regroup(second, groups), regroup(first, groups)
     w2 = a.weight.flatten(1)  # (out, c) per group after reshape below
     weight = _grouped_product(w2, b.weight, groups, "goc,gc...->go...")
@@ -362,10 +365,9 @@ def _conv_then_pointwise(first: ConvTerm, second: ConvTerm) -> ConvTerm:
     if first.bias is not None:
         carried = _grouped_product(w2, first.bias.reshape(-1, 1), groups, "goc,gcz->goz")[:, 0]
         bias = carried if bias is None else bias + carried
-    result = ConvTerm(weight, bias, tuple(s1 * s2 for s1, s2 in zip(first.stride, second.stride)),
-                      first.padding, first.dilation, groups, padding_mode=first.padding_mode)
-    return _check_macs(result, first.macs * math.prod(second.stride) + second.macs,
-                       "composing a conv with the 1x1 conv after it")
+    return ConvTerm(weight, bias, tuple(s1 * s2 for s1, s2 in zip(first.stride, second.stride)),
+                    first.padding, first.dilation, groups, macs=original,
+                    padding_mode=first.padding_mode)
 
 
 def _pointwise_then_conv(first: ConvTerm, second: ConvTerm) -> ConvTerm:
@@ -377,6 +379,9 @@ def _pointwise_then_conv(first: ConvTerm, second: ConvTerm) -> ConvTerm:
         raise NotExact("a 1x1 conv with bias before a zero-padded conv: the border would "
                        "see the bias")
     groups = math.gcd(first.groups, second.groups)
+    original = first.macs * math.prod(second.stride) + second.macs
+    _check_macs(second.out_channels * (first.in_channels // groups) * math.prod(second.kernel),
+                original, "composing a 1x1 conv with the conv after it")
     a, b = regroup(second, groups), regroup(first, groups)
     w1 = b.weight.flatten(1)  # (c, i) per group
     weight = _grouped_product(a.weight, w1, groups, "goc...,gci->goi...")
@@ -388,9 +393,7 @@ def _pointwise_then_conv(first: ConvTerm, second: ConvTerm) -> ConvTerm:
         carried = carried.reshape(-1)
         bias = carried if bias is None else bias + carried
     padding = tuple(p1 + p2 for p1, p2 in zip(first.padding, second.padding))
-    result = ConvTerm(weight, bias, second.stride, padding, second.dilation, groups)
-    return _check_macs(result, first.macs * math.prod(second.stride) + second.macs,
-                       "composing a 1x1 conv with the conv after it")
+    return ConvTerm(weight, bias, second.stride, padding, second.dilation, groups, macs=original)
 
 
 # ---- sums of terms over one input ----------------------------------------------------
@@ -433,6 +436,8 @@ def merge(terms: list[Term], signs: list[float]) -> Term:
     dilation = tuple(dil for _, dil, _ in lattice)
     kernel = tuple(k for _, _, k in lattice)
     groups = reduce(math.gcd, (t.groups for t in convs))
+    original = sum(t.macs for t in convs)
+    _check_macs(out * (cin // groups) * math.prod(kernel), original, "merging these branches")
 
     weight = torch.zeros(out, cin // groups, *kernel, dtype=DOUBLE)
     bias = None
@@ -455,8 +460,7 @@ def merge(terms: list[Term], signs: list[float]) -> Term:
         weight[tuple(window)] += sign * term.weight
         if term.bias is not None:
             bias = sign * term.bias if bias is None else bias + sign * term.bias
-    result = ConvTerm(weight, bias, stride, padding, dilation, groups)
-    return _check_macs(result, sum(t.macs for t in convs), "merging these branches")
+    return ConvTerm(weight, bias, stride, padding, dilation, groups, macs=original)
 
 
 def _common_lattice(taps: list[tuple[int, int, int]]) -> tuple[int, int, int]:

@@ -2,6 +2,7 @@
 
 import copy
 
+import pytest
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -98,3 +99,23 @@ def test_every_remaining_batchnorm_is_reported():
     fused = reparam_fx.fuse(randomize_batchnorm_(LoneBN().eval(), seed=6))
     assert reparam_fx.op_counts(fused)["batch_norm"] == 1
     assert [s.node for s in fused.fusion_report.skipped] == ["bn"]
+
+
+def test_mac_gate_refuses_before_computing_weights(monkeypatch):
+    # A refused composition used to build the whole float64 product first (4.5 s for a
+    # 608 -> 2432 FastViT ConvFFN). The gate needs only shapes.
+    from reparam_fx import affine
+
+    def no_weight_math(*args, **kwargs):
+        raise AssertionError("weights computed for a refused rewrite")
+
+    monkeypatch.setattr(affine, "regroup", no_weight_math)
+    monkeypatch.setattr(affine, "_grouped_product", no_weight_math)
+    depthwise = affine.conv(torch.randn(8, 1, 7, 7), None, 1, 3, 1, 8)
+    expand = affine.conv(torch.randn(32, 8, 1, 1), torch.randn(32), 1, 0, 1, 1)
+    pointwise = affine.conv(torch.randn(8, 8, 1, 1), None, 1, 0, 1, 1)
+    depthwise3 = affine.conv(torch.randn(8, 1, 3, 3), None, 1, 1, 1, 8)
+    with pytest.raises(affine.NotExact, match="MACs"):
+        affine.compose(depthwise, expand)  # 7x7 dense 8->32 would cost more than dw + 1x1
+    with pytest.raises(affine.NotExact, match="MACs"):
+        affine.merge([depthwise3, pointwise], [1, 1])  # dense 3x3 > dw 3x3 + 1x1

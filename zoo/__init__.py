@@ -42,4 +42,6 @@ def create(name: str, num_classes: int = 1000, **kwargs) -> nn.Module:
 
 
 # Each family registers its variants on import.
-from zoo import mobileone, mobilevit, repvgg  # noqa: E402,F401
+from zoo import fastvit, mobileone, mobilevit, repvgg, repvit  # noqa: E402
+
+__all__ = ["create", "names", "register", "fastvit", "mobileone", "mobilevit", "repvgg", "repvit"]

@@ -56,7 +56,7 @@ import torch.nn.functional as F
 
 import zoo
 
-# ---- variant table (paper Table 1 / official models/fastvit.py) ---------------------
+# ---- variant table (official models/fastvit.py) ---------------------------------------
 #
 # name            blocks/stage    widths C0..C3        MLP ratio  last-stage mixer  layer-scale init
 VARIANTS = {
@@ -186,7 +186,7 @@ class ReparamLargeKernelConv(nn.Module):
 
 
 class PatchEmbed(nn.Module):
-    """Downsampling: large+small kernel conv (groups ``C_in``, stride 2), then a 1x1 MobileOneBlock."""
+    """Downsampling: large+small kernel conv (groups ``C_in``, stride 2), 1x1 MobileOneBlock."""
 
     def __init__(self, patch_size: int, stride: int, in_channels: int, embed_dim: int):
         super().__init__()
@@ -357,7 +357,8 @@ class FastViT(nn.Module):
                 network.append(RepCPE(dim))
             blocks = []
             for index in range(depth):
-                drop_path = drop_path_rate * (sum(layers[:stage]) + index) / max(total_blocks - 1, 1)
+                position = sum(layers[:stage]) + index
+                drop_path = drop_path_rate * position / max(total_blocks - 1, 1)
                 common = dict(drop=drop_rate, drop_path=drop_path,
                               layer_scale_init_value=layer_scale_init_value)
                 blocks.append(AttentionBlock(dim, mlp_ratio, **common) if use_attention
