@@ -16,7 +16,6 @@ or read by a conv *and* a residual/concat (so composing would add MACs), and
 from __future__ import annotations
 
 import copy
-import pathlib
 
 import pytest
 import torch
@@ -137,10 +136,3 @@ def test_unfolding_matches_the_official_order_and_folding_inverts_it():
     patches = block.unfolding(fm)
     assert torch.equal(patches, official_unfold(fm))
     assert torch.equal(block.folding(patches, like=fm), fm)
-
-
-def test_zoo_file_has_no_inference_time_code():
-    source = (pathlib.Path(__file__).parents[1] / "zoo" / "mobilevit.py").read_text()
-    for word in ("reparameterize", "switch_to_deploy", "inference_mode", "deploy",
-                 "reparam_conv", "fuse("):
-        assert word not in source, f"zoo/mobilevit.py contains {word!r}"

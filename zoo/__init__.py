@@ -5,8 +5,8 @@
     model = zoo.create("repvgg_a0", num_classes=1000)
 
 The inference form comes from ``reparam_fx.fuse(model.eval())`` alone: no model here
-can switch itself to it. Each architecture file registers its variants with
-:func:`register`.
+can switch itself to it. Each architecture file registers its variant table with
+:func:`register_variants`.
 """
 
 from __future__ import annotations
@@ -26,6 +26,17 @@ def register(name: str):
         _REGISTRY[name] = builder
         return builder
     return decorate
+
+
+def register_variants(table: dict[str, dict], build: Callable[..., nn.Module]) -> None:
+    """Register every row of a variant table: ``create(name, num_classes, **kwargs)``
+    calls ``build(**table[name], num_classes=num_classes, **kwargs)`` (kwargs override
+    the row)."""
+    for name, row in table.items():
+        def builder(num_classes: int = 1000, _row=row, **kwargs) -> nn.Module:
+            return build(**{**_row, "num_classes": num_classes, **kwargs})
+        builder.__name__ = builder.__qualname__ = name
+        register(name)(builder)
 
 
 def names() -> list[str]:

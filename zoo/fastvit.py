@@ -52,9 +52,9 @@ from __future__ import annotations
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 
 import zoo
+from zoo.mobileone import ConvBN, MobileOneBlock
 
 # ---- variant table (official models/fastvit.py) ---------------------------------------
 #
@@ -98,71 +98,7 @@ DOWN_STRIDE = 2
 CPE_KERNEL = 7
 FFN_KERNEL = 7
 CLS_RATIO = 2.0
-SE_RATIO = 0.0625
 HEAD_DIM = 32
-
-
-class ConvBN(nn.Sequential):
-    """A bias-free conv followed by BatchNorm: one branch of a MobileOne/large-kernel block."""
-
-    def __init__(self, in_channels: int, out_channels: int, kernel_size: int, stride: int,
-                 padding: int, groups: int):
-        super().__init__()
-        self.conv = nn.Conv2d(in_channels, out_channels, kernel_size, stride=stride,
-                              padding=padding, groups=groups, bias=False)
-        self.bn = nn.BatchNorm2d(out_channels)
-
-
-class SEBlock(nn.Module):
-    """Squeeze-and-excite: ``x * sigmoid(expand(relu(reduce(mean_hw(x)))))``."""
-
-    def __init__(self, channels: int, rd_ratio: float = SE_RATIO):
-        super().__init__()
-        reduced = int(channels * rd_ratio)
-        self.reduce = nn.Conv2d(channels, reduced, kernel_size=1, bias=True)
-        self.expand = nn.Conv2d(reduced, channels, kernel_size=1, bias=True)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        scale = x.mean(dim=(2, 3), keepdim=True)  # global average pool over H, W
-        scale = torch.sigmoid(self.expand(F.relu(self.reduce(scale))))
-        return x * scale
-
-
-class MobileOneBlock(nn.Module):
-    """``act(SE(sum of kxk conv-BN branches + 1x1 conv-BN "scale" branch + BN identity)))``.
-
-    ``num_conv_branches`` kxk branches (0 allowed: the RepMixer's BN-only ``norm``); the
-    1x1 scale branch when ``kernel_size > 1`` and ``use_scale_branch``; the identity BN
-    when the block keeps its shape (``in == out``, stride 1).
-    """
-
-    def __init__(self, in_channels: int, out_channels: int, kernel_size: int, stride: int = 1,
-                 padding: int = 0, groups: int = 1, use_se: bool = False, use_act: bool = True,
-                 use_scale_branch: bool = True, num_conv_branches: int = 1):
-        super().__init__()
-        self.se = SEBlock(out_channels) if use_se else nn.Identity()
-        self.activation = nn.GELU() if use_act else nn.Identity()
-        keeps_shape = in_channels == out_channels and stride == 1
-        self.rbr_skip = nn.BatchNorm2d(in_channels) if keeps_shape else None
-        self.rbr_conv = nn.ModuleList(
-            ConvBN(in_channels, out_channels, kernel_size, stride, padding, groups)
-            for _ in range(num_conv_branches)) if num_conv_branches > 0 else None
-        self.rbr_scale = (ConvBN(in_channels, out_channels, 1, stride, 0, groups)
-                          if kernel_size > 1 and use_scale_branch else None)
-        if self.rbr_skip is None and self.rbr_conv is None and self.rbr_scale is None:
-            raise ValueError("a MobileOneBlock needs at least one branch")
-
-    def branches(self) -> list[nn.Module]:
-        """The summed branches, fixed at construction: skip, scale, then the kxk convs."""
-        found = [self.rbr_skip, self.rbr_scale, *(self.rbr_conv or ())]
-        return [branch for branch in found if branch is not None]
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        branches = self.branches()
-        out = branches[0](x)
-        for branch in branches[1:]:
-            out = out + branch(x)
-        return self.activation(self.se(out))
 
 
 class ReparamLargeKernelConv(nn.Module):
@@ -193,7 +129,7 @@ class PatchEmbed(nn.Module):
         self.proj = nn.Sequential(
             ReparamLargeKernelConv(in_channels, embed_dim, patch_size, stride,
                                    groups=in_channels, small_kernel=DOWN_SMALL_KERNEL),
-            MobileOneBlock(embed_dim, embed_dim, kernel_size=1),
+            MobileOneBlock(embed_dim, embed_dim, kernel_size=1, activation=nn.GELU),
         )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -206,11 +142,9 @@ class RepMixer(nn.Module):
     def __init__(self, dim: int, kernel_size: int = REPMIXER_KERNEL,
                  layer_scale_init_value: float = 1e-5):
         super().__init__()
-        padding = kernel_size // 2
-        self.norm = MobileOneBlock(dim, dim, kernel_size, padding=padding, groups=dim,
-                                   use_act=False, use_scale_branch=False, num_conv_branches=0)
-        self.mixer = MobileOneBlock(dim, dim, kernel_size, padding=padding, groups=dim,
-                                    use_act=False)
+        self.norm = MobileOneBlock(dim, dim, kernel_size, groups=dim, activation=None,
+                                   use_scale_branch=False, num_conv_branches=0)
+        self.mixer = MobileOneBlock(dim, dim, kernel_size, groups=dim, activation=None)
         self.layer_scale = nn.Parameter(layer_scale_init_value * torch.ones(dim, 1, 1))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -333,9 +267,10 @@ class AttentionBlock(nn.Module):
 def convolutional_stem(in_channels: int, out_channels: int) -> nn.Sequential:
     """MobileOneBlocks: 3x3 stride 2; depthwise 3x3 stride 2; 1x1."""
     return nn.Sequential(
-        MobileOneBlock(in_channels, out_channels, 3, stride=2, padding=1),
-        MobileOneBlock(out_channels, out_channels, 3, stride=2, padding=1, groups=out_channels),
-        MobileOneBlock(out_channels, out_channels, 1),
+        MobileOneBlock(in_channels, out_channels, 3, stride=2, activation=nn.GELU),
+        MobileOneBlock(out_channels, out_channels, 3, stride=2, groups=out_channels,
+                       activation=nn.GELU),
+        MobileOneBlock(out_channels, out_channels, 1, activation=nn.GELU),
     )
 
 
@@ -369,8 +304,8 @@ class FastViT(nn.Module):
         self.network = nn.ModuleList(network)
         final = int(embed_dims[-1] * CLS_RATIO)
         self.gap = nn.AdaptiveAvgPool2d(1)
-        self.conv_exp = MobileOneBlock(embed_dims[-1], final, 3, padding=1,
-                                       groups=embed_dims[-1], use_se=True)
+        self.conv_exp = MobileOneBlock(embed_dims[-1], final, 3, groups=embed_dims[-1],
+                                       use_se=True, activation=nn.GELU)
         self.head = nn.Linear(final, num_classes) if num_classes > 0 else nn.Identity()
         for module in self.modules():
             if isinstance(module, nn.Linear):
@@ -386,40 +321,4 @@ class FastViT(nn.Module):
         return self.head(torch.flatten(x, 1))
 
 
-def _build(name: str, num_classes: int, **kwargs) -> FastViT:
-    return FastViT(**{**VARIANTS[name], "num_classes": num_classes, **kwargs})
-
-
-@zoo.register("fastvit_t8")
-def fastvit_t8(num_classes: int = 1000, **kwargs) -> FastViT:
-    return _build("fastvit_t8", num_classes, **kwargs)
-
-
-@zoo.register("fastvit_t12")
-def fastvit_t12(num_classes: int = 1000, **kwargs) -> FastViT:
-    return _build("fastvit_t12", num_classes, **kwargs)
-
-
-@zoo.register("fastvit_s12")
-def fastvit_s12(num_classes: int = 1000, **kwargs) -> FastViT:
-    return _build("fastvit_s12", num_classes, **kwargs)
-
-
-@zoo.register("fastvit_sa12")
-def fastvit_sa12(num_classes: int = 1000, **kwargs) -> FastViT:
-    return _build("fastvit_sa12", num_classes, **kwargs)
-
-
-@zoo.register("fastvit_sa24")
-def fastvit_sa24(num_classes: int = 1000, **kwargs) -> FastViT:
-    return _build("fastvit_sa24", num_classes, **kwargs)
-
-
-@zoo.register("fastvit_sa36")
-def fastvit_sa36(num_classes: int = 1000, **kwargs) -> FastViT:
-    return _build("fastvit_sa36", num_classes, **kwargs)
-
-
-@zoo.register("fastvit_ma36")
-def fastvit_ma36(num_classes: int = 1000, **kwargs) -> FastViT:
-    return _build("fastvit_ma36", num_classes, **kwargs)
+zoo.register_variants(VARIANTS, FastViT)

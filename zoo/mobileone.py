@@ -86,10 +86,17 @@ class ConvBN(nn.Sequential):
 
 
 class MobileOneBlock(nn.Module):
-    """``ReLU(SE(sum_i BN(conv_k(x)) [+ BN(conv_1x1(x))] [+ BN(x)]))``; see the module docstring."""
+    """``act(SE(sum_i BN(conv_k(x)) [+ BN(conv_1x1(x))] [+ BN(x)]))``; see the module docstring.
+
+    ``num_conv_branches`` kxk branches (0 is allowed: FastViT's BN-only RepMixer norm);
+    the 1x1 scale branch when ``kernel_size > 1`` and ``use_scale_branch``; the identity
+    BN when the block keeps its shape. ``activation`` is a module class (ReLU for
+    MobileOne, GELU for FastViT) or None. FastViT builds its blocks from this class too.
+    """
 
     def __init__(self, in_channels: int, out_channels: int, kernel_size: int, stride: int = 1,
-                 groups: int = 1, use_se: bool = False, num_conv_branches: int = 1):
+                 groups: int = 1, use_se: bool = False, num_conv_branches: int = 1,
+                 use_scale_branch: bool = True, activation: type[nn.Module] | None = nn.ReLU):
         super().__init__()
         padding = kernel_size // 2
         has_skip = in_channels == out_channels and stride == 1
@@ -98,18 +105,18 @@ class MobileOneBlock(nn.Module):
             ConvBN(in_channels, out_channels, kernel_size, stride, padding, groups)
             for _ in range(num_conv_branches))
         self.rbr_scale = (ConvBN(in_channels, out_channels, 1, stride, 0, groups)
-                          if kernel_size > 1 else None)
+                          if kernel_size > 1 and use_scale_branch else None)
+        if not self.rbr_conv and self.rbr_scale is None and self.rbr_skip is None:
+            raise ValueError("a MobileOneBlock needs at least one branch")
         self.se = SqueezeExcite(out_channels) if use_se else nn.Identity()
-        self.activation = nn.ReLU()
+        self.activation = activation() if activation is not None else nn.Identity()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        out = self.rbr_conv[0](x)
-        for branch in self.rbr_conv[1:]:
+        branches = [*self.rbr_conv, self.rbr_scale, self.rbr_skip]  # structural, fixed
+        branches = [branch for branch in branches if branch is not None]
+        out = branches[0](x)
+        for branch in branches[1:]:
             out = out + branch(x)
-        if self.rbr_scale is not None:  # structural, fixed at construction
-            out = out + self.rbr_scale(x)
-        if self.rbr_skip is not None:
-            out = out + self.rbr_skip(x)
         return self.activation(self.se(out))
 
 
@@ -159,30 +166,4 @@ class MobileOne(nn.Module):
         return self.linear(x)
 
 
-def _build(name: str, num_classes: int, **kwargs) -> MobileOne:
-    return MobileOne(**{**VARIANTS[name], "num_classes": num_classes, **kwargs})
-
-
-@zoo.register("mobileone_s0")
-def mobileone_s0(num_classes: int = 1000, **kwargs) -> MobileOne:
-    return _build("mobileone_s0", num_classes, **kwargs)
-
-
-@zoo.register("mobileone_s1")
-def mobileone_s1(num_classes: int = 1000, **kwargs) -> MobileOne:
-    return _build("mobileone_s1", num_classes, **kwargs)
-
-
-@zoo.register("mobileone_s2")
-def mobileone_s2(num_classes: int = 1000, **kwargs) -> MobileOne:
-    return _build("mobileone_s2", num_classes, **kwargs)
-
-
-@zoo.register("mobileone_s3")
-def mobileone_s3(num_classes: int = 1000, **kwargs) -> MobileOne:
-    return _build("mobileone_s3", num_classes, **kwargs)
-
-
-@zoo.register("mobileone_s4")
-def mobileone_s4(num_classes: int = 1000, **kwargs) -> MobileOne:
-    return _build("mobileone_s4", num_classes, **kwargs)
+zoo.register_variants(VARIANTS, MobileOne)

@@ -310,20 +310,4 @@ class MobileViT(nn.Module):
         return self.classifier(x)
 
 
-def _build(name: str, num_classes: int, **kwargs) -> MobileViT:
-    return MobileViT(**{**VARIANTS[name], "num_classes": num_classes, **kwargs})
-
-
-@zoo.register("mobilevit_xxs")
-def mobilevit_xxs(num_classes: int = 1000, **kwargs) -> MobileViT:
-    return _build("mobilevit_xxs", num_classes, **kwargs)
-
-
-@zoo.register("mobilevit_xs")
-def mobilevit_xs(num_classes: int = 1000, **kwargs) -> MobileViT:
-    return _build("mobilevit_xs", num_classes, **kwargs)
-
-
-@zoo.register("mobilevit_s")
-def mobilevit_s(num_classes: int = 1000, **kwargs) -> MobileViT:
-    return _build("mobilevit_s", num_classes, **kwargs)
+zoo.register_variants(VARIANTS, MobileViT)

@@ -250,30 +250,9 @@ class RepViT(nn.Module):
         return self.classifier(x)
 
 
-def _build(name: str, num_classes: int, **kwargs) -> RepViT:
-    return RepViT(block_rows(**VARIANTS[name]), num_classes=num_classes, **kwargs)
+def repvit_from_table(widths, depths, num_classes: int = 1000, **kwargs) -> RepViT:
+    """A RepViT from a variant-table row (stage widths and depths)."""
+    return RepViT(block_rows(widths, depths), num_classes=num_classes, **kwargs)
 
 
-@zoo.register("repvit_m0_9")
-def repvit_m0_9(num_classes: int = 1000, **kwargs) -> RepViT:
-    return _build("repvit_m0_9", num_classes, **kwargs)
-
-
-@zoo.register("repvit_m1_0")
-def repvit_m1_0(num_classes: int = 1000, **kwargs) -> RepViT:
-    return _build("repvit_m1_0", num_classes, **kwargs)
-
-
-@zoo.register("repvit_m1_1")
-def repvit_m1_1(num_classes: int = 1000, **kwargs) -> RepViT:
-    return _build("repvit_m1_1", num_classes, **kwargs)
-
-
-@zoo.register("repvit_m1_5")
-def repvit_m1_5(num_classes: int = 1000, **kwargs) -> RepViT:
-    return _build("repvit_m1_5", num_classes, **kwargs)
-
-
-@zoo.register("repvit_m2_3")
-def repvit_m2_3(num_classes: int = 1000, **kwargs) -> RepViT:
-    return _build("repvit_m2_3", num_classes, **kwargs)
+zoo.register_variants(VARIANTS, repvit_from_table)
