@@ -1,8 +1,9 @@
 """torch.fx frontend: find every exactly-foldable linear region of a graph and write it
 back as one conv (or linear).
 
-The pass walks the graph once, in topological order, and gives each node it understands
-(:mod:`reparam_fx.fx_nodes` says what one node computes) a *region*:
+:mod:`reparam_fx.fx_nodes` says what one node computes; :mod:`reparam_fx.regions` (shared
+with the ONNX frontend) walks the graph once, in topological order, and gives each node
+it understands a *region*:
 ``node == term(source)`` where ``term`` is an :mod:`reparam_fx.affine` term and ``source``
 an earlier node. A node's region extends the regions of its inputs:
 
@@ -44,16 +45,15 @@ import gc
 import operator
 import re
 from collections import Counter
-from dataclasses import dataclass, field, replace
+from dataclasses import replace
 
 import torch
 import torch.fx
 import torch.nn as nn
 
-from reparam_fx import affine
-from reparam_fx.affine import ChannelAffine, ConvTerm, NotExact
-from reparam_fx.fx_nodes import (GraphFacts, ModuleLookup, Refused, Sum, Unary, interpret,
-                                 tensor_shape)
+from reparam_fx.affine import ConvTerm
+from reparam_fx.fx_nodes import GraphFacts, ModuleLookup, Sum, Unary, interpret
+from reparam_fx.regions import Region, RegionBuilder, select_rewrites
 from reparam_fx.report import (FusedRegion, FusionReport, Skipped, classify_region,
                                counts_as_parameter, node_category, op_counts, parameter_count,
                                shape_values)
@@ -227,311 +227,9 @@ def _propagate_shapes(ws: Workspace, example_inputs) -> None:
         pass
 
 
-# ---- regions -------------------------------------------------------------------------
-
-@dataclass
-class _Region:
-    """``value == term(source)``, built from the original ``nodes``."""
-
-    source: torch.fx.Node
-    term: object
-    axis: int | None = None  # channel axis of the term (negative), None: any
-    nodes: list = field(default_factory=list)
-    kinds: Counter = field(default_factory=Counter)
-    kernels: list = field(default_factory=list)
-    branches: int = 1
-    has_identity: bool = False
-    has_sub: bool = False
-
-    @property
-    def emittable(self) -> bool:
-        """A conv term that replaces at least two ops doing something (identities such
-        as eval-mode Dropout do not count: rewriting conv+Dropout would only copy the
-        conv)."""
-        return isinstance(self.term, ConvTerm) and len(self.nodes) - self.kinds["identity"] >= 2
-
-
-def _merged_axis(a, b):
-    if a is None or b is None or a == b:
-        return a if b is None else b
-    raise NotExact(f"the ops act on different tensor axes ({a} and {b})")
-
-
-class _RegionBuilder:
-    """One forward walk over the graph that assigns regions to nodes."""
-
-    def __init__(self, facts: GraphFacts, report: FusionReport):
-        self.facts = facts
-        self.report = report
-        self.regions: dict[torch.fx.Node, _Region] = {}
-        self.sums: dict[torch.fx.Node, Sum] = {}  # sum nodes seen, for flattening
-        self.partial_sums: dict[torch.fx.Node, _PartialSum] = {}
-        self._ops: dict = {}
-
-    def interpretation(self, node):
-        if node not in self._ops:
-            self._ops[node] = interpret(node, self.facts)
-        return self._ops[node]
-
-    def skip(self, node, reason):
-        self.report.skipped.append(Skipped(node.name, _op_name(node, self.facts), reason))
-
-    def operand(self, node: torch.fx.Node) -> _Region:
-        """``node``'s region if it can be absorbed by its (single) user, else identity(node)."""
-        region = self.regions.get(node)
-        if region is not None and len(node.users) == 1 and node not in self.facts.mutated:
-            return region
-        return _Region(node, affine.identity(), has_identity=True)
-
-    def usable_source(self, region: _Region) -> bool:
-        return region.source not in self.facts.mutated
-
-    def walk(self):
-        for node in self.facts.ws.graph.nodes:
-            op = self.interpretation(node)
-            if isinstance(op, Refused):
-                self.skip(node, op.reason)
-            elif isinstance(op, Unary):
-                self.extend(node, op)
-            elif isinstance(op, Sum):
-                self.sum(node, op)
-        return self.regions
-
-    # a unary op -------------------------------------------------------------------------
-    def extend(self, node, op: Unary):
-        if node in self.facts.mutated:
-            return
-        if not isinstance(op.input, torch.fx.Node):
-            return
-        base = self.operand(op.input)
-        try:
-            region = self._compose(base, op, node)
-        except NotExact as reason:
-            if base.nodes:  # retry with the input as the source
-                try:
-                    region = self._compose(_Region(op.input, affine.identity(), has_identity=True),
-                                           op, node)
-                except NotExact as again:
-                    self.skip(node, str(again))
-                    return
-                self.skip(node, f"not folded into the ops before it: {reason}")
-            else:
-                self.skip(node, str(reason))
-                return
-        if not self.usable_source(region):
-            self.skip(node, "its input is modified in place by another op")
-            return
-        self.regions[node] = region
-
-    def _compose(self, base: _Region, op: Unary, node) -> _Region:
-        axis = op.axis
-        term = op.term
-        if axis == "bn":  # BatchNorm on a tensor of unproven rank
-            axis = self._assumed_axis(base, "BatchNorm")
-        if callable(term):  # average pooling needs the channel count
-            channels = self._channels(base, op.input)
-            if channels is None:
-                raise NotExact("channel count unknown: pass example_inputs")
-            term = term(channels)
-        if op.const_rank and not self._constant_fits(base, op):
-            raise NotExact("the constant would broadcast the tensor to a higher rank")
-        region_axis = _merged_axis(base.axis, axis)
-        new_term = affine.compose(base.term, term)
-        region = _Region(base.source, new_term, region_axis, [*base.nodes, *op.extra_nodes, node],
-                         base.kinds.copy(), list(base.kernels), base.branches, base.has_identity,
-                         base.has_sub)
-        region.kinds[op.role] += 1
-        if op.role == "conv":
-            region.kernels.append(term.kernel)
-        return region
-
-    def _assumed_axis(self, base: _Region, what: str) -> int:
-        if isinstance(base.term, ConvTerm) and base.term.spatial > 0:
-            return -(base.term.spatial + 1)  # conv input taken as batched
-        raise NotExact(f"{what} on a tensor of unknown rank: pass example_inputs")
-
-    def _channels(self, base: _Region, node) -> int | None:
-        if isinstance(base.term, ConvTerm):
-            return base.term.out_channels
-        shape = tensor_shape(node)
-        return shape[1] if shape and len(shape) > 1 else None
-
-    def _constant_fits(self, base: _Region, op: Unary) -> bool:
-        rank = self.facts.rank(op.input)
-        if rank is None and isinstance(base.term, ConvTerm) and base.term.spatial > 0:
-            rank = base.term.spatial + 2
-        allowed = max(rank or 0, -op.axis if isinstance(op.axis, int) else 0)
-        return op.const_rank <= allowed
-
-    # a sum -------------------------------------------------------------------------------
-    def sum(self, node, op: Sum):
-        """A sum of any number of terms: add/sub chains are flattened first, so the order
-        in which branches were added does not matter."""
-        if node in self.facts.mutated:
-            return
-        target = node.args[0] if self.facts.is_inplace(node) else None
-        if target is not None and len(target.users) > 1:
-            self.skip(node, "in-place add on a tensor that is read elsewhere")
-            return
-        self.sums[node] = op
-        if self._flattened_by_user(node):
-            return  # its terms are merged once, with the whole tree, at the user
-        leaves, inner = self._flatten(op)
-        parts = [(self.operand(leaf), coeff, leaf) for leaf, coeff in leaves]
-        groups, refusal = _group_terms(parts)
-        if len(groups) == 1 and len(groups[0].members) == len(parts):
-            region = groups[0].region(self, inner + [node])
-            if region is None:
-                return
-            if not self.usable_source(region):
-                self.skip(node, "its input is modified in place by another op")
-                return
-            self.regions[node] = region
-            return
-        if refusal:
-            self.skip(node, refusal)
-        merged = [g for g in groups if len(g.members) > 1 and isinstance(g.term, ConvTerm)]
-        if not merged or any(not self.usable_source(g) for g in merged):
-            return
-        # some branches merge, others do not: rewrite the sum as merged convs + the rest
-        terms = []
-        for group in groups:
-            if len(group.members) > 1 and isinstance(group.term, ConvTerm):
-                terms.append((group.region(self, []), 1.0))
-            else:
-                terms.extend((leaf, coeff) for _, coeff, leaf in group.members)
-        self.partial_sums[node] = _PartialSum(node, inner, terms)
-
-    def _flattened_by_user(self, node) -> bool:
-        """True if ``node``'s only user is a sum that will flatten it into its own tree."""
-        if len(node.users) != 1 or node in self.facts.mutated:
-            return False
-        user = next(iter(node.users))
-        if user in self.facts.mutated or not isinstance(self.interpretation(user), Sum):
-            return False
-        target = user.args[0] if self.facts.is_inplace(user) else None
-        return target is None or len(target.users) == 1
-
-    def _flatten(self, op: Sum):
-        """Leaves ``[(node, coeff)]`` of the add/sub tree under ``op`` and the inner sum
-        nodes that only this tree reads."""
-        leaves, inner = [], []
-        stack = list(reversed(op.operands))
-        while stack:
-            operand, coeff = stack.pop()
-            child = self.sums.get(operand)
-            if child is not None and len(operand.users) == 1 and operand not in self.facts.mutated:
-                inner.append(operand)
-                stack.extend((n, coeff * c) for n, c in reversed(child.operands))
-            else:
-                leaves.append((operand, coeff))
-        return leaves, inner
-
-
-@dataclass
-class _TermGroup:
-    """Summed terms over one source that merge into one term."""
-
-    members: list  # [(part region, coeff, leaf node)]
-    term: object
-    axis: int | None
-
-    @property
-    def source(self):
-        return self.members[0][0].source
-
-    def region(self, builder: _RegionBuilder, extra_nodes: list) -> _Region | None:
-        region = _Region(self.source, self.term, self.axis)
-        for part, coeff, leaf in self.members:
-            if part.nodes and part.nodes[-1] in region.nodes:
-                continue  # the same operand twice (x + x): its ops count once
-            region.nodes.extend(part.nodes)
-            region.kinds.update(part.kinds)
-            region.kernels.extend(part.kernels)
-            region.has_identity |= part.has_identity or isinstance(part.term, ChannelAffine)
-            region.has_sub |= part.has_sub or coeff < 0
-        region.branches = sum(max(part.branches, 1) for part, _, _ in self.members)
-        region.nodes.extend(extra_nodes)
-        return region
-
-
-def _try_merge(members) -> _TermGroup | None | str:
-    """The members merged into one group, or the reason they do not merge."""
-    try:
-        axis = None
-        for part, _, _ in members:
-            axis = _merged_axis(axis, part.axis)
-        term = affine.merge([p.term for p, _, _ in members], [c for _, c, _ in members])
-    except NotExact as reason:
-        return str(reason)
-    return _TermGroup(list(members), term, axis)
-
-
-def _group_terms(parts) -> tuple[list[_TermGroup], str | None]:
-    """Partition summed terms into as few mergeable groups as possible.
-
-    Terms merge only with terms of the same source. Per source: the whole set if it
-    merges (the MAC gate is judged on the whole sum); else greedily, each term joining
-    the first group it merges with, then groups merging pairwise until nothing changes.
-    Returns the groups and the reason the whole set did not merge (None if it did)."""
-    by_source: dict = {}
-    for part in parts:
-        by_source.setdefault(part[0].source, []).append(part)
-    groups, refusal = [], None
-    for members in by_source.values():
-        whole = _try_merge(members)
-        if isinstance(whole, _TermGroup):
-            groups.append(whole)
-            continue
-        refusal = refusal or whole
-        local: list[_TermGroup] = []
-        for member in members:
-            for index, group in enumerate(local):
-                joined = _try_merge(group.members + [member])
-                if isinstance(joined, _TermGroup):
-                    local[index] = joined
-                    break
-            else:
-                single = _try_merge([member])
-                local.append(single if isinstance(single, _TermGroup)
-                             else _TermGroup([member], None, member[0].axis))
-        changed = True
-        while changed:
-            changed = False
-            for i in range(len(local)):
-                for j in range(i + 1, len(local)):
-                    joined = _try_merge(local[i].members + local[j].members)
-                    if isinstance(joined, _TermGroup):
-                        local[i] = joined
-                        del local[j]
-                        changed = True
-                        break
-                if changed:
-                    break
-        groups.extend(local)
-    return groups, refusal
-
-
-@dataclass
-class _PartialSum:
-    """A sum rewritten as ``sum(coeff * value)`` where some values are merged regions."""
-
-    root: torch.fx.Node
-    inner: list  # inner add/sub nodes of the flattened tree
-    terms: list  # [(_Region | leaf node, coeff)]
-
-
-def _op_name(node: torch.fx.Node, facts: GraphFacts) -> str:
-    if node.op == "call_module":
-        return type(facts.modules.get(node.target)).__name__
-    if node.op == "call_function":
-        return getattr(node.target, "__name__", str(node.target))
-    return str(node.target)
-
-
 # ---- writing regions back ------------------------------------------------------------
 
-def _reference_tensor(region: _Region, facts: GraphFacts) -> torch.Tensor:
+def _reference_tensor(region: Region, facts: GraphFacts) -> torch.Tensor:
     """A floating-point parameter of the region: the new weights take its dtype/device."""
     for node in region.nodes:
         if node.op == "call_module":
@@ -545,7 +243,7 @@ def _reference_tensor(region: _Region, facts: GraphFacts) -> torch.Tensor:
     return torch.empty(0)
 
 
-def _new_name(region: _Region, facts: GraphFacts) -> str:
+def _new_name(region: Region, facts: GraphFacts) -> str:
     """A readable qualified name: the absorbed attributes' common parent + '.fused'."""
     paths = [n.target.split(".") for n in region.nodes if n.op == "call_module"]
     paths += [a.target.split(".")[:-1] for n in region.nodes
@@ -590,7 +288,7 @@ def _make_module(term: ConvTerm, like: torch.Tensor) -> nn.Module:
     return module.eval()
 
 
-def _emit(graph: torch.fx.Graph, region: _Region, output: torch.fx.Node, source,
+def _emit(graph: torch.fx.Graph, region: Region, output: torch.fx.Node, source,
           facts: GraphFacts) -> tuple[str, torch.fx.Node]:
     """Append the region's single op (reading ``source``) to ``graph``: an
     ``nn.ConvNd``/``nn.Linear`` module in fx graphs, ``aten.convolution``/``aten.linear``
@@ -646,7 +344,7 @@ def _rewrite(facts: GraphFacts, emit: list, partial_sums: list,
         dead.add(partial.root)
         roots[partial.root] = partial
         for index, (term, _) in enumerate(partial.terms):
-            if isinstance(term, _Region):
+            if isinstance(term, Region):
                 schedule((partial.root, index), partial.root, term)
     for node in reversed(old.nodes):  # users come later, so they are decided first
         if (node not in dead and node.users and all(u in dead for u in node.users)
@@ -661,7 +359,7 @@ def _rewrite(facts: GraphFacts, emit: list, partial_sums: list,
             report.fused.append(_fused_region(output, name, region, facts))
         if node in roots:
             partial = roots[node]
-            values = [(env[(node, i)] if isinstance(term, _Region) else env[term], coeff)
+            values = [(env[(node, i)] if isinstance(term, Region) else env[term], coeff)
                       for i, (term, coeff) in enumerate(partial.terms)]
             env[node] = _emit_sum(new, values, node, facts.ws.frontend)
         elif node not in dead:
@@ -686,7 +384,7 @@ def _emit_sum(graph: torch.fx.Graph, values: list, like: torch.fx.Node, frontend
     return result
 
 
-def _fused_region(output: torch.fx.Node, name: str, region: _Region,
+def _fused_region(output: torch.fx.Node, name: str, region: Region,
                   facts: GraphFacts) -> FusedRegion:
     term = region.term
     return FusedRegion(
@@ -705,33 +403,16 @@ def _fusion_pass(facts: GraphFacts, report: FusionReport) -> bool:
     find more. ``report.skipped`` is rebuilt each pass: it describes the graph of the
     last pass."""
     report.skipped = []
-    builder = _RegionBuilder(facts, report)
-    regions = builder.walk()
-    # Downstream rewrites first: a region or partial sum is written only if no rewrite
-    # after it already covers its node (its ops then live on inside that rewrite).
-    candidates = {node: region for node, region in regions.items() if region.emittable}
-    candidates.update(builder.partial_sums)
-    emit, partial_sums, covered = [], [], set()
-    for node in reversed(facts.ws.graph.nodes):
-        item = candidates.get(node)
-        if item is None or node in covered:
-            continue
-        if isinstance(item, _Region):
-            emit.append((node, item))
-            covered.update(item.nodes)
-        else:
-            partial_sums.append(item)
-            covered.update(item.inner)
-            for term, _ in item.terms:
-                if isinstance(term, _Region):
-                    covered.update(term.nodes)
+    builder = RegionBuilder(facts, report)
+    builder.walk()
+    emit, partial_sums = select_rewrites(facts, builder)
     if not emit and not partial_sums:
         return False
     facts.ws.graph = _rewrite(facts, emit, partial_sums, report)
     facts.ws.private = True
     sources = [region.source for _, region in emit]
     sources += [term.source for partial in partial_sums for term, _ in partial.terms
-                if isinstance(term, _Region)]
+                if isinstance(term, Region)]
     return _may_grow(facts, sources)
 
 
@@ -752,7 +433,7 @@ def _category(node, facts):
     return node_category(node, facts.modules)
 
 
-def _region_params(region: _Region, facts: GraphFacts) -> int:
+def _region_params(region: Region, facts: GraphFacts) -> int:
     """Parameters of the absorbed ops (modules' parameters and get_attr tensors,
     BatchNorm statistics excluded)."""
     total = 0

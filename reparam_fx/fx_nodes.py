@@ -23,7 +23,6 @@ tensors and pure ops on them), tensor ranks, and values mutated in place.
 from __future__ import annotations
 
 import operator
-from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 import torch
@@ -32,6 +31,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from reparam_fx import affine
+from reparam_fx.regions import Refused, Sum, Unary
 from reparam_fx.report import shape_values
 
 if TYPE_CHECKING:
@@ -78,6 +78,36 @@ class GraphFacts:
         self._ranks: dict[torch.fx.Node, int | None] = {}
         self.mutated = self._find_mutated()
         self.scalars = shape_values(ws.graph)  # shape arithmetic: Python ints, not tensors
+        self._ops: dict = {}
+
+    # the view reparam_fx.regions walks ---------------------------------------------------
+    def values(self):
+        return self.ws.graph.nodes
+
+    def users(self, node):
+        return node.users
+
+    def inplace_target(self, node):
+        return node.args[0] if self.is_inplace(node) else None
+
+    def interpret(self, node):
+        if node not in self._ops:
+            self._ops[node] = interpret(node, self)
+        return self._ops[node]
+
+    def shape(self, node):
+        return tensor_shape(node)
+
+    @staticmethod
+    def is_value(value) -> bool:
+        return isinstance(value, torch.fx.Node)
+
+    def describe(self, node) -> tuple[str, str]:
+        if node.op == "call_module":
+            return node.name, type(self.modules.get(node.target)).__name__
+        if node.op == "call_function":
+            return node.name, getattr(node.target, "__name__", str(node.target))
+        return node.name, str(node.target)
 
     # in-place ops --------------------------------------------------------------------
     def is_inplace(self, node: torch.fx.Node) -> bool:
@@ -223,32 +253,6 @@ def _is_pure_aten(target) -> bool:
 
 
 # ---- ops: what one node does, as a term ----------------------------------------------
-
-@dataclass
-class Unary:
-    """``node = term(input)``; ``term`` may need the channel count (average pooling)."""
-
-    input: torch.fx.Node
-    term: object  # affine term, or callable(channels) -> term
-    role: str  # conv, bn, linear, scale, avgpool, pad, identity
-    axis: int | None  # channel axis the term acts on (negative), None: any
-    extra_nodes: tuple = ()  # nodes absorbed along (aten BN tuple producers, weight views)
-    const_rank: int = 0  # rank of a broadcast constant (must not raise the tensor's rank)
-
-
-@dataclass
-class Sum:
-    """``node = sum_i coeff_i * operand_i``."""
-
-    operands: list  # [(node, coeff)]
-
-
-@dataclass
-class Refused:
-    """The node looks foldable but is not; ``reason`` goes to the report."""
-
-    reason: str
-
 
 def _bind(node: torch.fx.Node, names: tuple[str, ...], defaults: dict) -> dict:
     bound = dict(defaults)

@@ -1,0 +1,370 @@
+"""Regions: which ops of a graph collapse into one affine term, whatever the graph type.
+
+A frontend (torch.fx in :mod:`reparam_fx.fx`, ONNX) supplies a *view* of its graph:
+
+    view.values()            every value, in topological order, each made by one op
+    view.users(v)            the values whose ops read ``v`` (a graph output counts)
+    view.mutated             values an in-place op changes while another op reads them
+    view.inplace_target(v)   the value ``v``'s op writes into in place, or None
+    view.interpret(v)        ``Unary`` / ``Sum`` / ``Refused`` / None: what ``v``'s op computes
+    view.rank(v), view.shape(v)   what the graph proves about ``v`` (or None)
+    view.is_value(x)         whether ``x`` is a graph value (not a constant)
+    view.describe(v)         ``(name, op name)`` for the report
+
+:class:`RegionBuilder` walks the values once. Each value it understands gets a *region*
+``v == term(source)``: unary ops compose onto their input's region, sums merge the
+regions of their terms (add/sub chains flattened, terms partitioned into mergeable
+groups when they do not all merge). An input's region is absorbed only when nothing else
+reads it and it is not mutated in place; otherwise the input becomes the source.
+:func:`select_rewrites` then picks, downstream first, the regions and partial sums to
+write back; writing them is the frontend's job.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from dataclasses import dataclass, field
+
+from reparam_fx import affine
+from reparam_fx.affine import ChannelAffine, ConvTerm, NotExact
+from reparam_fx.report import FusionReport, Skipped
+
+
+# ---- what one op computes (frontends produce these) ---------------------------------
+
+@dataclass
+class Unary:
+    """``node = term(input)``; ``term`` may need the channel count (average pooling)."""
+
+    input: object  # a graph value (fx Node, ONNX tensor)
+    term: object  # affine term, or callable(channels) -> term
+    role: str  # conv, bn, linear, scale, avgpool, pad, identity
+    axis: int | None  # channel axis the term acts on (negative), None: any
+    extra_nodes: tuple = ()  # nodes absorbed along (aten BN tuple producers, weight views)
+    const_rank: int = 0  # rank of a broadcast constant (must not raise the tensor's rank)
+
+
+@dataclass
+class Sum:
+    """``node = sum_i coeff_i * operand_i``."""
+
+    operands: list  # [(node, coeff)]
+
+
+@dataclass
+class Refused:
+    """The node looks foldable but is not; ``reason`` goes to the report."""
+
+    reason: str
+
+
+# ---- regions -------------------------------------------------------------------------
+
+@dataclass
+class Region:
+    """``value == term(source)``, built from the original ``nodes``."""
+
+    source: object
+    term: object
+    axis: int | None = None  # channel axis of the term (negative), None: any
+    nodes: list = field(default_factory=list)
+    kinds: Counter = field(default_factory=Counter)
+    kernels: list = field(default_factory=list)
+    branches: int = 1
+    has_identity: bool = False
+    has_sub: bool = False
+
+    @property
+    def emittable(self) -> bool:
+        """A conv term that replaces at least two ops doing something (identities such
+        as eval-mode Dropout do not count: rewriting conv+Dropout would only copy the
+        conv)."""
+        return isinstance(self.term, ConvTerm) and len(self.nodes) - self.kinds["identity"] >= 2
+
+
+def merged_axis(a, b):
+    if a is None or b is None or a == b:
+        return a if b is None else b
+    raise NotExact(f"the ops act on different tensor axes ({a} and {b})")
+
+
+class RegionBuilder:
+    """One forward walk over the graph that assigns regions to nodes."""
+
+    def __init__(self, view, report: FusionReport):
+        self.view = view
+        self.report = report
+        self.regions: dict = {}
+        self.sums: dict = {}  # sum nodes seen, for flattening
+        self.partial_sums: dict = {}
+
+    def skip(self, node, reason):
+        self.report.skipped.append(Skipped(*self.view.describe(node), reason))
+
+    def operand(self, node) -> Region:
+        """``node``'s region if it can be absorbed by its (single) user, else identity(node)."""
+        region = self.regions.get(node)
+        if region is not None and len(self.view.users(node)) == 1 and node not in self.view.mutated:
+            return region
+        return Region(node, affine.identity(), has_identity=True)
+
+    def usable_source(self, region: Region) -> bool:
+        return region.source not in self.view.mutated
+
+    def walk(self):
+        for node in self.view.values():
+            op = self.view.interpret(node)
+            if isinstance(op, Refused):
+                self.skip(node, op.reason)
+            elif isinstance(op, Unary):
+                self.extend(node, op)
+            elif isinstance(op, Sum):
+                self.sum(node, op)
+        return self.regions
+
+    # a unary op -------------------------------------------------------------------------
+    def extend(self, node, op: Unary):
+        if node in self.view.mutated:
+            return
+        if not self.view.is_value(op.input):
+            return
+        base = self.operand(op.input)
+        try:
+            region = self._compose(base, op, node)
+        except NotExact as reason:
+            if base.nodes:  # retry with the input as the source
+                try:
+                    region = self._compose(Region(op.input, affine.identity(), has_identity=True),
+                                           op, node)
+                except NotExact as again:
+                    self.skip(node, str(again))
+                    return
+                self.skip(node, f"not folded into the ops before it: {reason}")
+            else:
+                self.skip(node, str(reason))
+                return
+        if not self.usable_source(region):
+            self.skip(node, "its input is modified in place by another op")
+            return
+        self.regions[node] = region
+
+    def _compose(self, base: Region, op: Unary, node) -> Region:
+        axis = op.axis
+        term = op.term
+        if axis == "bn":  # BatchNorm on a tensor of unproven rank
+            axis = self._assumed_axis(base, "BatchNorm")
+        if callable(term):  # average pooling needs the channel count
+            channels = self._channels(base, op.input)
+            if channels is None:
+                raise NotExact("channel count unknown: pass example_inputs")
+            term = term(channels)
+        if op.const_rank and not self._constant_fits(base, op):
+            raise NotExact("the constant would broadcast the tensor to a higher rank")
+        region_axis = merged_axis(base.axis, axis)
+        new_term = affine.compose(base.term, term)
+        region = Region(base.source, new_term, region_axis, [*base.nodes, *op.extra_nodes, node],
+                         base.kinds.copy(), list(base.kernels), base.branches, base.has_identity,
+                         base.has_sub)
+        region.kinds[op.role] += 1
+        if op.role == "conv":
+            region.kernels.append(term.kernel)
+        return region
+
+    def _assumed_axis(self, base: Region, what: str) -> int:
+        if isinstance(base.term, ConvTerm) and base.term.spatial > 0:
+            return -(base.term.spatial + 1)  # conv input taken as batched
+        raise NotExact(f"{what} on a tensor of unknown rank: pass example_inputs")
+
+    def _channels(self, base: Region, node) -> int | None:
+        if isinstance(base.term, ConvTerm):
+            return base.term.out_channels
+        shape = self.view.shape(node)
+        return shape[1] if shape and len(shape) > 1 else None
+
+    def _constant_fits(self, base: Region, op: Unary) -> bool:
+        rank = self.view.rank(op.input)
+        if rank is None and isinstance(base.term, ConvTerm) and base.term.spatial > 0:
+            rank = base.term.spatial + 2
+        allowed = max(rank or 0, -op.axis if isinstance(op.axis, int) else 0)
+        return op.const_rank <= allowed
+
+    # a sum -------------------------------------------------------------------------------
+    def sum(self, node, op: Sum):
+        """A sum of any number of terms: add/sub chains are flattened first, so the order
+        in which branches were added does not matter."""
+        if node in self.view.mutated:
+            return
+        target = self.view.inplace_target(node)
+        if target is not None and len(self.view.users(target)) > 1:
+            self.skip(node, "in-place add on a tensor that is read elsewhere")
+            return
+        self.sums[node] = op
+        if self._flattened_by_user(node):
+            return  # its terms are merged once, with the whole tree, at the user
+        leaves, inner = self._flatten(op)
+        parts = [(self.operand(leaf), coeff, leaf) for leaf, coeff in leaves]
+        groups, refusal = group_terms(parts)
+        if len(groups) == 1 and len(groups[0].members) == len(parts):
+            region = groups[0].region(self, inner + [node])
+            if region is None:
+                return
+            if not self.usable_source(region):
+                self.skip(node, "its input is modified in place by another op")
+                return
+            self.regions[node] = region
+            return
+        if refusal:
+            self.skip(node, refusal)
+        merged = [g for g in groups if len(g.members) > 1 and isinstance(g.term, ConvTerm)]
+        if not merged or any(not self.usable_source(g) for g in merged):
+            return
+        # some branches merge, others do not: rewrite the sum as merged convs + the rest
+        terms = []
+        for group in groups:
+            if len(group.members) > 1 and isinstance(group.term, ConvTerm):
+                terms.append((group.region(self, []), 1.0))
+            else:
+                terms.extend((leaf, coeff) for _, coeff, leaf in group.members)
+        self.partial_sums[node] = PartialSum(node, inner, terms)
+
+    def _flattened_by_user(self, node) -> bool:
+        """True if ``node``'s only user is a sum that will flatten it into its own tree."""
+        if len(self.view.users(node)) != 1 or node in self.view.mutated:
+            return False
+        user = next(iter(self.view.users(node)))
+        if user in self.view.mutated or not isinstance(self.view.interpret(user), Sum):
+            return False
+        target = self.view.inplace_target(user)
+        return target is None or len(self.view.users(target)) == 1
+
+    def _flatten(self, op: Sum):
+        """Leaves ``[(node, coeff)]`` of the add/sub tree under ``op`` and the inner sum
+        nodes that only this tree reads."""
+        leaves, inner = [], []
+        stack = list(reversed(op.operands))
+        while stack:
+            operand, coeff = stack.pop()
+            child = self.sums.get(operand)
+            if child is not None and len(self.view.users(operand)) == 1 and operand not in self.view.mutated:
+                inner.append(operand)
+                stack.extend((n, coeff * c) for n, c in reversed(child.operands))
+            else:
+                leaves.append((operand, coeff))
+        return leaves, inner
+
+
+@dataclass
+class TermGroup:
+    """Summed terms over one source that merge into one term."""
+
+    members: list  # [(part region, coeff, leaf node)]
+    term: object
+    axis: int | None
+
+    @property
+    def source(self):
+        return self.members[0][0].source
+
+    def region(self, builder: RegionBuilder, extra_nodes: list) -> Region | None:
+        region = Region(self.source, self.term, self.axis)
+        for part, coeff, leaf in self.members:
+            if part.nodes and part.nodes[-1] in region.nodes:
+                continue  # the same operand twice (x + x): its ops count once
+            region.nodes.extend(part.nodes)
+            region.kinds.update(part.kinds)
+            region.kernels.extend(part.kernels)
+            region.has_identity |= part.has_identity or isinstance(part.term, ChannelAffine)
+            region.has_sub |= part.has_sub or coeff < 0
+        region.branches = sum(max(part.branches, 1) for part, _, _ in self.members)
+        region.nodes.extend(extra_nodes)
+        return region
+
+
+def try_merge(members) -> TermGroup | None | str:
+    """The members merged into one group, or the reason they do not merge."""
+    try:
+        axis = None
+        for part, _, _ in members:
+            axis = merged_axis(axis, part.axis)
+        term = affine.merge([p.term for p, _, _ in members], [c for _, c, _ in members])
+    except NotExact as reason:
+        return str(reason)
+    return TermGroup(list(members), term, axis)
+
+
+def group_terms(parts) -> tuple[list[TermGroup], str | None]:
+    """Partition summed terms into as few mergeable groups as possible.
+
+    Terms merge only with terms of the same source. Per source: the whole set if it
+    merges (the MAC gate is judged on the whole sum); else greedily, each term joining
+    the first group it merges with, then groups merging pairwise until nothing changes.
+    Returns the groups and the reason the whole set did not merge (None if it did)."""
+    by_source: dict = {}
+    for part in parts:
+        by_source.setdefault(part[0].source, []).append(part)
+    groups, refusal = [], None
+    for members in by_source.values():
+        whole = try_merge(members)
+        if isinstance(whole, TermGroup):
+            groups.append(whole)
+            continue
+        refusal = refusal or whole
+        local: list[TermGroup] = []
+        for member in members:
+            for index, group in enumerate(local):
+                joined = try_merge(group.members + [member])
+                if isinstance(joined, TermGroup):
+                    local[index] = joined
+                    break
+            else:
+                single = try_merge([member])
+                local.append(single if isinstance(single, TermGroup)
+                             else TermGroup([member], None, member[0].axis))
+        changed = True
+        while changed:
+            changed = False
+            for i in range(len(local)):
+                for j in range(i + 1, len(local)):
+                    joined = try_merge(local[i].members + local[j].members)
+                    if isinstance(joined, TermGroup):
+                        local[i] = joined
+                        del local[j]
+                        changed = True
+                        break
+                if changed:
+                    break
+        groups.extend(local)
+    return groups, refusal
+
+
+@dataclass
+class PartialSum:
+    """A sum rewritten as ``sum(coeff * value)`` where some values are merged regions."""
+
+    root: object
+    inner: list  # inner add/sub nodes of the flattened tree
+    terms: list  # [(Region | leaf node, coeff)]
+
+
+def select_rewrites(view, builder: RegionBuilder) -> tuple[list, list]:
+    """``(regions, partial_sums)`` to write back: ``[(value, Region)]`` and
+    ``[PartialSum]``. Downstream rewrites first: one is taken only if no rewrite after it
+    already covers its value (its ops then live on inside that rewrite)."""
+    candidates = {value: region for value, region in builder.regions.items()
+                  if region.emittable}
+    candidates.update(builder.partial_sums)
+    emit, partial_sums, covered = [], [], set()
+    for value in reversed(list(view.values())):
+        item = candidates.get(value)
+        if item is None or value in covered:
+            continue
+        if isinstance(item, Region):
+            emit.append((value, item))
+            covered.update(item.nodes)
+        else:
+            partial_sums.append(item)
+            covered.update(item.inner)
+            for term, _ in item.terms:
+                if isinstance(term, Region):
+                    covered.update(term.nodes)
+    return emit, partial_sums
