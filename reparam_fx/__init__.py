@@ -20,3 +20,13 @@ __all__ = [
     "FusionReport", "FusedRegion", "Skipped", "op_counts", "parameter_count",
 ]
 __version__ = "0.1.0"
+
+_ONNX_API = ("fuse_onnx_model", "verify_onnx")
+
+
+def __getattr__(name):
+    """The ONNX frontend loads on first use (it needs the ``onnx`` extra)."""
+    if name in _ONNX_API:
+        from reparam_fx import onnx_
+        return getattr(onnx_, name)
+    raise AttributeError(f"module 'reparam_fx' has no attribute {name!r}")

@@ -346,12 +346,15 @@ class PartialSum:
     terms: list  # [(Region | leaf node, coeff)]
 
 
-def select_rewrites(view, builder: RegionBuilder) -> tuple[list, list]:
+def select_rewrites(view, builder: RegionBuilder, worth_writing=None) -> tuple[list, list]:
     """``(regions, partial_sums)`` to write back: ``[(value, Region)]`` and
     ``[PartialSum]``. Downstream rewrites first: one is taken only if no rewrite after it
-    already covers its value (its ops then live on inside that rewrite)."""
+    already covers its value (its ops then live on inside that rewrite).
+    ``worth_writing(region)`` (default: ``region.emittable``) lets a frontend refuse
+    rewrites that would not save ops in its own op set."""
+    worth_writing = worth_writing or (lambda region: region.emittable)
     candidates = {value: region for value, region in builder.regions.items()
-                  if region.emittable}
+                  if worth_writing(region)}
     candidates.update(builder.partial_sums)
     emit, partial_sums, covered = [], [], set()
     for value in reversed(list(view.values())):

@@ -1,0 +1,644 @@
+"""ONNX frontend: the same exact affine algebra over an onnx-graphsurgeon graph.
+
+    fused_model, report = fuse_onnx_model(onnx.load("model.onnx"))
+
+Each single-output node the frontend understands is mapped to an :mod:`reparam_fx.affine`
+term of its tensor input(s) (:func:`_interpret`):
+
+    Conv (constant W, B)             conv term; ``pads`` must be symmetric; ``auto_pad``
+                                     SAME_* only where it is symmetric for every size
+    BatchNormalization (inference)   channel affine on axis 1
+    Add / Sub of two tensors         a sum;  with a constant: a per-channel shift
+    Mul / Div by a constant          a per-channel scale
+    Identity, Dropout (inference)    identity
+    AveragePool                      depthwise conv (zero pads counted or no pads)
+    Pad (constant 0, symmetric)      zero padding
+    Gemm / MatMul (constant B)       linear term on the last axis
+
+:mod:`reparam_fx.regions` then finds the regions, exactly as for torch.fx graphs, and each
+region is written back as one ``Conv`` (or ``Gemm`` / ``MatMul`` + ``Add`` for linear
+terms) whose output keeps the original tensor's name, so graph inputs and outputs keep
+their names, shapes and dtypes. Weights are computed in float64 and cast to the model's
+weight dtype. The input model is never modified.
+"""
+
+from __future__ import annotations
+
+import copy
+from collections import Counter
+
+import numpy as np
+import onnx
+import onnx_graphsurgeon as gs
+import torch
+
+from reparam_fx import affine
+from reparam_fx.affine import ConvTerm
+from reparam_fx.regions import Refused, Region, RegionBuilder, Sum, Unary, select_rewrites
+from reparam_fx.report import FusedRegion, FusionReport, Skipped, classify_region
+from reparam_fx.verify import VerificationError
+
+MIN_OPSET = 13
+MAX_PASSES = 4
+_OUTPUT = object()  # stands for "a graph output reads this value"
+
+_CATEGORIES = {"Conv": "conv", "BatchNormalization": "batch_norm", "Gemm": "linear",
+               "MatMul": "linear", "Add": "add", "Sub": "sub", "Mul": "mul", "Div": "div",
+               "AveragePool": "avg_pool", "Pad": "pad"}
+
+
+class OnnxFusionError(ValueError):
+    """The ONNX model cannot be fused as given; the message says what to do."""
+
+
+# ---- constants ------------------------------------------------------------------------
+
+def constant_value(tensor, _depth: int = 0) -> np.ndarray | None:
+    """The value of an initializer, a ``Constant`` node, or a small subgraph computed only
+    from constants and static shapes (exporters build e.g. an absent conv bias as
+    ``Expand(CastLike(0), Shape(W)[0:1])``); else None."""
+    if isinstance(tensor, gs.Constant):
+        return np.asarray(tensor.values)
+    if not isinstance(tensor, gs.Variable) or len(tensor.inputs) != 1 or _depth > 8:
+        return None
+    node = tensor.inputs[0]
+    if node.op == "Constant":
+        return _constant_attribute(node)
+    if node.op == "Shape":
+        shape = getattr(node.inputs[0], "shape", None)
+        if shape is None or not all(isinstance(d, int) for d in shape):
+            return None
+        start, end = node.attrs.get("start", 0), node.attrs.get("end", None)
+        return np.asarray(shape, dtype=np.int64)[start:end]
+    args = [constant_value(t, _depth + 1) if t.name else None for t in node.inputs]
+    if not args or args[0] is None:
+        return None
+    if node.op == "Identity":
+        return args[0]
+    if node.op == "Cast":
+        return args[0].astype(onnx.helper.tensor_dtype_to_np_dtype(node.attrs["to"]))
+    if node.op == "CastLike":
+        like = node.inputs[1]
+        dtype = getattr(like, "dtype", None) if args[1] is None else args[1].dtype
+        return None if dtype is None else args[0].astype(np.dtype(dtype))
+    if node.op == "Expand" and len(args) > 1 and args[1] is not None:
+        return np.broadcast_to(args[0], np.broadcast_shapes(args[0].shape, tuple(args[1])))
+    if node.op == "Reshape" and len(args) > 1 and args[1] is not None and not np.any(args[1] == 0):
+        return args[0].reshape(tuple(int(d) for d in args[1]))
+    if node.op in ("Unsqueeze", "Squeeze"):
+        axes = args[1] if len(args) > 1 else node.attrs.get("axes")
+        if axes is None and node.op == "Unsqueeze":
+            return None
+        if node.op == "Squeeze":
+            return np.squeeze(args[0], axis=None if axes is None else tuple(int(a) for a in axes))
+        result = args[0]
+        for axis in sorted(int(a) % (result.ndim + len(axes)) for a in axes):
+            result = np.expand_dims(result, axis)
+        return result
+    return None
+
+
+def _constant_attribute(node) -> np.ndarray | None:
+    for key, dtype in (("value", None), ("value_float", np.float32), ("value_floats", np.float32),
+                       ("value_int", np.int64), ("value_ints", np.int64)):
+        if key in node.attrs:
+            value = node.attrs[key]
+            value = value.values if isinstance(value, gs.Constant) else value
+            return np.asarray(value, dtype=dtype)
+    return None
+
+
+def _is_tensor(value) -> bool:
+    return isinstance(value, gs.Variable) and constant_value(value) is None
+
+
+# ---- the view reparam_fx.regions walks -------------------------------------------------
+
+class Tensor:
+    """A hashable handle on one ``gs.Variable`` (graphsurgeon tensors are not hashable)."""
+
+    __slots__ = ("var",)
+
+    def __init__(self, var: gs.Variable):
+        self.var = var
+
+    @property
+    def producer(self) -> gs.Node | None:
+        return self.var.inputs[0] if self.var.inputs else None
+
+
+class OnnxView:
+    """Values are the first outputs of the graph's nodes, in topological order."""
+
+    def __init__(self, graph: gs.Graph):
+        self.graph = graph
+        self.mutated: set = set()  # ONNX is functional
+        self._handles: dict[int, Tensor] = {}
+        self._users: dict[Tensor, list] = {}
+        for node in graph.nodes:
+            for tensor in node.inputs:
+                if isinstance(tensor, gs.Variable) and node.outputs:
+                    self._users.setdefault(self.handle(tensor), []).append(
+                        self.handle(node.outputs[0]))
+        for tensor in graph.outputs:
+            self._users.setdefault(self.handle(tensor), []).append(_OUTPUT)
+        self._ops: dict = {}
+
+    def handle(self, var: gs.Variable) -> Tensor:
+        if id(var) not in self._handles:
+            self._handles[id(var)] = Tensor(var)
+        return self._handles[id(var)]
+
+    def values(self):
+        return [self.handle(node.outputs[0]) for node in self.graph.nodes if node.outputs]
+
+    def users(self, value: Tensor):
+        return self._users.get(value, [])
+
+    @staticmethod
+    def inplace_target(value):
+        return None
+
+    @staticmethod
+    def is_value(value) -> bool:
+        return isinstance(value, Tensor)
+
+    def interpret(self, value: Tensor):
+        if value not in self._ops:
+            op = _interpret(value.producer, self) if value.producer is not None else None
+            if isinstance(op, Unary):
+                op.input = self.handle(op.input)
+            elif isinstance(op, Sum):
+                op.operands = [(self.handle(v), c) for v, c in op.operands]
+            self._ops[value] = op
+        return self._ops[value]
+
+    @staticmethod
+    def shape(value):
+        var = value.var if isinstance(value, Tensor) else value
+        shape = getattr(var, "shape", None)
+        if shape is None or any(not isinstance(d, int) for d in shape):
+            return None if shape is None else tuple(shape)
+        return tuple(shape)
+
+    def rank(self, value):
+        shape = self.shape(value)
+        return len(shape) if shape is not None else None
+
+    @staticmethod
+    def describe(value: Tensor) -> tuple[str, str]:
+        node = value.producer
+        return (node.name or value.var.name, node.op) if node is not None else (value.var.name, "")
+
+
+# ---- what one node computes ------------------------------------------------------------
+
+def _symmetric_pads(pads, spatial: int):
+    pads = list(pads or [0] * (2 * spatial))
+    begin, end = pads[:spatial], pads[spatial:]
+    return tuple(begin) if begin == end else None
+
+
+def _auto_pads(node, kernel, dilations, strides, spatial):
+    mode = node.attrs.get("auto_pad", "NOTSET")
+    if isinstance(mode, bytes):
+        mode = mode.decode()
+    if mode in ("NOTSET", ""):
+        pads = _symmetric_pads(node.attrs.get("pads"), spatial)
+        return pads if pads is not None else "asymmetric pads have no conv equivalent"
+    if mode == "VALID":
+        return (0,) * spatial
+    totals = [d * (k - 1) for k, d in zip(kernel, dilations)]
+    if any(s != 1 for s in strides) or any(t % 2 for t in totals):
+        return f"auto_pad={mode} pads depend on the input size here"
+    return tuple(t // 2 for t in totals)
+
+
+def _interpret(node: gs.Node, view: OnnxView):
+    op, inputs = node.op, node.inputs
+    if len(node.outputs) != 1 and op not in ("Dropout", "BatchNormalization"):
+        return None
+    if op == "Conv":
+        weight = constant_value(inputs[1]) if len(inputs) > 1 else None
+        bias = constant_value(inputs[2]) if len(inputs) > 2 else None
+        if weight is None or (len(inputs) > 2 and bias is None) or not _is_tensor(inputs[0]):
+            return None
+        spatial = weight.ndim - 2
+        kernel = tuple(weight.shape[2:])
+        strides = tuple(node.attrs.get("strides", [1] * spatial))
+        dilations = tuple(node.attrs.get("dilations", [1] * spatial))
+        pads = _auto_pads(node, kernel, dilations, strides, spatial)
+        if isinstance(pads, str):
+            return Refused(pads)
+        term = affine.conv(torch.from_numpy(weight.copy()),
+                           None if bias is None else torch.from_numpy(bias.copy()),
+                           strides, pads, dilations, int(node.attrs.get("group", 1)))
+        return Unary(inputs[0], term, "conv", -(spatial + 1))
+    if op == "BatchNormalization":
+        if node.attrs.get("training_mode", 0) or any(o.outputs for o in node.outputs[1:]):
+            return Refused("BatchNormalization in training mode uses batch statistics")
+        values = [constant_value(t) for t in inputs[1:5]]
+        if any(v is None for v in values) or not _is_tensor(inputs[0]):
+            return None
+        scale, bias, mean, var = (torch.from_numpy(v.copy()) for v in values)
+        rank = view.rank(inputs[0])
+        axis = 1 - rank if rank else "bn"
+        return Unary(inputs[0], affine.batchnorm(mean, var, scale, bias,
+                                                 float(node.attrs.get("epsilon", 1e-5))),
+                     "bn", axis)
+    if op in ("Identity",) or (op == "Dropout" and _inference_dropout(node)):
+        return Unary(inputs[0], affine.identity(), "identity", None) if _is_tensor(inputs[0]) else None
+    if op == "Dropout":
+        return Refused("Dropout in training mode")
+    if op in ("Add", "Sub", "Mul", "Div"):
+        return _arithmetic(node, view)
+    if op == "Neg" and _is_tensor(inputs[0]):
+        return Unary(inputs[0], affine.channel_affine(-1.0), "scale", None)
+    if op == "AveragePool":
+        return _average_pool(node)
+    if op == "Pad":
+        return _pad(node)
+    if op == "Gemm":
+        return _gemm(node)
+    if op == "MatMul":
+        weight = constant_value(inputs[1])
+        if weight is None or weight.ndim != 2 or not _is_tensor(inputs[0]):
+            return None
+        return Unary(inputs[0], affine.linear(torch.from_numpy(weight.T.copy()), None),
+                     "linear", -1)
+    return None
+
+
+def _inference_dropout(node) -> bool:
+    if len(node.inputs) > 2:
+        training = constant_value(node.inputs[2])
+        if training is None or bool(training):
+            return False
+    return not any(o.outputs for o in node.outputs[1:])
+
+
+def _arithmetic(node, view):
+    a, b = node.inputs[0], node.inputs[1]
+    const_a, const_b = constant_value(a), constant_value(b)
+    if node.op in ("Add", "Sub") and _is_tensor(a) and _is_tensor(b):
+        return Sum([(a, 1.0), (b, 1.0 if node.op == "Add" else -1.0)])
+    if _is_tensor(a) and const_b is not None:
+        tensor, constant = a, const_b
+    elif _is_tensor(b) and const_a is not None and node.op in ("Add", "Mul"):
+        tensor, constant = b, const_a
+    elif _is_tensor(b) and const_a is not None and node.op == "Sub":  # c - x
+        op = _channel_constant(b, const_a, shift=True)
+        if isinstance(op, Unary):
+            op.term = affine.compose(affine.channel_affine(-1.0), op.term)
+        return op
+    else:
+        return None
+    if node.op == "Add":
+        return _channel_constant(tensor, constant, shift=True)
+    if node.op == "Sub":
+        return _channel_constant(tensor, -constant, shift=True)
+    if node.op == "Mul":
+        return _channel_constant(tensor, constant)
+    if not np.all(constant != 0):
+        return Refused("division by a constant containing zeros")
+    return _channel_constant(tensor, 1.0 / constant.astype(np.float64))
+
+
+def _channel_constant(tensor, constant: np.ndarray, shift: bool = False):
+    """``x * c`` or ``x + c`` with ``c`` broadcast along at most one axis (numpy rules)."""
+    value = torch.from_numpy(np.asarray(constant, dtype=np.float64).copy())
+    wide = [i for i, size in enumerate(value.shape) if size != 1]
+    if len(wide) > 1:
+        return Refused("constant varies along more than one axis: not per-channel")
+    axis = (wide[0] - value.dim()) if wide else None
+    vector = value.reshape(-1) if wide else value.reshape(())
+    term = affine.channel_affine(1.0, vector) if shift else affine.channel_affine(vector)
+    return Unary(tensor, term, "scale", axis, const_rank=value.dim())
+
+
+def _average_pool(node):
+    x = node.inputs[0]
+    if not _is_tensor(x):
+        return None
+    kernel = tuple(node.attrs["kernel_shape"])
+    spatial = len(kernel)
+    strides = tuple(node.attrs.get("strides", [1] * spatial))
+    if node.attrs.get("ceil_mode", 0):
+        return Refused("average pooling with ceil_mode=1 is not a conv")
+    pads = _auto_pads(node, kernel, (1,) * spatial, strides, spatial)
+    if isinstance(pads, str):
+        return Refused(pads)
+    if any(pads) and not node.attrs.get("count_include_pad", 0):
+        return Refused("average pooling with count_include_pad=0 divides the border by fewer "
+                       "taps: not a conv")
+    return Unary(x, lambda channels: affine.avg_pool(channels, kernel, strides, pads),
+                 "avgpool", -(spatial + 1))
+
+
+def _pad(node):
+    x = node.inputs[0]
+    mode = node.attrs.get("mode", "constant")
+    mode = mode.decode() if isinstance(mode, bytes) else mode
+    pads = constant_value(node.inputs[1]) if len(node.inputs) > 1 else node.attrs.get("pads")
+    value = constant_value(node.inputs[2]) if len(node.inputs) > 2 and node.inputs[2].name else 0
+    if mode != "constant" or pads is None or value is None or np.any(np.asarray(value) != 0):
+        return None
+    if len(node.inputs) > 3 and node.inputs[3].name:
+        return None  # explicit axes: not handled
+    pads = [int(p) for p in np.asarray(pads).reshape(-1)]
+    rank = len(pads) // 2
+    begin, end = pads[:rank], pads[rank:]
+    if rank < 3 or any(begin[:2]) or any(end[:2]):
+        return None
+    if begin != end or any(p < 0 for p in begin):
+        return Refused("asymmetric or negative zero padding has no conv equivalent")
+    return Unary(x, affine.zero_pad(tuple(begin[2:])), "pad", -(rank - 1))
+
+
+def _gemm(node):
+    a, b = node.inputs[0], node.inputs[1]
+    weight = constant_value(b)
+    bias = constant_value(node.inputs[2]) if len(node.inputs) > 2 and node.inputs[2].name else None
+    if weight is None or not _is_tensor(a) or node.attrs.get("transA", 0):
+        return None
+    if len(node.inputs) > 2 and node.inputs[2].name and bias is None:
+        return None
+    alpha, beta = float(node.attrs.get("alpha", 1.0)), float(node.attrs.get("beta", 1.0))
+    matrix = weight if node.attrs.get("transB", 0) else weight.T  # (out, in)
+    out = matrix.shape[0]
+    if bias is not None:
+        if bias.size not in (1, out) or (bias.ndim == 2 and bias.shape[0] != 1):
+            return None
+        bias = np.broadcast_to(bias.reshape(-1), (out,)) * beta
+    term = affine.linear(torch.from_numpy(alpha * matrix.astype(np.float64)),
+                         None if bias is None else torch.from_numpy(bias.astype(np.float64)))
+    return Unary(a, term, "linear", -1)
+
+
+# ---- writing regions back --------------------------------------------------------------
+
+def _weight_dtype(region: Region) -> np.dtype:
+    for value in region.nodes:
+        node = value.producer
+        if node is not None and node.op in ("Conv", "Gemm", "MatMul"):
+            weight = constant_value(node.inputs[1])
+            if weight is not None and weight.dtype.kind == "f":
+                return weight.dtype
+    return np.dtype(np.float32)
+
+
+def _emit(graph: gs.Graph, output: gs.Variable, region: Region, source, index: int) -> gs.Node:
+    """A Conv (or Gemm / MatMul+Add) computing ``region.term(source)`` into ``output``."""
+    term: ConvTerm = region.term
+    dtype = _weight_dtype(region)
+    base = f"{output.name}_fused{index}"
+    weight = gs.Constant(f"{base}_W", term.weight.numpy().astype(dtype))
+    bias = None if term.bias is None else gs.Constant(f"{base}_B", term.bias.numpy().astype(dtype))
+    for node in list(output.inputs):
+        node.outputs = [o for o in node.outputs if o is not output]
+    if term.spatial > 0:
+        attrs = {"kernel_shape": list(term.kernel), "strides": list(term.stride),
+                 "pads": list(term.padding) * 2, "dilations": list(term.dilation),
+                 "group": term.groups}
+        inputs = [source, weight] + ([bias] if bias is not None else [])
+        node = gs.Node("Conv", base, attrs=attrs, inputs=inputs, outputs=[output])
+        graph.nodes.append(node)
+        return node
+    if _rank2(source):  # Gemm: Y = X W^T + b in one node
+        node = gs.Node("Gemm", base, attrs={"transB": 1},
+                       inputs=[source, weight] + ([bias] if bias is not None else []),
+                       outputs=[output])
+        graph.nodes.append(node)
+        return node
+    matrix = gs.Constant(f"{base}_W", term.weight.numpy().T.astype(dtype).copy())
+    if bias is None:
+        node = gs.Node("MatMul", base, inputs=[source, matrix], outputs=[output])
+        graph.nodes.append(node)
+        return node
+    product = gs.Variable(f"{base}_matmul", dtype=output.dtype)
+    graph.nodes.append(gs.Node("MatMul", base, inputs=[source, matrix], outputs=[product]))
+    node = gs.Node("Add", f"{base}_bias", inputs=[product, bias], outputs=[output])
+    graph.nodes.append(node)
+    return node
+
+
+def _rank2(tensor) -> bool:
+    shape = getattr(tensor, "shape", None)
+    return shape is not None and len(shape) == 2
+
+
+def _nodes_written(region: Region) -> int:
+    """ONNX nodes a region becomes: one Conv / Gemm / MatMul, or MatMul + Add for a
+    linear term with bias on a tensor of rank > 2."""
+    term = region.term
+    if term.spatial > 0 or term.bias is None or _rank2(region.source.var):
+        return 1
+    return 2
+
+
+def _worth_writing(region: Region) -> bool:
+    """Only rewrites that remove nodes (a MatMul + Add re-emitted as MatMul + Add would
+    churn the graph for nothing)."""
+    return region.emittable and len(region.nodes) - region.kinds["identity"] > _nodes_written(region)
+
+
+def _emit_sum(graph: gs.Graph, output: gs.Variable, values: list, index: int) -> None:
+    """``output = sum(coeff * value)`` as Add / Sub (and Mul) nodes."""
+    for node in list(output.inputs):
+        node.outputs = [o for o in node.outputs if o is not output]
+    base = f"{output.name}_sum{index}"
+    result = None
+    for step, (value, coeff) in enumerate(values):
+        last = step == len(values) - 1
+        if coeff not in (1, -1) or (result is None and coeff != 1):
+            scaled = gs.Variable(f"{base}_scaled{step}", dtype=output.dtype)
+            factor = gs.Constant(f"{base}_c{step}", np.asarray(coeff, dtype=np.float32))
+            graph.nodes.append(gs.Node("Mul", f"{base}_mul{step}", inputs=[value, factor],
+                                       outputs=[scaled]))
+            value, coeff = scaled, 1
+        if result is None:
+            result = value
+            continue
+        target = output if last else gs.Variable(f"{base}_{step}", dtype=output.dtype)
+        graph.nodes.append(gs.Node("Add" if coeff == 1 else "Sub", f"{base}_{step}",
+                                   inputs=[result, value], outputs=[target]))
+        result = target
+
+
+def _category(value: Tensor) -> str | None:
+    node = value.producer
+    return _CATEGORIES.get(node.op) if node is not None else None
+
+
+def _region_params(region: Region) -> int:
+    total = 0
+    for value in region.nodes:
+        node = value.producer
+        if node is None or node.op == "BatchNormalization":
+            total += 0 if node is None else sum(
+                constant_value(t).size for t in node.inputs[1:3] if constant_value(t) is not None)
+            continue
+        for tensor in node.inputs[1:]:
+            value_ = constant_value(tensor)
+            total += 0 if value_ is None else value_.size
+    return total
+
+
+def _fused_region(output, region: Region, node_name: str) -> FusedRegion:
+    term = region.term
+    return FusedRegion(
+        pattern=classify_region(region.kinds, region.kernels, region.branches,
+                                region.has_identity, region.has_sub),
+        output=output.name, module=node_name,
+        nodes=tuple(v.producer.name or v.var.name for v in region.nodes if v.producer),
+        ops=tuple(sorted(Counter(c for c in map(_category, region.nodes) if c).items())),
+        params_before=_region_params(region),
+        params_after=term.weight.numel() + (0 if term.bias is None else term.bias.numel()))
+
+
+def _fusion_pass(graph: gs.Graph, report: FusionReport) -> int:
+    view = OnnxView(graph)
+    report.skipped = []
+    builder = RegionBuilder(view, report)
+    builder.walk()
+    emit, partial_sums = select_rewrites(view, builder, _worth_writing)
+    for index, (output, region) in enumerate(emit):
+        node = _emit(graph, output.var, region, region.source.var, index)
+        report.fused.append(_fused_region(output.var, region, node.name))
+    for index, partial in enumerate(partial_sums):
+        values = []
+        for term_index, (term, coeff) in enumerate(partial.terms):
+            if isinstance(term, Region):
+                root = partial.root.var
+                result = gs.Variable(f"{root.name}_group{index}_{term_index}", dtype=root.dtype)
+                node = _emit(graph, result, term, term.source.var,
+                             1000 + index * 100 + term_index)
+                report.fused.append(_fused_region(root, term, node.name))
+                values.append((result, 1.0))
+            else:
+                values.append((term.var, coeff))
+        _emit_sum(graph, partial.root.var, values, index)
+    if emit or partial_sums:
+        graph.cleanup(remove_unused_graph_inputs=False).toposort()
+    return len(emit) + len(partial_sums)
+
+
+# ---- public entry points ---------------------------------------------------------------
+
+def model_opset(model: onnx.ModelProto) -> int | None:
+    for entry in model.opset_import:
+        if entry.domain in ("", "ai.onnx"):
+            return entry.version
+    return None
+
+
+def _op_histogram(graph: gs.Graph) -> Counter:
+    return Counter(c for c in (_CATEGORIES.get(n.op) for n in graph.nodes) if c)
+
+
+def _initializer_params(model: onnx.ModelProto) -> int:
+    return sum(int(np.prod(t.dims)) for t in model.graph.initializer
+               if t.data_type in (onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16,
+                                  onnx.TensorProto.DOUBLE, onnx.TensorProto.BFLOAT16))
+
+
+def fuse_onnx_model(model: onnx.ModelProto) -> tuple[onnx.ModelProto, FusionReport]:
+    """Collapse every exactly-foldable linear region of an ONNX model into one op.
+
+    Returns a new model and its :class:`~reparam_fx.FusionReport`; ``model`` is not
+    modified. Raises :class:`OnnxFusionError` for opsets below 13.
+    """
+    opset = model_opset(model)
+    if opset is None or opset < MIN_OPSET:
+        raise OnnxFusionError(f"opset {opset} is not supported: reparam_fx needs opset "
+                              f">= {MIN_OPSET} (re-export with opset_version={MIN_OPSET} or later)")
+    working = copy.deepcopy(model)
+    try:
+        working = onnx.shape_inference.infer_shapes(working)  # ranks for BN / constants
+    except Exception:  # noqa: BLE001 - shapes are a hint
+        pass
+    graph = gs.import_onnx(working)
+    graph.toposort()
+    report = FusionReport(frontend="onnx")
+    report.ops_before = _op_histogram(graph)
+    report.nodes_before = len(graph.nodes)
+    report.params_before = _initializer_params(model)
+    for _ in range(MAX_PASSES):
+        if not _fusion_pass(graph, report):
+            break
+    graph.cleanup(remove_unused_graph_inputs=False).toposort()
+    fused = gs.export_onnx(graph)
+    fused.ir_version = model.ir_version
+    del fused.graph.value_info[:]  # stale intermediate shapes; inputs/outputs are kept
+    report.ops_after = _op_histogram(graph)
+    report.nodes_after = len(graph.nodes)
+    report.params_after = _initializer_params(fused)
+    report.skipped.extend(Skipped(n.name, n.op, "no conv or linear next to it to fold into")
+                          for n in graph.nodes if n.op == "BatchNormalization"
+                          and n.name not in {s.node for s in report.skipped})
+    return fused, report
+
+
+# ---- verification with ONNX Runtime ------------------------------------------------------
+
+_NUMPY_TYPES = {onnx.TensorProto.FLOAT: np.float32, onnx.TensorProto.DOUBLE: np.float64,
+                onnx.TensorProto.FLOAT16: np.float16, onnx.TensorProto.INT64: np.int64,
+                onnx.TensorProto.INT32: np.int32}
+
+
+def random_inputs(model: onnx.ModelProto, input_shapes: dict | None = None,
+                  seed: int = 0) -> dict[str, np.ndarray]:
+    """Seeded N(0, 1) inputs for every graph input (shapes from the model or
+    ``input_shapes``). Raises ValueError naming a symbolic dimension."""
+    input_shapes = input_shapes or {}
+    initializers = {t.name for t in model.graph.initializer}
+    rng = np.random.default_rng(seed)
+    feeds = {}
+    for value in model.graph.input:
+        if value.name in initializers:
+            continue
+        tensor_type = value.type.tensor_type
+        if value.name in input_shapes:
+            shape = tuple(input_shapes[value.name])
+        else:
+            shape = []
+            for dim in tensor_type.shape.dim:
+                if dim.HasField("dim_value") and dim.dim_value > 0:
+                    shape.append(dim.dim_value)
+                else:
+                    label = dim.dim_param or "?"
+                    raise ValueError(f"input {value.name!r} has symbolic dimension {label!r}: "
+                                     f"give its shape (e.g. --input-shape {value.name}:1,3,224,224)")
+        dtype = _NUMPY_TYPES.get(tensor_type.elem_type, np.float32)
+        feeds[value.name] = rng.standard_normal(shape).astype(dtype)
+    return feeds
+
+
+def verify_onnx(reference: onnx.ModelProto, candidate: onnx.ModelProto,
+                input_shapes: dict | None = None, rtol: float = 1e-5, seed: int = 0) -> float:
+    """Run both models in ONNX Runtime on the same random inputs; return
+    ``max|a - b| / max|a|`` over all outputs (in float64), raise
+    :class:`~reparam_fx.VerificationError` above ``rtol``."""
+    import onnxruntime as ort
+    feeds = random_inputs(reference, input_shapes, seed)
+    options = ort.SessionOptions()
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+
+    def run(model):
+        session = ort.InferenceSession(model.SerializeToString(), options,
+                                       providers=["CPUExecutionProvider"])
+        return session.run(None, feeds)
+
+    worst, scale = 0.0, 0.0
+    for a, b in zip(run(reference), run(candidate)):
+        a, b = np.asarray(a, dtype=np.float64), np.asarray(b, dtype=np.float64)
+        if a.shape != b.shape:
+            raise VerificationError(f"output shapes differ: {a.shape} vs {b.shape}")
+        if a.size:
+            worst = max(worst, float(np.abs(a - b).max()))
+            scale = max(scale, float(np.abs(a).max()))
+    error = worst / scale if scale > 0 else worst
+    if not error <= rtol:
+        raise VerificationError(f"fused model differs from the reference: relative error "
+                                f"{error:.3e} > rtol {rtol:.1e} (ONNX Runtime)")
+    return error

@@ -1,0 +1,648 @@
+"""``reparam-fx-onnx``: fold the re-parameterizable blocks of an ``.onnx`` file into single convs.
+
+    python tools/fuse_onnx.py IN.onnx -o OUT.onnx [--verify] [--rtol 1e-5]
+                              [--input-shape NAME:1,3,224,224 ...] [--report] [--in-place]
+
+A thin command line over :func:`reparam_fx.onnx_.fuse_onnx_model` and
+:func:`reparam_fx.onnx_.verify_onnx`. It prints the node count before and after and one
+line per fused pattern; ``--report`` prints the full :meth:`FusionReport.table` with the
+reasons nodes were left alone.
+
+Exit status
+    0  fused (and verified, with ``--verify``); the output was written.
+    1  fusion or verification failed; nothing was written.
+    2  bad usage or bad input (missing / corrupt / truncated / non-ONNX file, opset < 13,
+       missing or unsafe external data, unwritable output, a symbolic input dimension
+       without ``--input-shape``); a one-line ``reparam-fx-onnx: error: ...`` on stderr,
+       no traceback, nothing written.
+
+Every check on the input runs before any work is done, and the output is written last:
+
+1. the input is a readable, non-empty regular file that parses as an ONNX ``ModelProto``
+   with a graph and a default-domain opset >= 13 (read without its external data);
+2. every external-data ``location`` is a relative path inside the model's folder (no
+   absolute path, no ``..`` component, no symbolic link), and the file it names exists
+   and holds the bytes the tensor claims — all checked *before* any data is read;
+3. ``onnx.checker`` accepts the model; only then is the external data loaded;
+4. the fused graph keeps the input/output names, element types and shapes;
+5. the output goes to a fresh temporary folder next to it and is moved into place with
+   ``os.replace`` (the external-data file first, then the model), so a crash never leaves
+   a partial ``OUT.onnx``; the temporary folder is removed whatever happens.
+
+A model that had external data, or whose tensors exceed the 2 GB protobuf limit, is saved
+with its tensors in ``OUT.onnx.data`` next to ``OUT.onnx``. The input (and its external
+data) is never written to unless ``--in-place``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import os
+import re
+import shutil
+import sys
+import tempfile
+from dataclasses import dataclass
+
+PROG = "reparam-fx-onnx"
+MIN_OPSET = 13
+DEFAULT_DOMAINS = ("", "ai.onnx")
+# Tensor bytes above which the output is saved with external data. The protobuf limit is
+# 2 GiB for the whole model; leave room for the graph itself.
+EXTERNAL_DATA_THRESHOLD = 2**31 - 2**27
+# Tensors of at least this many bytes go to the external-data file (onnx's default).
+EXTERNAL_DATA_SIZE_THRESHOLD = 1024
+
+EXIT_OK, EXIT_FAILED, EXIT_BAD_INPUT = 0, 1, 2
+
+
+class CliError(Exception):
+    """A failure reported as one line on stderr, with an exit status."""
+
+    def __init__(self, message: str, status: int = EXIT_BAD_INPUT, usage: bool = False):
+        super().__init__(message)
+        self.status = status
+        self.usage = usage
+
+
+def _one_line(text: str) -> str:
+    return re.sub(r"\s*\n\s*", " ", str(text)).strip()
+
+
+# ---- arguments -----------------------------------------------------------------------
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message):  # raise instead of printing and exiting, so main() returns
+        raise CliError(message, EXIT_BAD_INPUT, usage=True)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(
+        prog=PROG,
+        description="Fold re-parameterizable blocks (conv+BN, RepVGG/MobileOne branches, "
+                    "FastViT RepMixer/CPE, layer scales) of an ONNX model into single convs, "
+                    "exactly.",
+        epilog="exit status: 0 ok, 1 fusion or verification failed, 2 bad usage or input. "
+               "Nothing is written unless the status is 0.")
+    parser.add_argument("input", metavar="IN.onnx", help="the model to fuse")
+    parser.add_argument("-o", "--output", metavar="OUT.onnx",
+                        help="where to write the fused model")
+    parser.add_argument("--in-place", action="store_true",
+                        help="replace IN.onnx with the fused model")
+    parser.add_argument("--verify", action="store_true",
+                        help="run both models in ONNX Runtime on the same random inputs and "
+                             "fail (exit 1) if max|a-b|/max|a| exceeds --rtol")
+    parser.add_argument("--rtol", type=float, default=1e-5, metavar="RTOL",
+                        help="tolerance for --verify (default: 1e-5)")
+    parser.add_argument("--input-shape", action="append", default=[], metavar="NAME:d0,d1,...",
+                        help="shape of a graph input for --verify, needed when the model's "
+                             "shape has symbolic dimensions; repeat per input")
+    parser.add_argument("--report", action="store_true",
+                        help="print the full fusion report, with the reasons nodes were left alone")
+    return parser
+
+
+def parse_input_shape(text: str) -> tuple[str, tuple[int, ...]]:
+    """``"images:1,3,224,224"`` -> ``("images", (1, 3, 224, 224))``. The name may itself
+    contain ``:`` (``input:0``); the shape is what follows the last one."""
+    name, sep, dims = text.rpartition(":")
+    try:
+        shape = tuple(int(d) for d in dims.split(","))
+    except ValueError:
+        shape = ()
+    if not sep or not name or not shape or any(d <= 0 for d in shape):
+        raise CliError(f"--input-shape {text!r} is not NAME:d0,d1,... with positive integer "
+                       f"dimensions (e.g. --input-shape images:1,3,224,224)")
+    return name, shape
+
+
+@dataclass
+class _Paths:
+    input: str
+    output: str
+    in_place: bool
+
+
+def _resolve_paths(args) -> _Paths:
+    if args.output is None and not args.in_place:
+        raise CliError("give the output with -o OUT.onnx, or pass --in-place to replace the input",
+                       usage=True)
+    if args.output is not None and args.output == "":
+        raise CliError("-o needs a file name", usage=True)
+    output = args.output if args.output is not None else args.input
+    if args.in_place and args.output is not None and not _same_path(args.output, args.input):
+        raise CliError(f"-o {args.output} and --in-place disagree; pass one of them")
+    if not args.in_place and _same_path(output, args.input):
+        raise CliError(f"-o {output} is the input file; refusing to overwrite the input; "
+                       f"pass --in-place")
+    return _Paths(args.input, output, args.in_place)
+
+
+def _same_path(a: str, b: str) -> bool:
+    try:
+        if os.path.exists(a) and os.path.exists(b):
+            return os.path.samefile(a, b)
+    except OSError:
+        pass
+    return os.path.realpath(a) == os.path.realpath(b)
+
+
+# ---- input checks --------------------------------------------------------------------
+
+_FOREIGN_FORMATS = (
+    (b"\x89PNG", "a PNG image"),
+    (b"\xff\xd8\xff", "a JPEG image"),
+    (b"PK\x03\x04", "a zip archive (a PyTorch checkpoint? export it with torch.onnx.export first)"),
+    (b"\x80\x02", "a Python pickle (a PyTorch checkpoint? export it with torch.onnx.export first)"),
+    (b"\x7fELF", "an executable"),
+    (b"%PDF", "a PDF document"),
+    (b"\x1f\x8b", "a gzip archive (decompress it first)"),
+)
+
+
+def _check_input_file(path: str) -> int:
+    """The input is an existing, readable, non-empty regular file; returns its size."""
+    if not os.path.lexists(path):
+        raise CliError(f"{path}: no such file; check the path to the .onnx model")
+    if os.path.isdir(path):
+        raise CliError(f"{path} is a directory; give the path of the .onnx file inside it")
+    if not os.path.isfile(path):
+        raise CliError(f"{path} is not a regular file (a broken link or a device); "
+                       f"give the path of an .onnx file")
+    if not os.access(path, os.R_OK):
+        raise CliError(f"{path}: permission denied; make the file readable")
+    size = os.path.getsize(path)
+    if size == 0:
+        raise CliError(f"{path} is empty (0 bytes); re-export or re-download the model")
+    return size
+
+
+def _describe_foreign(path: str) -> str | None:
+    with open(path, "rb") as f:
+        head = f.read(512)
+    for magic, what in _FOREIGN_FORMATS:
+        if head.startswith(magic):
+            return what
+    try:
+        text = head.decode("utf-8")
+    except UnicodeDecodeError as error:
+        if error.start < len(head) - 3:
+            return None
+        text = head[:error.start].decode("utf-8")  # a character cut at the 512-byte mark
+    if text.strip() and all(ch.isprintable() or ch in "\r\n\t" for ch in text):
+        if text.lstrip().startswith("<"):
+            return "a text file (HTML/XML? a download that saved an error page?)"
+        return "a text file"
+    return None
+
+
+def _read_model(onnx, path: str):
+    """Parse the ModelProto without its external data."""
+    from google.protobuf.message import DecodeError
+
+    foreign = _describe_foreign(path)
+    if foreign is not None:
+        raise CliError(f"{path} is not an ONNX model, it looks like {foreign}; "
+                       f"give an .onnx file")
+    try:
+        model = onnx.load_model(path, load_external_data=False)
+    except DecodeError as error:
+        raise CliError(f"{path} is not a readable ONNX model: the file is corrupt, truncated "
+                       f"or not ONNX ({_one_line(error)}); re-export or re-download it") from None
+    except (OSError, ValueError) as error:
+        raise CliError(f"cannot read {path}: {_one_line(error)}") from None
+    if not model.HasField("graph") or model.ir_version <= 0:
+        raise CliError(f"{path} is not an ONNX model (no graph or IR version in it: corrupt, "
+                       f"truncated or another format); re-export or re-download it")
+    return model
+
+
+def _check_opset(model, path: str) -> int:
+    versions = [op.version for op in model.opset_import if op.domain in DEFAULT_DOMAINS]
+    if not versions:
+        raise CliError(f"{path} declares no opset for the default ONNX domain (opset_import); "
+                       f"the file is incomplete or truncated; re-export it")
+    opset = max(versions)
+    if opset < MIN_OPSET:
+        raise CliError(f"{path} uses opset {opset}; reparam-fx-onnx needs opset {MIN_OPSET} or "
+                       f"later: re-export with opset_version>={MIN_OPSET}, or convert it with "
+                       f"onnx.version_converter.convert_version(model, 17)")
+    return opset
+
+
+def _graph_tensors(graph):
+    """Every TensorProto a graph holds (initializers, sparse initializers, attribute
+    tensors, recursively through subgraphs), with a name for messages."""
+    for tensor in graph.initializer:
+        yield tensor
+    for sparse in graph.sparse_initializer:
+        yield sparse.values
+        yield sparse.indices
+    yield from _node_tensors(graph.node)
+
+
+def _node_tensors(nodes):
+    for node in nodes:
+        for attribute in node.attribute:
+            if attribute.HasField("t"):
+                yield attribute.t
+            yield from attribute.tensors
+            if attribute.HasField("sparse_tensor"):
+                yield attribute.sparse_tensor.values
+                yield attribute.sparse_tensor.indices
+            for sparse in attribute.sparse_tensors:
+                yield sparse.values
+                yield sparse.indices
+            if attribute.HasField("g"):
+                yield from _graph_tensors(attribute.g)
+            for subgraph in attribute.graphs:
+                yield from _graph_tensors(subgraph)
+
+
+def _model_tensors(model):
+    yield from _graph_tensors(model.graph)
+    for function in model.functions:
+        yield from _node_tensors(function.node)
+
+
+def _external_data(model) -> list[tuple[object, dict[str, str]]]:
+    from onnx import TensorProto
+    return [(tensor, {entry.key: entry.value for entry in tensor.external_data})
+            for tensor in _model_tensors(model)
+            if tensor.HasField("data_location") and tensor.data_location == TensorProto.EXTERNAL]
+
+
+def _unsafe_location(location: str) -> str | None:
+    """Why an external-data location may not be followed, or None."""
+    if not location:
+        return "is empty"
+    if "\0" in location:
+        return "contains a NUL character"
+    if os.path.isabs(location) or location.startswith(("/", "\\")) or \
+            re.match(r"^[A-Za-z]:", location):
+        return "is an absolute path"
+    if ".." in re.split(r"[\\/]+", location):
+        return "has a '..' component"
+    return None
+
+
+def _check_external_data(model, path: str) -> set[str]:
+    """Refuse unsafe or missing external data *before* reading any of it; returns the real
+    paths of the data files."""
+    entries = _external_data(model)
+    if not entries:
+        return set()
+    model_dir = os.path.dirname(os.path.abspath(path))
+    real_dir = os.path.realpath(model_dir)
+    sizes: dict[str, int] = {}
+    for tensor, info in entries:
+        location = info.get("location", "")
+        why = _unsafe_location(location)
+        if why is not None:
+            raise CliError(f"{path}: external data location {location!r} of tensor "
+                           f"{tensor.name!r} {why}, which points outside the model's folder; "
+                           f"refusing to read it. Keep the data file next to the model and "
+                           f"give its plain name")
+        data_path = os.path.join(model_dir, location)
+        if os.path.islink(data_path):
+            raise CliError(f"{path}: external data file {location!r} is a symbolic link; "
+                           f"onnx refuses to read those. Replace it with the file itself")
+        real = os.path.realpath(data_path)
+        if os.path.commonpath([real, real_dir]) != real_dir:
+            raise CliError(f"{path}: external data location {location!r} of tensor "
+                           f"{tensor.name!r} resolves outside the model's folder (through a "
+                           f"linked folder); refusing to read it. Copy the data file next to "
+                           f"the model")
+        if real not in sizes:
+            if not os.path.exists(data_path):
+                raise CliError(f"{path}: external data file {location!r} (tensor "
+                               f"{tensor.name!r}) is missing from {model_dir}; copy it next "
+                               f"to the model")
+            if not os.path.isfile(data_path):
+                raise CliError(f"{path}: external data {location!r} of tensor {tensor.name!r} "
+                               f"is not a regular file")
+            if not os.access(data_path, os.R_OK):
+                raise CliError(f"{path}: external data file {location!r}: permission denied")
+            sizes[real] = os.path.getsize(data_path)
+        try:
+            offset = int(info.get("offset", 0) or 0)
+            length = int(info["length"]) if info.get("length") else None
+        except ValueError:
+            raise CliError(f"{path}: tensor {tensor.name!r} has a malformed external data "
+                           f"offset/length; re-export the model") from None
+        end = offset + (length if length is not None else 0)
+        if offset < 0 or (length is not None and length < 0) or end > sizes[real]:
+            raise CliError(f"{path}: external data file {location!r} is shorter than tensor "
+                           f"{tensor.name!r} needs (bytes {offset}..{end}, file has "
+                           f"{sizes[real]}): it is truncated; copy it again")
+    return set(sizes)
+
+
+def _check_model(onnx, path: str) -> None:
+    """onnx.checker on the file (it reads external data locations relative to the file, and
+    handles models of any size)."""
+    try:
+        onnx.checker.check_model(path)
+    except onnx.checker.ValidationError as error:
+        raise CliError(f"{path} is not a valid ONNX model: {_one_line(error)}") from None
+    except Exception as error:  # noqa: BLE001 - the checker raises a few unrelated types
+        raise CliError(f"{path} is not a valid ONNX model: {type(error).__name__}: "
+                       f"{_one_line(error)}") from None
+
+
+def _load_external_data(onnx, model, path: str) -> None:
+    from onnx.external_data_helper import load_external_data_for_model
+    try:
+        load_external_data_for_model(model, os.path.dirname(os.path.abspath(path)))
+    except Exception as error:  # noqa: BLE001 - onnx raises ValidationError/OSError/ValueError
+        raise CliError(f"{path}: cannot load its external data: {_one_line(error)}") from None
+
+
+# ---- graph interface -----------------------------------------------------------------
+
+def _value_signature(value_info) -> tuple:
+    tensor = value_info.type.tensor_type if value_info.type.HasField("tensor_type") else None
+    if tensor is None:
+        return (value_info.name, value_info.type.SerializeToString(deterministic=True))
+    shape = None
+    if tensor.HasField("shape"):
+        shape = tuple(dim.dim_value if dim.HasField("dim_value") else
+                      (dim.dim_param or None) for dim in tensor.shape.dim)
+    return (value_info.name, tensor.elem_type, shape)
+
+
+def _format_signature(signature: tuple) -> str:
+    if len(signature) == 2:
+        return f"{signature[0]}: (non-tensor)"
+    from onnx import TensorProto
+    name, elem_type, shape = signature
+    dims = "?" if shape is None else ",".join("?" if d is None else str(d) for d in shape)
+    return f"{name}: {TensorProto.DataType.Name(elem_type).lower()}[{dims}]"
+
+
+def graph_interface(model) -> tuple[list[tuple], list[tuple]]:
+    """The graph's inputs (initializers excluded) and outputs: (name, elem_type, shape)."""
+    constants = {t.name for t in model.graph.initializer}
+    constants |= {s.values.name for s in model.graph.sparse_initializer}
+    inputs = [_value_signature(v) for v in model.graph.input if v.name not in constants]
+    outputs = [_value_signature(v) for v in model.graph.output]
+    return inputs, outputs
+
+
+def _check_interface_kept(original, fused) -> None:
+    before, after = graph_interface(original), graph_interface(fused)
+    for kind, old, new in (("inputs", before[0], after[0]), ("outputs", before[1], after[1])):
+        if old != new:
+            raise CliError(
+                f"internal error: fusing changed the graph {kind} from "
+                f"[{'; '.join(map(_format_signature, old))}] to "
+                f"[{'; '.join(map(_format_signature, new))}]; nothing written. Please report "
+                f"this with the model", EXIT_FAILED)
+
+
+def _verification_shapes(model, requested: dict[str, tuple[int, ...]]) -> dict[str, tuple[int, ...]]:
+    """Check every graph input has a concrete shape for --verify, from the model or from
+    --input-shape; returns the shapes to pass to verify_onnx."""
+    inputs, _ = graph_interface(model)
+    names = [signature[0] for signature in inputs]
+    for name in requested:
+        if name not in names:
+            raise CliError(f"--input-shape names {name!r}, which is not a graph input; the "
+                           f"inputs are: {', '.join(names) or '(none)'}")
+    for signature in inputs:
+        if len(signature) == 2:
+            continue  # not a tensor; verify_onnx decides
+        name, _, shape = signature
+        given = requested.get(name)
+        if given is not None:
+            if shape is not None and (len(shape) != len(given) or any(
+                    isinstance(d, int) and d > 0 and d != g for d, g in zip(shape, given))):
+                model_dims = ",".join("?" if not isinstance(d, int) or d <= 0 else str(d)
+                                      for d in shape)
+                raise CliError(f"--input-shape {name}:{','.join(map(str, given))} does not "
+                               f"match the model's shape [{model_dims}] for input {name!r}")
+            continue
+        if shape is None:
+            raise CliError(f"--verify: input {name!r} has no shape in the model; pass "
+                           f"--input-shape {name}:d0,d1,...")
+        symbolic = [(axis, d) for axis, d in enumerate(shape) if not isinstance(d, int) or d <= 0]
+        if symbolic:
+            axis, dim = symbolic[0]
+            example = ",".join("N" if not isinstance(d, int) or d <= 0 else str(d) for d in shape)
+            label = f"symbolic dimension {dim!r}" if dim else "an unknown dimension"
+            raise CliError(f"--verify: input {name!r} has {label} (axis {axis}); pass "
+                           f"--input-shape NAME:d0,d1,... e.g. --input-shape {name}:{example} "
+                           f"with N filled in")
+    return dict(requested)
+
+
+# ---- output --------------------------------------------------------------------------
+
+def _check_output_location(paths: _Paths, input_data_files: set[str]) -> tuple[str, str]:
+    """The output's folder exists and is writable, and writing there touches no input file
+    (unless --in-place); returns (folder, data file name)."""
+    output = paths.output
+    folder = os.path.dirname(os.path.abspath(output))
+    name = os.path.basename(output)
+    if not name or output.endswith(("/", os.sep)):
+        raise CliError(f"-o {output} names a folder; give a file name such as "
+                       f"{os.path.join(output, 'model_fused.onnx')}")
+    if os.path.isdir(output):
+        raise CliError(f"-o {output} is a directory; give a file name such as "
+                       f"{os.path.join(output, 'model_fused.onnx')}")
+    if not os.path.isdir(folder):
+        what = "is not a directory" if os.path.exists(folder) else "does not exist"
+        raise CliError(f"cannot write {output}: the output folder {folder} {what}; create it "
+                       f"or choose another -o")
+    if not os.access(folder, os.W_OK | os.X_OK):
+        raise CliError(f"cannot write {output}: the output folder {folder} is not writable; "
+                       f"choose another -o")
+    data_name = name + ".data"
+    if not paths.in_place:
+        for candidate in (output, os.path.join(folder, data_name)):
+            if os.path.realpath(candidate) in input_data_files:
+                raise CliError(f"writing {output} would overwrite the input's external data "
+                               f"file {candidate}; choose another -o, or pass --in-place")
+    return folder, data_name
+
+
+def _tensor_bytes(model) -> int:
+    total = 0
+    for tensor in _model_tensors(model):
+        total += len(tensor.raw_data)
+        total += 8 * (len(tensor.float_data) + len(tensor.int32_data) + len(tensor.int64_data)
+                      + len(tensor.double_data) + len(tensor.uint64_data))
+        total += sum(len(s) for s in tensor.string_data)
+    return total
+
+
+def _fsync(path: str) -> None:
+    with open(path, "rb") as f:
+        os.fsync(f.fileno())
+
+
+def write_model_atomically(onnx, model, output: str, *, external_data: bool,
+                           data_name: str, mode_from: str | None = None) -> list[str]:
+    """Save ``model`` to ``output`` via a temporary folder next to it, then ``os.replace``
+    (data file first, model last). Returns the paths written. ``model`` may be changed
+    (onnx moves tensors out of it when saving external data)."""
+    folder = os.path.dirname(os.path.abspath(output))
+    name = os.path.basename(output)
+    try:
+        staging = tempfile.mkdtemp(prefix=f".{name}.", suffix=".tmp", dir=folder)
+    except OSError as error:
+        raise CliError(f"cannot write {output}: {_one_line(error)}; choose another -o") from None
+    written = []
+    try:
+        staged_model = os.path.join(staging, name)
+        staged_data = os.path.join(staging, data_name)
+        if external_data:
+            onnx.save_model(model, staged_model, save_as_external_data=True,
+                            all_tensors_to_one_file=True, location=data_name,
+                            size_threshold=EXTERNAL_DATA_SIZE_THRESHOLD)
+        else:
+            onnx.save_model(model, staged_model)
+        if mode_from is not None:
+            shutil.copymode(mode_from, staged_model)
+        has_data = os.path.exists(staged_data)
+        if has_data:
+            _fsync(staged_data)
+        _fsync(staged_model)
+        if has_data:
+            final_data = os.path.join(folder, data_name)
+            os.replace(staged_data, final_data)
+            written.append(final_data)
+        os.replace(staged_model, output)
+        written.insert(0, output)
+        try:
+            dir_fd = os.open(folder, os.O_RDONLY)
+            try:
+                os.fsync(dir_fd)
+            finally:
+                os.close(dir_fd)
+        except OSError:
+            pass  # not every platform can fsync a directory
+    except OSError as error:
+        raise CliError(f"cannot write {output}: {_one_line(error)}") from None
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    return written
+
+
+# ---- printing ------------------------------------------------------------------------
+
+def summary_lines(report, path: str) -> list[str]:
+    lines = [f"{path}: nodes {report.nodes_before} -> {report.nodes_after}"]
+    counts = report.pattern_counts()
+    if counts:
+        lines.append(f"  fused {sum(counts.values())} region(s):")
+        width = max(len(pattern) for pattern in counts)
+        for pattern, count in sorted(counts.items()):
+            lines.append(f"    {pattern:<{width}}  {count:>5}")
+    else:
+        lines.append("  nothing fused")
+    if report.skipped:
+        lines.append(f"  left alone {len(report.skipped)} node(s); --report shows why")
+    return lines
+
+
+# ---- main ----------------------------------------------------------------------------
+
+def _import_onnx():
+    try:
+        import onnx
+        import onnx.checker  # noqa: F401
+        import onnx.external_data_helper  # noqa: F401
+    except ImportError as error:
+        raise CliError(f"the ONNX tools are not installed ({_one_line(error)}); "
+                       f"pip install 'reparam-fx[onnx]'") from None
+    return onnx
+
+
+def _import_frontend():
+    try:
+        from reparam_fx.onnx_ import fuse_onnx_model, verify_onnx
+    except ImportError as error:
+        raise CliError(f"the ONNX frontend cannot be imported ({_one_line(error)}); "
+                       f"pip install 'reparam-fx[onnx]'") from None
+    return fuse_onnx_model, verify_onnx
+
+
+def run(args) -> int:
+    onnx = _import_onnx()
+    if not (args.rtol >= 0 and math.isfinite(args.rtol)):
+        raise CliError(f"--rtol {args.rtol} must be a finite number >= 0", usage=True)
+    requested_shapes = dict(parse_input_shape(text) for text in args.input_shape)
+    paths = _resolve_paths(args)
+
+    _check_input_file(paths.input)
+    model = _read_model(onnx, paths.input)
+    _check_opset(model, paths.input)
+    data_files = _check_external_data(model, paths.input)
+    _check_model(onnx, paths.input)
+    _, data_name = _check_output_location(paths, data_files)
+    shapes = _verification_shapes(model, requested_shapes) if args.verify else None
+    _load_external_data(onnx, model, paths.input)
+
+    fuse_onnx_model, verify_onnx = _import_frontend()
+    try:
+        fused, report = fuse_onnx_model(model)
+    except Exception as error:  # noqa: BLE001 - any failure is reported in one line
+        raise CliError(f"fusing {paths.input} failed: {type(error).__name__}: "
+                       f"{_one_line(error)}", EXIT_FAILED) from None
+    _check_interface_kept(model, fused)
+    print("\n".join([report.table()] if args.report else summary_lines(report, paths.input)))
+
+    if args.verify:
+        from reparam_fx.verify import VerificationError
+        try:
+            error = verify_onnx(model, fused, input_shapes=shapes or None, rtol=math.inf)
+        except ValueError as failure:
+            raise CliError(f"--verify: {_one_line(failure)}; pass --input-shape "
+                           f"NAME:d0,d1,...") from None
+        except VerificationError as failure:
+            raise CliError(f"verification failed: {_one_line(failure)}; nothing written",
+                           EXIT_FAILED) from None
+        except Exception as failure:  # noqa: BLE001 - ONNX Runtime errors
+            raise CliError(f"verification could not run: {type(failure).__name__}: "
+                           f"{_one_line(failure)}; nothing written", EXIT_FAILED) from None
+        if not error <= args.rtol:  # also catches NaN
+            raise CliError(f"verification failed: max relative error {error:.3g} is above "
+                           f"--rtol {args.rtol:g}; nothing written", EXIT_FAILED)
+        print(f"verify: max relative error {error:.3g} (rtol {args.rtol:g}) ok")
+
+    external = bool(data_files) or _tensor_bytes(fused) > EXTERNAL_DATA_THRESHOLD
+    written = write_model_atomically(onnx, fused, paths.output, external_data=external,
+                                     data_name=data_name,
+                                     mode_from=paths.input if paths.in_place else None)
+    print(f"wrote {' and '.join(written)}")
+    if paths.in_place:
+        kept = sorted(f for f in data_files if f not in {os.path.realpath(w) for w in written})
+        if kept:
+            print(f"note: {', '.join(kept)} held the input's external data and is no longer "
+                  f"used by {paths.output}")
+    return EXIT_OK
+
+
+def main(argv=None) -> int:
+    """Entry point of ``reparam-fx-onnx`` and ``tools/fuse_onnx.py``; returns the exit status."""
+    parser = build_parser()
+    try:
+        try:
+            args = parser.parse_args(argv)
+        except SystemExit as exit_:  # --help / --version
+            return int(exit_.code or 0)
+        return run(args)
+    except CliError as error:
+        if error.usage:
+            parser.print_usage(sys.stderr)
+        print(f"{PROG}: error: {_one_line(error)}", file=sys.stderr)
+        return error.status
+    except KeyboardInterrupt:
+        print(f"{PROG}: error: interrupted; nothing written", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())
