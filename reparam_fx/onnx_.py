@@ -293,6 +293,11 @@ def _arithmetic(node, view):
         return op
     else:
         return None
+    if np.size(constant) == 1 and not _made_by_affine_op(tensor, view):
+        # e.g. the final "* 0.5" of a decomposed GELU: folding it into the next conv
+        # would break the pattern ONNX Runtime fuses back into one Gelu kernel
+        return Refused("a scalar constant on an activation's output is left for the "
+                       "runtime's activation fusion")
     if node.op == "Add":
         return _channel_constant(tensor, constant, shift=True)
     if node.op == "Sub":
@@ -302,6 +307,12 @@ def _arithmetic(node, view):
     if not np.all(constant != 0):
         return Refused("division by a constant containing zeros")
     return _channel_constant(tensor, 1.0 / constant.astype(np.float64))
+
+
+def _made_by_affine_op(tensor, view) -> bool:
+    """Whether ``tensor`` comes from an op this frontend folds (conv, BN, linear, ...)."""
+    producer = tensor.inputs[0] if isinstance(tensor, gs.Variable) and tensor.inputs else None
+    return producer is not None and isinstance(view.interpret(view.handle(tensor)), (Unary, Sum))
 
 
 def _channel_constant(tensor, constant: np.ndarray, shift: bool = False):

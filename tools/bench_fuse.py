@@ -8,7 +8,11 @@ Three measurements, printed as markdown and written to ``out/bench_fuse.json``:
    three forms back to back, in rotating order, ``--calls`` calls each). The fused/hand
    ratio is the median of the per-repeat ratios, which cancels the machine's drift
    between repeats. Also op counts and the fp32 relative error of the fused model.
-2. ``reparam_fx.fuse`` wall time on an already traced graph of N RepVGG blocks, for
+2. ONNX: each reference model exported (torch.onnx, dynamo=False, opset 17) in training
+   form and fused with ``reparam_fx.fuse_onnx_model``, against the export of its
+   hand-reparameterized form: node counts and ONNX Runtime CPU latency (one thread,
+   interleaved repeats, median of per-repeat ratios).
+3. ``reparam_fx.fuse`` wall time on an already traced graph of N RepVGG blocks, for
    N = 400 and 4000, median of repeats, and the 10x scaling ratio.
 
     python tools/bench_fuse.py [--repeats 30] [--size 224] [--threads 1] [--quick]
@@ -82,6 +86,62 @@ def latency_table(repeats: int, size: int, calls: int) -> list[dict]:
     return rows
 
 
+def _export(model, x):
+    import contextlib
+    import io
+    import warnings
+
+    import onnx
+    buffer = io.BytesIO()
+    with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
+        warnings.simplefilter("ignore")
+        torch.onnx.export(model, (x,), buffer, dynamo=False, opset_version=17)
+    return onnx.load_from_string(buffer.getvalue())
+
+
+def onnx_table(repeats: int, size: int, calls: int) -> list[dict]:
+    import onnxruntime as ort
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = 1
+    x = torch.randn(1, 3, size, size)
+    rows = []
+    for name, build in ALL_BUILDERS.items():
+        model = build().eval()
+        randomize_batchnorm_(model, seed=1)
+        randomize_parameters_(model, seed=2)
+        train = _export(model, x)
+        hand = _export(reparameterize_model(model), x)
+        start = time.perf_counter()
+        fused, _ = reparam_fx.fuse_onnx_model(train)
+        fuse_seconds = time.perf_counter() - start
+        error = reparam_fx.verify_onnx(train, fused, rtol=1e-4)
+        sessions = {key: ort.InferenceSession(m.SerializeToString(), options,
+                                              providers=["CPUExecutionProvider"])
+                    for key, m in (("train", train), ("hand", hand), ("fused", fused))}
+        feed = {train.graph.input[0].name: x.numpy()}
+        samples = {key: [] for key in sessions}
+        for session in sessions.values():
+            for _ in range(3):
+                session.run(None, feed)
+        keys = list(sessions)
+        for repeat in range(repeats):
+            for key in keys[repeat % 3:] + keys[:repeat % 3]:
+                start = time.perf_counter()
+                for _ in range(calls):
+                    sessions[key].run(None, feed)
+                samples[key].append((time.perf_counter() - start) / calls)
+        median = {key: statistics.median(v) * 1e3 for key, v in samples.items()}
+        rows.append({
+            "model": name, "nodes_train": len(train.graph.node), "nodes_hand": len(hand.graph.node),
+            "nodes_fused": len(fused.graph.node),
+            "train_ms": median["train"], "hand_ms": median["hand"], "fused_ms": median["fused"],
+            "fused_over_hand": statistics.median(
+                f / h for f, h in zip(samples["fused"], samples["hand"])),
+            "speedup_vs_train": median["train"] / median["fused"],
+            "rel_error": error, "fuse_seconds": fuse_seconds})
+    return rows
+
+
 class _RepVGGBlock(nn.Module):
     """The official block's graph shape: dense 3x3+BN, 1x1+BN, identity BN, ReLU."""
 
@@ -144,6 +204,16 @@ def main(argv=None) -> int:
               f"| {r['fused_over_hand']:.3f} | {r['speedup_vs_train']:.2f}x "
               f"| {'yes' if r['ops_not_above_hand'] else 'NO'} "
               f"| {r['params_hand']:,} -> {r['params_fused']:,} | {r['fp32_rel_error']:.1e} |")
+    onnx_rows = onnx_table(args.repeats, args.size, args.calls)
+    print("\nONNX Runtime CPU latency (1 thread), same input, ms; nodes train -> hand -> "
+          "fused:\n")
+    print("| model | nodes train | nodes hand | nodes fused | train | hand reparam | "
+          "reparam_fx (ONNX) | fused/hand | speed-up vs train | rel. error |")
+    print("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
+    for r in onnx_rows:
+        print(f"| {r['model']} | {r['nodes_train']} | {r['nodes_hand']} | {r['nodes_fused']} "
+              f"| {r['train_ms']:.2f} | {r['hand_ms']:.2f} | {r['fused_ms']:.2f} "
+              f"| {r['fused_over_hand']:.3f} | {r['speedup_vs_train']:.2f}x | {r['rel_error']:.1e} |")
     scaling = fuse_scaling(3 if args.quick else 7, (40, 400) if args.quick else (400, 4000))
     print("\n`reparam_fx.fuse` on an already traced graph of RepVGG blocks (median):\n")
     print("| blocks | graph nodes | fuse() seconds | convs after |")
@@ -154,7 +224,8 @@ def main(argv=None) -> int:
     print(f"\n10x the graph -> {ratio:.1f}x the time")
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps({"machine": machine, "date": time.strftime("%Y-%m-%d"),
-                                    "latency": rows, "fuse_scaling": scaling,
+                                    "latency": rows, "onnx": onnx_rows,
+                                    "fuse_scaling": scaling,
                                     "scaling_ratio": ratio}, indent=2))
     print(f"\nwrote {args.out.relative_to(ROOT) if args.out.is_relative_to(ROOT) else args.out}")
     return 0
