@@ -11,22 +11,30 @@ that is exact for every input size and adds no MACs. The algebra is in
 :mod:`reparam_fx.affine`; the torch.fx frontend in :mod:`reparam_fx.fx`.
 """
 
-from reparam_fx.fx import FusionError, fuse
-from reparam_fx.report import FusedRegion, FusionReport, Skipped, op_counts, parameter_count
-from reparam_fx.verify import VerificationError, relative_error, verify
+from importlib import import_module
 
-__all__ = [
-    "fuse", "FusionError", "verify", "VerificationError", "relative_error",
-    "FusionReport", "FusedRegion", "Skipped", "op_counts", "parameter_count",
-]
+# Public names and the modules that define them; loaded on first use, so that e.g. the
+# ONNX command line reports a bad file without importing torch first.
+_EXPORTS = {
+    "fuse": "reparam_fx.fx", "FusionError": "reparam_fx.fx",
+    "verify": "reparam_fx.verification", "VerificationError": "reparam_fx.verification",
+    "relative_error": "reparam_fx.verification",
+    "FusionReport": "reparam_fx.report", "FusedRegion": "reparam_fx.report",
+    "Skipped": "reparam_fx.report", "op_counts": "reparam_fx.report",
+    "parameter_count": "reparam_fx.report",
+    "fuse_onnx_model": "reparam_fx.onnx_", "verify_onnx": "reparam_fx.onnx_",
+}
+__all__ = sorted(_EXPORTS)
 __version__ = "0.1.0"
-
-_ONNX_API = ("fuse_onnx_model", "verify_onnx")
 
 
 def __getattr__(name):
-    """The ONNX frontend loads on first use (it needs the ``onnx`` extra)."""
-    if name in _ONNX_API:
-        from reparam_fx import onnx_
-        return getattr(onnx_, name)
+    if name in _EXPORTS:
+        value = getattr(import_module(_EXPORTS[name]), name)
+        globals()[name] = value
+        return value
     raise AttributeError(f"module 'reparam_fx' has no attribute {name!r}")
+
+
+def __dir__():
+    return sorted(set(globals()) | set(_EXPORTS))

@@ -36,7 +36,7 @@ from reparam_fx import affine
 from reparam_fx.affine import ConvTerm
 from reparam_fx.regions import Refused, Region, RegionBuilder, Sum, Unary, select_rewrites
 from reparam_fx.report import FusedRegion, FusionReport, Skipped, classify_region
-from reparam_fx.verify import VerificationError
+from reparam_fx.verification import VerificationError
 
 MIN_OPSET = 13
 MAX_PASSES = 4
@@ -389,12 +389,17 @@ def _gemm(node):
 # ---- writing regions back --------------------------------------------------------------
 
 def _weight_dtype(region: Region) -> np.dtype:
+    """The dtype of the region's weights (or, for pools and pads, of its tensors)."""
     for value in region.nodes:
         node = value.producer
         if node is not None and node.op in ("Conv", "Gemm", "MatMul"):
             weight = constant_value(node.inputs[1])
             if weight is not None and weight.dtype.kind == "f":
                 return weight.dtype
+    for tensor in (region.nodes[-1].var, region.source.var):
+        dtype = getattr(tensor, "dtype", None)
+        if dtype is not None and np.dtype(dtype).kind == "f":
+            return np.dtype(dtype)
     return np.dtype(np.float32)
 
 
@@ -619,7 +624,7 @@ def random_inputs(model: onnx.ModelProto, input_shapes: dict | None = None,
                 else:
                     label = dim.dim_param or "?"
                     raise ValueError(f"input {value.name!r} has symbolic dimension {label!r}: "
-                                     f"give its shape (e.g. --input-shape {value.name}:1,3,224,224)")
+                                     f"give its shape in input_shapes={{{value.name!r}: (...)}}")
         dtype = _NUMPY_TYPES.get(tensor_type.elem_type, np.float32)
         feeds[value.name] = rng.standard_normal(shape).astype(dtype)
     return feeds
@@ -634,6 +639,7 @@ def verify_onnx(reference: onnx.ModelProto, candidate: onnx.ModelProto,
     feeds = random_inputs(reference, input_shapes, seed)
     options = ort.SessionOptions()
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    options.log_severity_level = 3  # errors only
 
     def run(model):
         session = ort.InferenceSession(model.SerializeToString(), options,

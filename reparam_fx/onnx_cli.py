@@ -16,6 +16,8 @@ Exit status
        without ``--input-shape``); a one-line ``reparam-fx-onnx: error: ...`` on stderr,
        no traceback, nothing written.
 
+``REPARAM_FX_DEBUG=1`` lets an unexpected exception (a bug) show its traceback.
+
 Every check on the input runs before any work is done, and the output is written last:
 
 1. the input is a readable, non-empty regular file that parses as an ONNX ``ModelProto``
@@ -232,8 +234,8 @@ def _check_opset(model, path: str) -> int:
 
 
 def _graph_tensors(graph):
-    """Every TensorProto a graph holds (initializers, sparse initializers, attribute
-    tensors, recursively through subgraphs), with a name for messages."""
+    """Every TensorProto a graph holds: initializers, sparse initializers and attribute
+    tensors, recursively through subgraphs."""
     for tensor in graph.initializer:
         yield tensor
     for sparse in graph.sparse_initializer:
@@ -301,9 +303,9 @@ def _check_external_data(model, path: str) -> set[str]:
         why = _unsafe_location(location)
         if why is not None:
             raise CliError(f"{path}: external data location {location!r} of tensor "
-                           f"{tensor.name!r} {why}, which points outside the model's folder; "
-                           f"refusing to read it. Keep the data file next to the model and "
-                           f"give its plain name")
+                           f"{tensor.name!r} {why}; only files inside the model's folder are "
+                           f"read, so refusing to load it. Keep the data file next to the "
+                           f"model and record its plain name as the location")
         data_path = os.path.join(model_dir, location)
         if os.path.islink(data_path):
             raise CliError(f"{path}: external data file {location!r} is a symbolic link; "
@@ -484,50 +486,76 @@ def _fsync(path: str) -> None:
 
 def write_model_atomically(onnx, model, output: str, *, external_data: bool,
                            data_name: str, mode_from: str | None = None) -> list[str]:
-    """Save ``model`` to ``output`` via a temporary folder next to it, then ``os.replace``
-    (data file first, model last). Returns the paths written. ``model`` may be changed
-    (onnx moves tensors out of it when saving external data)."""
+    """Save ``model`` to ``output`` through a temporary folder next to it, then move the
+    files into place with ``os.replace``: the external-data file first, the model last (the
+    model's rename is the commit). If that fails, the data file is rolled back to what was
+    there before. Returns the paths written. ``model`` may be changed (onnx moves tensors
+    out of it when saving external data)."""
     folder = os.path.dirname(os.path.abspath(output))
     name = os.path.basename(output)
     try:
         staging = tempfile.mkdtemp(prefix=f".{name}.", suffix=".tmp", dir=folder)
     except OSError as error:
         raise CliError(f"cannot write {output}: {_one_line(error)}; choose another -o") from None
-    written = []
+    has_data = False
     try:
         staged_model = os.path.join(staging, name)
         staged_data = os.path.join(staging, data_name)
-        if external_data:
-            onnx.save_model(model, staged_model, save_as_external_data=True,
-                            all_tensors_to_one_file=True, location=data_name,
-                            size_threshold=EXTERNAL_DATA_SIZE_THRESHOLD)
-        else:
-            onnx.save_model(model, staged_model)
-        if mode_from is not None:
-            shutil.copymode(mode_from, staged_model)
-        has_data = os.path.exists(staged_data)
-        if has_data:
-            _fsync(staged_data)
-        _fsync(staged_model)
-        if has_data:
-            final_data = os.path.join(folder, data_name)
-            os.replace(staged_data, final_data)
-            written.append(final_data)
-        os.replace(staged_model, output)
-        written.insert(0, output)
         try:
-            dir_fd = os.open(folder, os.O_RDONLY)
-            try:
-                os.fsync(dir_fd)
-            finally:
-                os.close(dir_fd)
-        except OSError:
-            pass  # not every platform can fsync a directory
-    except OSError as error:
-        raise CliError(f"cannot write {output}: {_one_line(error)}") from None
+            if external_data:
+                onnx.save_model(model, staged_model, save_as_external_data=True,
+                                all_tensors_to_one_file=True, location=data_name,
+                                size_threshold=EXTERNAL_DATA_SIZE_THRESHOLD)
+            else:
+                onnx.save_model(model, staged_model)
+            if mode_from is not None:
+                shutil.copymode(mode_from, staged_model)
+            has_data = os.path.exists(staged_data)
+            if has_data:
+                shutil.copymode(staged_model, staged_data)  # onnx creates it 0600
+                _fsync(staged_data)
+            _fsync(staged_model)
+            if has_data:
+                _replace_pair(staged_data, os.path.join(folder, data_name), staged_model, output)
+            else:
+                os.replace(staged_model, output)
+        except (OSError, ValueError) as error:  # ValueError: onnx's 2 GB protobuf limit
+            raise CliError(f"cannot write {output}: {_one_line(error)}") from None
+        _fsync_folder(folder)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
-    return written
+    if has_data:
+        return [output, os.path.join(os.path.dirname(output), data_name)]
+    return [output]
+
+
+def _replace_pair(staged_data: str, data: str, staged_model: str, model: str) -> None:
+    """Move the data file, then the model, into place; on failure put back the data file
+    that was there before (kept next to the staged files meanwhile)."""
+    previous = None
+    if os.path.lexists(data):
+        previous = staged_data + ".previous"
+        os.replace(data, previous)
+    try:
+        os.replace(staged_data, data)
+        os.replace(staged_model, model)
+    except BaseException:
+        if not os.path.lexists(staged_data) and os.path.lexists(data):
+            os.remove(data)  # ours: it was moved in before the model failed
+        if previous is not None:
+            os.replace(previous, data)
+        raise
+
+
+def _fsync_folder(folder: str) -> None:
+    try:
+        fd = os.open(folder, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+    except OSError:
+        pass  # not every platform can fsync a directory
 
 
 # ---- printing ------------------------------------------------------------------------
@@ -562,11 +590,20 @@ def _import_onnx():
 
 def _import_frontend():
     try:
-        from reparam_fx.onnx_ import fuse_onnx_model, verify_onnx
+        from reparam_fx import onnx_ as frontend
     except ImportError as error:
         raise CliError(f"the ONNX frontend cannot be imported ({_one_line(error)}); "
                        f"pip install 'reparam-fx[onnx]'") from None
-    return fuse_onnx_model, verify_onnx
+    return frontend
+
+
+def _quiet_onnxruntime() -> None:
+    """Keep ONNX Runtime's warnings (e.g. initializers listed as graph inputs) off stderr."""
+    try:
+        import onnxruntime
+        onnxruntime.set_default_logger_severity(3)
+    except Exception:  # noqa: BLE001 - verify_onnx reports a missing onnxruntime itself
+        pass
 
 
 def run(args) -> int:
@@ -585,19 +622,26 @@ def run(args) -> int:
     shapes = _verification_shapes(model, requested_shapes) if args.verify else None
     _load_external_data(onnx, model, paths.input)
 
-    fuse_onnx_model, verify_onnx = _import_frontend()
+    frontend = _import_frontend()
+    unsupported = getattr(frontend, "OnnxFusionError", ())
     try:
-        fused, report = fuse_onnx_model(model)
+        fused, report = frontend.fuse_onnx_model(model)
+    except unsupported as error:  # the model is outside what the frontend handles
+        raise CliError(f"cannot fuse {paths.input}: {_one_line(error)}") from None
     except Exception as error:  # noqa: BLE001 - any failure is reported in one line
+        if os.environ.get("REPARAM_FX_DEBUG"):
+            raise
         raise CliError(f"fusing {paths.input} failed: {type(error).__name__}: "
                        f"{_one_line(error)}", EXIT_FAILED) from None
     _check_interface_kept(model, fused)
     print("\n".join([report.table()] if args.report else summary_lines(report, paths.input)))
 
     if args.verify:
-        from reparam_fx.verify import VerificationError
+        from reparam_fx.verification import VerificationError
+        _quiet_onnxruntime()
         try:
-            error = verify_onnx(model, fused, input_shapes=shapes or None, rtol=math.inf)
+            error = frontend.verify_onnx(model, fused, input_shapes=shapes or None,
+                                         rtol=math.inf)
         except ValueError as failure:
             raise CliError(f"--verify: {_one_line(failure)}; pass --input-shape "
                            f"NAME:d0,d1,...") from None
@@ -642,6 +686,13 @@ def main(argv=None) -> int:
     except KeyboardInterrupt:
         print(f"{PROG}: error: interrupted; nothing written", file=sys.stderr)
         return 130
+    except Exception as error:  # noqa: BLE001 - a bug: one line unless debugging
+        if os.environ.get("REPARAM_FX_DEBUG"):
+            raise
+        print(f"{PROG}: error: unexpected {type(error).__name__}: {_one_line(error)} (a bug; "
+              f"rerun with REPARAM_FX_DEBUG=1 for the traceback and please report it)",
+              file=sys.stderr)
+        return EXIT_FAILED
 
 
 if __name__ == "__main__":

@@ -162,9 +162,10 @@ class RegionBuilder:
             raise NotExact("the constant would broadcast the tensor to a higher rank")
         region_axis = merged_axis(base.axis, axis)
         new_term = affine.compose(base.term, term)
+        # a region started on an input is not an identity branch once an op follows it
         region = Region(base.source, new_term, region_axis, [*base.nodes, *op.extra_nodes, node],
-                         base.kinds.copy(), list(base.kernels), base.branches, base.has_identity,
-                         base.has_sub)
+                        base.kinds.copy(), list(base.kernels), base.branches,
+                        base.has_identity and bool(base.nodes), base.has_sub)
         region.kinds[op.role] += 1
         if op.role == "conv":
             region.kernels.append(term.kernel)
@@ -232,7 +233,8 @@ class RegionBuilder:
         if len(self.view.users(node)) != 1 or node in self.view.mutated:
             return False
         user = next(iter(self.view.users(node)))
-        if user in self.view.mutated or not isinstance(self.view.interpret(user), Sum):
+        if not self.view.is_value(user) or user in self.view.mutated \
+                or not isinstance(self.view.interpret(user), Sum):
             return False
         target = self.view.inplace_target(user)
         return target is None or len(self.view.users(target)) == 1

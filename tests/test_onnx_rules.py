@@ -1,0 +1,745 @@
+"""One positive and one negative test per folding rule of the ONNX frontend
+(:func:`reparam_fx.onnx_.fuse_onnx_model`), mirroring ``test_fx_rules.py``.
+
+Graphs are built with ``onnx.helper`` (opset 17 unless a test is about opsets), in float64
+(compared with the ONNX reference evaluator at ``rtol=1e-10``) and in float32 (ONNX
+Runtime through ``verify_onnx`` at ``rtol=1e-5``). Positive: the fold happened (node
+counts by op type, ``report.pattern_counts()``), outputs equal. Negative: the fold was
+refused (the relevant nodes are still there), outputs equal, the report says why. Every
+check also asserts that the input model is unchanged and that graph inputs / outputs keep
+their names, shapes and element types (``onnx_checks.fuse_checked``). Last, a hypothesis
+property over random multi-branch graphs.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import onnx
+import pytest
+from hypothesis import event, given, note
+from hypothesis import strategies as st
+
+from onnx_checks import (GraphBuilder, RTOL64, assert_reason, assert_same_outputs, attribute,
+                         conv_batchnorm_pairs, fuse_checked, fuse_exactly, fuse_refused,
+                         initializer, nodes_of, op_counts)
+from reparam_fx.onnx_ import OnnxFusionError, fuse_onnx_model
+
+DTYPES = pytest.mark.parametrize("dtype", [np.float64, np.float32], ids=["f64", "f32"])
+FOLDED = {"Conv": 1, "BatchNormalization": 0, "Add": 0, "Sub": 0, "Mul": 0}
+
+# How a block's output is used: as a graph output directly, or through a Relu.
+TAILS = pytest.mark.parametrize("tail", [
+    pytest.param(None, id="output"),
+    pytest.param("Relu", id="relu"),
+])
+
+
+def only(model: onnx.ModelProto, op: str) -> onnx.NodeProto:
+    (node,) = nodes_of(model, op)
+    return node
+
+
+def finish(g: GraphBuilder, y: str, tail: str | None, extra_outputs=()) -> onnx.ModelProto:
+    """The model with ``y`` (or ``tail(y)``) as its output, after ``extra_outputs``."""
+    return g.build([*extra_outputs, g.node(tail, [y]) if tail else y])
+
+
+def producer(model: onnx.ModelProto, name: str) -> onnx.NodeProto:
+    (node,) = [n for n in model.graph.node if name in n.output]
+    return node
+
+
+# ---- 1. Conv + BatchNormalization ---------------------------------------------------------
+
+@DTYPES
+@pytest.mark.parametrize("spatial", [1, 2, 3])
+@pytest.mark.parametrize("stride, dilation, group, bias", [
+    (1, 1, 1, False), (2, 1, 1, True), (1, 2, 2, False), (2, 2, 4, True),
+])
+def test_conv_bn_folds(dtype, spatial, stride, dilation, group, bias):
+    g = GraphBuilder(dtype)
+    size = 9 if spatial < 3 else 7
+    x = g.input([2, 4, *(size,) * spatial])
+    y = g.conv_bn(x, 4, 8, 3, stride=stride, dilation=dilation, group=group, bias=bias,
+                  spatial=spatial)
+    fused, _ = fuse_exactly(g.build(y), ops={"Conv": 1, "BatchNormalization": 0},
+                            patterns={"conv+bn": 1})
+    conv = only(fused, "Conv")
+    assert attribute(conv, "group") == group
+    assert attribute(conv, "strides") == [stride] * spatial
+    assert attribute(conv, "dilations") == [dilation] * spatial
+    assert attribute(conv, "pads") == [dilation] * (2 * spatial)
+    assert len(conv.input) == 3, "the folded conv needs a bias"
+    assert initializer(fused, conv.input[1]).dtype == dtype
+
+
+@DTYPES
+def test_conv_relu_bn_not_folded(dtype):
+    """A nonlinearity between the conv and the BN: nothing to fold."""
+    g = GraphBuilder(dtype)
+    x = g.input([2, 4, 6, 6])
+    y = g.batchnorm(g.node("Relu", [g.conv(x, 4, 4, 3)]), 4)
+    fused, report = fuse_refused(g.build(y), unchanged=("Conv", "BatchNormalization", "Relu"),
+                                 reason="no conv or linear next to it")
+    assert not report.fused
+
+
+def test_batchnorm_in_training_mode_not_folded():
+    """training_mode=1 (opset 14+) uses batch statistics: never folded. ONNX Runtime cannot
+    run this graph (it wants the running-statistics outputs), so only the graph is checked."""
+    g = GraphBuilder(np.float32)
+    x = g.input([2, 4, 6, 6])
+    conv = g.conv(x, 4, 4, 3)
+    scale, bias, mean, var = (g.constant(g.uniform(4, 0.5, 1.5), p) for p in "sbmv")
+    g.nodes.append(onnx.helper.make_node("BatchNormalization", [conv, scale, bias, mean, var],
+                                         ["y", "running_mean", "running_var"],
+                                         name="bn_train", training_mode=1))
+    model = g.build(["y", "running_mean", "running_var"])
+    fused, report = fuse_checked(model)
+    assert op_counts(fused) == op_counts(model)
+    assert_reason(report, "training mode")
+
+
+# ---- 2. RepVGG: summed branches of one tensor ---------------------------------------------
+
+def repvgg_block(g: GraphBuilder, x: str, cin: int, cout: int, stride: int = 1) -> str:
+    """3x3 Conv+BN + 1x1 Conv+BN (+ BN-only identity when shapes allow), summed."""
+    branches = [g.conv_bn(x, cin, cout, 3, stride=stride), g.conv_bn(x, cin, cout, 1, stride=stride)]
+    if cin == cout and stride == 1:
+        branches.append(g.batchnorm(x, cin))
+    return g.sum(branches)
+
+
+@DTYPES
+@TAILS
+@pytest.mark.parametrize("stride, cout", [(1, 4), (2, 8)])
+def test_repvgg_merges(dtype, tail, stride, cout):
+    g = GraphBuilder(dtype)
+    y = repvgg_block(g, g.input([2, 4, 8, 8]), 4, cout, stride)
+    fused, _ = fuse_exactly(finish(g, y, tail), ops=FOLDED, patterns={"repvgg": 1})
+    conv = only(fused, "Conv")
+    assert attribute(conv, "kernel_shape") == [3, 3] and attribute(conv, "pads") == [1, 1, 1, 1]
+    assert attribute(conv, "strides") == [stride, stride]
+    assert conv.output[0] == y  # the conv writes the block's output tensor
+
+
+def branch_difference(dtype, tail) -> onnx.ModelProto:
+    """``BN(conv3x3(x)) - conv1x1(x)``: a Sub of two conv branches, no identity."""
+    g = GraphBuilder(dtype)
+    x = g.input([2, 4, 7, 7])
+    return finish(g, g.sum([g.conv_bn(x, 4, 4, 3), g.conv(x, 4, 4, 1, bias=True)], [1, -1]), tail)
+
+
+@DTYPES
+@TAILS
+def test_branch_difference_merges(dtype, tail):
+    fuse_exactly(branch_difference(dtype, tail), ops=FOLDED)
+
+
+def test_branch_difference_is_not_reported_as_repmixer():
+    _, report = fuse_checked(branch_difference(np.float64, "Relu"))
+    assert report.pattern_counts() == {"repvgg": 1}
+
+
+@DTYPES
+@TAILS
+def test_branches_with_different_centre_offsets_refused(dtype, tail):
+    """3x3 pads 0 and 1x1 pads 0, stride 3: the same output size on 9x9 inputs, but centre
+    offsets -1 and 0, so the outputs are shifted against each other."""
+    g = GraphBuilder(dtype)
+    x = g.input([2, 4, 9, 9])
+    y = g.sum([g.conv_bn(x, 4, 4, 3, stride=3, pads=0), g.conv_bn(x, 4, 4, 1, stride=3, pads=0)])
+    _, report = fuse_refused(finish(g, y, tail), unchanged=("Conv", "Add"), reason="centre offset",
+                             ops={"BatchNormalization": 0})
+    assert report.pattern_counts() == {"conv+bn": 2}
+
+
+# ---- 3. MobileOne ---------------------------------------------------------------------
+
+@DTYPES
+@TAILS
+@pytest.mark.parametrize("group", [1, 4])
+def test_mobileone_merges(dtype, tail, group):
+    """BN skip + 1x1 Conv+BN + four 3x3 Conv+BN branches."""
+    g = GraphBuilder(dtype)
+    x = g.input([2, 4, 8, 8])
+    branches = [g.batchnorm(x, 4), g.conv_bn(x, 4, 4, 1, group=group)]
+    branches += [g.conv_bn(x, 4, 4, 3, group=group) for _ in range(4)]
+    fused, _ = fuse_exactly(finish(g, g.sum(branches), tail), ops=FOLDED,
+                            patterns={"mobileone": 1})
+    assert attribute(only(fused, "Conv"), "group") == group
+
+
+@DTYPES
+@TAILS
+def test_depthwise_plus_dense_refused_on_macs(dtype, tail):
+    g = GraphBuilder(dtype)
+    x = g.input([2, 8, 6, 6])
+    y = g.sum([g.conv_bn(x, 8, 8, 3, group=8), g.conv_bn(x, 8, 8, 1)])
+    _, report = fuse_refused(finish(g, y, tail), unchanged=("Conv", "Add"), reason="MACs",
+                             ops={"BatchNormalization": 0})
+    assert report.pattern_counts() == {"conv+bn": 2}
+
+
+# ---- 4. CPE: x + dwconv(x) ----------------------------------------------------------------
+
+@DTYPES
+@TAILS
+def test_cpe_merges(dtype, tail):
+    g = GraphBuilder(dtype)
+    x = g.input([2, 4, 8, 8])
+    y = g.binary("Add", x, g.conv(x, 4, 4, 7, group=4, bias=True))
+    fused, _ = fuse_exactly(finish(g, y, tail), ops={"Conv": 1, "Add": 0}, patterns={"cpe": 1})
+    conv = only(fused, "Conv")
+    assert attribute(conv, "kernel_shape") == [7, 7] and attribute(conv, "group") == 4
+
+
+@DTYPES
+@TAILS
+def test_cpe_with_asymmetric_conv_pads_refused(dtype, tail):
+    """An even 4x4 kernel with pads (1, 1, 2, 2) keeps the size but has no symmetric form."""
+    g = GraphBuilder(dtype)
+    x = g.input([2, 4, 8, 8])
+    y = g.binary("Add", x, g.conv(x, 4, 4, 4, group=4, bias=True, pads=[1, 1, 2, 2]))
+    _, report = fuse_refused(finish(g, y, tail), unchanged=("Conv", "Add"), reason="asymmetric")
+    assert not report.fused
+
+
+# ---- 5. RepMixer: x + gamma * (mixer(x) - BN(x)) ----------------------------------------------
+
+def repmixer(g: GraphBuilder, x: str, channels: int, gamma_shape) -> str:
+    mixer = g.sum([g.conv_bn(x, channels, channels, 3, group=channels),
+                   g.conv_bn(x, channels, channels, 1, group=channels),
+                   g.batchnorm(x, channels)])
+    difference = g.binary("Sub", mixer, g.batchnorm(x, channels))
+    gamma = g.constant(g.uniform(gamma_shape, 0.5, 1.5), "layer_scale")
+    return g.binary("Add", x, g.binary("Mul", gamma, difference))
+
+
+@DTYPES
+@TAILS
+def test_repmixer_merges(dtype, tail):
+    g = GraphBuilder(dtype)
+    y = repmixer(g, g.input([2, 4, 8, 8]), 4, (4, 1, 1))
+    fused, _ = fuse_exactly(finish(g, y, tail), ops=FOLDED, patterns={"repmixer": 1})
+    conv = only(fused, "Conv")
+    assert attribute(conv, "group") == 4 and attribute(conv, "kernel_shape") == [3, 3]
+
+
+@DTYPES
+@TAILS
+def test_repmixer_with_spatial_layer_scale_is_not_one_conv(dtype, tail):
+    """gamma of shape (1, 1, H, W): mixer(x) - BN(x) still merges, the Mul and Add stay."""
+    g = GraphBuilder(dtype)
+    y = repmixer(g, g.input([2, 4, 8, 8]), 4, (1, 1, 8, 8))
+    fuse_refused(finish(g, y, tail), unchanged=("Mul",), reason="per-channel",
+                 ops={"Conv": 1, "BatchNormalization": 0, "Sub": 0, "Add": 1})
+
+
+# ---- 6. per-channel constants after a Conv --------------------------------------------------
+
+CONSTANT_SHAPES = {"(C,1,1)": (4, 1, 1), "(1,C,1,1)": (1, 4, 1, 1), "scalar": ()}
+
+
+@DTYPES
+@pytest.mark.parametrize("shape", sorted(CONSTANT_SHAPES))
+@pytest.mark.parametrize("op, constant_first", [
+    ("Mul", False), ("Mul", True), ("Div", False), ("Add", False), ("Add", True),
+    ("Sub", False), ("Sub", True),
+])
+def test_per_channel_constant_after_conv_folds(dtype, shape, op, constant_first):
+    g = GraphBuilder(dtype)
+    x = g.input([2, 4, 6, 6])
+    y = g.conv_bn(x, 4, 4, 3, bias=True)
+    constant = g.constant(g.uniform(CONSTANT_SHAPES[shape], 0.5, 1.5), "c")
+    y = g.binary(op, *((constant, y) if constant_first else (y, constant)))
+    fused, report = fuse_exactly(g.build(y), ops={"Conv": 1, "BatchNormalization": 0, op: 0})
+    assert len(fused.graph.node) == 1 and len(report.fused) == 1
+
+
+@DTYPES
+def test_spatially_varying_constant_refused(dtype):
+    g = GraphBuilder(dtype)
+    x = g.input([2, 4, 6, 6])
+    y = g.conv_bn(x, 4, 4, 3)
+    y = g.binary("Mul", y, g.constant(g.uniform((1, 1, 6, 6), 0.5, 1.5), "c"))
+    fuse_refused(g.build(y), unchanged=("Mul",), reason="per-channel",
+                 ops={"Conv": 1, "BatchNormalization": 0})
+
+
+def test_division_by_a_constant_with_zeros_refused():
+    g = GraphBuilder(np.float64)
+    x = g.input([2, 4, 6, 6])
+    y = g.binary("Div", g.conv_bn(x, 4, 4, 3),
+                 g.constant(np.array([1.0, 0.0, 2.0, -0.5]).reshape(4, 1, 1), "c"))
+    model = g.build(y)
+    fused, report = fuse_checked(model)
+    assert_reason(report, "zero")
+    assert op_counts(fused)["Div"] == 1 and op_counts(fused)["BatchNormalization"] == 0
+    feeds = {"x": np.random.default_rng(0).standard_normal((2, 4, 6, 6))}
+    from onnx.reference import ReferenceEvaluator
+    with np.errstate(divide="ignore", invalid="ignore"):
+        expected = ReferenceEvaluator(model).run(None, feeds)[0]
+        actual = ReferenceEvaluator(fused).run(None, feeds)[0]
+    np.testing.assert_allclose(actual, expected, rtol=RTOL64, atol=0.0)  # +-inf in channel 1
+
+
+# ---- 7. BatchNormalization before a Conv --------------------------------------------------
+
+@DTYPES
+def test_bn_before_unpadded_1x1_conv_folds(dtype):
+    g = GraphBuilder(dtype)
+    x = g.input([2, 4, 6, 6])
+    y = g.conv(g.batchnorm(x, 4), 4, 6, 1, bias=True)
+    fuse_exactly(g.build(y), ops={"Conv": 1, "BatchNormalization": 0}, patterns={"conv+bn": 1})
+
+
+@DTYPES
+def test_bn_before_zero_padded_conv_refused(dtype):
+    g = GraphBuilder(dtype)
+    x = g.input([2, 4, 6, 6])
+    y = g.conv(g.batchnorm(x, 4), 4, 6, 3)
+    fuse_refused(g.build(y), unchanged=("Conv", "BatchNormalization"), reason="zero-padded")
+
+
+# ---- 8. AveragePool as a depthwise conv ------------------------------------------------------
+
+@pytest.mark.parametrize("dtype", [
+    pytest.param(np.float64, id="f64"),
+    pytest.param(np.float32, id="f32"),
+])
+@pytest.mark.parametrize("pool", [
+    dict(kernel_shape=[3, 3], pads=[1, 1, 1, 1], count_include_pad=1),
+    dict(kernel_shape=[2, 2], strides=[2, 2]),
+])
+def test_avg_pool_with_bn_becomes_a_depthwise_conv(dtype, pool):
+    g = GraphBuilder(dtype)
+    x = g.input([2, 4, 8, 8])
+    y = g.batchnorm(g.node("AveragePool", [x], **pool), 4)
+    fused, _ = fuse_exactly(g.build(y), ops={"Conv": 1, "AveragePool": 0, "BatchNormalization": 0},
+                            patterns={"avgpool": 1})
+    conv = only(fused, "Conv")
+    assert attribute(conv, "group") == 4
+    assert attribute(conv, "kernel_shape") == pool["kernel_shape"]
+
+
+@DTYPES
+def test_conv_avg_pool_bn_fold_into_one_conv(dtype):
+    g = GraphBuilder(dtype)
+    x = g.input([2, 4, 8, 8])
+    y = g.batchnorm(g.node("AveragePool", [g.conv(x, 4, 4, 1)], kernel_shape=[2, 2],
+                           strides=[2, 2]), 4)
+    fuse_exactly(g.build(y), ops={"Conv": 1, "AveragePool": 0, "BatchNormalization": 0})
+
+
+@DTYPES
+@pytest.mark.parametrize("pool, phrase", [
+    (dict(kernel_shape=[3, 3], pads=[1, 1, 1, 1], count_include_pad=0), "count_include_pad"),
+    (dict(kernel_shape=[3, 3], pads=[1, 1, 1, 1]), "count_include_pad"),  # the default is 0
+    (dict(kernel_shape=[3, 3], strides=[2, 2], pads=[1, 1, 1, 1], count_include_pad=1,
+          ceil_mode=1), "ceil_mode"),
+])
+def test_avg_pool_refused(dtype, pool, phrase):
+    g = GraphBuilder(dtype)
+    x = g.input([2, 4, 8, 8])
+    y = g.batchnorm(g.node("AveragePool", [x], **pool), 4)
+    fuse_refused(g.build(y), unchanged=("AveragePool", "BatchNormalization"), reason=phrase,
+                 ops={"Conv": 0})
+
+
+# ---- 9. Pad before a Conv ----------------------------------------------------------------
+
+def pad_conv(g: GraphBuilder, x: str, pads, mode: str | None = None) -> str:
+    inputs = [x, g.constant(np.array(pads, dtype=np.int64), "pads"),
+              g.constant(np.array(0.0), "pad_value")]
+    padded = g.node("Pad", inputs, **({"mode": mode} if mode else {}))
+    return g.conv(padded, 4, 6, 3, pads=0, bias=True)
+
+
+@DTYPES
+def test_zero_pad_folds_into_conv(dtype):
+    g = GraphBuilder(dtype)
+    y = pad_conv(g, g.input([2, 4, 6, 6]), [0, 0, 1, 1, 0, 0, 1, 1])
+    fused, _ = fuse_exactly(g.build(y), ops={"Conv": 1, "Pad": 0}, patterns={"zero-pad": 1})
+    assert attribute(only(fused, "Conv"), "pads") == [1, 1, 1, 1]
+
+
+@DTYPES
+def test_asymmetric_zero_pad_refused(dtype):
+    g = GraphBuilder(dtype)
+    y = pad_conv(g, g.input([2, 4, 6, 6]), [0, 0, 0, 0, 0, 0, 1, 1])
+    fuse_refused(g.build(y), unchanged=("Conv", "Pad"), reason="asymmetric")
+
+
+@DTYPES
+def test_reflect_pad_not_folded(dtype):
+    g = GraphBuilder(dtype)
+    y = pad_conv(g, g.input([2, 4, 6, 6]), [0, 0, 1, 1, 0, 0, 1, 1], mode="reflect")
+    _, report = fuse_refused(g.build(y), unchanged=("Conv", "Pad"), reason=None)
+    assert not report.fused
+
+
+# ---- 10. Conv padding attributes -------------------------------------------------------------
+
+@DTYPES
+def test_conv_with_asymmetric_pads_left_alone(dtype):
+    g = GraphBuilder(dtype)
+    x = g.input([2, 4, 6, 6])
+    y = g.batchnorm(g.conv(x, 4, 4, 3, pads=[0, 0, 1, 1]), 4)
+    _, report = fuse_refused(g.build(y), unchanged=("Conv", "BatchNormalization"),
+                             reason="asymmetric")
+    assert not report.fused
+
+
+@DTYPES
+@pytest.mark.parametrize("mode", ["SAME_UPPER", "SAME_LOWER"])
+def test_auto_pad_same_with_stride_1_folds(dtype, mode):
+    g = GraphBuilder(dtype)
+    x = g.input([2, 4, 7, 7])
+    y = g.batchnorm(g.conv(x, 4, 4, 3, auto_pad=mode), 4)
+    fused, _ = fuse_exactly(g.build(y), ops={"Conv": 1, "BatchNormalization": 0},
+                            patterns={"conv+bn": 1})
+    conv = only(fused, "Conv")
+    assert attribute(conv, "pads") == [1, 1, 1, 1]
+    assert attribute(conv, "auto_pad", b"NOTSET") in (b"NOTSET", "NOTSET")
+
+
+@DTYPES
+def test_auto_pad_same_with_stride_2_left_alone(dtype):
+    g = GraphBuilder(dtype)
+    x = g.input([2, 4, 8, 8])
+    y = g.batchnorm(g.conv(x, 4, 4, 3, stride=2, auto_pad="SAME_UPPER"), 4)
+    _, report = fuse_refused(g.build(y), unchanged=("Conv", "BatchNormalization"),
+                             reason="auto_pad")
+    assert not report.fused
+
+
+# ---- 11. BatchNormalization around Gemm / MatMul ------------------------------------------------
+
+@DTYPES
+@pytest.mark.parametrize("before, after", [(True, True), (True, False), (False, True)])
+def test_bn_and_gemm_fold(dtype, before, after):
+    g = GraphBuilder(dtype)
+    y = g.input([3, 6])
+    if before:
+        y = g.batchnorm(y, 6)
+    y = g.gemm(y, 6, 5)
+    if after:
+        y = g.batchnorm(y, 5)
+    fused, _ = fuse_exactly(g.build(y), ops={"Gemm": 1, "BatchNormalization": 0},
+                            patterns={"bn+linear": 1})
+    assert len(fused.graph.node) == 1
+
+
+@DTYPES
+def test_bn_over_channels_and_matmul_over_length_refused(dtype):
+    """(N, C, L): BatchNormalization acts on axis 1, MatMul on the last axis."""
+    g = GraphBuilder(dtype)
+    x = g.input([2, 4, 7])
+    y = g.binary("MatMul", g.batchnorm(x, 4), g.constant(g.uniform((7, 3)), "W"))
+    fuse_refused(g.build(y), unchanged=("MatMul", "BatchNormalization"), reason="axes")
+
+
+@DTYPES
+def test_matmul_add_mul_on_rank_3_folds(dtype):
+    g = GraphBuilder(dtype)
+    x = g.input([2, 5, 6])
+    y = g.binary("MatMul", x, g.constant(g.uniform((6, 4)), "W"))
+    y = g.binary("Add", y, g.constant(g.uniform(4), "B"))
+    y = g.binary("Mul", y, g.constant(g.uniform(4, 0.5, 1.5), "s"))
+    fused, report = fuse_exactly(g.build(y), ops={"MatMul": 1, "Add": 1, "Mul": 0})
+    assert len(fused.graph.node) == 2 and len(report.fused) == 1
+
+
+@DTYPES
+def test_matmul_scale_on_another_axis_refused(dtype):
+    """A (5, 1) constant scales the rows (axis -2), the MatMul mixes the last axis."""
+    g = GraphBuilder(dtype)
+    x = g.input([2, 5, 6])
+    y = g.binary("MatMul", x, g.constant(g.uniform((6, 4)), "W"))
+    y = g.binary("Mul", y, g.constant(g.uniform((5, 1), 0.5, 1.5), "s"))
+    fuse_refused(g.build(y), unchanged=("MatMul", "Mul"), reason="axes")
+
+
+# ---- 12. averaged linear heads ----------------------------------------------------------------
+
+@DTYPES
+@pytest.mark.parametrize("with_bn", [False, True])
+def test_averaged_gemm_heads_merge(dtype, with_bn):
+    """``(head(x) + head_dist(x)) * 0.5`` (RepViT / LeViT distillation heads)."""
+    g = GraphBuilder(dtype)
+    x = g.input([3, 8])
+    heads = [g.gemm(g.batchnorm(x, 8) if with_bn else x, 8, 5) for _ in range(2)]
+    y = g.binary("Mul", g.binary("Add", *heads), g.constant(np.array(0.5), "half"))
+    fused, _ = fuse_exactly(g.build(y), ops={"Gemm": 1, "Add": 0, "Mul": 0, "BatchNormalization": 0},
+                            patterns={"linear heads": 1})
+    assert len(fused.graph.node) == 1
+
+
+@DTYPES
+def test_gemm_heads_of_different_inputs_do_not_merge(dtype):
+    g = GraphBuilder(dtype)
+    x = g.input([3, 8])
+    heads = [g.gemm(x, 8, 5), g.gemm(g.node("Relu", [x]), 8, 5)]
+    y = g.binary("Mul", g.binary("Add", *heads), g.constant(np.array(0.5), "half"))
+    _, report = fuse_refused(g.build(y), unchanged=("Gemm", "Add"), reason=None)
+    assert "linear heads" not in report.pattern_counts()
+
+
+# ---- 13. constants as Constant nodes; Identity and Dropout ---------------------------------------
+
+@DTYPES
+def test_weights_in_constant_nodes(dtype):
+    """Stem Conv+BN, a RepVGG block, a tail Conv+BN, and a Pad: every weight, statistic
+    and pad amount a ``Constant`` node."""
+    g = GraphBuilder(dtype, constant_nodes=True)
+    x = g.input([2, 4, 8, 8])
+    y = repvgg_block(g, g.conv_bn(x, 4, 4, 3), 4, 4)
+    y = g.node("Pad", [y, g.constant(np.array([0, 0, 1, 1, 0, 0, 1, 1], dtype=np.int64), "pads")])
+    y = g.conv_bn(y, 4, 4, 3, pads=0)
+    model = g.build(y)
+    assert not model.graph.initializer and op_counts(model)["Constant"] > 20
+    fuse_exactly(model, ops={**FOLDED, "Conv": 3, "Pad": 0, "Constant": 0},
+                 patterns={"conv+bn": 1, "repvgg": 1, "zero-pad": 1})
+
+
+@DTYPES
+def test_conv_bn_with_constant_nodes_refused_when_not_constant(dtype):
+    """The BN's mean is computed from the input (not a constant): nothing folds."""
+    g = GraphBuilder(dtype)
+    x = g.input([2, 4, 6, 6])
+    conv = g.conv(x, 4, 4, 3)
+    mean = g.node("ReduceMean", [x], axes=[0, 2, 3], keepdims=0)
+    params = [g.constant(g.uniform(4, 0.5, 1.5), p) for p in ("s", "b", "v")]
+    y = g.node("BatchNormalization", [conv, params[0], params[1], mean, params[2]])
+    _, report = fuse_refused(g.build(y), unchanged=("Conv", "BatchNormalization"),
+                             reason="no conv or linear next to it")
+    assert not report.fused
+
+
+@DTYPES
+def test_identity_and_inference_dropout_are_transparent(dtype):
+    g = GraphBuilder(dtype)
+    x = g.input([2, 4, 6, 6])
+    y = g.node("Identity", [g.conv(x, 4, 4, 3)])
+    y = g.node("Dropout", [g.batchnorm(y, 4), g.constant(np.array(0.3), "ratio"),
+                           g.constant(np.array(False), "training")])
+    y = g.node("Dropout", [g.node("Identity", [y])])
+    fused, _ = fuse_exactly(g.build(y), ops={"Conv": 1, "BatchNormalization": 0, "Identity": 0,
+                                             "Dropout": 0},
+                            patterns={"conv+bn": 1})
+    assert len(fused.graph.node) == 1
+
+
+@DTYPES
+def test_training_dropout_is_not_transparent(dtype):
+    """Dropout with training_mode=True (ratio 0, so outputs stay comparable) is left alone."""
+    g = GraphBuilder(dtype)
+    x = g.input([2, 4, 6, 6])
+    y = g.node("Dropout", [g.conv(x, 4, 4, 3), g.constant(np.array(0.0), "ratio"),
+                           g.constant(np.array(True), "training")])
+    y = g.batchnorm(y, 4)
+    fuse_refused(g.build(y), unchanged=("Conv", "Dropout", "BatchNormalization"),
+                 reason="training mode")
+
+
+# ---- 14. values used outside a region -------------------------------------------------------
+
+@DTYPES
+def test_value_read_by_a_graph_output_is_materialised_once(dtype):
+    """``a = BN(conv3x3(x))`` is a graph output and feeds ``b = BN(conv1x1(a))``: two convs,
+    not three (``b`` is not recomputed from ``x``)."""
+    g = GraphBuilder(dtype)
+    x = g.input([2, 4, 6, 6])
+    a = g.conv_bn(x, 4, 4, 3)
+    b = g.conv_bn(a, 4, 4, 1)
+    fused, _ = fuse_exactly(g.build([a, b]), ops={"Conv": 2, "BatchNormalization": 0},
+                            patterns={"conv+bn": 2})
+    producers = {node.output[0]: node for node in fused.graph.node}
+    assert producers[b].input[0] == a
+
+
+@DTYPES
+def test_conv_output_read_by_a_graph_output_is_not_duplicated(dtype):
+    """The conv output is a graph output, so its BN cannot fold without a second conv."""
+    g = GraphBuilder(dtype)
+    x = g.input([2, 4, 6, 6])
+    c = g.conv(x, 4, 4, 3)
+    y = g.batchnorm(c, 4)
+    fuse_refused(g.build([c, y]), unchanged=("Conv", "BatchNormalization"), reason=None)
+
+
+@DTYPES
+@TAILS
+def test_branch_read_by_a_graph_output_is_not_duplicated(dtype, tail):
+    """RepVGG block whose 3x3 branch is also a graph output: that branch is computed once
+    (one 3x3 Conv in the fused graph); the 1x1 and BN branches merge into one conv."""
+    g = GraphBuilder(dtype)
+    x = g.input([2, 4, 6, 6])
+    dense = g.conv_bn(x, 4, 4, 3)
+    y = g.sum([dense, g.conv_bn(x, 4, 4, 1), g.batchnorm(x, 4)])
+    y = g.node(tail, [y]) if tail else y
+    fused, _ = fuse_exactly(g.build([dense, y]), ops={"Conv": 2, "BatchNormalization": 0, "Add": 1})
+    kernels = sorted(attribute(n, "kernel_shape") for n in nodes_of(fused, "Conv"))
+    assert kernels == [[1, 1], [3, 3]]
+    assert producer(fused, dense).op_type == "Conv"
+
+
+# ---- 15. opsets ----------------------------------------------------------------------------
+
+def test_opset_12_is_refused():
+    g = GraphBuilder(np.float32)
+    model = g.build(repvgg_block(g, g.input([1, 4, 6, 6]), 4, 4), opset=12)
+    before = model.SerializeToString()
+    with pytest.raises(OnnxFusionError, match="opset 12"):
+        fuse_onnx_model(model)
+    assert model.SerializeToString() == before
+
+
+@pytest.mark.parametrize("opset", [13, 21])
+def test_opsets_13_and_up_fuse(opset):
+    g = GraphBuilder(np.float32)
+    y = g.node("Relu", [repvgg_block(g, g.input([1, 4, 6, 6]), 4, 4)])
+    model = g.build(y, opset=opset)
+    fuse_exactly(model, ops=FOLDED, patterns={"repvgg": 1})
+
+
+# ---- 16. property: random multi-branch graphs ------------------------------------------------
+
+@dataclass(frozen=True)
+class BranchSpec:
+    kernel: int
+    pad: int
+    group: int
+    bias: bool
+    bn: bool
+    relu: str | None  # None, "after conv" (before the BN), "after bn"
+
+    def describe(self) -> str:
+        parts = [f"conv{self.kernel} p{self.pad} g{self.group}" + (" +b" if self.bias else "")]
+        if self.relu == "after conv":
+            parts.append("relu")
+        if self.bn:
+            parts.append("bn")
+        if self.relu == "after bn":
+            parts.append("relu")
+        return " > ".join(parts)
+
+
+@dataclass(frozen=True)
+class BlockSpec:
+    cout: int
+    stride: int
+    branches: tuple[BranchSpec, ...]
+    identity: str | None  # None, "plain", "bn"
+    signs: tuple[int, ...]  # +1 / -1 for every term after the first
+    exported: bool  # the block's output is also a graph output (ignored for the last block)
+
+    def describe(self, cin: int) -> str:
+        terms = [b.describe() for b in self.branches] + ([f"identity({self.identity})"]
+                                                          if self.identity else [])
+        combined = terms[0] + "".join(f" {'+' if s > 0 else '-'} {t}"
+                                      for s, t in zip(self.signs, terms[1:]))
+        return f"{cin}->{self.cout} s{self.stride}: {combined}" + (" [graph output]"
+                                                                   if self.exported else "")
+
+
+@dataclass(frozen=True)
+class NetSpec:
+    spatial: int
+    batch: int
+    channels: int
+    size: int
+    blocks: tuple[BlockSpec, ...]
+
+    def describe(self) -> str:
+        lines = [f"{self.spatial}d x=({self.batch}, {self.channels}, {self.size}^{self.spatial})"]
+        cin = self.channels
+        for block in self.blocks:
+            lines.append("  " + block.describe(cin))
+            cin = block.cout
+        return "\n".join(lines)
+
+
+def _out_size(size: int, kernel: int, pad: int, stride: int) -> int:
+    return (size + 2 * pad - kernel) // stride + 1
+
+
+@st.composite
+def net_specs(draw) -> NetSpec:
+    spatial = draw(st.sampled_from([1, 2]))
+    channels = draw(st.sampled_from([2, 4]))
+    size = draw(st.integers(4, 8))
+    blocks, cin, current = [], channels, size
+    for _ in range(draw(st.integers(1, 3))):
+        cout = draw(st.sampled_from([2, 4]))
+        stride = draw(st.sampled_from([1, 1, 2])) if current >= 3 else 1
+        common = np.gcd(cin, cout)
+        branches, out = [], None
+        for _ in range(draw(st.integers(1, 3))):
+            kernel = draw(st.sampled_from([1, 3, 5]))
+            pad = draw(st.integers(0, kernel // 2))
+            if _out_size(current, kernel, pad, stride) < 1:
+                pad = kernel // 2
+            size_here = _out_size(current, kernel, pad, stride)
+            if out is not None and size_here != out:
+                continue  # would not broadcast against the first branch
+            out = size_here
+            branches.append(BranchSpec(
+                kernel, pad, draw(st.sampled_from([d for d in (1, 2, 4) if common % d == 0])),
+                draw(st.booleans()), draw(st.booleans()),
+                draw(st.sampled_from([None, None, None, "after conv", "after bn"]))))
+        identity = None
+        if stride == 1 and cout == cin and out == current:
+            identity = draw(st.sampled_from([None, "plain", "bn"]))
+        terms = len(branches) + (identity is not None)
+        signs = tuple(draw(st.sampled_from([1, 1, -1])) for _ in range(terms - 1))
+        blocks.append(BlockSpec(cout, stride, tuple(branches), identity, signs,
+                                draw(st.sampled_from([False, False, True]))))
+        cin, current = cout, out
+    return NetSpec(spatial, draw(st.sampled_from([1, 2])), channels, size, tuple(blocks))
+
+
+def build_net(spec: NetSpec, seed: int, tail: str | None = None) -> onnx.ModelProto:
+    g = GraphBuilder(np.float64, seed=seed)
+    x = g.input([spec.batch, spec.channels, *(spec.size,) * spec.spatial])
+    cin, exported = spec.channels, []
+    for block in spec.blocks:
+        terms = []
+        for branch in block.branches:
+            y = g.conv(x, cin, block.cout, branch.kernel, stride=block.stride, pads=branch.pad,
+                       group=branch.group, bias=branch.bias, spatial=spec.spatial)
+            if branch.relu == "after conv":
+                y = g.node("Relu", [y])
+            if branch.bn:
+                y = g.batchnorm(y, block.cout)
+            if branch.relu == "after bn":
+                y = g.node("Relu", [y])
+            terms.append(y)
+        if block.identity == "plain":
+            terms.append(x)
+        elif block.identity == "bn":
+            terms.append(g.batchnorm(x, cin))
+        x = g.sum(terms, [1, *block.signs])
+        cin = block.cout
+        if block.exported and block is not spec.blocks[-1]:
+            exported.append(x)
+    return finish(g, x, tail, exported)
+
+
+@TAILS
+@given(spec=net_specs(), seed=st.integers(0, 2**16 - 1))
+def test_random_multi_branch_graphs_fuse_exactly(tail, spec, seed):
+    note(spec.describe())
+    model = build_net(spec, seed, tail)
+    fused, report = fuse_checked(model)
+    note(report.table())
+    assert_same_outputs(model, fused, rtol=1e-9)
+    assert conv_batchnorm_pairs(fused) == [], \
+        "a BatchNormalization directly after a single-use Conv was not folded"
+    before, after = op_counts(model), op_counts(fused)
+    assert after["Conv"] <= before["Conv"], (before, after)
+    assert after["BatchNormalization"] <= before["BatchNormalization"], (before, after)
+    event("merged" if after["Conv"] < before["Conv"] else "conv count unchanged")
