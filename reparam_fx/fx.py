@@ -39,9 +39,7 @@ otherwise a conv's input is taken to be batched (``N, C, *spatial``).
 
 from __future__ import annotations
 
-import contextlib
 import copy
-import gc
 import operator
 import re
 from collections import Counter
@@ -53,7 +51,7 @@ import torch.nn as nn
 
 from reparam_fx.affine import ConvTerm
 from reparam_fx.fx_nodes import GraphFacts, ModuleLookup, Sum, Unary, interpret
-from reparam_fx.regions import Region, RegionBuilder, select_rewrites
+from reparam_fx.regions import Region, RegionBuilder, gc_paused, select_rewrites
 from reparam_fx.report import (FusedRegion, FusionReport, Skipped, classify_region,
                                counts_as_parameter, node_category, op_counts, parameter_count,
                                shape_values)
@@ -462,7 +460,7 @@ def fuse(model, example_inputs=None) -> torch.fx.GraphModule:
     modified. ``result.fusion_report`` lists the regions fused (by pattern) and the nodes
     left alone, with reasons.
     """
-    with _gc_paused():  # collections would traverse the growing graph again and again
+    with gc_paused():  # collections would traverse the growing graph again and again
         return _fuse(model, example_inputs)
 
 
@@ -503,17 +501,6 @@ def _unfolded_batchnorms(result: torch.fx.GraphModule, report: FusionReport) -> 
             missing.append(Skipped(node.name, "batch_norm",
                                    "no conv or linear next to it to fold into"))
     return missing
-
-
-@contextlib.contextmanager
-def _gc_paused():
-    enabled = gc.isenabled()
-    gc.disable()
-    try:
-        yield
-    finally:
-        if enabled:
-            gc.enable()
 
 
 def _graph_op_counts(ws: Workspace) -> Counter:

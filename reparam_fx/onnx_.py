@@ -34,7 +34,8 @@ import torch
 
 from reparam_fx import affine
 from reparam_fx.affine import ConvTerm
-from reparam_fx.regions import Refused, Region, RegionBuilder, Sum, Unary, select_rewrites
+from reparam_fx.regions import (Refused, Region, RegionBuilder, Sum, Unary, gc_paused,
+                                 select_rewrites)
 from reparam_fx.report import FusedRegion, FusionReport, Skipped, classify_region
 from reparam_fx.verification import VerificationError
 
@@ -564,6 +565,11 @@ def fuse_onnx_model(model: onnx.ModelProto) -> tuple[onnx.ModelProto, FusionRepo
     Returns a new model and its :class:`~reparam_fx.FusionReport`; ``model`` is not
     modified. Raises :class:`OnnxFusionError` for opsets below 13.
     """
+    with gc_paused():
+        return _fuse_onnx_model(model)
+
+
+def _fuse_onnx_model(model: onnx.ModelProto) -> tuple[onnx.ModelProto, FusionReport]:
     opset = model_opset(model)
     if opset is None or opset < MIN_OPSET:
         raise OnnxFusionError(f"opset {opset} is not supported: reparam_fx needs opset "

@@ -22,6 +22,8 @@ write back; writing them is the frontend's job.
 
 from __future__ import annotations
 
+import contextlib
+import gc
 from collections import Counter
 from dataclasses import dataclass, field
 
@@ -373,3 +375,16 @@ def select_rewrites(view, builder: RegionBuilder, worth_writing=None) -> tuple[l
                 if isinstance(term, Region):
                     covered.update(term.nodes)
     return emit, partial_sums
+
+
+@contextlib.contextmanager
+def gc_paused():
+    """Pause the cyclic garbage collector while a fusion runs: its collections would
+    traverse the whole (growing) graph again and again, making fusion superlinear."""
+    enabled = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+    finally:
+        if enabled:
+            gc.enable()

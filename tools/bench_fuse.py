@@ -13,7 +13,9 @@ Three measurements, printed as markdown and written to ``out/bench_fuse.json``:
    hand-reparameterized form: node counts and ONNX Runtime CPU latency (one thread,
    interleaved repeats, median of per-repeat ratios).
 3. ``reparam_fx.fuse`` wall time on an already traced graph of N RepVGG blocks, for
-   N = 400 and 4000, median of repeats, and the 10x scaling ratio.
+   N = 400 and 4000, median of repeats, and the 10x scaling ratio; and
+   ``reparam_fx.fuse_onnx_model`` on the ONNX export of N = 110 and 1100 such blocks
+   (about 2,200 and 22,000 nodes).
 
     python tools/bench_fuse.py [--repeats 30] [--size 224] [--threads 1] [--quick]
 """
@@ -176,6 +178,32 @@ def fuse_scaling(repeats: int, blocks=(400, 4000)) -> list[dict]:
     return rows
 
 
+def onnx_scaling(repeats: int, blocks=(110, 1100)) -> list[dict]:
+    import contextlib
+    import io
+    import warnings
+
+    import onnx
+    rows = []
+    for count in blocks:
+        model = nn.Sequential(*[_RepVGGBlock(4) for _ in range(count)]).eval()
+        buffer = io.BytesIO()
+        with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
+            warnings.simplefilter("ignore")
+            torch.onnx.export(model, (torch.randn(1, 4, 8, 8),), buffer, dynamo=False,
+                              opset_version=17, do_constant_folding=False,
+                              training=torch.onnx.TrainingMode.PRESERVE)
+        exported = onnx.load_from_string(buffer.getvalue())
+        times = []
+        for _ in range(repeats):
+            start = time.perf_counter()
+            fused, _ = reparam_fx.fuse_onnx_model(exported)
+            times.append(time.perf_counter() - start)
+        rows.append({"blocks": count, "nodes": len(exported.graph.node),
+                     "nodes_after": len(fused.graph.node), "seconds": statistics.median(times)})
+    return rows
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--repeats", type=int, default=60)
@@ -222,10 +250,18 @@ def main(argv=None) -> int:
         print(f"| {r['blocks']} | {r['nodes']:,} | {r['seconds']:.3f} | {r['convs_after']} |")
     ratio = scaling[1]["seconds"] / scaling[0]["seconds"]
     print(f"\n10x the graph -> {ratio:.1f}x the time")
+    onnx_scale = onnx_scaling(1 if args.quick else 3, (11, 110) if args.quick else (110, 1100))
+    print("\n`reparam_fx.fuse_onnx_model` on exported RepVGG blocks (median):\n")
+    print("| blocks | ONNX nodes | nodes after | seconds |")
+    print("|---:|---:|---:|---:|")
+    for r in onnx_scale:
+        print(f"| {r['blocks']} | {r['nodes']:,} | {r['nodes_after']:,} | {r['seconds']:.2f} |")
+    onnx_ratio = onnx_scale[1]["seconds"] / onnx_scale[0]["seconds"]
+    print(f"\n10x the ONNX graph -> {onnx_ratio:.1f}x the time")
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps({"machine": machine, "date": time.strftime("%Y-%m-%d"),
                                     "latency": rows, "onnx": onnx_rows,
-                                    "fuse_scaling": scaling,
+                                    "fuse_scaling": scaling, "onnx_scaling": onnx_scale,
                                     "scaling_ratio": ratio}, indent=2))
     print(f"\nwrote {args.out.relative_to(ROOT) if args.out.is_relative_to(ROOT) else args.out}")
     return 0
