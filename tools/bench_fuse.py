@@ -88,7 +88,8 @@ def latency_table(repeats: int, size: int, calls: int) -> list[dict]:
     return rows
 
 
-def _export(model, x):
+def _export(model, x, **options):
+    """``torch.onnx.export`` (dynamo=False, opset 17) to a ModelProto, quietly."""
     import contextlib
     import io
     import warnings
@@ -97,7 +98,7 @@ def _export(model, x):
     buffer = io.BytesIO()
     with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
         warnings.simplefilter("ignore")
-        torch.onnx.export(model, (x,), buffer, dynamo=False, opset_version=17)
+        torch.onnx.export(model, (x,), buffer, dynamo=False, opset_version=17, **options)
     return onnx.load_from_string(buffer.getvalue())
 
 
@@ -179,21 +180,12 @@ def fuse_scaling(repeats: int, blocks=(400, 4000)) -> list[dict]:
 
 
 def onnx_scaling(repeats: int, blocks=(110, 1100)) -> list[dict]:
-    import contextlib
-    import io
-    import warnings
-
-    import onnx
     rows = []
     for count in blocks:
         model = nn.Sequential(*[_RepVGGBlock(4) for _ in range(count)]).eval()
-        buffer = io.BytesIO()
-        with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
-            warnings.simplefilter("ignore")
-            torch.onnx.export(model, (torch.randn(1, 4, 8, 8),), buffer, dynamo=False,
-                              opset_version=17, do_constant_folding=False,
-                              training=torch.onnx.TrainingMode.PRESERVE)
-        exported = onnx.load_from_string(buffer.getvalue())
+        # keep every BatchNormalization (no export-time folding): the training-form graph
+        exported = _export(model, torch.randn(1, 4, 8, 8), do_constant_folding=False,
+                           training=torch.onnx.TrainingMode.PRESERVE)
         times = []
         for _ in range(repeats):
             start = time.perf_counter()
