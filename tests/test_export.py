@@ -71,3 +71,34 @@ def test_fused_model_to_coreml_has_no_batch_norm(name, tmp_path):
     assert (tmp_path / f"{name}.mlpackage").is_dir()
     if name == "mobileone_s0":  # the figure: <= 89 non-const MIL ops
         assert sum(histogram.values()) <= 89
+
+
+def _latency_tool(*args):
+    import subprocess
+    import sys
+    return subprocess.run([sys.executable, "tools/coreml_latency.py", *map(str, args)],
+                          capture_output=True, text=True, timeout=120)
+
+
+def test_coreml_latency_explains_it_needs_macos(tmp_path):
+    import platform
+    _, fused = fused_model("repvgg_a0")
+    package = tmp_path / "repvgg_a0.mlpackage"
+    to_coreml(fused, (torch.randn(1, 3, 64, 64),), package)
+    result = _latency_tool(package, "--runs", "3")
+    if platform.system() == "Darwin":
+        assert result.returncode == 0 and "median" in result.stdout
+        return
+    assert result.returncode == 2
+    assert result.stderr.startswith("coreml_latency: error: Core ML prediction needs macOS")
+    assert "Xcode" in result.stderr and "Traceback" not in result.stderr
+
+
+@pytest.mark.parametrize("make_bad", ["missing", "not_a_package"])
+def test_coreml_latency_rejects_bad_input(tmp_path, make_bad):
+    target = tmp_path / "model.mlpackage"
+    if make_bad == "not_a_package":
+        target.write_text("not a package")
+    result = _latency_tool(target)
+    assert result.returncode == 2 and result.stderr.count("\n") == 1
+    assert result.stderr.startswith("coreml_latency: error:") and "Traceback" not in result.stderr
