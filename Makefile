@@ -6,13 +6,13 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test test-thorough bench clean
+.PHONY: demo test test-thorough bench bench-all bench-fuse clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q torch==2.13.0
-	$(PY) -m pip install -q -e ".[test,onnx,coreml]"
+	$(PY) -m pip install -q -e ".[test,onnx,coreml,bench]"
 	touch $(STAMP)
 
 demo: $(STAMP)
@@ -24,7 +24,15 @@ test: $(STAMP)
 test-thorough: $(STAMP)
 	HYPOTHESIS_PROFILE=thorough $(PY) -m pytest tests
 
+# the zoo before/after fusion: latency (eager, ONNX Runtime), MACs, ONNX nodes, MIL ops
 bench: $(STAMP)
+	$(PY) tools/bench.py
+
+bench-all: $(STAMP)
+	$(PY) tools/bench.py --all
+
+# the engine against hand-written reparameterize() on the reference models; fuse() scaling
+bench-fuse: $(STAMP)
 	$(PY) tools/bench_fuse.py
 
 clean:

@@ -21,7 +21,7 @@ _EXPORTS = {
     "relative_error": "reparam_fx.verification",
     "FusionReport": "reparam_fx.report", "FusedRegion": "reparam_fx.report",
     "Skipped": "reparam_fx.report", "op_counts": "reparam_fx.report",
-    "parameter_count": "reparam_fx.report",
+    "parameter_count": "reparam_fx.report", "mac_count": "reparam_fx.report",
     "fuse_onnx_model": "reparam_fx.onnx_", "verify_onnx": "reparam_fx.onnx_",
 }
 __all__ = sorted(_EXPORTS)

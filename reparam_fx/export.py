@@ -16,7 +16,9 @@ from __future__ import annotations
 import contextlib
 import io
 import json
+import logging
 import os
+import shutil
 import tempfile
 import warnings
 from collections import Counter
@@ -74,40 +76,99 @@ def mil_op_histogram(mlmodel) -> Counter:
                    for op in function.operations if op.op_type != "const")
 
 
+@contextlib.contextmanager
+def _quiet():
+    """Silence coremltools' progress bars, logging and warnings (a failed first attempt
+    in ``frontend="auto"`` is expected, not an error to show)."""
+    logger = logging.getLogger("coremltools")
+    level = logger.level
+    logger.setLevel(logging.CRITICAL)
+    try:
+        with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()), \
+                contextlib.redirect_stderr(io.StringIO()):
+            warnings.simplefilter("ignore")
+            yield
+    finally:
+        logger.setLevel(level)
+
+
+def _coreml_program(model: nn.Module, inputs: tuple, frontend: str):
+    """What ``ct.convert`` takes: a TorchScript trace or a decomposed ExportedProgram."""
+    if frontend == "torchscript":
+        return torch.jit.trace(model, inputs)
+    return torch.export.export(model, inputs).run_decompositions({})
+
+
 def to_coreml(model: nn.Module, example_inputs, path=None, *, minimum_deployment_target=None,
-              compute_units=None, precision: str = "fp16"):
+              compute_units=None, precision: str = "fp16", frontend: str = "auto"):
     """Convert ``model`` to a Core ML ML Program (``.mlpackage`` when ``path`` is given).
 
-    Defaults: iOS 16, all compute units, fp16 compute precision. The MIL op histogram is
-    stored in ``user_defined_metadata["mil_ops"]`` (JSON) and returned by
-    :func:`mil_op_histogram`. Raises :class:`ExportError` naming the op coremltools
-    could not convert, or saying to install the ``coreml`` extra.
+    Defaults: iOS 16, all compute units, fp16 compute precision. ``frontend="auto"``
+    converts a ``torch.jit.trace`` of the model (the smallest programs) and, where
+    coremltools cannot convert that trace (shape arithmetic it does not support, e.g. in
+    MobileViT's unfolding), the ``torch.export`` program; ``"torchscript"`` or
+    ``"export"`` forces one. The MIL op histogram is stored in
+    ``user_defined_metadata["mil_ops"]`` (JSON; the frontend used in ``["frontend"]``)
+    and returned by :func:`mil_op_histogram`. Raises :class:`ExportError` naming what
+    coremltools could not convert, or saying to install the ``coreml`` extra.
     """
     try:
-        import coremltools as ct
+        with _quiet():
+            import coremltools as ct
     except ImportError as error:
         raise ExportError("Core ML conversion needs coremltools: "
                           "pip install 'reparam-fx[coreml]'") from error
     if precision not in ("fp16", "fp32"):
         raise ValueError(f"precision must be 'fp16' or 'fp32', not {precision!r}")
+    if frontend not in ("auto", "torchscript", "export"):
+        raise ValueError(f"frontend must be 'auto', 'torchscript' or 'export', not {frontend!r}")
     inputs = _inputs(example_inputs)
-    try:
-        with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
-            warnings.simplefilter("ignore")
-            traced = torch.jit.trace(model.eval(), inputs)
-            mlmodel = ct.convert(
-                traced, inputs=[ct.TensorType(name=f"input_{i}", shape=tuple(t.shape))
-                                for i, t in enumerate(inputs)],
-                convert_to="mlprogram",
-                minimum_deployment_target=minimum_deployment_target or ct.target.iOS16,
-                compute_units=compute_units or ct.ComputeUnit.ALL,
-                compute_precision=(ct.precision.FLOAT16 if precision == "fp16"
-                                   else ct.precision.FLOAT32))
-    except Exception as error:  # noqa: BLE001 - coremltools names the unsupported op
-        raise ExportError(f"Core ML conversion of {type(model).__name__} failed: "
-                          f"{str(error).splitlines()[0][:300]}") from error
+    model = model.eval()
+    failures = []
+    for attempt in (("torchscript", "export") if frontend == "auto" else (frontend,)):
+        try:
+            with _quiet():
+                mlmodel = ct.convert(
+                    _coreml_program(model, inputs, attempt),
+                    inputs=[ct.TensorType(name=f"input_{i}", shape=tuple(t.shape))
+                            for i, t in enumerate(inputs)],
+                    convert_to="mlprogram",
+                    minimum_deployment_target=minimum_deployment_target or ct.target.iOS16,
+                    compute_units=compute_units or ct.ComputeUnit.ALL,
+                    compute_precision=(ct.precision.FLOAT16 if precision == "fp16"
+                                       else ct.precision.FLOAT32))
+            break
+        except Exception as error:  # noqa: BLE001 - coremltools names the unsupported op
+            failures.append((attempt, error))
+    else:
+        detail = "; ".join(f"{attempt}: {str(error).splitlines()[0][:300] if str(error) else type(error).__name__}"
+                           for attempt, error in failures)
+        raise ExportError(f"Core ML conversion of {type(model).__name__} failed ({detail})") \
+            from failures[-1][1]
     histogram = mil_op_histogram(mlmodel)
     mlmodel.user_defined_metadata["mil_ops"] = json.dumps(dict(sorted(histogram.items())))
+    mlmodel.user_defined_metadata["frontend"] = attempt
     if path is not None:
-        mlmodel.save(str(path))
+        _save_package(mlmodel, Path(path))
     return mlmodel
+
+
+def _save_package(mlmodel, path: Path) -> None:
+    """Save an ``.mlpackage`` (a folder) atomically: staged next to ``path``, then renamed;
+    an existing package at ``path`` is replaced only once the new one is complete."""
+    staging = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent or "."))
+    staged, previous = staging / path.name, staging / "previous"
+    try:
+        mlmodel.save(str(staged))
+        if path.exists():
+            os.replace(path, previous)
+        try:
+            os.replace(staged, path)
+        except OSError:
+            if previous.exists():
+                os.replace(previous, path)
+            raise
+    except Exception as error:  # noqa: BLE001
+        raise ExportError(f"could not write {path}: {error}") from error
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)

@@ -282,3 +282,16 @@ def parameter_count(model: nn.Module) -> int:
     tensors = dict((id(t), (name, t)) for name, t in model.named_parameters())
     tensors.update((id(t), (name, t)) for name, t in model.named_buffers())
     return sum(t.numel() for name, t in tensors.values() if counts_as_parameter(name, t))
+
+
+def mac_count(model: nn.Module, example_inputs) -> int:
+    """Multiply-accumulates of one forward pass on ``example_inputs``: convolutions,
+    linear layers and matrix products (half of ``torch.utils.flop_counter``'s FLOPs).
+    Element-wise ops, BatchNorm, pooling and softmax are not counted, as papers count MACs.
+    """
+    from torch.utils.flop_counter import FlopCounterMode
+    inputs = (example_inputs,) if isinstance(example_inputs, torch.Tensor) else tuple(example_inputs)
+    counter = FlopCounterMode(display=False)
+    with counter, torch.no_grad():
+        model(*inputs)
+    return counter.get_total_flops() // 2

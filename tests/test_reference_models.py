@@ -19,7 +19,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from reference import blocks
-from reference.models import ALL_BUILDERS, reparameterize_model
+from reference.models import ALL_BUILDERS, FULL_SIZE_BUILDERS, reparameterize_model
 
 REL_TOL = 1e-10
 BATCHNORM_TYPES = (nn.modules.batchnorm._BatchNorm,)
@@ -97,6 +97,27 @@ def model_case(request):
     for key, value in state_before.items():
         assert torch.equal(value, state_after[key]), f"reparameterize_model mutated {key}"
     return name, model, deployed
+
+
+@pytest.mark.parametrize("name", sorted(FULL_SIZE_BUILDERS))
+def test_full_size_baselines_are_the_zoo_variants(name):
+    """The hand-written baselines of tools/bench.py are the same networks as the zoo's:
+    equal training-form parameter counts, a deploy form equal to the training form, and
+    reparam_fx's fused form no larger than the hand-written one."""
+    import reparam_fx
+    import zoo
+    model = prepared(FULL_SIZE_BUILDERS[name]())
+    zoo_model = zoo.create(name)
+    assert sum(p.numel() for p in model.parameters()) == \
+        sum(p.numel() for p in zoo_model.parameters())
+    deployed = reparameterize_model(model)
+    assert not batchnorms_in_reparameterized_blocks(deployed)
+    x = example_input((1, 3, 64, 64))
+    with torch.no_grad():
+        assert relative_error(deployed(x), model(x)) <= REL_TOL
+    fused = reparam_fx.fuse(zoo_model.eval())
+    assert reparam_fx.parameter_count(fused) <= reparam_fx.parameter_count(deployed)
+    assert reparam_fx.op_counts(fused)["conv"] == reparam_fx.op_counts(deployed)["conv"]
 
 
 @pytest.mark.parametrize("size", [64, 32])

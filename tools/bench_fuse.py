@@ -1,4 +1,4 @@
-"""Benchmark of the fusion engine: what ``make bench`` runs.
+"""Benchmark of the fusion engine against hand-written code: what ``make bench-fuse`` runs.
 
 Three measurements, printed as markdown and written to ``out/bench_fuse.json``:
 
@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
 import statistics
 import sys
 import time
@@ -35,17 +34,12 @@ import torch.nn as nn
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "tests"))
+sys.path.insert(0, str(ROOT / "tools"))
 
 import reparam_fx  # noqa: E402
 from reparam_fx.testing import randomize_batchnorm_, randomize_parameters_  # noqa: E402
 from reference.models import ALL_BUILDERS, reparameterize_model  # noqa: E402
-
-
-def _time_calls(model, x, calls: int) -> float:
-    start = time.perf_counter()
-    for _ in range(calls):
-        model(x)
-    return (time.perf_counter() - start) / calls
+from timing import interleaved, machine_description, median_ms, median_ratio  # noqa: E402
 
 
 def latency_table(repeats: int, size: int, calls: int) -> list[dict]:
@@ -60,18 +54,11 @@ def latency_table(repeats: int, size: int, calls: int) -> list[dict]:
         fused = reparam_fx.fuse(model)
         fuse_seconds = time.perf_counter() - start
         forms = {"train": model, "hand": hand, "fused": fused}
-        samples = {key: [] for key in forms}
         with torch.inference_mode():
-            for form in forms.values():  # warm-up
-                for _ in range(3):
-                    form(x)
-            keys = list(forms)
-            for repeat in range(repeats):
-                order = keys[repeat % 3:] + keys[:repeat % 3]  # rotate to cancel drift
-                for key in order:
-                    samples[key].append(_time_calls(forms[key], x, calls))
-        median = {key: statistics.median(values) * 1e3 for key, values in samples.items()}
-        paired = statistics.median(f / h for f, h in zip(samples["fused"], samples["hand"]))
+            samples = interleaved({k: (lambda m=m: m(x)) for k, m in forms.items()},
+                                  repeats, calls)
+        median = {key: median_ms(values) for key, values in samples.items()}
+        paired = median_ratio(samples["fused"], samples["hand"])
         ops_hand, ops_fused = reparam_fx.op_counts(hand), reparam_fx.op_counts(fused)
         rows.append({
             "model": name,
@@ -122,24 +109,14 @@ def onnx_table(repeats: int, size: int, calls: int) -> list[dict]:
                                               providers=["CPUExecutionProvider"])
                     for key, m in (("train", train), ("hand", hand), ("fused", fused))}
         feed = {train.graph.input[0].name: x.numpy()}
-        samples = {key: [] for key in sessions}
-        for session in sessions.values():
-            for _ in range(3):
-                session.run(None, feed)
-        keys = list(sessions)
-        for repeat in range(repeats):
-            for key in keys[repeat % 3:] + keys[:repeat % 3]:
-                start = time.perf_counter()
-                for _ in range(calls):
-                    sessions[key].run(None, feed)
-                samples[key].append((time.perf_counter() - start) / calls)
-        median = {key: statistics.median(v) * 1e3 for key, v in samples.items()}
+        samples = interleaved({k: (lambda s=s: s.run(None, feed)) for k, s in sessions.items()},
+                              repeats, calls)
+        median = {key: median_ms(v) for key, v in samples.items()}
         rows.append({
             "model": name, "nodes_train": len(train.graph.node), "nodes_hand": len(hand.graph.node),
             "nodes_fused": len(fused.graph.node),
             "train_ms": median["train"], "hand_ms": median["hand"], "fused_ms": median["fused"],
-            "fused_over_hand": statistics.median(
-                f / h for f, h in zip(samples["fused"], samples["hand"])),
+            "fused_over_hand": median_ratio(samples["fused"], samples["hand"]),
             "speedup_vs_train": median["train"] / median["fused"],
             "rel_error": error, "fuse_seconds": fuse_seconds})
     return rows
@@ -210,7 +187,7 @@ def main(argv=None) -> int:
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
 
-    machine = f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} thread(s), torch {torch.__version__}"
+    machine = f"{machine_description()}, {torch.get_num_threads()} thread(s), torch {torch.__version__}"
     print(f"# reparam_fx benchmark ({time.strftime('%Y-%m-%d')}; {machine})\n")
     rows = latency_table(args.repeats, args.size, args.calls)
     print(f"Eager CPU latency, batch 1, {args.size}x{args.size}, median of {args.repeats} "

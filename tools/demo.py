@@ -1,13 +1,18 @@
-"""``make demo``: fuse example models and show what happened.
+"""``make demo``: fuse example models, show what happened, lower and benchmark them.
 
 By default the smallest variant of each zoo family (RepVGG-A0, MobileOne-S0, FastViT-T8,
 RepViT-M0.9, MobileViT-XXS), randomly initialised with randomised BatchNorm statistics
 and layer scales; ``--reference`` uses the third-party-style implementations in
-``tests/reference`` instead. Per model: parameters and conv / BatchNorm / add counts
-before and after ``reparam_fx.fuse``, the patterns fused, and the relative error of the
-fused model (fp32, and float64 for a float64 copy).
+``tests/reference`` instead (summary only). Per model: parameters and conv / BatchNorm /
+add counts before and after ``reparam_fx.fuse``, the patterns fused, and the relative
+error of the fused model (fp32, and float64 for a float64 copy).
 
-    python tools/demo.py [--model NAME ...] [--reference] [--report]
+Then, for zoo models, ``tools/bench.py --save-models`` writes to ``--out`` (default
+``out/``): each fused model as ``NAME.onnx`` and ``NAME.mlpackage`` (Core ML ML Program),
+and the benchmark table, JSON and chart (``bench.md``, ``bench.json``, ``bench.png``).
+
+    python tools/demo.py [--model NAME ...] [--reference] [--report] [--out out]
+                         [--quick] [--no-bench]
 """
 
 from __future__ import annotations
@@ -23,6 +28,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "tests"))
+sys.path.insert(0, str(ROOT / "tools"))
 
 import reparam_fx  # noqa: E402
 import zoo  # noqa: E402
@@ -69,6 +75,13 @@ def main(argv=None) -> int:
     parser.add_argument("--reference", action="store_true",
                         help="the third-party-style reference models instead of the zoo")
     parser.add_argument("--report", action="store_true", help="print each full report")
+    parser.add_argument("--out", default=str(ROOT / "out"),
+                        help="folder for the .onnx / .mlpackage files and the benchmark "
+                             "(default out/)")
+    parser.add_argument("--quick", action="store_true",
+                        help="benchmark at 64x64 with 3 repeats (checks the pipeline)")
+    parser.add_argument("--no-bench", action="store_true",
+                        help="only the fusion summary: no files, no benchmark")
     args = parser.parse_args(argv)
     builders = _builders(args.reference)
     chosen = args.model or (list(builders) if args.reference else
@@ -81,8 +94,14 @@ def main(argv=None) -> int:
           "linear region\n")
     for name in chosen:
         demo_one(name, builders[name], args.report)
-    print("\nFull report of one model: python tools/demo.py --model fastvit_t8 --report")
-    return 0
+    print("\nFull report of one model: python tools/demo.py --model fastvit_t8 --report --no-bench")
+    if args.reference or args.no_bench:
+        return 0
+    print(f"\nLowering the fused models to ONNX and Core ML and benchmarking them "
+          f"(tools/bench.py) into {args.out}/ ...\n", flush=True)
+    import bench
+    return bench.main(["--models", *chosen, "--out", args.out, "--save-models",
+                       *(["--quick"] if args.quick else [])])
 
 
 if __name__ == "__main__":

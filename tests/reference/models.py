@@ -14,6 +14,12 @@ Every builder takes ``num_classes=10`` and runs on 64x64 and 32x32 inputs.
 |                    | ResidualFFN (pre-BN, layer scale, DropPath)                             |
 | mobilevit_tiny     | ConvLayer stem, InvertedResidual, MobileViTBlockLite                   |
 
+``FULL_SIZE_BUILDERS`` builds the same reference implementations at the published configs of
+the zoo's smallest variants (RepVGG-A0, MobileOne-S0, FastViT-T8, RepViT-M0.9; 1000
+classes): the hand-written baseline ``tools/bench.py`` compares ``reparam_fx.fuse`` with on
+full-size networks. Their training-form parameter counts equal the zoo's exactly (checked in
+``tests/test_reference_models.py``).
+
 ``reparameterize_model`` is the baseline deploy form: deep copy, then every module's own
 ``reparameterize()`` (the way apple/ml-mobileone and apple/ml-fastvit ship it).
 """
@@ -56,6 +62,7 @@ __all__ = [
     "levit_head_tiny",
     "mixed_tiny",
     "mobilevit_tiny",
+    "FULL_SIZE_BUILDERS",
 ]
 
 
@@ -363,4 +370,44 @@ ALL_BUILDERS: Dict[str, Callable[..., nn.Module]] = {
     "levit_head_tiny": levit_head_tiny,
     "mixed_tiny": mixed_tiny,
     "mobilevit_tiny": mobilevit_tiny,
+}
+
+
+# ---------------------------------------------------------------------------------------
+# full size: published configs, written out the way the official repos write them
+# ---------------------------------------------------------------------------------------
+
+
+def repvgg_a0(num_classes: int = 1000) -> nn.Module:
+    """RepVGG-A0: blocks 2/4/14/1, widths 64a/128a/256a/512b with a = 0.75, b = 2.5."""
+    return RepVGG(num_blocks=[2, 4, 14, 1], widths=[48, 96, 192, 1280], num_classes=num_classes)
+
+
+def mobileone_s0(num_classes: int = 1000) -> nn.Module:
+    """MobileOne-S0: widths 48/128/256/1024, units 2/8/10/1, k = 4 conv branches, no SE."""
+    return MobileOne([(48, 2, 0, 4), (128, 8, 0, 4), (256, 10, 0, 4), (1024, 1, 0, 4)],
+                     stem_width=48, num_classes=num_classes)
+
+
+def fastvit_t8(num_classes: int = 1000) -> nn.Module:
+    """FastViT-T8: RepMixer stages of 2/2/4/2 blocks, dims 48/96/192/384, MLP ratio 3."""
+    return FastViT(layers=[2, 2, 4, 2], embed_dims=[48, 96, 192, 384], mlp_ratios=[3, 3, 3, 3],
+                   pos_embs=[False, False, False, False], num_classes=num_classes)
+
+
+def repvit_m0_9(num_classes: int = 1000) -> nn.Module:
+    """RepViT-M0.9: the official cfgs rows (kernel, expansion, channels, SE, stride)."""
+    stage3 = [[3, 2, 192, 1 - i % 2, 1] for i in range(14)] + [[3, 2, 192, 0, 1]]
+    cfgs = [[3, 2, 48, 1, 1], [3, 2, 48, 0, 1], [3, 2, 48, 0, 1],
+            [3, 2, 96, 0, 2], [3, 2, 96, 1, 1], [3, 2, 96, 0, 1], [3, 2, 96, 0, 1],
+            [3, 2, 192, 0, 2], *stage3,
+            [3, 2, 384, 0, 2], [3, 2, 384, 1, 1], [3, 2, 384, 0, 1]]
+    return RepViT(cfgs, num_classes=num_classes, distillation=True)
+
+
+FULL_SIZE_BUILDERS: Dict[str, Callable[..., nn.Module]] = {
+    "repvgg_a0": repvgg_a0,
+    "mobileone_s0": mobileone_s0,
+    "fastvit_t8": fastvit_t8,
+    "repvit_m0_9": repvit_m0_9,
 }

@@ -1,0 +1,93 @@
+"""tools/bench.py: its quick mode runs end to end and writes its three files with numbers
+that say fusion happened; bad command lines exit 2 with one line and write nothing.
+(The timings themselves are not asserted: performance lives in the benchmark.)"""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def bench(*args, timeout=600):
+    return subprocess.run([sys.executable, str(ROOT / "tools" / "bench.py"), *map(str, args)],
+                          capture_output=True, text=True, timeout=timeout, cwd=ROOT)
+
+
+@pytest.fixture(scope="module")
+def quick_run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("bench")
+    # one family with a hand-written baseline, one without (and converted to Core ML
+    # through the torch.export frontend)
+    result = bench("--quick", "--models", "mobileone_s0", "mobilevit_xxs", "--out", out)
+    assert result.returncode == 0, result.stderr[-2000:]
+    return out, result
+
+
+def test_quick_mode_writes_table_json_and_chart(quick_run):
+    out, result = quick_run
+    assert sorted(p.name for p in out.iterdir()) == ["bench.json", "bench.md", "bench.png"]
+    assert (out / "bench.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    table = (out / "bench.md").read_text()
+    assert "| mobileone_s0 | torch eager, 1 thr. |" in table
+    assert "| mobilevit_xxs | ONNX Runtime, 1 thr. |" in table
+    assert "0.79 (iPhone 12 Pro)" in table and "need a Mac" in table
+    assert table.strip() in result.stdout
+
+
+def test_quick_mode_numbers_show_the_fusion(quick_run):
+    out, _ = quick_run
+    data = json.loads((out / "bench.json").read_text())
+    assert data["settings"]["size"] == 64 and data["settings"]["quick"]
+    rows = {row["model"]: row for row in data["models"]}
+    assert list(rows) == ["mobileone_s0", "mobilevit_xxs"]
+
+    mobileone = rows["mobileone_s0"]
+    assert mobileone["forms"] == ["train", "hand", "fused"]
+    assert mobileone["rel_error_float64"] <= 1e-10 and mobileone["rel_error_fp32"] <= 1e-5
+    # the issue's Core ML figure: ~455 MIL ops in training form, <= 89 fused, <= hand
+    mil = mobileone["coreml_mil_ops"]
+    assert mil["train"] >= 400 and mil["fused"] <= min(89, mil["hand"])
+    assert mobileone["onnx_nodes"]["fused"] <= mobileone["onnx_nodes"]["hand"] \
+        < mobileone["onnx_nodes"]["train"]
+    assert mobileone["params"]["fused"] == mobileone["params"]["hand"] \
+        < mobileone["params"]["train"]
+    assert mobileone["macs"]["fused"] == mobileone["macs"]["hand"] < mobileone["macs"]["train"]
+    assert mobileone["published_iphone_ms"] == 0.79
+
+    mobilevit = rows["mobilevit_xxs"]
+    assert mobilevit["forms"] == ["train", "fused"]
+    assert mobilevit["coreml_frontend"]["fused"] == "export"
+    assert mobilevit["macs"]["fused"] <= mobilevit["macs"]["train"]
+    assert mobilevit["published_iphone_ms"] is None
+
+    for row in rows.values():
+        assert set(row["latency"]) >= {"eager_1t", "ort_1t"}
+        for timing in row["latency"].values():
+            assert set(timing["ms"]) == set(row["forms"])
+            assert all(ms > 0 for ms in timing["ms"].values())
+            assert set(timing["speedup"]) == set(row["forms"]) - {"train"}
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--models", "resnet50"], "unknown model(s) resnet50"),
+    (["--size", "100"], "--size must be a positive multiple of 32"),
+    (["--repeats", "0"], "--repeats and --calls must be at least 1"),
+])
+def test_bad_arguments_exit_2_with_one_line(tmp_path, args, message):
+    result = bench(*args, "--out", tmp_path / "out", timeout=120)
+    assert result.returncode == 2, result.stderr
+    assert result.stderr.startswith("bench.py: error: ") and message in result.stderr
+    assert result.stderr.count("\n") == 1 and "Traceback" not in result.stderr
+    assert not (tmp_path / "out").exists()
+
+
+def test_output_path_that_is_a_file_is_refused(tmp_path):
+    target = tmp_path / "taken"
+    target.write_text("keep me")
+    result = bench("--quick", "--models", "repvgg_a0", "--out", target, timeout=120)
+    assert result.returncode == 2 and "exists and is not a folder" in result.stderr
+    assert target.read_text() == "keep me"

@@ -1,0 +1,404 @@
+"""What fusion buys on the zoo: latency, size and op counts before and after ``reparam_fx.fuse``.
+
+For each zoo model (default: the smallest variant of each family; ``--all``: all 31;
+``--models``: a choice), randomly initialised with randomised BatchNorm statistics:
+
+- forms: ``train`` (the zoo's training form, in eval mode), ``fused``
+  (``reparam_fx.fuse(train)``) and, where a hand-written implementation of the same network
+  exists (``tests/reference``, full size: RepVGG-A0, MobileOne-S0, FastViT-T8,
+  RepViT-M0.9), ``hand`` (its own ``reparameterize()``, the way the official repos deploy);
+- latency, batch 1: torch eager and ONNX Runtime CPU, each with 1 thread and with every
+  core; medians of interleaved repeats (``tools/timing.py``); speed-ups are medians of
+  per-repeat ratios against ``train``;
+- parameters, MACs (conv / linear / matmul), ONNX node counts (``torch.onnx.export``,
+  dynamo=False, opset 17, the exporter's own Conv+BN folding included), Core ML MIL op
+  counts (ML Program, iOS 16, fp16; ``reparam_fx.export.to_coreml``), and the relative
+  error of ``fused`` against ``train`` (float64 and fp32).
+
+Writes ``bench.md`` (tables), ``bench.json`` (every number) and ``bench.png`` (chart) to
+``--out`` (default ``out/bench``); ``--save-models`` also writes each fused model as
+``NAME.onnx`` and ``NAME.mlpackage`` there. Core ML prediction needs macOS
+(``tools/coreml_latency.py``); published iPhone latencies are quoted next to the results.
+
+    python tools/bench.py [--models NAME ...] [--all] [--quick] [--size 224]
+                          [--repeats 20] [--calls 2] [--out out/bench] [--save-models]
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import io
+import json
+import os
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "tests"))
+sys.path.insert(0, str(ROOT / "tools"))
+
+import reparam_fx  # noqa: E402
+import zoo  # noqa: E402
+from reparam_fx.export import ExportError, mil_op_histogram, to_coreml, to_onnx  # noqa: E402
+from reparam_fx.testing import randomize_batchnorm_, randomize_parameters_  # noqa: E402
+from reference.models import FULL_SIZE_BUILDERS, reparameterize_model  # noqa: E402
+from timing import interleaved, machine_description, median_ms, median_ratio  # noqa: E402
+
+SMALLEST = ("repvgg_a0", "mobileone_s0", "fastvit_t8", "repvit_m0_9", "mobilevit_xxs")
+FORMS = ("train", "hand", "fused")
+
+# Published latencies of the deployed (reparameterized) models, ms, from the official
+# repositories' README tables: apple/ml-mobileone and apple/ml-fastvit ("iPhone 12 Pro"),
+# THU-MIG/RepViT ("iPhone 12, iOS 16, Core ML"). RepVGG's and MobileViT's official
+# repositories publish no iPhone latency.
+PUBLISHED_IPHONE_MS = {
+    "mobileone_s0": 0.79, "mobileone_s1": 0.89, "mobileone_s2": 1.18, "mobileone_s3": 1.53,
+    "mobileone_s4": 1.86,
+    "fastvit_t8": 0.8, "fastvit_t12": 1.2, "fastvit_s12": 1.4, "fastvit_sa12": 1.6,
+    "fastvit_sa24": 2.6, "fastvit_sa36": 3.5, "fastvit_ma36": 4.6,
+    "repvit_m0_9": 0.9, "repvit_m1_0": 1.0, "repvit_m1_1": 1.1, "repvit_m1_5": 1.5,
+    "repvit_m2_3": 2.3,
+}
+PUBLISHED_DEVICE = {"mobileone": "iPhone 12 Pro", "fastvit": "iPhone 12 Pro",
+                    "repvit": "iPhone 12"}
+
+
+class BenchError(Exception):
+    """A bad command line or a missing optional package: one line, exit 2."""
+
+
+def prepared_forms(name: str) -> dict:
+    """``train`` / ``hand`` (when a hand-written baseline exists) / ``fused`` modules."""
+    train = zoo.create(name).eval()
+    randomize_batchnorm_(train, seed=1)
+    randomize_parameters_(train, seed=2)
+    forms = {"train": train}
+    if name in FULL_SIZE_BUILDERS:
+        reference = FULL_SIZE_BUILDERS[name]().eval()
+        randomize_batchnorm_(reference, seed=1)
+        randomize_parameters_(reference, seed=2)
+        forms["hand"] = reparameterize_model(reference).eval()
+    forms["fused"] = reparam_fx.fuse(train)
+    return forms
+
+
+def float64_error(train, x) -> float:
+    """Relative error of ``fuse`` on a float64 copy (fusing the float32 model rounds the
+    merged weights to float32, so its float64 comparison would measure that rounding)."""
+    train64 = copy.deepcopy(train).double()
+    return reparam_fx.verify(train64, reparam_fx.fuse(train64), (x.double(),), rtol=1e-8)
+
+
+def _summary(samples: dict) -> dict:
+    """Median ms per form, speed-ups over ``train`` and, with a hand-written baseline,
+    ``fused_over_hand`` (each a median of per-repeat ratios)."""
+    summary = {"ms": {form: median_ms(s) for form, s in samples.items()},
+               "speedup": {form: median_ratio(samples["train"], s)
+                           for form, s in samples.items() if form != "train"}}
+    if "hand" in samples:
+        summary["fused_over_hand"] = median_ratio(samples["fused"], samples["hand"])
+    return summary
+
+
+def eager_latency(forms: dict, x, threads: int, repeats: int, calls: int, tick) -> dict:
+    torch.set_num_threads(threads)
+    runners = {form: (lambda m=module: m(x)) for form, module in forms.items()}
+    with torch.inference_mode():
+        samples = interleaved(runners, repeats, calls, tick=tick)
+    return _summary(samples)
+
+
+def onnx_latency(onnx_bytes: dict, x, threads: int, repeats: int, calls: int, tick) -> dict:
+    import onnxruntime as ort
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = threads
+    options.inter_op_num_threads = 1
+    sessions = {form: ort.InferenceSession(data, options, providers=["CPUExecutionProvider"])
+                for form, data in onnx_bytes.items()}
+    feed = x.numpy()
+    runners = {form: (lambda s=session: s.run(None, {s.get_inputs()[0].name: feed}))
+               for form, session in sessions.items()}
+    samples = interleaved(runners, repeats, calls, tick=tick)
+    return _summary(samples)
+
+
+def measure(name: str, args, progress) -> dict:
+    """Every number for one zoo model (see the module docstring)."""
+    progress.set_postfix_str(f"{name}: fuse")
+    start = time.perf_counter()
+    forms = prepared_forms(name)
+    fuse_seconds = time.perf_counter() - start
+    train, fused = forms["train"], forms["fused"]
+    x = torch.randn(1, 3, args.size, args.size, generator=torch.Generator().manual_seed(0))
+    row = {
+        "model": name, "family": name.split("_")[0], "forms": list(forms),
+        "fuse_seconds": fuse_seconds,
+        "patterns": fused.fusion_report.pattern_counts(),
+        "rel_error_float64": float64_error(train, x),
+        "rel_error_fp32": reparam_fx.verify(train, fused, (x,), precision="model", rtol=1e-4),
+        "params": {f: reparam_fx.parameter_count(m) for f, m in forms.items()},
+        "macs": {f: reparam_fx.mac_count(m, (x,)) for f, m in forms.items()},
+        "published_iphone_ms": PUBLISHED_IPHONE_MS.get(name),
+    }
+    progress.update()
+
+    progress.set_postfix_str(f"{name}: ONNX export")
+    onnx_bytes = {}
+    with tempfile.TemporaryDirectory() as folder:
+        for form, module in forms.items():
+            path = to_onnx(module, (x,), Path(folder) / f"{form}.onnx")
+            onnx_bytes[form] = path.read_bytes()
+    if args.save_models:
+        write_atomically(args.out / f"{name}.onnx", onnx_bytes["fused"])
+    import onnx
+    row["onnx_nodes"] = {form: len(onnx.load_from_string(data).graph.node)
+                         for form, data in onnx_bytes.items()}
+    progress.update()
+
+    if not args.no_coreml:
+        row["coreml_mil_ops"], row["coreml_frontend"] = {}, {}
+        for form, module in forms.items():
+            progress.set_postfix_str(f"{name}: Core ML {form}")
+            package = args.out / f"{name}.mlpackage" if args.save_models and form == "fused" \
+                else None
+            mlmodel = to_coreml(module, (x,), package)
+            row["coreml_mil_ops"][form] = sum(mil_op_histogram(mlmodel).values())
+            row["coreml_frontend"][form] = mlmodel.user_defined_metadata["frontend"]
+    progress.update()
+
+    row["latency"] = {}
+    for runtime, measure_latency, models in (("eager", eager_latency, forms),
+                                             ("ort", onnx_latency, onnx_bytes)):
+        for threads in args.threads:
+            progress.set_postfix_str(f"{name}: {runtime}, {threads} thread(s)")
+            row["latency"][f"{runtime}_{threads}t"] = measure_latency(
+                models, x, threads, args.repeats, args.calls, progress.update)
+    return row
+
+
+# ---- output -------------------------------------------------------------------------------
+
+
+def _chain(values: dict, fmt=str) -> str:
+    """``train -> hand -> fused`` with a dash where a form is missing."""
+    return " → ".join(fmt(values[f]) if f in values else "—" for f in FORMS)
+
+
+def _runtime_label(key: str) -> str:
+    runtime, threads = key.rsplit("_", 1)
+    return f"{'torch eager' if runtime == 'eager' else 'ONNX Runtime'}, {threads[:-1]} thr."
+
+
+def markdown(result: dict) -> str:
+    s = result["settings"]
+    lines = [
+        f"# reparam_fx benchmark: {result['date']}, {result['machine']}",
+        "",
+        f"torch {result['versions']['torch']}, onnxruntime {result['versions']['onnxruntime']}, "
+        f"coremltools {result['versions']['coremltools']}; batch 1, {s['size']}x{s['size']}, "
+        f"median of {s['repeats']} interleaved repeats of {s['calls']} call(s). "
+        "Forms: **train** = the zoo's training form (eval mode), **hand** = the same network's "
+        "hand-written `reparameterize()` (tests/reference), **fused** = `reparam_fx.fuse(train)`. "
+        "Speed-up = median per-repeat ratio train / form; fused / hand likewise (below 1: "
+        "reparam_fx's form is faster).",
+        "",
+        "## Latency (ms)",
+        "",
+        "| model | runtime | train | hand | fused | hand speed-up | fused speed-up | fused / hand |",
+        "|---|---|---:|---:|---:|---:|---:|---:|",
+    ]
+    for row in result["models"]:
+        for key, lat in row["latency"].items():
+            ms, up = lat["ms"], lat["speedup"]
+            cells = [row["model"], _runtime_label(key), f"{ms['train']:.2f}",
+                     f"{ms['hand']:.2f}" if "hand" in ms else "—", f"{ms['fused']:.2f}",
+                     f"{up['hand']:.2f}x" if "hand" in up else "—", f"**{up['fused']:.2f}x**",
+                     f"{lat['fused_over_hand']:.3f}" if "hand" in up else "—"]
+            lines.append("| " + " | ".join(cells) + " |")
+    lines += [
+        "",
+        "## Size and ops (train → hand → fused)",
+        "",
+        "| model | params (M) | MACs (G) | ONNX nodes | Core ML MIL ops | rel. error float64 / fp32 "
+        "| published iPhone latency (ms) |",
+        "|---|---|---|---|---|---|---:|",
+    ]
+    for row in result["models"]:
+        published = row["published_iphone_ms"]
+        device = PUBLISHED_DEVICE.get(row["family"], "")
+        mil = _chain(row["coreml_mil_ops"]) if "coreml_mil_ops" in row else "not run"
+        lines.append(
+            f"| {row['model']} | {_chain(row['params'], lambda v: f'{v / 1e6:.2f}')} "
+            f"| {_chain(row['macs'], lambda v: f'{v / 1e9:.3f}')} | {_chain(row['onnx_nodes'])} "
+            f"| {mil} | {row['rel_error_float64']:.1e} / {row['rel_error_fp32']:.1e} "
+            f"| {f'{published} ({device})' if published else '— (none published)'} |")
+    lines += [
+        "",
+        "Published latencies are the official repositories' figures for the deployed models "
+        "(apple/ml-mobileone, apple/ml-fastvit, THU-MIG/RepViT READMEs); RepVGG and MobileViT "
+        "publish none. They were measured on iPhones with Core ML; the figures above are CPU "
+        "figures from this machine and are not comparable with them. iPhone numbers for these "
+        "packages need a Mac: `python tools/coreml_latency.py NAME.mlpackage` there.",
+        "",
+    ]
+    return "\n".join(lines)
+
+
+def chart(result: dict) -> bytes:
+    """Two panels: fused (bars) and hand-written (black ticks) speed-up per runtime; Core ML
+    MIL ops per form."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = result["models"]
+    names = [row["model"] for row in rows]
+    keys = list(rows[0]["latency"])
+    width = 0.8 / len(keys)
+    figure, (left, right) = plt.subplots(1, 2, figsize=(13, 4.8),
+                                         gridspec_kw={"width_ratios": [3, 2]})
+    for k, key in enumerate(keys):
+        offsets = [i - 0.4 + width * (k + 0.5) for i in range(len(rows))]
+        fused = [row["latency"][key]["speedup"]["fused"] for row in rows]
+        left.bar(offsets, fused, width * 0.92, label=_runtime_label(key))
+        hand = [(o, row["latency"][key]["speedup"]["hand"]) for o, row in zip(offsets, rows)
+                if "hand" in row["latency"][key]["speedup"]]
+        if hand:
+            left.scatter([o for o, _ in hand], [v for _, v in hand], marker="_", s=180,
+                         color="black", zorder=3,
+                         label="hand-written reparameterize()" if k == 0 else None)
+    left.axhline(1.0, color="grey", linewidth=0.8)
+    left.set_xticks(range(len(rows)), names, rotation=20)
+    left.set_ylabel("speed-up over training form (x)")
+    left.set_title("CPU latency speed-up from reparam_fx.fuse")
+    left.legend(fontsize=8)
+    if all("coreml_mil_ops" in row for row in rows):
+        for f, form in enumerate(FORMS):
+            values = [(i - 0.3 + 0.3 * f, row["coreml_mil_ops"][form])
+                      for i, row in enumerate(rows) if form in row["coreml_mil_ops"]]
+            right.bar([o for o, _ in values], [v for _, v in values], 0.28, label=form)
+        right.set_xticks(range(len(rows)), names, rotation=20)
+        right.set_ylabel("non-const MIL ops")
+        right.set_title("Core ML ML Program size")
+        right.legend(fontsize=8)
+    else:
+        right.set_axis_off()
+    figure.suptitle(f"{result['machine']}, {result['date']}, batch 1, "
+                    f"{result['settings']['size']}x{result['settings']['size']}", fontsize=9)
+    figure.tight_layout()
+    buffer = io.BytesIO()
+    figure.savefig(buffer, format="png", dpi=110)
+    plt.close(figure)
+    return buffer.getvalue()
+
+
+def write_atomically(path: Path, data: bytes) -> None:
+    staged = path.with_name(f".{path.name}.tmp")
+    staged.write_bytes(data)
+    os.replace(staged, path)
+
+
+# ---- command line -------------------------------------------------------------------------
+
+
+def parse_args(argv):
+    parser = argparse.ArgumentParser(prog="bench.py", description=__doc__.splitlines()[0])
+    choice = parser.add_mutually_exclusive_group()
+    choice.add_argument("--models", nargs="+", metavar="NAME", help="zoo models to measure")
+    choice.add_argument("--all", action="store_true", help="every zoo variant (slow)")
+    parser.add_argument("--quick", action="store_true",
+                        help="64x64, 3 repeats of 1 call: checks the pipeline, not a measurement")
+    parser.add_argument("--size", type=int, default=224, help="input side (default 224)")
+    parser.add_argument("--repeats", type=int, default=20, help="interleaved repeats (default 20)")
+    parser.add_argument("--calls", type=int, default=2, help="calls per timed sample (default 2)")
+    parser.add_argument("--out", type=Path, default=ROOT / "out" / "bench",
+                        help="output folder (default out/bench)")
+    parser.add_argument("--save-models", action="store_true",
+                        help="also write each fused model as NAME.onnx and NAME.mlpackage")
+    parser.add_argument("--no-coreml", action="store_true", help="skip Core ML conversion")
+    args = parser.parse_args(argv)
+    if args.quick:
+        args.size, args.repeats, args.calls = 64, 3, 1
+    if args.size <= 0 or args.size % 32:
+        raise BenchError(f"--size must be a positive multiple of 32 (the zoo's stride), "
+                         f"not {args.size}")
+    if args.repeats < 1 or args.calls < 1:
+        raise BenchError("--repeats and --calls must be at least 1")
+    args.models = zoo.names() if args.all else (args.models or list(SMALLEST))
+    unknown = [name for name in args.models if name not in zoo.names()]
+    if unknown:
+        raise BenchError(f"unknown model(s) {', '.join(unknown)}; "
+                         f"valid: {', '.join(zoo.names())}")
+    cores = os.cpu_count() or 1
+    args.threads = [1] if cores == 1 else [1, cores]
+    return args
+
+
+def _prepare_output(folder: Path) -> None:
+    if folder.exists() and not folder.is_dir():
+        raise BenchError(f"--out {folder} exists and is not a folder")
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError as error:
+        raise BenchError(f"cannot create --out {folder}: {error.strerror}") from None
+    if not os.access(folder, os.W_OK):
+        raise BenchError(f"--out {folder} is not writable")
+
+
+def run(args) -> dict:
+    try:
+        import matplotlib  # noqa: F401
+        from tqdm import tqdm
+    except ImportError as error:
+        raise BenchError(f"{error.name} is missing: pip install 'reparam-fx[bench]' "
+                         "(make bench installs it)") from None
+    _prepare_output(args.out)
+    torch.manual_seed(0)
+    all_threads = torch.get_num_threads()
+    steps_per_model = 3 + len(args.threads) * 2 * args.repeats
+    rows = []
+    with tqdm(total=steps_per_model * len(args.models), unit="step", file=sys.stderr,
+              desc="bench", dynamic_ncols=True, disable=None) as progress:
+        for name in args.models:
+            rows.append(measure(name, args, progress))
+    torch.set_num_threads(all_threads)
+    import coremltools
+    import onnxruntime
+    return {
+        "date": time.strftime("%Y-%m-%d"), "machine": machine_description(),
+        "versions": {"torch": torch.__version__, "onnxruntime": onnxruntime.__version__,
+                     "coremltools": coremltools.__version__, "python": sys.version.split()[0]},
+        "settings": {"size": args.size, "repeats": args.repeats, "calls": args.calls,
+                     "threads": args.threads, "quick": args.quick},
+        "models": rows,
+    }
+
+
+def main(argv=None) -> int:
+    try:
+        args = parse_args(argv)
+        result = run(args)
+        text = markdown(result)
+        write_atomically(args.out / "bench.json", json.dumps(result, indent=2).encode())
+        write_atomically(args.out / "bench.md", text.encode())
+        write_atomically(args.out / "bench.png", chart(result))
+    except (BenchError, ExportError) as error:
+        print(f"bench.py: error: {error}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("bench.py: interrupted; nothing written", file=sys.stderr)
+        return 130
+    print(text)
+    written = ", ".join(str(args.out / f) for f in ("bench.md", "bench.json", "bench.png"))
+    print(f"wrote {written}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
