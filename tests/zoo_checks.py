@@ -8,7 +8,8 @@ Every family's test file uses these, so the five families are held to one standa
   36,125,416 is published as 36.12) and not absurdly lower (at least 95% of it).
 - ``fuse_and_check(name, size=64)``: randomised BatchNorm statistics and affine
   parameters and layer scales; fused equals the training form in eval mode, in float64
-  (tight) and in fp32 (<= 1e-5 relative); no BatchNorm left; the input untouched.
+  (tight) and in fp32 (<= 1e-5 relative); no BatchNorm left; no more MACs; the input
+  untouched.
   Returns the fused model for topology assertions.
 """
 
@@ -59,6 +60,7 @@ def fuse_and_check(name: str, size: int = 64, batch: int = 2, **kwargs):
     fused = reparam_fx.fuse(model)
     assert reparam_fx.verify(model, fused, (x,), precision="model", rtol=RTOL_FP32) <= RTOL_FP32
     assert reparam_fx.op_counts(fused)["batch_norm"] == 0, fused.fusion_report.table()
+    assert reparam_fx.mac_count(fused, (x,)) <= reparam_fx.mac_count(model, (x,))  # never more
     for key, value in model.state_dict().items():
         assert torch.equal(value, before[key]), f"fuse changed {key}"
     model64 = copy.deepcopy(model).double()

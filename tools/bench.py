@@ -7,9 +7,9 @@ For each zoo model (default: the smallest variant of each family; ``--all``: all
   (``reparam_fx.fuse(train)``) and, where a hand-written implementation of the same network
   exists (``tests/reference``, full size: RepVGG-A0, MobileOne-S0, FastViT-T8,
   RepViT-M0.9), ``hand`` (its own ``reparameterize()``, the way the official repos deploy);
-- latency, batch 1: torch eager and ONNX Runtime CPU, each with 1 thread and with every
-  core; medians of interleaved repeats (``tools/timing.py``); speed-ups are medians of
-  per-repeat ratios against ``train``;
+- latency, batch 1: torch eager and ONNX Runtime CPU (idle threads not spinning), each
+  with 1 thread and with every core; medians of interleaved repeats
+  (``tools/timing.py``); speed-ups are medians of per-repeat ratios against ``train``;
 - parameters, MACs (conv / linear / matmul), ONNX node counts (``torch.onnx.export``,
   dynamo=False, opset 17, the exporter's own Conv+BN folding included), Core ML MIL op
   counts (ML Program, iOS 16, fp16; ``reparam_fx.export.to_coreml``), and the relative
@@ -119,6 +119,10 @@ def onnx_latency(onnx_bytes: dict, x, threads: int, repeats: int, calls: int, ti
     options = ort.SessionOptions()
     options.intra_op_num_threads = threads
     options.inter_op_num_threads = 1
+    # Idle worker threads must not spin: with several sessions timed in turn, one
+    # session's spinning pool takes cores from the next (on 2 cores that made 2-thread
+    # runs slower than 1-thread runs and skewed ratios by up to 40%).
+    options.add_session_config_entry("session.intra_op.allow_spinning", "0")
     sessions = {form: ort.InferenceSession(data, options, providers=["CPUExecutionProvider"])
                 for form, data in onnx_bytes.items()}
     feed = x.numpy()
