@@ -91,3 +91,21 @@ def test_output_path_that_is_a_file_is_refused(tmp_path):
     result = bench("--quick", "--models", "repvgg_a0", "--out", target, timeout=120)
     assert result.returncode == 2 and "exists and is not a folder" in result.stderr
     assert target.read_text() == "keep me"
+
+
+def test_a_failed_core_ml_conversion_is_reported_and_the_rest_kept(tmp_path, monkeypatch, capsys):
+    sys.path.insert(0, str(ROOT / "tools"))
+    import bench as bench_module
+    from reparam_fx.export import ExportError
+
+    def refuse(model, *args, **kwargs):
+        raise ExportError(f"Core ML conversion of {type(model).__name__} failed (test)")
+    monkeypatch.setattr(bench_module, "to_coreml", refuse)
+    assert bench_module.main(["--quick", "--models", "repvgg_a0", "--out", str(tmp_path)]) == 0
+    data = json.loads((tmp_path / "bench.json").read_text())
+    (row,) = data["models"]
+    assert set(row["coreml_errors"]) == {"train", "hand", "fused"}
+    assert row["onnx_nodes"]["fused"] < row["onnx_nodes"]["train"] and row["latency"]
+    assert "conversion failed (train, hand, fused; see bench.json)" in (tmp_path / "bench.md").read_text()
+    assert (tmp_path / "bench.png").stat().st_size > 0
+    assert "bench.py: warning: repvgg_a0 (fused): Core ML conversion" in capsys.readouterr().err

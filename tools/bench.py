@@ -171,7 +171,12 @@ def measure(name: str, args, progress) -> dict:
             progress.set_postfix_str(f"{name}: Core ML {form}")
             package = args.out / f"{name}.mlpackage" if args.save_models and form == "fused" \
                 else None
-            mlmodel = to_coreml(module, (x,), package)
+            try:
+                mlmodel = to_coreml(module, (x,), package)
+            except ExportError as error:  # recorded; the other numbers are still worth having
+                row.setdefault("coreml_errors", {})[form] = str(error)
+                progress.write(f"bench.py: warning: {name} ({form}): {error}", file=sys.stderr)
+                continue
             row["coreml_mil_ops"][form] = sum(mil_op_histogram(mlmodel).values())
             row["coreml_frontend"][form] = mlmodel.user_defined_metadata["frontend"]
     progress.update()
@@ -236,7 +241,9 @@ def markdown(result: dict) -> str:
     for row in result["models"]:
         published = row["published_iphone_ms"]
         device = PUBLISHED_DEVICE.get(row["family"], "")
-        mil = _chain(row["coreml_mil_ops"]) if "coreml_mil_ops" in row else "not run"
+        mil = ("not run" if "coreml_mil_ops" not in row else
+               f"conversion failed ({', '.join(row['coreml_errors'])}; see bench.json)"
+               if "coreml_errors" in row else _chain(row["coreml_mil_ops"]))
         lines.append(
             f"| {row['model']} | {_chain(row['params'], lambda v: f'{v / 1e6:.2f}')} "
             f"| {_chain(row['macs'], lambda v: f'{v / 1e9:.3f}')} | {_chain(row['onnx_nodes'])} "
@@ -282,7 +289,7 @@ def chart(result: dict) -> bytes:
     left.set_ylabel("speed-up over training form (x)")
     left.set_title("CPU latency speed-up from reparam_fx.fuse")
     left.legend(fontsize=8)
-    if all("coreml_mil_ops" in row for row in rows):
+    if all("coreml_mil_ops" in row and "coreml_errors" not in row for row in rows):
         for f, form in enumerate(FORMS):
             values = [(i - 0.3 + 0.3 * f, row["coreml_mil_ops"][form])
                       for i, row in enumerate(rows) if form in row["coreml_mil_ops"]]
