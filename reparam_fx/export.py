@@ -18,6 +18,7 @@ import io
 import json
 import logging
 import os
+import re
 import shutil
 import tempfile
 import warnings
@@ -76,20 +77,42 @@ def mil_op_histogram(mlmodel) -> Counter:
                    for op in function.operations if op.op_type != "const")
 
 
+class _ErrorLog(logging.Handler):
+    """Keeps coremltools' ERROR records: for some failures the op it could not convert is
+    named only there ("converting 'int' op (located at: ...)")."""
+
+    def __init__(self):
+        super().__init__(logging.ERROR)
+        self.messages: list[str] = []
+
+    def emit(self, record):
+        self.messages.append(record.getMessage().strip())
+
+
 @contextlib.contextmanager
 def _quiet():
     """Silence coremltools' progress bars, logging and warnings (a failed first attempt
-    in ``frontend="auto"`` is expected, not an error to show)."""
+    in ``frontend="auto"`` is expected, not an error to show); yields its error log."""
     logger = logging.getLogger("coremltools")
-    level = logger.level
-    logger.setLevel(logging.CRITICAL)
+    level, propagate, log = logger.level, logger.propagate, _ErrorLog()
+    handlers = logger.handlers[:]
+    logger.handlers, logger.propagate = [log], False
+    logger.setLevel(logging.ERROR)
     try:
         with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()), \
                 contextlib.redirect_stderr(io.StringIO()):
             warnings.simplefilter("ignore")
-            yield
+            yield log
     finally:
+        logger.handlers, logger.propagate = handlers, propagate
         logger.setLevel(level)
+
+
+_CONVERTING = re.compile(r"converting '[^']+' op \(located at: '[^']*'\)")
+
+
+def _first_line(error: Exception) -> str:
+    return (str(error).strip().splitlines() or [type(error).__name__])[0][:300].rstrip(".")
 
 
 def _coreml_program(model: nn.Module, inputs: tuple, frontend: str):
@@ -122,12 +145,14 @@ def to_coreml(model: nn.Module, example_inputs, path=None, *, minimum_deployment
         raise ValueError(f"precision must be 'fp16' or 'fp32', not {precision!r}")
     if frontend not in ("auto", "torchscript", "export"):
         raise ValueError(f"frontend must be 'auto', 'torchscript' or 'export', not {frontend!r}")
+    if model.training:
+        raise ExportError(f"{type(model).__name__} is in training mode; call .eval() first "
+                          "(BatchNorm and Dropout would not convert to inference)")
     inputs = _inputs(example_inputs)
-    model = model.eval()
     failures = []
     for attempt in (("torchscript", "export") if frontend == "auto" else (frontend,)):
         try:
-            with _quiet():
+            with _quiet() as log:
                 mlmodel = ct.convert(
                     _coreml_program(model, inputs, attempt),
                     inputs=[ct.TensorType(name=f"input_{i}", shape=tuple(t.shape))
@@ -139,12 +164,11 @@ def to_coreml(model: nn.Module, example_inputs, path=None, *, minimum_deployment
                                        else ct.precision.FLOAT32))
             break
         except Exception as error:  # noqa: BLE001 - coremltools names the unsupported op
-            failures.append((attempt, error))
+            where = [m.group(0) for m in map(_CONVERTING.search, log.messages) if m]
+            failures.append((attempt, _first_line(error) + (f", {where[0]}" if where else "")))
     else:
-        detail = "; ".join(f"{attempt}: {str(error).splitlines()[0][:300] if str(error) else type(error).__name__}"
-                           for attempt, error in failures)
-        raise ExportError(f"Core ML conversion of {type(model).__name__} failed ({detail})") \
-            from failures[-1][1]
+        detail = "; ".join(f"{attempt}: {message}" for attempt, message in failures)
+        raise ExportError(f"Core ML conversion of {type(model).__name__} failed ({detail})")
     histogram = mil_op_histogram(mlmodel)
     mlmodel.user_defined_metadata["mil_ops"] = json.dumps(dict(sorted(histogram.items())))
     mlmodel.user_defined_metadata["frontend"] = attempt

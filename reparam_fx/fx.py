@@ -144,7 +144,8 @@ class Workspace:
                     attributes[name] = copy.deepcopy(value, memo)
                 flat[node.target] = name
             node.target = flat[node.target]
-        return torch.fx.GraphModule(attributes, self.graph, self.class_name), flat
+        # an inference graph: in eval mode, like the model it came from
+        return torch.fx.GraphModule(attributes, self.graph, self.class_name).eval(), flat
 
 
 def _has_state(module: nn.Module) -> bool:

@@ -97,15 +97,29 @@ def test_coreml_failure_leaves_no_package_and_keeps_an_old_one(tmp_path):
             return torch.linalg.eigvals(x)
     target = tmp_path / "model.mlpackage"
     with pytest.raises(ExportError, match=r"Core ML conversion of Bad failed \(torchscript: .*export: "):
-        to_coreml(Bad(), (torch.randn(2, 2),), target)
+        to_coreml(Bad().eval(), (torch.randn(2, 2),), target)
     assert list(tmp_path.iterdir()) == []
     good = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.ReLU()).eval()
     to_coreml(good, (torch.randn(1, 3, 8, 8),), target, frontend="export")
     manifest = (target / "Manifest.json").read_bytes()
     with pytest.raises(ExportError):
-        to_coreml(Bad(), (torch.randn(2, 2),), target)
+        to_coreml(Bad().eval(), (torch.randn(2, 2),), target)
     assert (target / "Manifest.json").read_bytes() == manifest
     assert [p.name for p in tmp_path.iterdir()] == ["model.mlpackage"]
+
+
+def test_coreml_names_the_op_coremltools_could_not_convert():
+    model = zoo.create("mobilevit_xxs").eval()
+    with pytest.raises(ExportError, match=r"failed \(torchscript: .*, converting '\w+' op "
+                                          r"\(located at: '[^']*'\)\)"):
+        to_coreml(model, (torch.randn(1, 3, 64, 64),), frontend="torchscript")
+
+
+def test_coreml_refuses_a_model_in_training_mode_without_changing_it():
+    model = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 1), torch.nn.BatchNorm2d(4))
+    with pytest.raises(ExportError, match=r"Sequential is in training mode; call \.eval\(\)"):
+        to_coreml(model, (torch.randn(1, 3, 4, 4),))
+    assert model.training and model[1].training
 
 
 def test_coreml_rejects_unknown_options():

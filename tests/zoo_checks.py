@@ -61,6 +61,7 @@ def fuse_and_check(name: str, size: int = 64, batch: int = 2, **kwargs):
     assert reparam_fx.verify(model, fused, (x,), precision="model", rtol=RTOL_FP32) <= RTOL_FP32
     assert reparam_fx.op_counts(fused)["batch_norm"] == 0, fused.fusion_report.table()
     assert reparam_fx.mac_count(fused, (x,)) <= reparam_fx.mac_count(model, (x,))  # never more
+    assert not any(module.training for module in fused.modules())
     for key, value in model.state_dict().items():
         assert torch.equal(value, before[key]), f"fuse changed {key}"
     model64 = copy.deepcopy(model).double()
