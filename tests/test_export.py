@@ -91,6 +91,16 @@ def test_fused_model_to_coreml(name, tmp_path, hand_coreml_ops):
         assert mlmodel.user_defined_metadata["frontend"] == "export"
 
 
+def test_aten_graph_from_the_export_path_converts_to_coreml():
+    model = zoo.create("repvgg_a0").eval()
+    randomize_batchnorm_(model, seed=44)
+    x = torch.randn(1, 3, 64, 64)
+    fused = reparam_fx.fuse(torch.export.export(model, (x,)))
+    histogram = mil_op_histogram(to_coreml(fused, (x,)))
+    assert "batch_norm" not in histogram and histogram["conv"] == SMALLEST["repvgg_a0"]
+    assert "add" not in histogram
+
+
 def test_coreml_failure_leaves_no_package_and_keeps_an_old_one(tmp_path):
     class Bad(torch.nn.Module):
         def forward(self, x):
