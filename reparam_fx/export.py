@@ -122,6 +122,11 @@ def _coreml_program(model: nn.Module, inputs: tuple, frontend: str):
     return torch.export.export(model, inputs).run_decompositions({})
 
 
+# modules that compute something else in training mode (a conv in training mode, e.g. one
+# made by a hand-written reparameterize(), converts the same)
+_MODE_DEPENDENT = (nn.modules.batchnorm._BatchNorm, nn.modules.dropout._DropoutNd)
+
+
 def to_coreml(model: nn.Module, example_inputs, path=None, *, minimum_deployment_target=None,
               compute_units=None, precision: str = "fp16", frontend: str = "auto"):
     """Convert ``model`` to a Core ML ML Program (``.mlpackage`` when ``path`` is given).
@@ -132,8 +137,10 @@ def to_coreml(model: nn.Module, example_inputs, path=None, *, minimum_deployment
     MobileViT's unfolding), the ``torch.export`` program; ``"torchscript"`` or
     ``"export"`` forces one. The MIL op histogram is stored in
     ``user_defined_metadata["mil_ops"]`` (JSON; the frontend used in ``["frontend"]``)
-    and returned by :func:`mil_op_histogram`. Raises :class:`ExportError` naming what
-    coremltools could not convert, or saying to install the ``coreml`` extra.
+    and returned by :func:`mil_op_histogram`. ``model`` is never modified: one in training
+    mode (or with a BatchNorm or Dropout in training mode) is refused. Raises
+    :class:`ExportError` naming what coremltools could not convert, or saying to install
+    the ``coreml`` extra.
     """
     try:
         with _quiet():
@@ -145,9 +152,13 @@ def to_coreml(model: nn.Module, example_inputs, path=None, *, minimum_deployment
         raise ValueError(f"precision must be 'fp16' or 'fp32', not {precision!r}")
     if frontend not in ("auto", "torchscript", "export"):
         raise ValueError(f"frontend must be 'auto', 'torchscript' or 'export', not {frontend!r}")
-    if model.training:
-        raise ExportError(f"{type(model).__name__} is in training mode; call .eval() first "
-                          "(BatchNorm and Dropout would not convert to inference)")
+    training = [name or type(model).__name__ for name, module in model.named_modules()
+                if module.training and (module is model or isinstance(module, _MODE_DEPENDENT))]
+    if training:
+        raise ExportError(f"{type(model).__name__} is in training mode ({training[0]}"
+                          f"{f' and {len(training) - 1} more' if len(training) > 1 else ''}); "
+                          "call .eval() first (BatchNorm and Dropout would not convert to "
+                          "inference)")
     inputs = _inputs(example_inputs)
     failures = []
     for attempt in (("torchscript", "export") if frontend == "auto" else (frontend,)):

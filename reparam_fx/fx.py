@@ -137,15 +137,18 @@ class Workspace:
                 value = self.resolve(node.target)
                 new = node.target in self.added or node.target.rpartition(".")[0] in self.added
                 if new:
-                    attributes[name] = value
+                    attributes[name] = value.eval() if isinstance(value, nn.Module) else value
                 elif isinstance(value, nn.Module) and not _has_state(value):
                     attributes[name] = copy.copy(value)  # e.g. activations: cheap
                 else:
                     attributes[name] = copy.deepcopy(value, memo)
                 flat[node.target] = name
             node.target = flat[node.target]
-        # an inference graph: in eval mode, like the model it came from
-        return torch.fx.GraphModule(attributes, self.graph, self.class_name).eval(), flat
+        result = torch.fx.GraphModule(attributes, self.graph, self.class_name)
+        # An inference graph, so not in training mode; surviving submodules keep their own
+        # mode (a BatchNorm left alone because it is in training mode stays so).
+        result.training = False
+        return result, flat
 
 
 def _has_state(module: nn.Module) -> bool:

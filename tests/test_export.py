@@ -127,9 +127,13 @@ def test_coreml_names_the_op_coremltools_could_not_convert():
 
 def test_coreml_refuses_a_model_in_training_mode_without_changing_it():
     model = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 1), torch.nn.BatchNorm2d(4))
-    with pytest.raises(ExportError, match=r"Sequential is in training mode; call \.eval\(\)"):
+    with pytest.raises(ExportError, match=r"Sequential is in training mode \(Sequential and 1 "
+                                          r"more\); call \.eval\(\)"):
         to_coreml(model, (torch.randn(1, 3, 4, 4),))
     assert model.training and model[1].training
+    model.eval()[1].train()  # one BatchNorm still in training mode
+    with pytest.raises(ExportError, match=r"training mode \(1\)"):
+        to_coreml(model, (torch.randn(1, 3, 4, 4),))
 
 
 def test_coreml_rejects_unknown_options():
