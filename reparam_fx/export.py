@@ -122,8 +122,8 @@ def _coreml_program(model: nn.Module, inputs: tuple, frontend: str):
     return torch.export.export(model, inputs).run_decompositions({})
 
 
-# modules that compute something else in training mode (a conv in training mode, e.g. one
-# made by a hand-written reparameterize(), converts the same)
+# modules that compute something else in training mode (a conv left in training mode, e.g.
+# by a hand-written deploy conversion, converts the same)
 _MODE_DEPENDENT = (nn.modules.batchnorm._BatchNorm, nn.modules.dropout._DropoutNd)
 
 
