@@ -1,5 +1,5 @@
 # Two commands on a fresh machine: `make demo` and `make test`. Each creates .venv,
-# installs torch==2.13.0 first (the CPU build; an unpinned torch pulls CUDA wheels),
+# installs torch==2.13.0 first (the local CPU build here; an unpinned torch pulls CUDA wheels),
 # then this project with its extras.
 PYTHON ?= python3
 VENV := .venv

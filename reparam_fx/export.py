@@ -132,7 +132,7 @@ def to_coreml(model: nn.Module, example_inputs, path=None, *, minimum_deployment
     """Convert ``model`` to a Core ML ML Program (``.mlpackage`` when ``path`` is given).
 
     Defaults: iOS 16, all compute units, fp16 compute precision. ``frontend="auto"``
-    converts a ``torch.jit.trace`` of the model (the smallest programs) and, where
+    converts a ``torch.jit.trace`` of the model and, where
     coremltools cannot convert that trace (shape arithmetic it does not support, e.g. in
     MobileViT's unfolding), the ``torch.export`` program; ``"torchscript"`` or
     ``"export"`` forces one. The MIL op histogram is stored in

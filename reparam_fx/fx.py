@@ -40,6 +40,7 @@ otherwise a conv's input is taken to be batched (``N, C, *spatial``).
 from __future__ import annotations
 
 import copy
+import itertools
 import operator
 import re
 from collections import Counter
@@ -138,10 +139,13 @@ class Workspace:
                 new = node.target in self.added or node.target.rpartition(".")[0] in self.added
                 if new:
                     attributes[name] = value.eval() if isinstance(value, nn.Module) else value
-                elif isinstance(value, nn.Module) and not _has_state(value):
-                    attributes[name] = copy.copy(value)  # e.g. activations: cheap
-                else:
-                    attributes[name] = copy.deepcopy(value, memo)
+                else:  # a copy: the result shares no tensors, hooks or buffers with the input
+                    try:
+                        attributes[name] = copy.deepcopy(value, memo)
+                    except RuntimeError as error:  # e.g. legacy nn.utils.weight_norm
+                        raise FusionError(
+                            f"cannot copy {node.target} ({type(value).__name__}): "
+                            f"{str(error).splitlines()[0]}") from error
                 flat[node.target] = name
             node.target = flat[node.target]
         result = torch.fx.GraphModule(attributes, self.graph, self.class_name)
@@ -149,10 +153,6 @@ class Workspace:
         # mode (a BatchNorm left alone because it is in training mode stays so).
         result.training = False
         return result, flat
-
-
-def _has_state(module: nn.Module) -> bool:
-    return bool(module._parameters or module._buffers or module._modules)
 
 
 def _module_tensors(module: nn.Module):
@@ -224,7 +224,8 @@ def _propagate_shapes(ws: Workspace, example_inputs) -> None:
     try:
         runner = torch.fx.GraphModule(ws.root, ws.graph)  # shares, does not copy, attributes
         with torch.no_grad():
-            ShapeProp(runner).propagate(*_as_tuple(example_inputs))
+            ShapeProp(runner).propagate(*(t.clone() if isinstance(t, torch.Tensor) else t
+                                          for t in _as_tuple(example_inputs)))  # never mutated
     except Exception:  # noqa: BLE001 - shapes are a hint; fusion works without them
         pass
 
@@ -232,7 +233,9 @@ def _propagate_shapes(ws: Workspace, example_inputs) -> None:
 # ---- writing regions back ------------------------------------------------------------
 
 def _reference_tensor(region: Region, facts: GraphFacts) -> torch.Tensor:
-    """A floating-point parameter of the region: the new weights take its dtype/device."""
+    """A tensor whose dtype/device the new weights take: a floating-point parameter of the
+    region; for a region without any (e.g. ``pool(x) - x``), the recorded value of its
+    input, else any floating-point parameter or buffer of the model, else the default."""
     for node in region.nodes:
         if node.op == "call_module":
             for _, tensor in _module_tensors(facts.modules[node.target]):
@@ -242,6 +245,12 @@ def _reference_tensor(region: Region, facts: GraphFacts) -> torch.Tensor:
             value = facts.constant(arg) if isinstance(arg, torch.fx.Node) else None
             if isinstance(value, torch.Tensor) and value.is_floating_point() and value.dim():
                 return value
+    meta = region.source.meta.get("val", region.source.meta.get("tensor_meta"))
+    if meta is not None and getattr(meta, "dtype", None) is not None and meta.dtype.is_floating_point:
+        return torch.empty(0, dtype=meta.dtype, device=getattr(meta, "device", "cpu"))
+    for tensor in itertools.chain(facts.ws.root.parameters(), facts.ws.root.buffers()):
+        if tensor.is_floating_point():
+            return tensor
     return torch.empty(0)
 
 
@@ -333,8 +342,11 @@ def _rewrite(facts: GraphFacts, emit: list, partial_sums: list,
     order = {n: i for i, n in enumerate(old.nodes)}
     dead, starts = set(), {}
 
+    sources = set()  # read by the new ops: never swept away, even if constant
+
     def schedule(key, output, region):
         dead.update(region.nodes)
+        sources.add(region.source)
         first = min(region.nodes, key=order.__getitem__)
         starts.setdefault(first, []).append((key, output, region))
 
@@ -349,7 +361,8 @@ def _rewrite(facts: GraphFacts, emit: list, partial_sums: list,
             if isinstance(term, Region):
                 schedule((partial.root, index), partial.root, term)
     for node in reversed(old.nodes):  # users come later, so they are decided first
-        if (node not in dead and node.users and all(u in dead for u in node.users)
+        if (node not in dead and node not in sources and node.users
+                and all(u in dead for u in node.users)
                 and (node.op == "get_attr" or facts.constant(node) is not None)):
             dead.add(node)
     new = torch.fx.Graph()

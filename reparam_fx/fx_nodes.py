@@ -118,7 +118,8 @@ class GraphFacts:
                 return True
             if isinstance(node.target, torch._ops.OpOverload):
                 return node.target._schema.is_mutable
-            return False
+            name = getattr(node.target, "__name__", "")  # torch.relu_, F.elu_, ...
+            return name.endswith("_") and not name.startswith("__")
         if node.op == "call_module":
             return getattr(self.modules.get(node.target), "inplace", False) is True
         return False
@@ -253,6 +254,20 @@ def _is_pure_aten(target) -> bool:
 
 
 # ---- ops: what one node does, as a term ----------------------------------------------
+
+def _bind_schema(node: torch.fx.Node) -> dict:
+    """An aten op's arguments by its schema's names (positional or keyword), with the
+    schema's defaults filled in."""
+    bound = {}
+    for index, argument in enumerate(node.target._schema.arguments):
+        if index < len(node.args):
+            bound[argument.name] = node.args[index]
+        elif argument.name in node.kwargs:
+            bound[argument.name] = node.kwargs[argument.name]
+        elif argument.has_default_value():
+            bound[argument.name] = argument.default_value
+    return bound
+
 
 def _bind(node: torch.fx.Node, names: tuple[str, ...], defaults: dict) -> dict:
     bound = dict(defaults)
@@ -428,11 +443,22 @@ def interpret(node: torch.fx.Node, facts: GraphFacts):
     return None
 
 
+def _has_hooks(module: nn.Module) -> bool:
+    """Forward (pre-)hooks, its own or global, can change what the module computes (e.g.
+    legacy weight_norm recomputes ``.weight`` in a pre-hook): its attributes don't say."""
+    from torch.nn.modules import module as module_globals
+    return bool(module._forward_hooks or module._forward_pre_hooks
+                or module_globals._global_forward_hooks
+                or module_globals._global_forward_pre_hooks)
+
+
 def _interpret_module(node, facts):
     module = facts.modules.get(node.target)
     x = node.args[0] if node.args else None
     if not isinstance(x, torch.fx.Node) or len(node.args) != 1 or node.kwargs:
         return None
+    if module is not None and _has_hooks(module):
+        return Refused("the module has forward hooks")
     for base, spatial in ((nn.Conv1d, 1), (nn.Conv2d, 2), (nn.Conv3d, 3)):
         if _own_forward(module, base):
             return _conv_op(facts, x, module.weight, module.bias, module.stride, module.padding,
@@ -580,29 +606,32 @@ def _interpret_aten(node, facts):
             return None
         return _batchnorm_op(facts, a["input"], *tensors, a["eps"], a["training"], None)
     if name == "linear":
-        weight = facts.constant(args[1])
-        bias = facts.constant(args[2]) if len(args) > 2 and args[2] is not None else None
-        if weight is None or (len(args) > 2 and args[2] is not None and bias is None):
+        a = _bind_schema(node)
+        weight = facts.constant(a["weight"])
+        bias = facts.constant(a["bias"]) if a.get("bias") is not None else None
+        if weight is None or (a.get("bias") is not None and bias is None):
             return None
-        return Unary(args[0], affine.linear(weight, bias), "linear", -1)
+        return Unary(a["input"], affine.linear(weight, bias), "linear", -1)
     if name in ("avg_pool1d", "avg_pool2d", "avg_pool3d"):
         a = _bind(node, _POOL_ARGS, _POOL_DEFAULTS)
         return _pool_op(a["input"], a["kernel_size"], a["stride"], a["padding"], a["ceil_mode"],
                         a["count_include_pad"], a["divisor_override"], int(name[-2]))
     if name in ("constant_pad_nd", "pad"):
-        a = _bind(node, ("input", "pad", "value" if name == "constant_pad_nd" else "mode"), {})
-        return _pad_op(a["input"], a["pad"], a.get("mode", "constant"), a.get("value", 0))
+        a = _bind_schema(node)
+        return _pad_op(a["self"], a["pad"], a.get("mode", "constant"), a.get("value"))
     if name == "dropout":
-        if len(args) > 2 and args[2] and args[1] > 0:
+        a = _bind_schema(node)
+        if a["train"] and a["p"] > 0:
             return Refused("dropout in training mode")
-        return Unary(args[0], affine.identity(), "identity", None)
+        return Unary(a["input"], affine.identity(), "identity", None)
     if name in ("clone", "alias") and len(args) == 1:
         return Unary(args[0], affine.identity(), "identity", None)
     if name == "neg":
         return Unary(args[0], affine.channel_affine(-1.0), "scale", None)
     if name in ("add", "sub") and overload in ("Tensor", "Scalar"):
-        coeff = node.kwargs.get("alpha", 1) * (1 if name == "add" else -1)
-        return _arith_op(facts, node, args[0], args[1], "add", coeff)
+        a = _bind_schema(node)
+        coeff = a.get("alpha", 1) * (1 if name == "add" else -1)
+        return _arith_op(facts, node, a["self"], a["other"], "add", coeff)
     if name in ("mul", "div") and overload in ("Tensor", "Scalar") and not node.kwargs:
         return _arith_op(facts, node, args[0], args[1], name)
     return None

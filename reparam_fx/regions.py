@@ -185,10 +185,18 @@ class RegionBuilder:
         return shape[1] if shape and len(shape) > 1 else None
 
     def _constant_fits(self, base: Region, op: Unary) -> bool:
+        """Whether ``x op c`` keeps ``x``'s shape: ``c`` has no more dims than ``x`` and,
+        along its channel axis, ``x``'s size (a known shape is checked exactly)."""
+        shape = self.view.shape(op.input)
+        if shape is not None:
+            channels = op.term.channels if isinstance(op.term, ChannelAffine) else None
+            return op.const_rank <= len(shape) and (
+                channels is None or not isinstance(op.axis, int)
+                or (-op.axis <= len(shape) and shape[op.axis] == channels))
         rank = self.view.rank(op.input)
         if rank is None and isinstance(base.term, ConvTerm) and base.term.spatial > 0:
             rank = base.term.spatial + 2
-        allowed = max(rank or 0, -op.axis if isinstance(op.axis, int) else 0)
+        allowed = rank if rank is not None else (-op.axis if isinstance(op.axis, int) else 0)
         return op.const_rank <= allowed
 
     # a sum -------------------------------------------------------------------------------

@@ -119,3 +119,164 @@ def test_mac_gate_refuses_before_computing_weights(monkeypatch):
         affine.compose(depthwise, expand)  # 7x7 dense 8->32 would cost more than dw + 1x1
     with pytest.raises(affine.NotExact, match="MACs"):
         affine.merge([depthwise3, pointwise], [1, 1])  # dense 3x3 > dw 3x3 + 1x1
+
+
+# ---- found in the end-of-issue review: each of these fused wrongly or crashed before ----
+
+
+def _exact_on(model, fused, x, rtol=RTOL64):
+    with torch.no_grad():
+        expected, actual = model(x), fused(x)
+    assert actual.dtype == expected.dtype
+    error = ((actual - expected).abs().max() / expected.abs().max()).item()
+    assert error <= rtol, error
+
+
+def test_inplace_torch_function_is_not_folded_across():
+    class M(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv0, self.bn, self.conv = nn.Conv2d(4, 4, 1), nn.BatchNorm2d(4), nn.Conv2d(4, 4, 1)
+
+        def forward(self, x):
+            y = self.conv0(x)
+            out = self.bn(y)       # reads y before it is mutated
+            torch.relu_(y)         # the same function object as F.relu_
+            return self.conv(out + y)
+    model = randomize_batchnorm_(M().double().eval(), seed=5)
+    fused = reparam_fx.fuse(model)
+    _exact_on(model, fused, torch.randn(2, 4, 8, 8, dtype=torch.float64))
+    assert not [r for r in fused.fusion_report.fused if "bn" in " ".join(r.nodes)]
+
+
+def test_export_pad_with_a_nonzero_value_is_not_a_zero_pad():
+    class M(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv = nn.Conv2d(3, 4, 3)
+
+        def forward(self, x):
+            return self.conv(F.pad(x, (1, 1, 1, 1), value=1.0))
+    model, x = M().double().eval(), torch.randn(1, 3, 8, 8, dtype=torch.float64)
+    fused = reparam_fx.fuse(torch.export.export(model, (x,)))
+    assert fused.fusion_report.fused == []
+    _exact_on(model, fused, x)
+
+
+def test_aten_arguments_are_bound_by_schema():
+    aten = torch.ops.aten
+    root = nn.Module()
+    root.w = nn.Parameter(torch.randn(4, 4, 1, 1, dtype=torch.float64))
+    graph = torch.fx.Graph()
+    x_node, w = graph.placeholder("x"), graph.get_attr("w")
+    conv = (w, None, [1, 1], [0, 0], [1, 1], False, [0, 0], 1)
+    first = graph.call_function(aten.convolution.default, (x_node, *conv))
+    shifted = graph.call_function(aten.add.Scalar, (first, 3.0, 2))  # alpha positional: + 6
+    graph.output(graph.call_function(aten.convolution.default, (shifted, *conv)))
+    module = torch.fx.GraphModule(root, graph)
+    fused = reparam_fx.fuse(module)
+    assert reparam_fx.op_counts(fused)["conv"] == 1
+    _exact_on(module, fused, torch.randn(1, 4, 5, 5, dtype=torch.float64))
+
+    root = nn.Module()
+    root.w, root.b = (nn.Parameter(torch.randn(*shape, dtype=torch.float64)) for shape in ((4, 4), (4,)))
+    root.s = nn.Parameter(torch.rand(4, dtype=torch.float64) + 0.5)
+    graph = torch.fx.Graph()
+    x_node, w, b, s = (graph.placeholder("x"), graph.get_attr("w"), graph.get_attr("b"),
+                       graph.get_attr("s"))
+    linear = graph.call_function(aten.linear.default, (x_node, w), {"bias": b})
+    graph.output(graph.call_function(aten.mul.Tensor, (linear, s)))
+    module = torch.fx.GraphModule(root, graph)
+    fused = reparam_fx.fuse(module)
+    assert reparam_fx.op_counts(fused)["mul"] == 0
+    _exact_on(module, fused, torch.randn(3, 4, dtype=torch.float64))
+
+
+def test_module_with_forward_hooks_is_left_alone():
+    model = randomize_batchnorm_(nn.Sequential(nn.Conv2d(3, 4, 3, padding=1),
+                                               nn.BatchNorm2d(4)).double().eval(), seed=6)
+    model[0].register_forward_hook(lambda module, inputs, output: output * 2)
+    fused = reparam_fx.fuse(model)
+    assert reparam_fx.op_counts(fused)["batch_norm"] == 1
+    assert "the module has forward hooks" in fused.fusion_report.skip_reasons()
+    _exact_on(model, fused, torch.randn(2, 3, 8, 8, dtype=torch.float64))
+
+
+def test_legacy_weight_norm_is_a_clear_error():
+    model = nn.Sequential(nn.utils.weight_norm(nn.Conv2d(3, 4, 3)), nn.BatchNorm2d(4)).eval()
+    with pytest.raises(reparam_fx.FusionError, match=r"cannot copy 0 \(Conv2d\)"):
+        reparam_fx.fuse(model)
+
+
+def test_region_reading_a_constant_is_emitted():
+    class LearnedQueries(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.query = nn.Parameter(torch.randn(5, 8, dtype=torch.float64))
+            self.proj = nn.Linear(8, 8).double()
+            self.gamma = nn.Parameter(torch.rand(8, dtype=torch.float64) + 0.5)
+
+        def forward(self, x):
+            return x @ (self.proj(self.query) * self.gamma).t()
+    model = LearnedQueries().eval()
+    fused = reparam_fx.fuse(model)
+    assert reparam_fx.op_counts(fused)["mul"] == 0
+    _exact_on(model, fused, torch.randn(2, 8, dtype=torch.float64))
+
+
+def test_result_shares_no_hooks_or_buffers_with_the_input():
+    model = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.BatchNorm2d(4), nn.ReLU()).eval()
+    fused = reparam_fx.fuse(model)
+    (relu,) = [m for m in fused.modules() if isinstance(m, nn.ReLU)]
+    relu.register_forward_hook(lambda module, inputs, output: output * 0)
+    relu.register_buffer("extra", torch.ones(1))
+    assert not model[2]._forward_hooks and not model[2]._buffers
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float16])
+def test_parameter_free_region_takes_the_input_dtype(dtype):
+    class PoolMixer(nn.Module):  # PoolFormer's token mixer: no parameters at all
+        def __init__(self):
+            super().__init__()
+            self.pool = nn.AvgPool2d(3, 1, 1)
+
+        def forward(self, x):
+            return self.pool(x) - x
+    model, x = PoolMixer().eval(), torch.randn(1, 4, 8, 8, dtype=dtype)
+    fused = reparam_fx.fuse(model, (x,))
+    assert reparam_fx.op_counts(fused)["sub"] == 0
+    assert {p.dtype for p in fused.parameters()} == {dtype}
+    _exact_on(model, fused, x, rtol=RTOL64 if dtype == torch.float64 else 1e-2)
+
+
+@pytest.mark.parametrize("input_shape, constant_shape", [
+    ((1, 1, 8, 8), (3, 1, 1)),   # grayscale expanded to 3 channels by the constant
+    ((3, 4), (4, 1, 1)),         # rank raised from 2 to 3 by the constant
+])
+def test_constant_that_broadcasts_the_tensor_is_not_folded(input_shape, constant_shape):
+    class M(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.w = nn.Parameter(torch.rand(*constant_shape, dtype=torch.float64) + 0.5)
+            self.conv = nn.Conv2d(constant_shape[0], 8, 1).double()
+
+        def forward(self, x):
+            return self.conv(x * self.w)
+    model, x = M().eval(), torch.randn(*input_shape, dtype=torch.float64)
+    fused = reparam_fx.fuse(model, (x,))
+    assert reparam_fx.op_counts(fused)["mul"] == 1
+    _exact_on(model, fused, x)
+
+
+def test_example_inputs_are_not_mutated():
+    class M(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv = nn.Conv2d(3, 4, 3)
+
+        def forward(self, x):
+            x.sub_(0.5)  # in-place input normalisation
+            return self.conv(x)
+    x = torch.ones(1, 3, 8, 8)
+    reparam_fx.fuse(M().eval(), (x,))
+    assert bool((x == 1).all())
