@@ -90,11 +90,6 @@ class ChannelAffine:
         sizes = {t.numel() for t in (self.scale, self.shift) if t is not None and t.dim() > 0}
         return sizes.pop() if len(sizes) == 1 else None
 
-    @property
-    def is_identity(self) -> bool:
-        return (not any(self.padding) and bool((self.scale == 1).all())
-                and (self.shift is None or bool((self.shift == 0).all())))
-
 
 @dataclass(frozen=True)
 class ConvTerm:
@@ -124,11 +119,6 @@ class ConvTerm:
     @property
     def in_channels(self) -> int:
         return self.weight.shape[1] * self.groups
-
-    @property
-    def cost(self) -> int:
-        """MACs per output position of this term emitted as one conv."""
-        return self.weight.numel()
 
     @property
     def is_pointwise(self) -> bool:
@@ -214,18 +204,6 @@ def _vector(t: torch.Tensor, channels: int, what: str) -> torch.Tensor:
     if t.numel() != channels:
         raise NotExact(f"{what} has {t.numel()} channels, the conv has {channels}")
     return t.reshape(channels)
-
-
-def as_conv(term: Term, channels: int, spatial: int) -> ConvTerm:
-    """A channel affine as a depthwise 1x1 ConvTerm (a grouped dirac kernel)."""
-    if isinstance(term, ConvTerm):
-        return term
-    if term.padding:
-        raise NotExact("zero padding cannot be summed with other branches")
-    weight = _vector(term.scale, channels, "a per-channel scale").reshape(channels, 1, *(1,) * spatial)
-    bias = None if term.shift is None else _vector(term.shift, channels, "a per-channel shift").clone()
-    ones = (1,) * spatial
-    return ConvTerm(weight.clone(), bias, ones, (0,) * spatial, ones, channels, macs=0.0)
 
 
 def regroup(term: ConvTerm, groups: int) -> ConvTerm:

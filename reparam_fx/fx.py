@@ -306,8 +306,6 @@ def _emit(graph: torch.fx.Graph, region: Region, output: torch.fx.Node, source,
     on new weights in aten graphs."""
     ws, term = facts.ws, region.term
     like = _reference_tensor(region, facts)
-    if not like.is_floating_point():
-        like = torch.empty(0)
     name = _new_name(region, facts)
     module = _make_module(term, like)
     if ws.frontend == "aten" and term.padding_mode == "zeros":

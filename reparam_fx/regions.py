@@ -41,8 +41,9 @@ class Unary:
     input: object  # a graph value (fx Node, ONNX tensor)
     term: object  # affine term, or callable(channels) -> term
     role: str  # conv, bn, linear, scale, avgpool, pad, identity
-    axis: int | None  # channel axis the term acts on (negative), None: any
-    extra_nodes: tuple = ()  # nodes absorbed along (aten BN tuple producers, weight views)
+    axis: int | str | None  # channel axis the term acts on (negative), None: any, "bn":
+    #                         BatchNorm's axis 1 on a tensor whose rank is not proven
+    extra_nodes: tuple = ()  # nodes absorbed along (aten BN tuple producers)
     const_rank: int = 0  # rank of a broadcast constant (must not raise the tensor's rank)
 
 
@@ -217,8 +218,6 @@ class RegionBuilder:
         groups, refusal = group_terms(parts)
         if len(groups) == 1 and len(groups[0].members) == len(parts):
             region = groups[0].region(self, inner + [node])
-            if region is None:
-                return
             if not self.usable_source(region):
                 self.skip(node, "its input is modified in place by another op")
                 return
@@ -277,7 +276,7 @@ class TermGroup:
     def source(self):
         return self.members[0][0].source
 
-    def region(self, builder: RegionBuilder, extra_nodes: list) -> Region | None:
+    def region(self, builder: RegionBuilder, extra_nodes: list) -> Region:
         region = Region(self.source, self.term, self.axis)
         for part, coeff, leaf in self.members:
             if part.nodes and part.nodes[-1] in region.nodes:
