@@ -743,3 +743,50 @@ def test_random_multi_branch_graphs_fuse_exactly(tail, spec, seed):
     assert after["Conv"] <= before["Conv"], (before, after)
     assert after["BatchNormalization"] <= before["BatchNormalization"], (before, after)
     event("merged" if after["Conv"] < before["Conv"] else "conv count unchanged")
+
+
+# ---- guards found unpinned in review: each must refuse (or stay exact) ------------------------
+
+@DTYPES
+def test_pad_with_a_nonzero_value_is_not_a_zero_pad(dtype):
+    g = GraphBuilder(dtype)
+    x = g.input([2, 4, 6, 6])
+    inputs = [x, g.constant(np.array([0, 0, 1, 1, 0, 0, 1, 1], dtype=np.int64), "pads"),
+              g.constant(np.array(1.0), "pad_value")]
+    y = g.conv(g.node("Pad", inputs), 4, 6, 3, pads=0, bias=True)
+    _, report = fuse_refused(g.build(y), unchanged=("Conv", "Pad"), reason=None)
+    assert not report.fused
+
+
+@DTYPES
+@pytest.mark.parametrize("mode", ["SAME_UPPER", "SAME_LOWER"])
+def test_auto_pad_same_with_an_even_kernel_left_alone(dtype, mode):
+    g = GraphBuilder(dtype)
+    x = g.input([2, 4, 6, 6])
+    y = g.batchnorm(g.conv(x, 4, 4, 2, auto_pad=mode), 4)
+    fuse_refused(g.build(y), unchanged=("Conv", "BatchNormalization"), reason=None)
+
+
+@DTYPES
+def test_gemm_with_trans_a_left_alone(dtype):
+    g = GraphBuilder(dtype)
+    x = g.input([5, 3])  # transposed: 3 rows of 5 features
+    y = g.batchnorm(g.gemm(x, 5, 4, transA=1), 4)
+    fuse_refused(g.build(y), unchanged=("Gemm", "BatchNormalization"), reason=None)
+
+
+@DTYPES
+def test_gemm_alpha_and_beta_are_folded_exactly(dtype):
+    g = GraphBuilder(dtype)
+    x = g.input([3, 5])
+    y = g.batchnorm(g.gemm(x, 5, 4, alpha=2.0, beta=0.5), 4)
+    fuse_exactly(g.build(y), ops={"Gemm": 1, "BatchNormalization": 0})
+
+
+@DTYPES
+def test_scalar_after_an_activation_stays_for_the_runtimes_fusion(dtype):
+    g = GraphBuilder(dtype)
+    x = g.input([2, 4, 6, 6])
+    scaled = g.binary("Mul", g.node("Relu", [x]), g.constant(np.array(0.5), "half"))
+    y = g.conv(scaled, 4, 6, 3, bias=True)
+    fuse_refused(g.build(y), unchanged=("Mul", "Conv"), reason=None)

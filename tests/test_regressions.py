@@ -280,3 +280,76 @@ def test_example_inputs_are_not_mutated():
     x = torch.ones(1, 3, 8, 8)
     reparam_fx.fuse(M().eval(), (x,))
     assert bool((x == 1).all())
+
+
+# ---- guards the review found unpinned: each must refuse and stay exact -------------------
+
+
+class _StdConv(nn.Conv2d):
+    """Weight-standardised conv: its own forward, so its attributes are not what it computes."""
+
+    def forward(self, x):
+        w = self.weight
+        w = (w - w.mean((1, 2, 3), keepdim=True)) / (w.std((1, 2, 3), keepdim=True) + 1e-5)
+        return F.conv2d(x, w, self.bias, self.stride, self.padding)
+
+
+def _bn(channels, seed=7):
+    return randomize_batchnorm_(nn.BatchNorm2d(channels).double().eval(), seed=seed)
+
+
+def test_conv_subclass_with_its_own_forward_is_not_folded():
+    class Leaves(torch.fx.Tracer):
+        def is_leaf_module(self, module, name):
+            return isinstance(module, _StdConv) or super().is_leaf_module(module, name)
+    model = nn.Sequential(_StdConv(3, 4, 3, padding=1), _bn(4)).double().eval()
+    traced = torch.fx.GraphModule(model, Leaves().trace(model))
+    fused = reparam_fx.fuse(traced)
+    assert reparam_fx.op_counts(fused)["batch_norm"] == 1
+    _exact_on(model, fused, torch.randn(1, 3, 8, 8, dtype=torch.float64))
+
+
+def test_transposed_convolution_is_not_folded():
+    model = nn.Sequential(nn.ConvTranspose2d(3, 4, 3, stride=2), _bn(4)).double().eval()
+    x = torch.randn(1, 3, 6, 6, dtype=torch.float64)
+    fused = reparam_fx.fuse(torch.export.export(model, (x,)).run_decompositions())
+    assert fused.fusion_report.fused == []
+    _exact_on(model, fused, x)
+
+
+@pytest.mark.parametrize("case", ["divisor_override", "same_even_kernel", "floor_division",
+                                  "negative_pad"])
+def test_functional_guards(case):
+    class M(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv = nn.Conv2d(4, 4, 3, padding=1).double()
+            self.weight2 = nn.Parameter(torch.randn(4, 4, 2, 2, dtype=torch.float64))
+            self.bn = _bn(4)
+
+        def forward(self, x):
+            y = self.conv(x)
+            if case == "divisor_override":
+                y = F.avg_pool2d(y, 2, divisor_override=3)
+            elif case == "same_even_kernel":
+                y = F.conv2d(x, self.weight2, padding="same")
+            elif case == "floor_division":
+                y = torch.div(y, 2, rounding_mode="floor")
+            else:
+                y = F.pad(y, (-1, -1, -1, -1))
+            return self.bn(y)
+    model, x = M().eval(), torch.randn(2, 4, 8, 8, dtype=torch.float64)
+    fused = reparam_fx.fuse(model)
+    assert reparam_fx.op_counts(fused)["batch_norm"] == 1
+    _exact_on(model, fused, x)
+
+
+@pytest.mark.parametrize("exported", [False, True], ids=["functional", "aten"])
+def test_dropout_in_training_mode_is_kept(exported):
+    class M(nn.Module):
+        def forward(self, x):
+            return F.dropout(x, 0.5, training=True) * 2.0
+    model, x = M(), torch.randn(2, 8)
+    fused = reparam_fx.fuse(torch.export.export(model, (x,)) if exported else model.eval())
+    assert "dropout in training mode" in " ".join(fused.fusion_report.skip_reasons())
+    assert any("dropout" in str(node.target) for node in fused.graph.nodes)
