@@ -60,7 +60,7 @@ def to_onnx(model: nn.Module, example_inputs, path, *, opset_version: int = 17,
         os.replace(staged, path)
     except Exception as error:  # noqa: BLE001 - re-raised with the op that failed
         raise ExportError(f"ONNX export of {type(model).__name__} failed: "
-                          f"{str(error).splitlines()[0][:300]}") from error
+                          f"{_first_line(error)}") from error
     finally:
         if os.path.exists(staged):
             os.remove(staged)

@@ -337,6 +337,8 @@ def _average_pool(node):
     strides = tuple(node.attrs.get("strides", [1] * spatial))
     if node.attrs.get("ceil_mode", 0):
         return Refused("average pooling with ceil_mode=1 is not a conv")
+    if any(d != 1 for d in node.attrs.get("dilations", ())):  # opset 19+
+        return Refused("dilated average pooling is not handled")
     pads = _auto_pads(node, kernel, (1,) * spatial, strides, spatial)
     if isinstance(pads, str):
         return Refused(pads)

@@ -173,3 +173,12 @@ def test_coreml_latency_rejects_bad_input(tmp_path, make_bad):
     result = _latency_tool(target)
     assert result.returncode == 2 and result.stderr.count("\n") == 1
     assert result.stderr.startswith("coreml_latency: error:") and "Traceback" not in result.stderr
+
+
+def test_onnx_export_failure_with_an_empty_message(tmp_path):
+    class Silent(torch.nn.Module):
+        def forward(self, x):
+            raise RuntimeError()
+    with pytest.raises(ExportError, match="ONNX export of Silent failed: RuntimeError"):
+        to_onnx(Silent(), (torch.randn(2),), tmp_path / "silent.onnx")
+    assert list(tmp_path.iterdir()) == []

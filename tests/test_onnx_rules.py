@@ -790,3 +790,13 @@ def test_scalar_after_an_activation_stays_for_the_runtimes_fusion(dtype):
     scaled = g.binary("Mul", g.node("Relu", [x]), g.constant(np.array(0.5), "half"))
     y = g.conv(scaled, 4, 6, 3, bias=True)
     fuse_refused(g.build(y), unchanged=("Mul", "Conv"), reason=None)
+
+
+@DTYPES
+def test_dilated_average_pool_left_alone(dtype):
+    g = GraphBuilder(dtype)
+    x = g.input([1, 4, 8, 8])
+    pooled = g.node("AveragePool", [x], kernel_shape=[3, 3], dilations=[2, 2], pads=[2, 2, 2, 2],
+                    count_include_pad=1)
+    y = g.binary("Mul", pooled, g.constant(g.uniform((4, 1, 1), 0.5, 1.5), "scale"))
+    fuse_refused(g.build(y, opset=19), unchanged=("AveragePool", "Mul"), reason="dilated")

@@ -365,10 +365,12 @@ def _prepare_output(folder: Path) -> None:
 def run(args) -> dict:
     try:
         import matplotlib  # noqa: F401
+        import onnxruntime
         from tqdm import tqdm
+        coremltools = None if args.no_coreml else __import__("coremltools")
     except ImportError as error:
-        raise BenchError(f"{error.name} is missing: pip install 'reparam-fx[bench]' "
-                         "(make bench installs it)") from None
+        raise BenchError(f"{error.name} is missing: pip install 'reparam-fx[bench,onnx,coreml]' "
+                         "(make bench installs them)") from None
     _prepare_output(args.out)
     torch.manual_seed(0)
     all_threads = torch.get_num_threads()
@@ -379,12 +381,11 @@ def run(args) -> dict:
         for name in args.models:
             rows.append(measure(name, args, progress))
     torch.set_num_threads(all_threads)
-    import coremltools
-    import onnxruntime
     return {
         "date": time.strftime("%Y-%m-%d"), "machine": machine_description(),
         "versions": {"torch": torch.__version__, "onnxruntime": onnxruntime.__version__,
-                     "coremltools": coremltools.__version__, "python": sys.version.split()[0]},
+                     "coremltools": coremltools and coremltools.__version__,
+                     "python": sys.version.split()[0]},
         "settings": {"size": args.size, "repeats": args.repeats, "calls": args.calls,
                      "threads": args.threads, "quick": args.quick},
         "models": rows,
@@ -395,10 +396,10 @@ def main(argv=None) -> int:
     try:
         args = parse_args(argv)
         result = run(args)
-        text = markdown(result)
+        text, image = markdown(result), chart(result)  # all built before anything is written
         write_atomically(args.out / "bench.json", json.dumps(result, indent=2).encode())
         write_atomically(args.out / "bench.md", text.encode())
-        write_atomically(args.out / "bench.png", chart(result))
+        write_atomically(args.out / "bench.png", image)
     except (BenchError, ExportError) as error:
         print(f"bench.py: error: {error}", file=sys.stderr)
         return 2
