@@ -17,11 +17,12 @@ from importlib import import_module
 # ONNX command line reports a bad file without importing torch first.
 _EXPORTS = {
     "fuse": "reparam_fx.fx", "FusionError": "reparam_fx.fx",
+    "Leaf": "reparam_fx.report",
     "verify": "reparam_fx.verification", "VerificationError": "reparam_fx.verification",
     "relative_error": "reparam_fx.verification",
     "FusionReport": "reparam_fx.report", "FusedRegion": "reparam_fx.report",
-    "Skipped": "reparam_fx.report", "op_counts": "reparam_fx.report",
-    "parameter_count": "reparam_fx.report", "mac_count": "reparam_fx.report",
+    "Skipped": "reparam_fx.report", "op_counts": "reparam_fx.fx.counts",
+    "parameter_count": "reparam_fx.fx.counts", "mac_count": "reparam_fx.fx.counts",
     "fuse_onnx_model": "reparam_fx.onnx_", "verify_onnx": "reparam_fx.onnx_",
 }
 __all__ = sorted(_EXPORTS)

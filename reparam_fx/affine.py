@@ -33,6 +33,11 @@ channel that weight column ``j`` of output ``o`` reads under grouping::
 exact only if ``t == 0`` or the conv has no padding (a zero-padded border would see
 ``t`` where the original sees 0).
 
+Crops (``x[..., c:-c]``) are zero padding by ``-c``: a crop before a conv that does not pad
+that dim, or after any conv (padding ``p - c * stride``), gives a conv with padding
+``p - c``, which may be negative until the term is summed with a branch that pads (ACNet's
+cropped side branches); a term with negative padding is never written as a conv.
+
 Pointwise conv after a kxk conv (``compose(kxk, 1x1)``), per group::
 
     W'[o, i, k] = sum_c W2[o, c] W1[c, i, k]        b' = W2 b1 + b2
@@ -42,6 +47,11 @@ Pointwise conv (stride 1, zero padding p1) before a kxk conv::
 
     W'[o, i, k] = sum_c W2[o, c, k] W1[c, i]        b'[o] = b2[o] + sum_{c,k} W2[o, c, k] b1[c]
     stride s2, dilation d2, padding p1 + p2; exact iff b1 == 0 or p2 == 0.
+
+Transposed conv (``TransposedConvTerm``, weight ``(in, out/groups, *k)``) composes with a
+channel affine after it (``W'[i, j] = W[i, j] * s[o(i, j)]``, ``b' = s * b + t``) and with a
+per-channel scale before it (``W'[i] = W[i] * s[i]``). A shift before it is not exact (output
+positions are reached by different numbers of taps), nor is a sum with other branches.
 
 Sum of terms over the same input (``merge``): terms must share stride and the *centre
 offset* ``padding - dilation*(kernel-1)/2`` per dim (so their outputs have the same
@@ -130,7 +140,40 @@ class ConvTerm:
         return cast(self.weight), cast(self.bias)
 
 
-Term = ChannelAffine | ConvTerm
+@dataclass(frozen=True)
+class TransposedConvTerm:
+    """``y = conv_transpose(x, weight, bias)``; ``weight`` is ``(in, out/groups, *kernel)``."""
+
+    weight: torch.Tensor
+    bias: torch.Tensor | None
+    stride: tuple[int, ...]
+    padding: tuple[int, ...]
+    output_padding: tuple[int, ...]
+    dilation: tuple[int, ...]
+    groups: int
+    macs: float = field(default=0.0, compare=False)
+
+    @property
+    def spatial(self) -> int:
+        return self.weight.dim() - 2
+
+    @property
+    def kernel(self) -> tuple[int, ...]:
+        return tuple(self.weight.shape[2:])
+
+    @property
+    def in_channels(self) -> int:
+        return self.weight.shape[0]
+
+    @property
+    def out_channels(self) -> int:
+        return self.weight.shape[1] * self.groups
+
+    def weights_as(self, like: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        return ConvTerm.weights_as(self, like)
+
+
+Term = ChannelAffine | ConvTerm | TransposedConvTerm
 
 
 # ---- constructors --------------------------------------------------------------------
@@ -169,6 +212,16 @@ def conv(weight, bias, stride, padding, dilation, groups: int,
     return ConvTerm(weight, None if bias is None else _as_double(bias), expand(stride),
                     expand(padding), expand(dilation), int(groups), macs=float(weight.numel()),
                     padding_mode=padding_mode)
+
+
+def conv_transpose(weight, bias, stride, padding, output_padding, dilation,
+                   groups: int) -> TransposedConvTerm:
+    weight = _as_double(weight)
+    spatial = weight.dim() - 2
+    expand = lambda v: tuple(int(i) for i in v) if isinstance(v, (tuple, list)) else (int(v),) * spatial
+    return TransposedConvTerm(weight, None if bias is None else _as_double(bias), expand(stride),
+                              expand(padding), expand(output_padding), expand(dilation),
+                              int(groups), macs=float(weight.numel()))
 
 
 def linear(weight, bias) -> ConvTerm:
@@ -229,6 +282,18 @@ def regroup(term: ConvTerm, groups: int) -> ConvTerm:
     return _with(term, weight=weight, groups=groups)
 
 
+def keeps_shape(term: Term) -> bool:
+    """Whether ``term`` maps every input to an output of the same shape."""
+    if isinstance(term, ChannelAffine):
+        return not any(term.padding)
+    if term.out_channels != term.in_channels or any(s != 1 for s in term.stride):
+        return False
+    if isinstance(term, TransposedConvTerm):
+        return all(d * (k - 1) + op == 2 * p for k, p, op, d in
+                   zip(term.kernel, term.padding, term.output_padding, term.dilation))
+    return all(d * (k - 1) == 2 * p for k, p, d in zip(term.kernel, term.padding, term.dilation))
+
+
 # ---- composition: second(first(x)) ---------------------------------------------------
 
 def compose(first: Term, second: Term) -> Term:
@@ -237,6 +302,8 @@ def compose(first: Term, second: Term) -> Term:
         return second
     if second is IDENTITY:
         return first
+    if isinstance(first, TransposedConvTerm) or isinstance(second, TransposedConvTerm):
+        return _compose_transposed(first, second)
     if isinstance(first, ChannelAffine) and isinstance(second, ChannelAffine):
         return _affine_then_affine(first, second)
     if isinstance(first, ConvTerm) and isinstance(second, ChannelAffine):
@@ -247,18 +314,37 @@ def compose(first: Term, second: Term) -> Term:
 
 
 def _affine_then_affine(first: ChannelAffine, second: ChannelAffine) -> ChannelAffine:
-    if first.padding and (second.padding or not _is_zero(second.shift)):
+    if any(p > 0 for p in first.padding) and not _is_zero(second.shift):
         raise NotExact("a shift after zero padding changes the padded border")
     scale = first.scale * second.scale
     shift = None if first.shift is None else first.shift * second.scale
     if second.shift is not None:
         shift = second.shift if shift is None else shift + second.shift
-    return ChannelAffine(scale, shift, first.padding or second.padding)
+    return ChannelAffine(scale, shift, _pad_then_pad(first.padding, second.padding))
+
+
+def _pad_then_pad(first: tuple[int, ...], second: tuple[int, ...]) -> tuple[int, ...]:
+    """Zero padding (> 0) or cropping (< 0) per trailing dim, one after the other: pads
+    and crops add up, except a pad after a crop (the crop's border is gone)."""
+    if not first or not second:
+        return first or second
+    size = max(len(first), len(second))
+    first, second = (0,) * (size - len(first)) + first, (0,) * (size - len(second)) + second
+    if any(a < 0 < b for a, b in zip(first, second)):
+        raise NotExact("zero padding after a crop is not a crop")
+    return tuple(a + b for a, b in zip(first, second))
 
 
 def _conv_then_affine(first: ConvTerm, second: ChannelAffine) -> ConvTerm:
-    if second.padding:
+    if any(p > 0 for p in second.padding):
         raise NotExact("zero padding after a conv is not a conv padding")
+    if second.padding:  # a crop by c of the output: the conv with padding p - c*stride
+        if len(second.padding) > first.spatial:
+            raise NotExact("a crop of more dims than the conv has")
+        crop = (0,) * (first.spatial - len(second.padding)) + second.padding
+        first = _with(first, padding=tuple(p + c * s for p, c, s in
+                                           zip(first.padding, crop, first.stride)))
+        second = _with(second, padding=())
     out = first.out_channels
     scale = _vector(second.scale, out, "a per-channel scale")
     weight = first.weight * scale.reshape(out, *(1,) * (first.spatial + 1))
@@ -281,13 +367,18 @@ def _affine_then_conv(first: ChannelAffine, second: ConvTerm) -> ConvTerm:
     if second.padding_mode != "zeros" and any(second.padding):
         raise NotExact(f"nothing folds into a conv with padding_mode={second.padding_mode!r}")
     if first.padding:
-        # conv(zero_pad(s*x + t, p1), padding p2) == conv(s*x + t, padding p1 + p2)
-        if len(first.padding) != spatial:
+        # conv(zero_pad(s*x + t, p1), padding p2) == conv(s*x + t, padding p1 + p2); a crop
+        # (p1 < 0) folds the same way into a conv that does not pad that dim
+        if len(first.padding) > spatial:
             raise NotExact(f"zero padding over {len(first.padding)} dims before a "
                            f"{spatial}-d conv")
-        padded = _with(second, padding=tuple(a + b for a, b in zip(first.padding, second.padding)))
+        pads = (0,) * (spatial - len(first.padding)) + first.padding
+        if any(p1 < 0 and p2 for p1, p2 in zip(pads, second.padding)):
+            raise NotExact("a crop before a zero-padded conv: its border would see the "
+                           "cropped-away values")
+        padded = _with(second, padding=tuple(a + b for a, b in zip(pads, second.padding)))
         return _affine_then_conv(_with(first, padding=()), padded)
-    if any(second.padding) and not _is_zero(first.shift):
+    if any(p > 0 for p in second.padding) and not _is_zero(first.shift):
         raise NotExact("a per-channel shift (e.g. BatchNorm) before a zero-padded conv "
                        "changes the border")
     cin = second.in_channels
@@ -301,6 +392,34 @@ def _affine_then_conv(first: ChannelAffine, second: ConvTerm) -> ConvTerm:
         extra = (second.weight * shift[index].reshape(view)).flatten(1).sum(1)
         bias = extra if bias is None else bias + extra
     return _with(second, weight=weight, bias=bias)
+
+
+def _compose_transposed(first: Term, second: Term) -> TransposedConvTerm:
+    """A transposed conv with a channel affine after it, or a channel scale before it."""
+    if isinstance(first, TransposedConvTerm) and isinstance(second, ChannelAffine):
+        if second.padding:
+            raise NotExact("zero padding after a conv is not a conv padding")
+        out, cin_g = first.out_channels, first.in_channels // first.groups
+        scale = _vector(second.scale, out, "a per-channel scale")
+        # weight row i (input channel) of group g feeds outputs g*out_g ... (g+1)*out_g - 1
+        per_row = scale.reshape(first.groups, 1, out // first.groups).expand(
+            first.groups, cin_g, out // first.groups).reshape(first.in_channels, -1)
+        weight = first.weight * per_row.reshape(*per_row.shape, *(1,) * first.spatial)
+        bias = None if first.bias is None else first.bias * scale
+        if second.shift is not None:
+            shift = _vector(second.shift, out, "a per-channel shift")
+            bias = shift.clone() if bias is None else bias + shift
+        return _with(first, weight=weight, bias=bias)
+    if isinstance(first, ChannelAffine) and isinstance(second, TransposedConvTerm):
+        if first.padding:
+            raise NotExact("zero padding before a transposed conv is not one of its paddings")
+        if not _is_zero(first.shift):
+            raise NotExact("a per-channel shift (e.g. BatchNorm) before a transposed conv: "
+                           "output positions are reached by different numbers of taps")
+        scale = _vector(first.scale, second.in_channels, "a per-channel scale")
+        weight = second.weight * scale.reshape(-1, *(1,) * (second.spatial + 1))
+        return _with(second, weight=weight)
+    raise NotExact("a transposed conv composes only with per-channel affines")
 
 
 def _grouped_product(second_w: torch.Tensor, first_w: torch.Tensor, groups: int,
@@ -356,6 +475,9 @@ def _pointwise_then_conv(first: ConvTerm, second: ConvTerm) -> ConvTerm:
     if any(second.padding) and not _is_zero(first.bias):
         raise NotExact("a 1x1 conv with bias before a zero-padded conv: the border would "
                        "see the bias")
+    if any(p1 < 0 and p2 for p1, p2 in zip(first.padding, second.padding)):
+        raise NotExact("a crop before a zero-padded conv: its border would see the "
+                       "cropped-away values")
     groups = math.gcd(first.groups, second.groups)
     original = first.macs * math.prod(second.stride) + second.macs
     _check_macs(second.out_channels * (first.in_channels // groups) * math.prod(second.kernel),
@@ -378,6 +500,8 @@ def _pointwise_then_conv(first: ConvTerm, second: ConvTerm) -> ConvTerm:
 
 def merge(terms: list[Term], signs: list[float]) -> Term:
     """``sum_i signs[i] * terms[i](x)`` as one term, or :class:`NotExact`."""
+    if any(isinstance(t, TransposedConvTerm) for t in terms):
+        raise NotExact("transposed convs are not merged with other branches")
     if all(isinstance(t, ChannelAffine) for t in terms):
         if any(t.padding for t in terms):
             raise NotExact("zero padding cannot be summed with other branches")

@@ -153,8 +153,22 @@ class OnnxView:
     def values(self):
         return [self.handle(node.outputs[0]) for node in self.graph.nodes if node.outputs]
 
+    convs_are_batched = True  # ONNX Conv takes (N, C, *spatial) only
+
     def users(self, value: Tensor):
         return self._users.get(value, [])
+
+    @staticmethod
+    def metadata_readers(value) -> list:
+        return []  # a Shape node counts as a use here
+
+    @staticmethod
+    def reads_shape(value) -> bool:
+        return False
+
+    @staticmethod
+    def channels(value, axis: int):
+        return None  # only from shapes (checked before this is asked)
 
     @staticmethod
     def inplace_target(value):

@@ -3,7 +3,13 @@
 A frontend (torch.fx in :mod:`reparam_fx.fx`, ONNX) supplies a *view* of its graph:
 
     view.values()            every value, in topological order, each made by one op
-    view.users(v)            the values whose ops read ``v`` (a graph output counts)
+    view.users(v)            the values whose ops read ``v``'s values (a graph output
+                             counts); reads of its metadata only are not uses
+    view.metadata_readers(v) the ops that read only ``v``'s metadata (sizes, rank, dtype)
+    view.reads_shape(v)      whether one of those needs ``v``'s sizes
+    view.channels(v, axis)   the size of ``v``'s axis ``axis`` if the graph proves it, or None
+    view.convs_are_batched   True if every conv input has a batch axis (ONNX), False if a
+                             conv may also take an unbatched tensor (torch: ``(C, H, W)``)
     view.mutated             values an in-place op changes while another op reads them
     view.inplace_target(v)   the value ``v``'s op writes into in place, or None
     view.interpret(v)        ``Unary`` / ``Sum`` / ``Refused`` / None: what ``v``'s op computes
@@ -15,7 +21,9 @@ A frontend (torch.fx in :mod:`reparam_fx.fx`, ONNX) supplies a *view* of its gra
 ``v == term(source)``: unary ops compose onto their input's region, sums merge the
 regions of their terms (add/sub chains flattened, terms partitioned into mergeable
 groups when they do not all merge). An input's region is absorbed only when nothing else
-reads it and it is not mutated in place; otherwise the input becomes the source.
+reads it and it is not mutated in place; otherwise the input becomes the source. A value
+whose sizes are read (``x.shape``) may be absorbed while every op after it keeps the shape:
+the read then moves to the region's output.
 :func:`select_rewrites` then picks, downstream first, the regions and partial sums to
 write back; writing them is the frontend's job.
 """
@@ -25,10 +33,10 @@ from __future__ import annotations
 import contextlib
 import gc
 from collections import Counter
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 from reparam_fx import affine
-from reparam_fx.affine import ChannelAffine, ConvTerm, NotExact
+from reparam_fx.affine import ChannelAffine, ConvTerm, NotExact, TransposedConvTerm
 from reparam_fx.report import FusionReport, Skipped
 
 
@@ -45,6 +53,7 @@ class Unary:
     #                         BatchNorm's axis 1 on a tensor whose rank is not proven
     extra_nodes: tuple = ()  # nodes absorbed along (aten BN tuple producers)
     const_rank: int = 0  # rank of a broadcast constant (must not raise the tensor's rank)
+    computed: bool = False  # reads weights computed in forward (worth precomputing alone)
 
 
 @dataclass
@@ -76,13 +85,16 @@ class Region:
     branches: int = 1
     has_identity: bool = False
     has_sub: bool = False
+    shape_bound: bool = False  # an absorbed value's sizes are read: keep the shape
 
     @property
     def emittable(self) -> bool:
         """A conv term that replaces at least two ops doing something (identities such
         as eval-mode Dropout do not count: rewriting conv+Dropout would only copy the
-        conv)."""
-        return isinstance(self.term, ConvTerm) and len(self.nodes) - self.kinds["identity"] >= 2
+        conv), or one conv whose weights ``forward`` computes (precomputed once)."""
+        return isinstance(self.term, (ConvTerm, TransposedConvTerm)) and (
+            len(self.nodes) - self.kinds["identity"] >= 2 or self.kinds["computed"] > 0) \
+            and all(p >= 0 for p in self.term.padding)  # a crop left: not a conv
 
 
 def merged_axis(a, b):
@@ -108,6 +120,8 @@ class RegionBuilder:
         """``node``'s region if it can be absorbed by its (single) user, else identity(node)."""
         region = self.regions.get(node)
         if region is not None and len(self.view.users(node)) == 1 and node not in self.view.mutated:
+            if self.view.reads_shape(node) and not region.shape_bound:
+                region = replace(region, shape_bound=True)
             return region
         return Region(node, affine.identity(), has_identity=True)
 
@@ -155,35 +169,48 @@ class RegionBuilder:
         axis = op.axis
         term = op.term
         if axis == "bn":  # BatchNorm on a tensor of unproven rank
-            axis = self._assumed_axis(base, "BatchNorm")
+            axis = self._assumed_axis(base)
         if callable(term):  # average pooling needs the channel count
-            channels = self._channels(base, op.input)
+            channels = self._channels(base, op.input, op.axis)
             if channels is None:
                 raise NotExact("channel count unknown: pass example_inputs")
             term = term(channels)
         if op.const_rank and not self._constant_fits(base, op):
-            raise NotExact("the constant would broadcast the tensor to a higher rank")
+            raise NotExact("the constant would broadcast the tensor to a higher rank, or "
+                           "the graph does not prove it would not (pass example_inputs)")
+        if base.shape_bound and not affine.keeps_shape(term):
+            raise NotExact("the sizes of a tensor before it are read (x.shape), and it "
+                           "changes them")
         region_axis = merged_axis(base.axis, axis)
         new_term = affine.compose(base.term, term)
         # a region started on an input is not an identity branch once an op follows it
         region = Region(base.source, new_term, region_axis, [*base.nodes, *op.extra_nodes, node],
                         base.kinds.copy(), list(base.kernels), base.branches,
-                        base.has_identity and bool(base.nodes), base.has_sub)
+                        base.has_identity and bool(base.nodes), base.has_sub, base.shape_bound)
         region.kinds[op.role] += 1
+        if op.computed:
+            region.kinds["computed"] += 1
         if op.role == "conv":
             region.kernels.append(term.kernel)
         return region
 
-    def _assumed_axis(self, base: Region, what: str) -> int:
-        if isinstance(base.term, ConvTerm) and base.term.spatial > 0:
-            return -(base.term.spatial + 1)  # conv input taken as batched
-        raise NotExact(f"{what} on a tensor of unknown rank: pass example_inputs")
+    def _assumed_axis(self, base: Region) -> int:
+        """BatchNorm's axis 1 where the rank is not proven: only after a conv in a graph
+        whose convs always take batched input (ONNX)."""
+        if self.view.convs_are_batched and isinstance(base.term, ConvTerm) and base.term.spatial:
+            return -(base.term.spatial + 1)
+        raise NotExact("BatchNorm normalises axis 1 of a tensor whose rank the graph does "
+                       "not prove, so axis 1 may not be its channel axis: pass example_inputs")
 
-    def _channels(self, base: Region, node) -> int | None:
+    def _channels(self, base: Region, node, axis: int) -> int | None:
+        """The size of ``node``'s channel axis: from the region's conv, its shape, or the
+        convs that read it (``view.channels``)."""
         if isinstance(base.term, ConvTerm):
             return base.term.out_channels
         shape = self.view.shape(node)
-        return shape[1] if shape and len(shape) > 1 else None
+        if shape and len(shape) >= -axis:
+            return shape[axis]
+        return self.view.channels(node, axis)
 
     def _constant_fits(self, base: Region, op: Unary) -> bool:
         """Whether ``x op c`` keeps ``x``'s shape: ``c`` has no more dims than ``x`` and,
@@ -196,7 +223,10 @@ class RegionBuilder:
                 or (-op.axis <= len(shape) and shape[op.axis] == channels))
         rank = self.view.rank(op.input)
         if rank is None and isinstance(base.term, ConvTerm) and base.term.spatial > 0:
-            rank = base.term.spatial + 2
+            # a conv's output has a channel axis and its spatial axes, and maybe a batch axis
+            rank = base.term.spatial + (2 if self.view.convs_are_batched else 1)
+        # a constant acting on axis -k can only meet terms on that axis, whose tensors
+        # have at least k dims
         allowed = rank if rank is not None else (-op.axis if isinstance(op.axis, int) else 0)
         return op.const_rank <= allowed
 
@@ -218,6 +248,7 @@ class RegionBuilder:
         groups, refusal = group_terms(parts)
         if len(groups) == 1 and len(groups[0].members) == len(parts):
             region = groups[0].region(self, inner + [node])
+            region.shape_bound |= any(self.view.reads_shape(n) for n in inner)
             if not self.usable_source(region):
                 self.skip(node, "its input is modified in place by another op")
                 return
@@ -228,6 +259,8 @@ class RegionBuilder:
         merged = [g for g in groups if len(g.members) > 1 and isinstance(g.term, ConvTerm)]
         if not merged or any(not self.usable_source(g) for g in merged):
             return
+        if any(self.view.metadata_readers(n) for n in inner):
+            return  # the rebuilt sum exists only at its root, after those reads
         # some branches merge, others do not: rewrite the sum as merged convs + the rest
         terms = []
         for group in groups:
@@ -286,6 +319,7 @@ class TermGroup:
             region.kernels.extend(part.kernels)
             region.has_identity |= part.has_identity or isinstance(part.term, ChannelAffine)
             region.has_sub |= part.has_sub or coeff < 0
+            region.shape_bound |= part.shape_bound
         region.branches = sum(max(part.branches, 1) for part, _, _ in self.members)
         region.nodes.extend(extra_nodes)
         return region

@@ -19,25 +19,19 @@ pattern                region absorbed
 ``avgpool``            average pooling folded as a depthwise conv
 ``zero-pad``           explicit zero padding folded into a conv
 ``conv composition``   two convs (kxk then 1x1, or 1x1 then kxk) composed
+``computed weights``   one conv whose weights ``forward`` computes, now precomputed
 ``affine``             any other exactly-foldable region
 =====================  =====================================================
 
-Op categories (:data:`OP_CATEGORIES`) count module, functional and aten forms alike, so
-before/after histograms compare across frontends.
+This module holds data only: the frontends fill the report in (op histograms come from
+:mod:`reparam_fx.fx.counts` and the ONNX frontend's own counter).
 """
 
 from __future__ import annotations
 
-import operator
 import re
 from collections import Counter
 from dataclasses import dataclass, field
-
-import torch
-import torch.nn as nn
-import torch.nn.functional as F
-
-OP_CATEGORIES = ("conv", "batch_norm", "linear", "add", "sub", "mul", "div", "avg_pool", "pad")
 
 
 @dataclass(frozen=True)
@@ -62,12 +56,21 @@ class Skipped:
     reason: str
 
 
+@dataclass(frozen=True)
+class Leaf:
+    """A module kept whole in the graph (fused inside on its own where it traces)."""
+
+    module: str  # qualified name in the model
+    reason: str
+
+
 @dataclass
 class FusionReport:
     """Everything :func:`reparam_fx.fuse` did. Reachable as ``fused.fusion_report``."""
 
     fused: list[FusedRegion] = field(default_factory=list)
     skipped: list[Skipped] = field(default_factory=list)
+    leaves: list[Leaf] = field(default_factory=list)
     ops_before: Counter = field(default_factory=Counter)
     ops_after: Counter = field(default_factory=Counter)
     params_before: int = 0
@@ -90,7 +93,7 @@ class FusionReport:
             f"  nodes   {self.nodes_before:>10} -> {self.nodes_after}",
             f"  params  {self.params_before:>10,} -> {self.params_after:,}",
         ]
-        for category in OP_CATEGORIES:
+        for category in dict.fromkeys([*self.ops_before, *self.ops_after]):
             before, after = self.ops_before.get(category, 0), self.ops_after.get(category, 0)
             if before or after:
                 lines.append(f"  {category:<10}{before:>8} -> {after}")
@@ -108,6 +111,10 @@ class FusionReport:
             lines.append(f"  left alone {len(self.skipped)} node(s):")
             for reason, count in sorted(self.skip_reasons().items(), key=lambda kv: -kv[1]):
                 lines.append(f"    {count:>4} x {reason}")
+        if self.leaves:
+            lines.append(f"  kept {len(self.leaves)} module(s) whole (fused inside where they trace):")
+            for leaf in self.leaves:
+                lines.append(f"    {leaf.module}: {leaf.reason}")
         return "\n".join(lines)
 
     __str__ = table
@@ -151,147 +158,6 @@ def classify_region(kinds: Counter, conv_kernels: list[tuple[int, ...]], n_branc
         return "conv+bn"
     if kinds["scale"]:
         return "layer scale"
+    if kinds["computed"]:
+        return "computed weights"
     return "affine"
-
-
-# ---- op histograms -------------------------------------------------------------------
-
-_MODULE_CATEGORIES = (
-    ((nn.Conv1d, nn.Conv2d, nn.Conv3d), "conv"),
-    ((nn.modules.batchnorm._BatchNorm,), "batch_norm"),
-    ((nn.Linear,), "linear"),
-    ((nn.AvgPool1d, nn.AvgPool2d, nn.AvgPool3d), "avg_pool"),
-    ((nn.ZeroPad1d, nn.ZeroPad2d, nn.ZeroPad3d, nn.ConstantPad1d, nn.ConstantPad2d,
-      nn.ConstantPad3d), "pad"),
-)
-
-_FUNCTION_CATEGORIES = {
-    F.conv1d: "conv", F.conv2d: "conv", F.conv3d: "conv",
-    F.batch_norm: "batch_norm", F.linear: "linear",
-    F.avg_pool1d: "avg_pool", F.avg_pool2d: "avg_pool", F.avg_pool3d: "avg_pool",
-    F.pad: "pad",
-    operator.add: "add", operator.iadd: "add", torch.add: "add",
-    operator.sub: "sub", operator.isub: "sub", torch.sub: "sub",
-    operator.mul: "mul", operator.imul: "mul", torch.mul: "mul",
-    operator.truediv: "div", operator.itruediv: "div", torch.div: "div",
-}
-
-_METHOD_CATEGORIES = {
-    "add": "add", "add_": "add", "sub": "sub", "sub_": "sub",
-    "mul": "mul", "mul_": "mul", "div": "div", "div_": "div",
-}
-
-_ATEN_CATEGORIES = {
-    "conv1d": "conv", "conv2d": "conv", "conv3d": "conv", "convolution": "conv",
-    "batch_norm": "batch_norm", "_native_batch_norm_legit_no_training": "batch_norm",
-    "_native_batch_norm_legit": "batch_norm", "native_batch_norm": "batch_norm",
-    "linear": "linear", "addmm": "linear",
-    "add": "add", "sub": "sub", "mul": "mul", "div": "div",
-    "avg_pool1d": "avg_pool", "avg_pool2d": "avg_pool", "avg_pool3d": "avg_pool",
-    "constant_pad_nd": "pad", "pad": "pad",
-}
-
-
-_SHAPE_METHODS = {"size", "dim", "numel"}
-_SHAPE_ATTRIBUTES = {"shape", "ndim"}
-
-
-def shape_values(graph: torch.fx.Graph) -> set[torch.fx.Node]:
-    """Nodes that hold Python scalars derived from tensor shapes, not tensors:
-    ``x.shape``, ``x.size()``, ``aten.sym_size``, indexing and arithmetic on those
-    (``(h + p - 1) // p`` in a traced model). They are not tensor ops."""
-    scalars: set[torch.fx.Node] = set()
-    for node in graph.nodes:
-        value = node.meta.get("val")
-        if value is not None and not isinstance(value, torch.Tensor) and \
-                isinstance(value, (int, float, torch.SymInt, torch.SymFloat)):
-            scalars.add(node)
-        elif node.op == "call_method" and node.target in _SHAPE_METHODS:
-            scalars.add(node)
-        elif node.op == "call_function" and node.target is getattr and \
-                len(node.args) > 1 and node.args[1] in _SHAPE_ATTRIBUTES:
-            scalars.add(node)
-        elif (node.op == "call_function" and isinstance(node.target, torch._ops.OpOverload)
-              and node.target._schema.name.split("::")[-1].startswith("sym_")):
-            scalars.add(node)
-        elif node.op in ("call_function", "call_method") and node.all_input_nodes and \
-                all(arg in scalars for arg in node.all_input_nodes):
-            scalars.add(node)  # indexing / arithmetic on shape values
-    return scalars
-
-
-def node_category(node: torch.fx.Node, modules: dict[str, nn.Module],
-                  scalars: set = frozenset()) -> str | None:
-    """The op category of one fx node (module, functional or aten form), or None.
-    ``scalars`` (see :func:`shape_values`) are shape arithmetic, never counted."""
-    if node in scalars:
-        return None
-    if node.op == "call_module":
-        module = modules.get(node.target)
-        for types, category in _MODULE_CATEGORIES:
-            if isinstance(module, types):
-                return category
-        return None
-    if node.op == "call_method":
-        return _METHOD_CATEGORIES.get(node.target)
-    if node.op == "call_function":
-        if isinstance(node.target, torch._ops.OpOverload):
-            return _ATEN_CATEGORIES.get(node.target._schema.name.split("::")[-1])
-        try:
-            return _FUNCTION_CATEGORIES.get(node.target)
-        except TypeError:  # unhashable target
-            return None
-    return None
-
-
-def op_counts(model) -> Counter:
-    """Histogram of conv / batch_norm / linear / add / sub / mul / div / avg_pool / pad ops.
-
-    Accepts a ``torch.fx.GraphModule`` (module-level, functional or aten), an
-    ``ExportedProgram`` or a plain ``nn.Module`` (traced with ``symbolic_trace``).
-    Tensor-by-tensor arithmetic on constants (e.g. ``weight.view(...)``) counts too, so
-    compare histograms of graphs built the same way.
-    """
-    if isinstance(model, torch.export.ExportedProgram):
-        model = model.module()
-    if not isinstance(model, torch.fx.GraphModule):
-        model = torch.fx.symbolic_trace(model)
-    modules = dict(model.named_modules())
-    scalars = shape_values(model.graph)
-    counts = Counter()
-    for node in model.graph.nodes:
-        category = node_category(node, modules, scalars)
-        if category is not None:
-            counts[category] += 1
-    return counts
-
-
-_STATISTICS = ("running_mean", "running_var", "num_batches_tracked")
-
-
-def counts_as_parameter(name: str, tensor: torch.Tensor) -> bool:
-    """Parameters, and floating-point buffers that are not BatchNorm statistics (as papers
-    count parameters; constants a fusion writes as buffers do count)."""
-    if name.rsplit(".", 1)[-1] in _STATISTICS:
-        return False
-    return isinstance(tensor, nn.Parameter) or tensor.is_floating_point()
-
-
-def parameter_count(model: nn.Module) -> int:
-    """Parameters plus floating-point buffers that are not BatchNorm statistics."""
-    tensors = dict((id(t), (name, t)) for name, t in model.named_parameters())
-    tensors.update((id(t), (name, t)) for name, t in model.named_buffers())
-    return sum(t.numel() for name, t in tensors.values() if counts_as_parameter(name, t))
-
-
-def mac_count(model: nn.Module, example_inputs) -> int:
-    """Multiply-accumulates of one forward pass on ``example_inputs``: convolutions,
-    linear layers and matrix products (half of ``torch.utils.flop_counter``'s FLOPs).
-    Element-wise ops, BatchNorm, pooling and softmax are not counted, as papers count MACs.
-    """
-    from torch.utils.flop_counter import FlopCounterMode
-    inputs = (example_inputs,) if isinstance(example_inputs, torch.Tensor) else tuple(example_inputs)
-    counter = FlopCounterMode(display=False)
-    with counter, torch.no_grad():
-        model(*inputs)
-    return counter.get_total_flops() // 2

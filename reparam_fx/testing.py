@@ -81,7 +81,7 @@ try:
 except ImportError as error:  # pragma: no cover
     raise ImportError("reparam_fx.testing needs hypothesis: pip install 'reparam-fx[test]'") from error
 
-from reparam_fx.report import op_counts
+from reparam_fx.fx.counts import op_counts
 from reparam_fx.verification import VerificationError, verify
 
 __all__ = [
@@ -210,7 +210,7 @@ def conv_batchnorm_pairs(graph_module: torch.fx.GraphModule) -> list[str]:
 
     After a correct fusion of an eval-mode model this list is empty: such a BN always folds.
     """
-    from reparam_fx.report import node_category
+    from reparam_fx.fx.counts import node_category
 
     modules = dict(graph_module.named_modules())
     pairs = []

@@ -266,18 +266,33 @@ class ShapeDependent(nn.Module):
         return self.block(x[..., :-1])
 
 
-def test_data_dependent_control_flow_asks_for_example_inputs():
-    model = randomized(DataDependent())
-    with pytest.raises(reparam_fx.FusionError, match="example_inputs"):
-        reparam_fx.fuse(model)
-    with pytest.raises(reparam_fx.FusionError):  # torch.export cannot capture it either
-        reparam_fx.fuse(model, (image(),))
+def _leaf_reasons(fused) -> str:
+    return " ".join(leaf.reason for leaf in fused.fusion_report.leaves)
+
+
+@pytest.mark.parametrize("pass_inputs", [False, True])
+def test_data_dependent_control_flow_fuses_the_blocks_inside(pass_inputs):
+    # neither symbolic_trace nor torch.export captures the model's own forward: its
+    # children are fused on their own, in a copy of the model
+    model = randomized(DataDependent()).double()
+    x = image().double()
+    fused = reparam_fx.fuse(model, (x,) if pass_inputs else None)
+    assert type(fused) is DataDependent and fused is not model
+    assert isinstance(fused.block, torch.fx.GraphModule)
+    assert_ops(fused.block, {"conv": 1, "batch_norm": 0})
+    assert fused.fusion_report.pattern_counts() == {"conv+bn": 1}
+    assert "does not trace" in _leaf_reasons(fused)
+    for sign in (1, -1):  # both branches of the model's own code
+        reparam_fx.verify(model, fused, (sign * x.abs(),), rtol=RTOL)
+    assert isinstance(model.block.bn, nn.BatchNorm2d)  # the input is untouched
 
 
 def test_shape_dependent_control_flow_is_captured_with_export():
     model = randomized(ShapeDependent())
-    with pytest.raises(reparam_fx.FusionError, match="example_inputs"):
-        reparam_fx.fuse(model)
+    fused = reparam_fx.fuse(model.double())  # without inputs: the block inside is fused
+    assert type(fused) is ShapeDependent and fused.fusion_report.pattern_counts() == {"repvgg": 1}
+    for size in (8, 9):
+        reparam_fx.verify(model, fused, (image(size=size).double(),), rtol=RTOL)
     fused = fuse_exactly(model, image(), pass_inputs=True, already_randomized=True,
                          ops={"conv": 1, "batch_norm": 0, "add": 0}, patterns={"repvgg": 1})
     assert fused.fusion_report.frontend == "aten"

@@ -52,11 +52,31 @@ class ConvBN(nn.Module):
 ])
 def test_conv_bn_folds(dims, stride, dilation, groups, bias):
     model = ConvBN(4, 8, 3, stride=stride, dilation=dilation, groups=groups, bias=bias, dims=dims)
-    fused = fuse_exactly(model, image(4, 9 if dims < 3 else 7, dims),
+    # BatchNorm2d/3d prove a 4-/5-D input; BatchNorm1d takes (N, C) and (N, C, L), and a
+    # Conv1d's output may be (C, L): only the example inputs prove the rank
+    fused = fuse_exactly(model, image(4, 9 if dims < 3 else 7, dims), pass_inputs=dims == 1,
                          ops={"conv": 1, "batch_norm": 0}, patterns={"conv+bn": 1})
     (conv,) = fused_modules(fused, CONV[dims])
     assert conv.groups == groups and conv.stride == (stride,) * dims
     assert conv.dilation == (dilation,) * dims and conv.bias is not None
+
+
+class AssertedConvBN1d(ConvBN):
+    """A BatchNorm1d after a Conv1d, with the rank asserted as timm asserts it."""
+
+    def forward(self, x):
+        y = self.conv(x)
+        torch._assert(y.ndim == 3, "expected (N, C, L)")
+        return self.bn(y)
+
+
+def test_conv1d_bn1d_needs_a_rank_proof():
+    # unbatched, a Conv1d gives (C, L) and BatchNorm1d would normalise L: not the conv's axis
+    fused = fuse_refused(ConvBN(4, 8, 3, dims=1), image(4, 9, 1), unchanged=("batch_norm",),
+                         reason="rank")
+    assert "example_inputs" in " ".join(fused.fusion_report.skip_reasons())
+    fuse_exactly(AssertedConvBN1d(4, 8, 3, dims=1), image(4, 9, 1),
+                 ops={"conv": 1, "batch_norm": 0}, patterns={"conv+bn": 1})
 
 
 def test_conv_bn_refused_when_bn_is_training_inside_graph_module():

@@ -2,28 +2,28 @@
 
 :func:`interpret` maps a node to
 
-- ``Unary(input, term, ...)``: ``node == term(input)`` (conv, BatchNorm, linear, average
-  pooling, zero padding, identity/dropout, a per-channel constant ``*``, ``/``, ``+``,
-  ``-``), or
+- ``Unary(input, term, ...)``: ``node == term(input)`` (conv, transposed conv, BatchNorm,
+  linear, average pooling, zero padding, identity/dropout, a per-channel constant ``*``,
+  ``/``, ``+``, ``-``), or
 - ``Sum([(a, 1), (b, -1), ...])``: ``node == a - b + ...`` of tensors, or
 - ``Refused(reason)``: it looks foldable but is not (BatchNorm in training mode, a
-  ``count_include_pad=False`` pool, an asymmetric pad, ...), or
+  ``count_include_pad=False`` pool, an asymmetric pad, a conv whose ``forward`` was
+  replaced ...), or
 - ``None``: anything else (activations, reshapes, ...).
 
-Module forms (``nn.Conv2d``...), functional forms (``F.conv2d`` on ``get_attr`` weights,
+Module forms (``nn.Conv2d``...), functional forms (``F.conv2d`` on constant weights,
 ``F.batch_norm``, ``torch.add``, ``operator.iadd``, tensor methods like ``add_``) and aten
-forms (``aten.conv2d``, ``aten.convolution``, ``aten.batch_norm``,
-``_native_batch_norm_legit_no_training``, ``aten.add_.Tensor``...) map to the same terms.
-Subclasses that override ``forward`` are not trusted to be what their base class is.
-
-:class:`GraphFacts` holds what the graph proves about nodes: constant values (``get_attr``
-tensors and pure ops on them), tensor ranks, and values mutated in place.
+forms (``aten.conv2d``, ``aten.convolution``, ``aten.batch_norm`` (export's training IR),
+``_native_batch_norm_legit_no_training`` (core ATen), ``aten.add_.Tensor``, ``aten.addmm``
+...) map to the same terms. A module is read by its class only when it runs its class's
+standard ``forward``: not a subclass that overrides it, not an instance whose ``forward``
+was replaced, not one with hooks. Weights may be computed in ``forward`` from parameters
+alone (:meth:`GraphFacts.constant`).
 """
 
 from __future__ import annotations
 
 import operator
-from typing import TYPE_CHECKING
 
 import torch
 import torch.fx
@@ -31,229 +31,12 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from reparam_fx import affine
+from reparam_fx.fx.capture import has_global_hooks, has_hooks, replaced_forward
+from reparam_fx.fx.facts import GraphFacts, hashable_in, tensor_shape
 from reparam_fx.regions import Refused, Sum, Unary
-from reparam_fx.report import shape_values
-
-if TYPE_CHECKING:
-    from reparam_fx.fx import Workspace
 
 aten = torch.ops.aten
 
-
-# ---- what the graph says about its nodes ---------------------------------------------
-
-def tensor_shape(node) -> tuple[int, ...] | None:
-    if not isinstance(node, torch.fx.Node):
-        return None
-    value = node.meta.get("val")
-    if isinstance(value, torch.Tensor):
-        return tuple(value.shape)
-    meta = node.meta.get("tensor_meta")
-    return tuple(meta.shape) if hasattr(meta, "shape") else None
-
-
-_INPLACE_FUNCTIONS = {operator.iadd, operator.isub, operator.imul, operator.itruediv}
-_VALUE_PRESERVING_METHODS = {"contiguous", "clone"}
-_PURE_CONSTANT_METHODS = {"view", "reshape", "unsqueeze", "squeeze", "to", "float", "double",
-                          "half", "contiguous", "clone", "detach", "neg", "t", "permute",
-                          "transpose", "expand", "flatten", "sqrt", "rsqrt", "exp", "abs",
-                          "mul", "add", "sub", "div", "__getitem__"}
-_PURE_CONSTANT_FUNCTIONS = {operator.neg, operator.mul, operator.add, operator.sub,
-                            operator.truediv, operator.getitem, torch.reshape, torch.unsqueeze,
-                            torch.squeeze, torch.flatten, torch.sqrt, torch.rsqrt, torch.exp,
-                            torch.abs, torch.mul, torch.add, torch.sub, torch.div, torch.neg}
-
-
-class GraphFacts:
-    """Per-pass facts: modules, constant values, ranks and in-place mutations."""
-
-    def __init__(self, ws: Workspace):
-        self.ws = ws
-        self.frontend = ws.frontend
-        self.modules = ModuleLookup(ws)
-        # attribute paths in use: new modules must not be nested under them
-        self.attribute_targets = {n.target for n in ws.graph.nodes
-                                  if n.op in ("call_module", "get_attr")} | set(ws.added)
-        self._constants: dict[torch.fx.Node, torch.Tensor | None] = {}
-        self._ranks: dict[torch.fx.Node, int | None] = {}
-        self.mutated = self._find_mutated()
-        self.scalars = shape_values(ws.graph)  # shape arithmetic: Python ints, not tensors
-        self._ops: dict = {}
-
-    # the view reparam_fx.regions walks ---------------------------------------------------
-    def values(self):
-        return self.ws.graph.nodes
-
-    def users(self, node):
-        return node.users
-
-    def inplace_target(self, node):
-        return node.args[0] if self.is_inplace(node) else None
-
-    def interpret(self, node):
-        if node not in self._ops:
-            self._ops[node] = interpret(node, self)
-        return self._ops[node]
-
-    def shape(self, node):
-        return tensor_shape(node)
-
-    @staticmethod
-    def is_value(value) -> bool:
-        return isinstance(value, torch.fx.Node)
-
-    def describe(self, node) -> tuple[str, str]:
-        if node.op == "call_module":
-            return node.name, type(self.modules.get(node.target)).__name__
-        if node.op == "call_function":
-            return node.name, getattr(node.target, "__name__", str(node.target))
-        return node.name, str(node.target)
-
-    # in-place ops --------------------------------------------------------------------
-    def is_inplace(self, node: torch.fx.Node) -> bool:
-        if node.op == "call_method":
-            return node.target.endswith("_") and not node.target.startswith("__")
-        if node.op == "call_function":
-            if node.target in _INPLACE_FUNCTIONS or node.kwargs.get("inplace") is True:
-                return True
-            if isinstance(node.target, torch._ops.OpOverload):
-                return node.target._schema.is_mutable
-            name = getattr(node.target, "__name__", "")  # torch.relu_, F.elu_, ...
-            return name.endswith("_") and not name.startswith("__")
-        if node.op == "call_module":
-            return getattr(self.modules.get(node.target), "inplace", False) is True
-        return False
-
-    def _find_mutated(self) -> set[torch.fx.Node]:
-        """Nodes whose value an in-place op changes while another user still reads it."""
-        mutated = set()
-        for node in self.ws.graph.nodes:
-            if self.is_inplace(node) and node.args and isinstance(node.args[0], torch.fx.Node):
-                target = node.args[0]
-                if len(target.users) > 1:
-                    mutated.add(target)
-        return mutated
-
-    # constants -----------------------------------------------------------------------
-    def constant(self, value) -> torch.Tensor | None:
-        """The tensor value of a graph-constant argument (number, get_attr, or pure op on
-        constants), else None."""
-        if isinstance(value, bool):
-            return None
-        if isinstance(value, (int, float)):
-            return torch.tensor(float(value), dtype=torch.float64)
-        if isinstance(value, torch.Tensor):
-            return value
-        if not isinstance(value, torch.fx.Node):
-            return None
-        if value not in self._constants:
-            self._constants[value] = self._evaluate_constant(value)
-        return self._constants[value]
-
-    def _evaluate_constant(self, node: torch.fx.Node) -> torch.Tensor | None:
-        if node.op == "get_attr":
-            attr = self.ws.resolve(node.target)
-            return attr.detach() if isinstance(attr, torch.Tensor) else None
-        pure = ((node.op == "call_method" and node.target in _PURE_CONSTANT_METHODS)
-                or (node.op == "call_function" and (
-                    _hashable_in(node.target, _PURE_CONSTANT_FUNCTIONS)
-                    or _is_pure_aten(node.target))))
-        if not pure:
-            return None
-        resolved = []
-        for arg in node.args:
-            if isinstance(arg, torch.fx.Node):
-                tensor = self.constant(arg)
-                if tensor is None:
-                    return None
-                resolved.append(tensor)
-            else:
-                resolved.append(arg)
-        if any(isinstance(v, torch.fx.Node) for v in node.kwargs.values()):
-            return None
-        try:
-            with torch.no_grad():
-                if node.op == "call_method":
-                    result = getattr(resolved[0], node.target)(*resolved[1:], **node.kwargs)
-                else:
-                    result = node.target(*resolved, **node.kwargs)
-        except Exception:  # noqa: BLE001
-            return None
-        return result if isinstance(result, torch.Tensor) else None
-
-    # ranks ---------------------------------------------------------------------------
-    def rank(self, node) -> int | None:
-        """The tensor rank of ``node`` when the graph proves it, else None."""
-        if not isinstance(node, torch.fx.Node):
-            return None
-        if node not in self._ranks:
-            self._ranks[node] = None  # guards against cycles through odd graphs
-            self._ranks[node] = self._infer_rank(node)
-        return self._ranks[node]
-
-    def _infer_rank(self, node: torch.fx.Node) -> int | None:
-        shape = tensor_shape(node)
-        if shape is not None:
-            return len(shape)
-        first = node.args[0] if node.args else None
-        if node.op == "call_module":
-            module = self.modules.get(node.target)
-            if isinstance(module, (nn.BatchNorm2d, nn.BatchNorm3d)):
-                return 4 if isinstance(module, nn.BatchNorm2d) else 5
-            if type(module) is nn.Flatten and module.end_dim == -1 and module.start_dim >= 0:
-                return module.start_dim + 1
-            if isinstance(module, (nn.Linear, nn.BatchNorm1d, nn.Identity, nn.Dropout,
-                                   nn.ReLU, nn.GELU, nn.SiLU, nn.Hardswish, nn.Sigmoid)):
-                return self.rank(first)
-            return None
-        name = node.target if node.op == "call_method" else getattr(node.target, "__name__", "")
-        if name == "flatten":
-            start = node.args[1] if len(node.args) > 1 else node.kwargs.get("start_dim", 0)
-            end = node.args[2] if len(node.args) > 2 else node.kwargs.get("end_dim", -1)
-            if end == -1 and isinstance(start, int) and start >= 0:
-                return start + 1
-        if name in ("view", "reshape") and node.op == "call_method":
-            sizes = node.args[1:]
-            if len(sizes) == 1 and isinstance(sizes[0], (tuple, list)):
-                sizes = sizes[0]
-            return len(sizes)
-        if name in ("linear", "batch_norm", "dropout", "relu", "gelu"):
-            return self.rank(first)
-        return None
-
-
-class ModuleLookup:
-    """``modules.get(target)`` over a workspace, as the report's op counter expects."""
-
-    def __init__(self, ws: Workspace):
-        self.ws = ws
-
-    def get(self, target, default=None):
-        found = self.ws.module(target)
-        return default if found is None else found
-
-    def __getitem__(self, target):
-        return self.ws.module(target)
-
-
-def _hashable_in(target, table) -> bool:
-    try:
-        return target in table
-    except TypeError:
-        return False
-
-
-_PURE_ATEN = {"view", "reshape", "unsqueeze", "squeeze", "permute", "t", "expand", "clone",
-              "alias", "_to_copy", "mul", "add", "sub", "div", "neg", "sqrt", "rsqrt"}
-
-
-def _is_pure_aten(target) -> bool:
-    return (isinstance(target, torch._ops.OpOverload)
-            and target._schema.name.split("::")[-1] in _PURE_ATEN
-            and not target._schema.is_mutable)
-
-
-# ---- ops: what one node does, as a term ----------------------------------------------
 
 def _bind_schema(node: torch.fx.Node) -> dict:
     """An aten op's arguments by its schema's names (positional or keyword), with the
@@ -276,10 +59,19 @@ def _bind(node: torch.fx.Node, names: tuple[str, ...], defaults: dict) -> dict:
     return bound
 
 
+# ---- ops: what one node does, as a term ----------------------------------------------
+
+_VALUE_PRESERVING_METHODS = {"contiguous", "clone"}
 _CONV_ARGS = ("input", "weight", "bias", "stride", "padding", "dilation", "groups")
 _CONV_DEFAULTS = {"bias": None, "stride": 1, "padding": 0, "dilation": 1, "groups": 1}
 _FUNCTIONAL_CONVS = {F.conv1d: 1, F.conv2d: 2, F.conv3d: 3}
 _ATEN_CONVS = {"conv1d": 1, "conv2d": 2, "conv3d": 3}
+_TRANSPOSED_ARGS = ("input", "weight", "bias", "stride", "padding", "output_padding", "groups",
+                    "dilation")
+_TRANSPOSED_DEFAULTS = {"bias": None, "stride": 1, "padding": 0, "output_padding": 0,
+                        "groups": 1, "dilation": 1}
+_FUNCTIONAL_TRANSPOSED = {F.conv_transpose1d: 1, F.conv_transpose2d: 2, F.conv_transpose3d: 3}
+_ATEN_TRANSPOSED = {"conv_transpose1d", "conv_transpose2d", "conv_transpose3d"}
 _POOL_ARGS = ("input", "kernel_size", "stride", "padding", "ceil_mode", "count_include_pad",
               "divisor_override")
 _POOL_DEFAULTS = {"stride": None, "padding": 0, "ceil_mode": False, "count_include_pad": True,
@@ -315,8 +107,45 @@ def _same_padding(padding, kernel, dilation) -> tuple[int, ...] | None:
 
 
 def _own_forward(module: nn.Module, base: type) -> bool:
-    """True if ``module`` runs ``base``'s forward (subclasses that override it are opaque)."""
-    return isinstance(module, base) and type(module).forward is base.forward
+    """True if ``module`` runs ``base``'s forward: not a subclass that overrides it, not an
+    instance whose ``forward`` was replaced (such modules are opaque)."""
+    return isinstance(module, base) and type(module).forward is base.forward \
+        and not replaced_forward(module)
+
+
+def _constant_weights(facts, weight_arg, bias_arg):
+    """``(weight, bias)`` as constants; ``(None, None)`` when either is computed at run time."""
+    weight = facts.constant(weight_arg)
+    bias = facts.constant(bias_arg) if bias_arg is not None else None
+    if weight is None or (bias_arg is not None and bias is None):
+        return None, None
+    return weight, bias
+
+
+def _computed(facts, op, bound: dict):
+    """Mark ``op`` as reading weights computed in ``forward`` (precomputing them is a gain)."""
+    if isinstance(op, Unary) and (facts.is_computed_constant(bound.get("weight"))
+                                  or facts.is_computed_constant(bound.get("bias"))):
+        op.computed = True
+    return op
+
+
+def _matmul_as_linear(node, facts, name):
+    """Core ATen's linear: ``addmm(b, x, W.t())`` / ``mm(x, W.t())`` on a 2-D ``x``."""
+    a = _bind_schema(node)
+    if name == "addmm" and (a.get("beta", 1) != 1 or a.get("alpha", 1) != 1):
+        return None
+    x, transposed = a["mat1" if name == "addmm" else "self"], a["mat2"]
+    weight_t = facts.constant(transposed)
+    bias = facts.constant(a["self"]) if name == "addmm" else None
+    if weight_t is None or weight_t.dim() != 2 or (name == "addmm" and bias is None):
+        return None
+    if facts.rank(x) != 2 or (bias is not None and bias.dim() > 1):
+        return None
+    if bias is not None and bias.numel() not in (1, weight_t.shape[1]):
+        return None
+    bias = None if bias is None else bias.expand(weight_t.shape[1])
+    return Unary(x, affine.linear(weight_t.t(), bias), "linear", -1)
 
 
 def _conv_op(facts, input_node, weight, bias, stride, padding, dilation, groups, spatial,
@@ -337,15 +166,27 @@ def _conv_op(facts, input_node, weight, bias, stride, padding, dilation, groups,
     return Unary(input_node, term, "conv", -(spatial + 1))
 
 
-def _batchnorm_op(facts, input_node, mean, var, weight, bias, eps, training, rank_hint,
-                  extra_nodes=()):
+def _conv_transpose_op(input_node, weight, bias, stride, padding, output_padding, dilation,
+                       groups, spatial, padding_mode="zeros"):
+    if weight is None or weight.dim() != spatial + 2:
+        return None
+    if padding_mode != "zeros":
+        return Refused(f"transposed conv with padding_mode={padding_mode!r}")
+    term = affine.conv_transpose(weight, bias, _tuple(stride, spatial), _tuple(padding, spatial),
+                                 _tuple(output_padding, spatial), _tuple(dilation, spatial),
+                                 _tuple(groups, 1)[0])
+    return Unary(input_node, term, "conv", -(spatial + 1))
+
+
+def _batchnorm_op(facts, input_node, mean, var, weight, bias, eps, training, extra_nodes=()):
+    """BatchNorm normalises axis 1: the channel axis of a term only for a proven rank."""
     if training:
         return Refused("BatchNorm in training mode uses batch statistics")
     if mean is None or var is None:
         return Refused("BatchNorm without running statistics (track_running_stats=False) "
                         "normalises with batch statistics")
-    rank = facts.rank(input_node) or rank_hint
-    axis = 1 - rank if rank else "bn"  # "bn": axis 1 of a rank not yet known
+    rank = facts.rank(input_node)
+    axis = 1 - rank if rank else "bn"  # "bn": axis 1 of a rank not proven
     return Unary(input_node, affine.batchnorm(mean, var, weight, bias, eps), "bn", axis,
                   extra_nodes=extra_nodes)
 
@@ -377,6 +218,66 @@ def _pad_op(input_node, pad, mode, value):
         return Refused("asymmetric or negative zero padding has no conv equivalent")
     return Unary(input_node, affine.zero_pad(tuple(a for a, _ in pairs)), "pad",
                   -(len(pairs) + 1))
+
+
+def _crop_op(facts, node, index):
+    """``x[..., c:-c]`` / ``x[:, :, c:-c, :]``: cropping is zero padding by ``-c`` on those
+    dims (exact before a conv that does not pad them, and after any conv)."""
+    x = node.args[0]
+    items = index if isinstance(index, tuple) else (index,)
+    if not isinstance(x, torch.fx.Node) or x in facts.scalars or \
+            not all(isinstance(i, slice) or i is Ellipsis for i in items) or \
+            sum(i is Ellipsis for i in items) > 1:
+        return None
+    if Ellipsis in items:
+        head, tail = items[:items.index(Ellipsis)], items[items.index(Ellipsis) + 1:]
+    else:
+        head, tail = (), items
+    if any(i != slice(None) for i in head):
+        return None
+    crops = []
+    for item in tail:
+        if item == slice(None):
+            crops.append(0)
+        elif isinstance(item.start, int) and item.start > 0 and item.stop == -item.start \
+                and item.step in (None, 1):
+            crops.append(-item.start)
+        else:
+            return None
+    if Ellipsis not in items:  # x[:, :, 1:-1]: counted from the front, so the rank must be known
+        rank = facts.rank(x)
+        if rank is None:
+            return None
+        crops = [0] * (rank - len(crops)) + crops
+    while crops and crops[0] == 0:
+        crops.pop(0)
+    if not crops:
+        return Unary(x, affine.identity(), "identity", None)
+    return Unary(x, affine.zero_pad(tuple(crops)), "pad", None)
+
+
+def _aten_slice_op(facts, node):
+    """``aten.slice.Tensor(x, dim, c, -c)``: a crop of one dim (see :func:`_crop_op`)."""
+    a = _bind_schema(node)
+    x, dim, start, end, step = a["self"], a["dim"], a.get("start"), a.get("end"), a.get("step", 1)
+    shape = facts_shape = tensor_shape(x)
+    if facts_shape is None or not all(isinstance(v, int) for v in (dim, step)) or step != 1:
+        return None
+    size = shape[dim]
+    start = 0 if start is None else start
+    end = size if end is None or end > size else end
+    if not (isinstance(start, int) and isinstance(end, int)):
+        return None
+    end = end + size if end < 0 else end
+    if start == 0 and end == size:
+        return Unary(x, affine.identity(), "identity", None)
+    if start <= 0 or end != size - start:
+        return None
+    crops = [0] * len(shape)
+    crops[dim] = -start
+    while crops[0] == 0:
+        crops.pop(0)
+    return Unary(x, affine.zero_pad(tuple(crops)), "pad", None)
 
 
 def _scale_op(facts, tensor_node, constant, *, invert=False, shift=False, coeff=1.0):
@@ -426,8 +327,8 @@ def _arith_op(facts, node, a, b, kind, coeff=1.0):
 
 def interpret(node: torch.fx.Node, facts: GraphFacts):
     """What ``node`` computes, as an affine op of its tensor input(s), or None/Refused."""
-    if node in facts.scalars:
-        return None
+    if node in facts.scalars or facts.constant(node) is not None:
+        return None  # shape arithmetic, or a value computed from parameters alone
     try:
         if node.op == "call_module":
             return _interpret_module(node, facts)
@@ -443,31 +344,33 @@ def interpret(node: torch.fx.Node, facts: GraphFacts):
     return None
 
 
-def _has_hooks(module: nn.Module) -> bool:
-    """Forward (pre-)hooks, its own or global, can change what the module computes (e.g.
-    legacy weight_norm recomputes ``.weight`` in a pre-hook): its attributes don't say."""
-    from torch.nn.modules import module as module_globals
-    return bool(module._forward_hooks or module._forward_pre_hooks
-                or module_globals._global_forward_hooks
-                or module_globals._global_forward_pre_hooks)
-
-
 def _interpret_module(node, facts):
     module = facts.modules.get(node.target)
     x = node.args[0] if node.args else None
     if not isinstance(x, torch.fx.Node) or len(node.args) != 1 or node.kwargs:
         return None
-    if module is not None and _has_hooks(module):
+    if module is None:
+        return None
+    # Forward (pre-)hooks, its own or global, can change what the module computes (e.g.
+    # legacy weight_norm recomputes ``.weight`` in a pre-hook): its attributes don't say.
+    if has_hooks(module) or has_global_hooks():
         return Refused("the module has forward hooks")
+    if replaced_forward(module) and type(module).__module__.startswith("torch.nn"):
+        return Refused(f"{type(module).__name__}.forward was replaced on the instance: "
+                       "not read as a plain one")
+    for base, spatial in ((nn.ConvTranspose1d, 1), (nn.ConvTranspose2d, 2), (nn.ConvTranspose3d, 3)):
+        if _own_forward(module, base):
+            return _conv_transpose_op(x, module.weight, module.bias, module.stride,
+                                      module.padding, module.output_padding, module.dilation,
+                                      module.groups, spatial, module.padding_mode)
     for base, spatial in ((nn.Conv1d, 1), (nn.Conv2d, 2), (nn.Conv3d, 3)):
         if _own_forward(module, base):
             return _conv_op(facts, x, module.weight, module.bias, module.stride, module.padding,
                             module.dilation, module.groups, spatial, module.padding_mode)
-    for base, rank in ((nn.BatchNorm1d, None), (nn.BatchNorm2d, 4), (nn.BatchNorm3d, 5)):
+    for base in (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d):
         if _own_forward(module, base):
             return _batchnorm_op(facts, x, module.running_mean, module.running_var,
-                                 module.weight, module.bias, module.eps,
-                                 module.training, rank)
+                                 module.weight, module.bias, module.eps, module.training)
     if _own_forward(module, nn.Linear):
         return Unary(x, affine.linear(module.weight, module.bias), "linear", -1)
     if type(module) is nn.Identity:
@@ -511,16 +414,22 @@ def _interpret_method(node, facts):
 
 def _interpret_function(node, facts):
     target = node.target
-    if _hashable_in(target, _FUNCTIONAL_CONVS):
-        spatial = _FUNCTIONAL_CONVS[target]
+    if hashable_in(target, _FUNCTIONAL_CONVS):
         a = _bind(node, _CONV_ARGS, _CONV_DEFAULTS)
-        weight, bias = facts.constant(a["weight"]), None
-        if a["bias"] is not None:
-            bias = facts.constant(a["bias"])
-            if bias is None:
-                return None
-        return _conv_op(facts, a["input"], weight, bias, a["stride"], a["padding"],
-                        a["dilation"], a["groups"], spatial)
+        weight, bias = _constant_weights(facts, a["weight"], a["bias"])
+        if weight is None:
+            return None
+        return _computed(facts, _conv_op(facts, a["input"], weight, bias, a["stride"],
+                                         a["padding"], a["dilation"], a["groups"],
+                                         _FUNCTIONAL_CONVS[target]), a)
+    if hashable_in(target, _FUNCTIONAL_TRANSPOSED):
+        a = _bind(node, _TRANSPOSED_ARGS, _TRANSPOSED_DEFAULTS)
+        weight, bias = _constant_weights(facts, a["weight"], a["bias"])
+        if weight is None:
+            return None
+        return _computed(facts, _conv_transpose_op(
+            a["input"], weight, bias, a["stride"], a["padding"], a["output_padding"],
+            a["dilation"], a["groups"], _FUNCTIONAL_TRANSPOSED[target]), a)
     if target is F.batch_norm:
         a = _bind(node, ("input", "running_mean", "running_var", "weight", "bias", "training",
                          "momentum", "eps"),
@@ -531,15 +440,14 @@ def _interpret_function(node, facts):
         if any(a[k] is not None and tensors[k] is None for k in tensors):
             return None
         return _batchnorm_op(facts, a["input"], tensors["running_mean"], tensors["running_var"],
-                             tensors["weight"], tensors["bias"], a["eps"], a["training"], None)
+                             tensors["weight"], tensors["bias"], a["eps"], a["training"])
     if target is F.linear:
         a = _bind(node, ("input", "weight", "bias"), {"bias": None})
-        weight = facts.constant(a["weight"])
-        bias = facts.constant(a["bias"]) if a["bias"] is not None else None
-        if weight is None or (a["bias"] is not None and bias is None):
+        weight, bias = _constant_weights(facts, a["weight"], a["bias"])
+        if weight is None:
             return None
-        return Unary(a["input"], affine.linear(weight, bias), "linear", -1)
-    if _hashable_in(target, _FUNCTIONAL_POOLS):
+        return _computed(facts, Unary(a["input"], affine.linear(weight, bias), "linear", -1), a)
+    if hashable_in(target, _FUNCTIONAL_POOLS):
         a = _bind(node, _POOL_ARGS, _POOL_DEFAULTS)
         return _pool_op(a["input"], a["kernel_size"], a["stride"], a["padding"], a["ceil_mode"],
                         a["count_include_pad"], a["divisor_override"], _FUNCTIONAL_POOLS[target])
@@ -553,19 +461,21 @@ def _interpret_function(node, facts):
         return Unary(a["input"], affine.identity(), "identity", None)
     if target in (operator.neg, torch.neg):
         return Unary(node.args[0], affine.channel_affine(-1.0), "scale", None)
-    if _hashable_in(target, _ADD_FUNCTIONS):
+    if hashable_in(target, _ADD_FUNCTIONS):
         if len(node.args) != 2 or set(node.kwargs) - {"alpha"}:
             return None
         coeff = _ADD_FUNCTIONS[target] * node.kwargs.get("alpha", 1)
         return _arith_op(facts, node, node.args[0], node.args[1], "add", coeff)
-    if _hashable_in(target, _MUL_FUNCTIONS) and len(node.args) == 2 and not node.kwargs:
+    if hashable_in(target, _MUL_FUNCTIONS) and len(node.args) == 2 and not node.kwargs:
         return _arith_op(facts, node, node.args[0], node.args[1], "mul")
-    if _hashable_in(target, _DIV_FUNCTIONS) and len(node.args) == 2 and not node.kwargs:
+    if hashable_in(target, _DIV_FUNCTIONS) and len(node.args) == 2 and not node.kwargs:
         return _arith_op(facts, node, node.args[0], node.args[1], "div")
     return None
 
 
 def _interpret_aten(node, facts):
+    if node.target is operator.getitem and facts.frontend != "aten":
+        return _crop_op(facts, node, node.args[1])
     if node.target is operator.getitem:
         producer, index = node.args
         if (isinstance(producer, torch.fx.Node) and index == 0
@@ -575,27 +485,32 @@ def _interpret_aten(node, facts):
             tensors = [facts.constant(t) if t is not None else None for t in (mean, var, weight, bias)]
             if tensors[0] is None or tensors[1] is None:
                 return None
-            return _batchnorm_op(facts, x, *tensors, eps, False, None, extra_nodes=(producer,))
+            return _batchnorm_op(facts, x, *tensors, eps, False, extra_nodes=(producer,))
         return None
     name = node.target._schema.name.split("::")[-1]
     if name in ("add_", "sub_", "mul_", "div_"):  # in-place forms (export's training IR)
         name = name[:-1]
     overload = node.target._overloadname
     args = node.args
-    if name in _ATEN_CONVS or name == "convolution":
+    if name in _ATEN_CONVS or name == "convolution" or name in _ATEN_TRANSPOSED:
         if name == "convolution":
             a = _bind(node, ("input", "weight", "bias", "stride", "padding", "dilation",
                              "transposed", "output_padding", "groups"), {})
-            if a["transposed"]:
-                return None
+        elif name in _ATEN_TRANSPOSED:
+            a = _bind(node, _TRANSPOSED_ARGS, _TRANSPOSED_DEFAULTS)
+            a["transposed"] = True
         else:
             a = _bind(node, _CONV_ARGS, _CONV_DEFAULTS)
-        weight = facts.constant(a["weight"])
-        bias = facts.constant(a["bias"]) if a["bias"] is not None else None
-        if weight is None or (a["bias"] is not None and bias is None):
+        weight, bias = _constant_weights(facts, a["weight"], a["bias"])
+        if weight is None:
             return None
-        return _conv_op(facts, a["input"], weight, bias, a["stride"], a["padding"],
-                        a["dilation"], a["groups"], weight.dim() - 2)
+        if a.get("transposed"):
+            return _computed(facts, _conv_transpose_op(
+                a["input"], weight, bias, a["stride"], a["padding"], a["output_padding"],
+                a["dilation"], a["groups"], weight.dim() - 2), a)
+        return _computed(facts, _conv_op(facts, a["input"], weight, bias, a["stride"],
+                                         a["padding"], a["dilation"], a["groups"],
+                                         weight.dim() - 2), a)
     if name == "batch_norm":
         a = _bind(node, ("input", "weight", "bias", "running_mean", "running_var", "training",
                          "momentum", "eps", "cudnn_enabled"), {})
@@ -604,14 +519,17 @@ def _interpret_aten(node, facts):
         if (a["running_mean"] is not None and tensors[0] is None) or (
                 a["running_var"] is not None and tensors[1] is None):
             return None
-        return _batchnorm_op(facts, a["input"], *tensors, a["eps"], a["training"], None)
+        return _batchnorm_op(facts, a["input"], *tensors, a["eps"], a["training"])
     if name == "linear":
         a = _bind_schema(node)
-        weight = facts.constant(a["weight"])
-        bias = facts.constant(a["bias"]) if a.get("bias") is not None else None
-        if weight is None or (a.get("bias") is not None and bias is None):
+        weight, bias = _constant_weights(facts, a["weight"], a.get("bias"))
+        if weight is None:
             return None
-        return Unary(a["input"], affine.linear(weight, bias), "linear", -1)
+        return _computed(facts, Unary(a["input"], affine.linear(weight, bias), "linear", -1), a)
+    if name in ("addmm", "mm") and overload == "default":
+        return _matmul_as_linear(node, facts, name)
+    if name == "slice" and overload == "Tensor":
+        return _aten_slice_op(facts, node)
     if name in ("avg_pool1d", "avg_pool2d", "avg_pool3d"):
         a = _bind(node, _POOL_ARGS, _POOL_DEFAULTS)
         return _pool_op(a["input"], a["kernel_size"], a["stride"], a["padding"], a["ceil_mode"],

@@ -1,0 +1,352 @@
+"""Capture: from what the caller holds to a graph the passes may rewrite.
+
+``fuse`` takes an ``nn.Module``, a ``torch.fx.GraphModule`` (read as it is: module-level,
+functional or aten) or a ``torch.export.ExportedProgram`` (its aten graph). A plain module
+is captured by symbolic tracing with :class:`FaithfulTracer`.
+
+A module means its forward
+--------------------------
+fx's default tracer records every ``torch.nn`` module as one ``call_module`` node without
+looking inside, and the passes read such a node by the module's class ("a Conv2d"). That is
+only true when the module runs its class's standard forward. So the tracer:
+
+* traces *through* a module whose ``forward`` was replaced on the instance
+  (``conv.forward = partial(fn, conv, bn)``, ``m.forward = m.forward_fuse``): the graph then
+  holds what the module really computes;
+* keeps a module with forward hooks or pre-hooks as a leaf: its hooks keep running on it, and
+  its children are fused on their own (:mod:`reparam_fx.fx.leaves`);
+* keeps TorchScript modules as leaves (their code is not Python to trace);
+* traces a ``torch.compile``d module's original module (compiling does not change what it
+  computes; compile the fused model again);
+* reads parameter shapes as constants (fx's ``param_shapes_constant``), so code like
+  ``len(conv.weight.shape)`` traces;
+* makes a module whose forward fails to trace (shape control flow, ``math.ceil`` on a size,
+  item assignment, iterating a tensor ...) a leaf and goes on. The first trace notes every
+  such module, innermost first; a second trace, with those as leaves, gives the graph.
+
+Subclasses of conv or BatchNorm with their own ``forward`` are traced through as fx always
+does (their module is not in ``torch.nn``).
+
+Which capture first
+-------------------
+Symbolic tracing, even when ``example_inputs`` are given. The fused model then works for
+every input size (``torch.export`` specialises the sizes a model branches on and guards
+them), keeps the model's module names and structure, needs no inputs, and an untraceable
+block costs that block only. ``torch.export`` (PyTorch's recommended capture) is taken when
+the caller passes an ``ExportedProgram``, asks for it (``capture="export"``), or when the
+model's own ``forward`` does not trace and ``example_inputs`` are given. Both captures fold
+the same models to the same op counts (tested on the third-party corpus).
+"""
+
+from __future__ import annotations
+
+import collections
+import copy
+
+import torch
+import torch.fx
+import torch.nn as nn
+
+from reparam_fx.report import Leaf
+
+
+class FusionError(ValueError):
+    """The model cannot be fused as given; the message says what to do instead."""
+
+
+class Workspace:
+    """The graph being rewritten and where its attributes live.
+
+    ``root`` is the caller's module (or a trace of it, sharing its submodules): it is
+    only ever read. The pass edits ``graph`` (a private copy) and puts what it creates in
+    ``added``; :meth:`build` assembles the result from deep copies of the attributes the
+    final graph still uses, so the result shares no state with the caller's model.
+    """
+
+    def __init__(self, root: nn.Module, graph: torch.fx.Graph, frontend: str, class_name: str,
+                 leaves: list[Leaf] | None = None):
+        self.root, self.graph, self.frontend, self.class_name = root, graph, frontend, class_name
+        self.leaves = leaves or []  # modules kept as call_module leaves for a reason
+        self.private = False  # True once ``graph`` is ours to edit (not the caller's)
+        self.added: dict[str, object] = {}  # qualified name -> new module or tensor
+        self._added_parents: set[str] = set()  # every proper prefix of an added name
+        self._modules: dict[str, nn.Module | None] = {}
+
+    def add(self, qualified: str, value) -> None:
+        self.added[qualified] = value
+        self._modules.pop(qualified, None)
+        parts = qualified.split(".")
+        self._added_parents.update(".".join(parts[:i]) for i in range(1, len(parts)))
+
+    def resolve(self, qualified: str):
+        """The module or tensor at ``qualified`` (new attributes first), or None."""
+        if qualified in self.added:
+            return self.added[qualified]
+        head, _, leaf = qualified.rpartition(".")
+        owner = self.added.get(head) if head else None
+        if owner is not None:
+            return getattr(owner, leaf, None)
+        obj = self.root
+        for part in qualified.split("."):
+            obj = getattr(obj, part, None)
+            if obj is None:
+                return None
+        return obj
+
+    def module(self, target: str) -> nn.Module | None:
+        if target not in self._modules:
+            found = self.resolve(target)
+            self._modules[target] = found if isinstance(found, nn.Module) else None
+        return self._modules[target]
+
+    def taken(self, qualified: str) -> bool:
+        return qualified in self._added_parents or self.resolve(qualified) is not None
+
+    def make_private(self) -> None:
+        if not self.private:
+            self.graph, self.private = copy.deepcopy(self.graph), True
+
+    def build(self) -> tuple[torch.fx.GraphModule, dict[str, str]]:
+        """The result module and the renaming of attribute paths it applied.
+
+        Attributes get flat names (``stages.0.1.fused`` -> ``stages_0_1_fused``): the
+        generated ``forward`` then reaches each module with one attribute lookup instead
+        of one per path component, which is measurable on small models."""
+        self.make_private()
+        memo: dict = {}
+        attributes: dict[str, object] = {}
+        flat: dict[str, str] = {}
+        for node in self.graph.nodes:
+            if node.op not in ("call_module", "get_attr"):
+                continue
+            if node.target not in flat:
+                name = base = node.target.replace(".", "_")
+                index = 1
+                while name in attributes:
+                    index += 1
+                    name = f"{base}_{index}"
+                value = self.resolve(node.target)
+                new = node.target in self.added or node.target.rpartition(".")[0] in self.added
+                if new:
+                    attributes[name] = value.eval() if isinstance(value, nn.Module) else value
+                else:  # a copy: the result shares no tensors, hooks or buffers with the input
+                    try:
+                        attributes[name] = copy.deepcopy(value, memo)
+                    except RuntimeError as error:  # e.g. legacy nn.utils.weight_norm
+                        raise FusionError(
+                            f"cannot copy {node.target} ({type(value).__name__}): "
+                            f"{str(error).splitlines()[0]}") from error
+                flat[node.target] = name
+            node.target = flat[node.target]
+        result = torch.fx.GraphModule(attributes, self.graph, self.class_name)
+        # An inference graph, so not in training mode; surviving submodules keep their own
+        # mode (a BatchNorm left alone because it is in training mode stays so).
+        result.training = False
+        return result, flat
+
+
+# ---- what a module computes ----------------------------------------------------------
+
+def has_hooks(module: nn.Module) -> bool:
+    """Whether ``module`` has forward hooks or pre-hooks of its own."""
+    return bool(module._forward_hooks or module._forward_pre_hooks)
+
+
+def has_global_hooks() -> bool:
+    from torch.nn.modules import module as module_globals
+    return bool(module_globals._global_forward_hooks or module_globals._global_forward_pre_hooks)
+
+
+def replaced_forward(module: nn.Module) -> bool:
+    """Whether ``module.forward`` was replaced on the instance (a function, a
+    ``functools.partial``, a bound method of another name ...)."""
+    return "forward" in module.__dict__
+
+
+def is_op_module(module: nn.Module) -> bool:
+    """A ``torch.nn`` module that is one op (Conv2d, ReLU ...), not a container of others."""
+    return type(module).__module__.startswith("torch.nn") and not isinstance(
+        module, (nn.Sequential, nn.ModuleList, nn.ModuleDict))
+
+
+def _compiled_original(module: nn.Module) -> nn.Module | None:
+    """The original module of a ``torch.compile``d one, else None."""
+    try:
+        from torch._dynamo.eval_frame import OptimizedModule
+    except ImportError:  # pragma: no cover - torch without dynamo
+        return None
+    return module._orig_mod if isinstance(module, OptimizedModule) else None
+
+
+def first_line(error: BaseException, limit: int = 160) -> str:
+    text = str(error).strip().splitlines()
+    return f"{type(error).__name__}: {text[0][:limit] if text else ''}".rstrip(": ")
+
+
+class _ParameterProxy(torch.fx.proxy.ParameterProxy):
+    """A parameter whose sizes are constants while tracing: ``w.size(0)`` too."""
+
+    def size(self, dim=None):
+        return self.param.size() if dim is None else self.param.size(dim)
+
+
+class FaithfulTracer(torch.fx.Tracer):
+    """Symbolic tracing that records what each module really computes (module docstring).
+
+    ``failed`` maps ``id(module)`` to the reason its forward did not trace; such modules
+    are leaves. After :meth:`trace`, ``kept`` maps the qualified name of every module kept
+    as a leaf for a reason (not for being a ``torch.nn`` op) to that reason.
+    """
+
+    def __init__(self, failed: dict[int, str] | None = None):
+        super().__init__(param_shapes_constant=True)
+        self.failed: dict[int, str] = dict(failed or {})
+        self.kept: dict[str, str] = {}
+
+    def getattr(self, attr, attr_val, parameter_proxy_cache):
+        proxy = super().getattr(attr, attr_val, parameter_proxy_cache)
+        if type(proxy) is torch.fx.proxy.ParameterProxy:
+            proxy.__class__ = _ParameterProxy  # fx's own takes no ``dim`` in ``size()``
+        return proxy
+
+    def _leaf_reason(self, module: nn.Module) -> str | None:
+        if id(module) in self.failed:
+            return self.failed[id(module)]
+        if isinstance(module, torch.jit.ScriptModule):
+            return "a TorchScript module: its code is not Python to trace"
+        if has_hooks(module):
+            return "it has forward hooks or pre-hooks, which keep running on it"
+        return None
+
+    def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
+        reason = self._leaf_reason(m)
+        if reason is not None:
+            self.kept[module_qualified_name] = reason
+            return True
+        if replaced_forward(m):
+            return False  # trace what the instance computes, not what its class says
+        return super().is_leaf_module(m, module_qualified_name)
+
+    def call_module(self, m, forward, args, kwargs):
+        original = _compiled_original(m)
+        if original is not None:
+            return original(*args, **kwargs)  # traced through the patched Module.__call__
+        if self._leaf_reason(m) is not None or (
+                not replaced_forward(m) and super().is_leaf_module(m, "")):
+            return super().call_module(m, forward, args, kwargs)
+        depth = len(self.module_stack)
+        try:
+            return super().call_module(m, forward, args, kwargs)
+        except Exception as error:  # noqa: BLE001 - any failure makes this module a leaf
+            while len(self.module_stack) > depth:
+                self.module_stack.popitem(last=True)
+            self.failed[id(m)] = f"its forward does not trace ({first_line(error)})"
+            return super().call_module(m, forward, args, kwargs)
+
+
+class _PythonState:
+    """The plain Python state of every module of a model, restored after tracing: a
+    forward may write to it (caches keyed by device, patched-then-deleted ``forward``s),
+    and tracing runs forward with proxies, which must not stay in the caller's model."""
+
+    def __init__(self, model: nn.Module):
+        self._saved = [(module, dict(module.__dict__),
+                        {key: _contents(value) for key, value in module.__dict__.items()})
+                       for module in model.modules()]
+
+    def restore(self) -> None:
+        for module, attributes, contents in self._saved:
+            if module.__dict__ != attributes:
+                module.__dict__.clear()
+                module.__dict__.update(attributes)
+            for key, saved in contents.items():
+                value = attributes[key]
+                if saved is not None and _contents(value) != saved:
+                    value.clear()
+                    if isinstance(value, dict):
+                        value.update((k, item.value) for k, item in saved.items())
+                    else:
+                        value.extend(item.value for item in saved)
+
+
+def _contents(value):
+    """A shallow copy of a dict or list attribute, compared by identity of its items."""
+    if type(value) in (dict, collections.OrderedDict):
+        return {k: _Same(v) for k, v in value.items()}
+    if type(value) is list:
+        return [_Same(v) for v in value]
+    return None
+
+
+class _Same:
+    """Compares by identity (tensors and proxies have no usable ``==``)."""
+
+    def __init__(self, value):
+        self.value = value
+
+    def __eq__(self, other):
+        return isinstance(other, _Same) and other.value is self.value
+
+
+def trace(model: nn.Module) -> tuple[torch.fx.GraphModule, list[Leaf]]:
+    """``model`` traced by :class:`FaithfulTracer`, and the modules it kept as leaves.
+
+    Raises whatever symbolic tracing raises when ``model``'s own forward does not trace.
+    The result shares (never copies) the model's submodules and tensors; the model's
+    Python state is as it was before."""
+    model = _compiled_original(model) or model
+    failed: dict[int, str] = {}
+    state = _PythonState(model)
+    for _ in range(4):  # the second trace normally finds no new failure
+        tracer = FaithfulTracer(failed)
+        try:
+            graph = tracer.trace(model)
+            done = tracer.failed.keys() == failed.keys()
+            if done:  # before the restore: it takes the constants tracing set on the root
+                traced = torch.fx.GraphModule(tracer.root, graph, type(model).__name__)
+        finally:
+            state.restore()
+        if done:
+            break
+        failed = tracer.failed
+    else:
+        raise FusionError(f"tracing {type(model).__name__} kept finding new untraceable "
+                          "modules; pass example_inputs to capture it with torch.export")
+    leaves = [Leaf(name, reason) for name, reason in tracer.kept.items()]
+    return traced, leaves
+
+
+def as_tuple(example_inputs) -> tuple:
+    return (example_inputs,) if isinstance(example_inputs, torch.Tensor) else tuple(example_inputs)
+
+
+def is_aten_graph(graph: torch.fx.Graph) -> bool:
+    return any(isinstance(n.target, torch._ops.OpOverload) for n in graph.nodes)
+
+
+def export(model: nn.Module, example_inputs) -> torch.fx.GraphModule:
+    """``model`` captured by ``torch.export`` at ``example_inputs``, as an aten GraphModule."""
+    try:
+        program = torch.export.export(model, as_tuple(example_inputs))
+    except Exception as error:  # noqa: BLE001
+        raise FusionError(f"torch.export could not capture {type(model).__name__}: "
+                          f"{first_line(error, 300)}") from error
+    return program.module()
+
+
+def propagate_shapes(ws: Workspace, example_inputs) -> None:
+    """Record tensor shapes on the workspace graph (``meta['tensor_meta']``) by running
+    it once on clones of ``example_inputs``. Skipped when a BatchNorm is in training mode
+    (running it would update its statistics); shapes are a help, not a need."""
+    if any(isinstance(m, nn.modules.batchnorm._BatchNorm) and m.training
+           for m in ws.root.modules()):
+        return
+    from torch.fx.passes.shape_prop import ShapeProp
+    ws.make_private()  # shapes are written onto nodes
+    try:
+        runner = torch.fx.GraphModule(ws.root, ws.graph)  # shares, does not copy, attributes
+        with torch.no_grad():
+            ShapeProp(runner).propagate(*(t.clone() if isinstance(t, torch.Tensor) else t
+                                          for t in as_tuple(example_inputs)))
+    except Exception:  # noqa: BLE001 - fusion works without shapes
+        pass

@@ -1,0 +1,217 @@
+"""The ``fuse`` pipeline: capture, passes to a fixpoint, result, leaves, report.
+
+    capture (capture.py)  ->  passes (rewrite.py, to a fixpoint)  ->  result (Workspace.build)
+        ->  leaves fused inside (leaves.py)  ->  report totals
+
+The caller's model is only read; the result is assembled from the new modules and deep
+copies of what the final graph still uses.
+"""
+
+from __future__ import annotations
+
+from dataclasses import replace
+
+import torch
+import torch.fx
+import torch.nn as nn
+
+from reparam_fx.fx.capture import (FusionError, Workspace, export, first_line, is_aten_graph,
+                                   is_op_module, propagate_shapes, trace)
+from reparam_fx.fx.counts import (counts_as_parameter, graph_op_counts, module_tensors,
+                                  node_category, op_counts, parameter_count)
+from reparam_fx.fx.facts import GraphFacts, ModuleLookup, shape_values
+from reparam_fx.fx.leaves import fuse_inside
+from reparam_fx.fx.rewrite import fusion_pass, redirect_reads_after_inplace
+from reparam_fx.regions import gc_paused
+from reparam_fx.report import FusionReport, Leaf, Skipped
+
+MAX_PASSES = 4
+CAPTURES = ("auto", "fx", "export")
+
+
+def fuse(model, example_inputs=None, *, capture: str = "auto") -> nn.Module:
+    """Collapse every exactly-foldable linear region of ``model`` into one conv/linear.
+
+    ``model``: an ``nn.Module`` in eval mode, a ``torch.fx.GraphModule`` (module-level,
+    functional or aten) or a ``torch.export.ExportedProgram``.
+
+    ``capture`` (for a plain module): ``"auto"`` traces it symbolically, keeping blocks
+    whose ``forward`` does not trace as leaves (fused inside on their own); only if the
+    model's own ``forward`` does not trace and ``example_inputs`` are given is it captured
+    with ``torch.export`` instead. ``"fx"``: symbolic tracing only. ``"export"``:
+    ``torch.export`` at ``example_inputs`` (the result then holds for those input sizes).
+    ``example_inputs`` (a tensor or tuple) also give the pass tensor shapes, which prove
+    ranks where the code does not.
+
+    Returns a new ``GraphModule`` sharing no state with ``model``, which is never
+    modified; if the model's own ``forward`` cannot be traced and there are no
+    ``example_inputs``, a copy of the model whose traceable blocks are fused.
+    ``result.fusion_report`` lists the regions fused (by pattern), the nodes left alone
+    and the modules kept whole, with reasons.
+    """
+    if capture not in CAPTURES:
+        raise FusionError(f"capture must be one of {', '.join(CAPTURES)}, not {capture!r}")
+    if isinstance(model, nn.Module) and not isinstance(model, torch.fx.GraphModule) \
+            and model.training:
+        raise FusionError(
+            f"{type(model).__name__} is in training mode: BatchNorm would use batch "
+            "statistics, which cannot be folded. Call model.eval() before fuse().")
+    with gc_paused():  # collections would traverse the growing graph again and again
+        return _fuse(model, example_inputs, capture)
+
+
+def _fuse(model, example_inputs, capture: str) -> nn.Module:
+    if isinstance(model, torch.export.ExportedProgram):
+        gm = model.module()  # a new module, but its graph may share nodes' meta: copied later
+        return _fuse_workspace(Workspace(gm, gm.graph, "aten", "FusedExportedProgram"))
+    if isinstance(model, torch.fx.GraphModule):
+        frontend = "aten" if is_aten_graph(model.graph) else "fx"
+        return _fuse_workspace(Workspace(model, model.graph, frontend, f"Fused{type(model).__name__}"),
+                               example_inputs)
+    if not isinstance(model, nn.Module):
+        raise FusionError(f"fuse() takes an nn.Module, a torch.fx.GraphModule or a "
+                          f"torch.export.ExportedProgram, not {type(model).__name__}")
+    name = f"Fused{type(model).__name__}"
+    if capture == "export":
+        if example_inputs is None:
+            raise FusionError("capture='export' needs example_inputs=(x,)")
+        gm = export(model, example_inputs)
+        return _fuse_workspace(Workspace(gm, gm.graph, "aten", name))
+    try:
+        traced, leaves = trace(model)
+    except Exception as error:  # noqa: BLE001 - the model's own forward does not trace
+        reason = f"its own forward does not trace ({first_line(error)})"
+        if capture == "auto" and example_inputs is not None:
+            try:
+                gm = export(model, example_inputs)
+            except FusionError as export_error:
+                reason += f"; {export_error}"
+            else:
+                return _fuse_workspace(Workspace(gm, gm.graph, "aten", name))
+        return _fuse_children(model, reason)
+    return _fuse_workspace(Workspace(traced, traced.graph, "fx", name, leaves), example_inputs)
+
+
+def _fuse_workspace(ws: Workspace, example_inputs=None) -> torch.fx.GraphModule:
+    if example_inputs is not None and ws.frontend == "fx":
+        propagate_shapes(ws, example_inputs)
+    report = FusionReport(frontend=ws.frontend)
+    lookup = ModuleLookup(ws)
+    report.ops_before = graph_op_counts(ws.graph, lookup)
+    report.params_before = _graph_parameter_count(ws)
+    report.nodes_before = _count_ops(ws.graph)
+    redirect_reads_after_inplace(ws)
+    for _ in range(MAX_PASSES):  # to a fixpoint; one pass usually finds everything
+        if not fusion_pass(GraphFacts(ws), report):
+            break
+    ws.make_private()
+    scalars = shape_values(ws.graph)
+    for node in reversed(ws.graph.nodes):  # e.g. BatchNorm counters export left unread,
+        if not node.users and (node.op == "get_attr" or (  # x.ndim read for a message
+                node in scalars and node.target is getattr)):
+            ws.graph.erase_node(node)
+    result, renamed = ws.build()
+    result.graph.lint()
+    report.fused = [replace(region, module=renamed.get(region.module, region.module.replace(".", "_")))
+                    for region in report.fused]
+    report.nodes_after = _count_ops(result.graph)
+    report.skipped = _dedupe(report.skipped + _unfolded_batchnorms(result, report))
+    _fuse_leaves(result, ws, renamed, report)
+    report.ops_after = op_counts(result)
+    report.params_after = parameter_count(result)
+    result.fusion_report = report
+    return result
+
+
+def _fuse_leaves(result: torch.fx.GraphModule, ws: Workspace, renamed: dict,
+                 report: FusionReport) -> None:
+    """Fuse inside every module the result keeps whole (its private copies)."""
+    reasons = {renamed.get(leaf.module, leaf.module): leaf for leaf in ws.leaves}
+    done = set()
+    for node in result.graph.nodes:
+        if node.op != "call_module":
+            continue
+        module = result.get_submodule(node.target)
+        if id(module) in done or is_op_module(module):
+            continue
+        done.add(id(module))
+        leaf = reasons.get(node.target)
+        if leaf is None:
+            if not any(True for _ in module.children()):
+                continue  # nothing inside to fuse: a custom op of the graph it came in
+            leaf = Leaf(node.target, "kept whole by the graph it came in")
+        report.leaves.append(leaf)
+        fuse_inside(module, leaf.module, _fuse_child, report)
+
+
+def _fuse_child(child: nn.Module):
+    """A child of a leaf, fused on its own: ``(fused module or None, report)``."""
+    try:
+        fused = _fuse(child, None, "fx")
+    except FusionError as error:
+        return None, FusionReport(leaves=[Leaf("", f"not fused: {error}")])
+    report = fused.fusion_report
+    return (fused if report.fused else None), report
+
+
+def _fuse_children(model: nn.Module, reason: str) -> nn.Module:
+    """A copy of ``model`` (whose own forward does not trace) with its children fused."""
+    result = _private_copy(model)
+    report = FusionReport(frontend="fx", leaves=[Leaf("", reason)])
+    report.ops_before, report.params_before = op_counts(model), parameter_count(model)
+    fuse_inside(result, "", _fuse_child, report)
+    report.ops_after, report.params_after = op_counts(result), parameter_count(result)
+    result.fusion_report = report
+    return result
+
+
+def _private_copy(model: nn.Module) -> nn.Module:
+    import copy
+    try:
+        return copy.deepcopy(model)
+    except RuntimeError as error:  # e.g. legacy nn.utils.weight_norm
+        raise FusionError(f"cannot copy {type(model).__name__}: "
+                          f"{str(error).splitlines()[0]}") from error
+
+
+def _unfolded_batchnorms(result: torch.fx.GraphModule, report: FusionReport) -> list[Skipped]:
+    """Every BatchNorm still in the graph gets a line in the report, if it has none yet."""
+    explained = {item.node for item in report.skipped}
+    modules = dict(result.named_modules())
+    missing = []
+    for node in result.graph.nodes:
+        if node_category(node, modules) == "batch_norm" and node.name not in explained:
+            missing.append(Skipped(node.name, "batch_norm",
+                                   "no conv or linear next to it to fold into"))
+    return missing
+
+
+def _graph_parameter_count(ws: Workspace) -> int:
+    """Parameters the graph uses (as ``parameter_count`` counts them), read in place."""
+    seen, total = set(), 0
+    for node in ws.graph.nodes:
+        if node.op == "call_module":
+            tensors = module_tensors(ws.module(node.target))
+        elif node.op == "get_attr":
+            value = ws.resolve(node.target)
+            tensors = [(node.target, value)] if isinstance(value, torch.Tensor) else []
+        else:
+            continue
+        for name, tensor in tensors:
+            if id(tensor) not in seen and counts_as_parameter(name, tensor):
+                seen.add(id(tensor))
+                total += tensor.numel()
+    return total
+
+
+def _count_ops(graph: torch.fx.Graph) -> int:
+    return sum(1 for n in graph.nodes if n.op.startswith("call_"))
+
+
+def _dedupe(skipped):
+    seen, result = set(), []
+    for item in skipped:
+        if (item.node, item.reason) not in seen:
+            seen.add((item.node, item.reason))
+            result.append(item)
+    return result

@@ -1,0 +1,420 @@
+"""Rewrite: find every exactly-foldable region of a workspace graph and write each back
+as one conv (or linear).
+
+:mod:`reparam_fx.regions` (shared with the ONNX frontend) walks the graph once, in
+topological order, through :class:`FxView` (graph facts from :mod:`.facts`, ops read by
+:mod:`.ops`), and gives each node it understands a *region* ``node == term(source)``:
+
+    conv / bn / linear / avgpool / zero-pad / x*c / x+c / x/c / -x:
+        region(node) = compose(region(input), op)                (same source)
+    sums: a + b - c + ... (add/sub/iadd/add_/torch.add(alpha=k) chains, flattened):
+        region(node) = merge(regions of all the terms)          (if they share a source)
+
+An input's region is extended only if no other op reads its values and it is never
+mutated in place; otherwise the input itself becomes the source. When the algebra
+declines (``NotExact``), the op starts a new region at its input, or is left alone, and
+the reason goes to the report. A sum whose terms do not all merge is partitioned into
+mergeable groups and rewritten as the merged convs plus the remaining terms.
+
+:func:`fusion_pass` builds a new graph: each region becomes one op where its first op
+was, as ``nn.ConvNd`` / ``nn.ConvTransposeNd`` / ``nn.Linear`` modules in module-level and
+functional graphs, and as ``aten.convolution`` / ``aten.linear`` on ``get_attr`` weights in
+aten graphs. Metadata reads of absorbed values (``x.shape``, ``x.ndim``) now read the new
+op's output, which has the same shape (the region builder guarantees it). Regions that
+absorbed fewer than two ops (identities such as eval Dropout do not count), or whose term
+has no conv (a pure per-channel affine), are left as they are, except a conv whose weights
+``forward`` computes from parameters: that one is written with its weights precomputed.
+"""
+
+from __future__ import annotations
+
+import copy
+import itertools
+import operator
+import re
+from collections import Counter
+
+import torch
+import torch.fx
+import torch.nn as nn
+
+from reparam_fx.affine import ConvTerm, TransposedConvTerm
+from reparam_fx.fx.counts import counts_as_parameter, module_tensors, node_category
+from reparam_fx.fx.facts import GraphFacts, metadata_read, tensor_shape
+from reparam_fx.fx.ops import interpret
+from reparam_fx.regions import Region, RegionBuilder, Sum, Unary, select_rewrites
+from reparam_fx.report import FusedRegion, FusionReport, classify_region
+
+aten = torch.ops.aten
+
+
+class FxView:
+    """The graph view :mod:`reparam_fx.regions` walks (see its docstring)."""
+
+    convs_are_batched = False  # torch convs also take unbatched (C, *spatial) input
+
+    def __init__(self, facts: GraphFacts):
+        self.facts = facts
+        self.mutated = facts.mutated
+        self._ops: dict = {}
+
+    def values(self):
+        return self.facts.ws.graph.nodes
+
+    def users(self, node):
+        return self.facts.value_users.get(node, ())
+
+    def metadata_readers(self, node):
+        return self.facts.metadata_users.get(node, ())
+
+    def reads_shape(self, node) -> bool:
+        return node in self.facts.shape_read
+
+    def inplace_target(self, node):
+        return node.args[0] if self.facts.is_inplace(node) else None
+
+    def interpret(self, node):
+        if node not in self._ops:
+            self._ops[node] = interpret(node, self.facts)
+        return self._ops[node]
+
+    @staticmethod
+    def shape(node):
+        return tensor_shape(node)
+
+    def rank(self, node):
+        return self.facts.rank(node)
+
+    def channels(self, node, axis: int) -> int | None:
+        return self.facts.channels(node, axis)
+
+    @staticmethod
+    def is_value(value) -> bool:
+        return isinstance(value, torch.fx.Node)
+
+    def describe(self, node) -> tuple[str, str]:
+        if node.op == "call_module":
+            return node.name, type(self.facts.modules.get(node.target)).__name__
+        if node.op == "call_function":
+            return node.name, getattr(node.target, "__name__", str(node.target))
+        return node.name, str(node.target)
+
+
+# ---- writing regions back ------------------------------------------------------------
+
+_FRESH_ACTIVATIONS = {"relu", "relu6", "gelu", "silu", "hardswish", "hardsigmoid", "sigmoid",
+                      "tanh", "mish", "elu", "selu", "leaky_relu", "softplus", "hardtanh", "cat"}
+
+
+def redirect_reads_after_inplace(ws) -> None:
+    """Point reads that follow an in-place op at that op's own node.
+
+    Symbolic tracing records ``out.mul_(g); y = out * a`` with ``y`` reading the node of
+    ``out`` from before the write; the in-place op's node returns the written tensor. Where
+    it is safe, ``y`` is made to read that node, so every op reads the value it really gets
+    and the write can fold like any other op:
+
+    * the written tensor is new, made by an op that returns no view or alias of its input
+      (conv, BatchNorm, arithmetic, padding, activations ... not ``view``, unknown modules,
+      graph inputs or parameters), possibly passed on by identities (``nn.Identity``, eval
+      Dropout), which return the same tensor: reads of those are reads of it too;
+    * every read of it before the write reads only its metadata or computes a new tensor
+      (so no view taken earlier is read after the write).
+    """
+    ws.make_private()
+    view = FxView(GraphFacts(ws))
+    order = {node: index for index, node in enumerate(ws.graph.nodes)}
+    written = set()  # in-place nodes whose written tensor is new
+    for node in list(ws.graph.nodes):
+        if not view.facts.is_inplace(node) or not node.args:
+            continue
+        aliases = _alias_chain(node.args[0], view)
+        if aliases is None or not (aliases[-1] in written or _fresh(aliases[-1], view)):
+            continue
+        written.add(node)
+        readers = [(alias, u) for alias in aliases for u in alias.users
+                   if u is not node and u not in aliases]
+        if any(order[u] < order[node] and metadata_read(u, alias) is None
+               and not _fresh(u, view) for alias, u in readers):
+            continue
+        for alias, user in readers:
+            if order[user] > order[node]:
+                user.replace_input_with(alias, node)
+
+
+def _alias_chain(node, view: FxView) -> list | None:
+    """``[node, its input, ...]`` back through identities to the op that made the tensor."""
+    chain = [node]
+    while isinstance(chain[-1], torch.fx.Node):
+        op = view.interpret(chain[-1])
+        if not (isinstance(op, Unary) and op.role == "identity") or view.facts.is_inplace(chain[-1]):
+            return chain
+        if len(view.users(op.input)) != 1 and any(
+                u not in chain and metadata_read(u, op.input) is None
+                for u in op.input.users if u is not chain[-1]):
+            return None  # read elsewhere too: those reads would need the same care
+        chain.append(op.input)
+    return None
+
+
+def _fresh(node: torch.fx.Node, view: FxView) -> bool:
+    """Whether ``node`` returns a new tensor, never a view or an alias of an input."""
+    op = view.interpret(node)
+    if isinstance(op, Sum) or (isinstance(op, Unary) and op.role != "identity"):
+        return not view.facts.is_inplace(node)
+    if view.facts.is_inplace(node):
+        return False
+    if node.op == "call_module":
+        module = view.facts.modules.get(node.target)
+        return type(module).__module__ == "torch.nn.modules.activation"
+    name = node.target if node.op == "call_method" else getattr(node.target, "__name__", "")
+    return node.op in ("call_function", "call_method") and name in _FRESH_ACTIVATIONS
+
+
+def _reference_tensor(region: Region, facts: GraphFacts) -> torch.Tensor:
+    """A tensor whose dtype/device the new weights take: a floating-point parameter of the
+    region; for a region without any (e.g. ``pool(x) - x``), the recorded value of its
+    input, else any floating-point parameter or buffer of the model, else the default."""
+    for node in region.nodes:
+        if node.op == "call_module":
+            for _, tensor in module_tensors(facts.modules[node.target]):
+                if tensor.is_floating_point():
+                    return tensor
+        for arg in node.args:
+            value = facts.constant(arg) if isinstance(arg, torch.fx.Node) else None
+            if isinstance(value, torch.Tensor) and value.is_floating_point() and value.dim():
+                return value
+    meta = region.source.meta.get("val", region.source.meta.get("tensor_meta"))
+    if meta is not None and getattr(meta, "dtype", None) is not None and meta.dtype.is_floating_point:
+        return torch.empty(0, dtype=meta.dtype, device=getattr(meta, "device", "cpu"))
+    for tensor in itertools.chain(facts.ws.root.parameters(), facts.ws.root.buffers()):
+        if tensor.is_floating_point():
+            return tensor
+    return torch.empty(0)
+
+
+def _new_name(region: Region, facts: GraphFacts) -> str:
+    """A readable qualified name: the absorbed attributes' common parent + '.fused'."""
+    paths = [n.target.split(".") for n in region.nodes if n.op == "call_module"]
+    paths += [a.target.split(".")[:-1] for n in region.nodes
+              for a in n.all_input_nodes if a.op == "get_attr"]
+    prefix = []
+    if paths:
+        for parts in zip(*paths):
+            if len(set(parts)) != 1:
+                break
+            prefix.append(parts[0])
+        # a container path, never an attribute in use (a module called elsewhere)
+        while prefix and ".".join(prefix) in facts.attribute_targets:
+            prefix.pop()
+    base = (".".join(prefix + ["fused"]) if prefix
+            else "fused_" + re.sub(r"\W", "_", region.nodes[-1].name))
+    name, index = base, 1
+    while facts.ws.taken(name):
+        index += 1
+        name = f"{base}{index}"
+    return name
+
+
+_META_INIT_ABOVE = 1 << 16  # weights larger than this are built on the meta device
+
+
+def _make_module(term: ConvTerm | TransposedConvTerm, like: torch.Tensor) -> nn.Module:
+    """An ``nn.ConvNd``/``nn.ConvTransposeNd``/``nn.Linear`` holding the term's weights in
+    ``like``'s dtype/device.
+
+    Large modules are built on the meta device, so no random initialisation is computed
+    and thrown away; small ones on the CPU, where that is cheaper than meta dispatch."""
+    weight, bias = term.weights_as(like)
+    device = "meta" if weight.numel() > _META_INIT_ABOVE else "cpu"
+    if isinstance(term, TransposedConvTerm):
+        conv_cls = (nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d)[term.spatial - 1]
+        module = conv_cls(term.in_channels, term.out_channels, term.kernel, term.stride,
+                          term.padding, term.output_padding, term.groups, bias=False,
+                          dilation=term.dilation, device=device)
+    elif term.spatial == 0:
+        module = nn.Linear(term.in_channels, term.out_channels, bias=False, device=device)
+    else:
+        conv_cls = (nn.Conv1d, nn.Conv2d, nn.Conv3d)[term.spatial - 1]
+        module = conv_cls(term.in_channels, term.out_channels, term.kernel, term.stride,
+                          term.padding, term.dilation, term.groups, bias=False,
+                          padding_mode=term.padding_mode, device=device)
+    module.weight = nn.Parameter(weight.contiguous())
+    module.bias = None if bias is None else nn.Parameter(bias.contiguous())
+    return module.eval()
+
+
+def _emit(graph: torch.fx.Graph, region: Region, output: torch.fx.Node, source,
+          facts: GraphFacts) -> tuple[str, torch.fx.Node]:
+    """Append the region's single op (reading ``source``) to ``graph``: an
+    ``nn.ConvNd``/``nn.Linear`` module in fx graphs, ``aten.convolution``/``aten.linear``
+    on new weights in aten graphs."""
+    ws, term = facts.ws, region.term
+    like = _reference_tensor(region, facts)
+    name = _new_name(region, facts)
+    module = _make_module(term, like)
+    if ws.frontend == "aten" and getattr(term, "padding_mode", "zeros") == "zeros":
+        ws.add(f"{name}.weight", module.weight)
+        w = graph.create_node("get_attr", f"{name}.weight")
+        b = None
+        if module.bias is not None:
+            ws.add(f"{name}.bias", module.bias)
+            b = graph.create_node("get_attr", f"{name}.bias")
+        transposed = isinstance(term, TransposedConvTerm)
+        if term.spatial == 0:
+            target, args = aten.linear.default, (source, w, b)
+        else:
+            target, args = aten.convolution.default, (
+                source, w, b, list(term.stride), list(term.padding), list(term.dilation),
+                transposed, list(term.output_padding) if transposed else [0] * term.spatial,
+                term.groups)
+        new = graph.create_node("call_function", target, args, name=name.replace(".", "_"))
+    else:
+        ws.add(name, module)
+        new = graph.create_node("call_module", name, (source,))
+    new.meta.update({k: v for k, v in output.meta.items()
+                     if k in ("val", "tensor_meta", "stack_trace")})
+    return name, new
+
+
+def _rewrite(facts: GraphFacts, emit: list, partial_sums: list,
+             report: FusionReport) -> torch.fx.Graph:
+    """A new graph: the old one with each emitted region replaced by its single op,
+    placed where the region's first op was, and each partial sum rebuilt from its merged
+    regions and remaining terms. Absorbed ops, and constants only they read, are not
+    copied."""
+    old = facts.ws.graph
+    order = {n: i for i, n in enumerate(old.nodes)}
+    dead, starts = set(), {}
+    sources = set()  # read by the new ops: never swept away, even if constant
+    read_after = {}  # region key -> absorbed nodes whose metadata is read later
+
+    def schedule(key, output, region):
+        dead.update(region.nodes)
+        sources.add(region.source)
+        first = min(region.nodes, key=order.__getitem__)
+        starts.setdefault(first, []).append((key, output, region))
+        read_after[key] = [n for n in region.nodes if n in facts.metadata_users]
+
+    for output, region in emit:
+        schedule(output, output, region)
+    roots = {}
+    for partial in partial_sums:
+        dead.update(partial.inner)
+        dead.add(partial.root)
+        roots[partial.root] = partial
+        for index, (term, _) in enumerate(partial.terms):
+            if isinstance(term, Region):
+                schedule((partial.root, index), partial.root, term)
+    for node in reversed(old.nodes):  # users come later, so they are decided first
+        if node in dead or node in sources or not node.users:
+            continue
+        # unused checks on a constant (export's dtype assert before a .to()) go with it
+        checks = {u for u in node.users if not u.users and metadata_read(u, node)}
+        if all(u in dead or u in checks for u in node.users) and \
+                (node.op == "get_attr" or facts.constant(node) is not None):
+            dead.add(node)
+            dead.update(checks)
+    new = torch.fx.Graph()
+    new._codegen = copy.deepcopy(old._codegen)
+    env: dict = {}
+    for node in old.nodes:
+        for key, output, region in starts.get(node, ()):
+            name, env[key] = _emit(new, region, output, env[region.source], facts)
+            for absorbed in read_after[key]:  # x.shape of an absorbed x: same as the output's
+                env[absorbed] = env[key]
+            report.fused.append(_fused_region(output, name, region, facts))
+        if node in roots:
+            partial = roots[node]
+            values = [(env[(node, i)] if isinstance(term, Region) else env[term], coeff)
+                      for i, (term, coeff) in enumerate(partial.terms)]
+            env[node] = _emit_sum(new, values, node, facts.ws.frontend)
+        elif node not in dead:
+            env[node] = new.node_copy(node, env.__getitem__)
+    return new
+
+
+def _emit_sum(graph: torch.fx.Graph, values: list, like: torch.fx.Node, frontend: str):
+    """``sum(coeff * value)`` as a chain of add/sub (and mul for other coefficients)."""
+    aten_graph = frontend == "aten"
+    add, sub, mul = ((aten.add.Tensor, aten.sub.Tensor, aten.mul.Tensor) if aten_graph
+                     else (operator.add, operator.sub, operator.mul))
+    result = None
+    for value, coeff in values:
+        if result is None:
+            result = value if coeff == 1 else graph.call_function(mul, (value, coeff))
+        elif coeff in (1, -1):
+            result = graph.call_function(add if coeff == 1 else sub, (result, value))
+        else:
+            result = graph.call_function(add, (result, graph.call_function(mul, (value, coeff))))
+    result.meta.update({k: v for k, v in like.meta.items() if k in ("val", "tensor_meta")})
+    return result
+
+
+def _fused_region(output: torch.fx.Node, name: str, region: Region,
+                  facts: GraphFacts) -> FusedRegion:
+    term = region.term
+    return FusedRegion(
+        pattern=classify_region(region.kinds, region.kernels, region.branches,
+                                region.has_identity, region.has_sub),
+        output=output.name, module=name,
+        nodes=tuple(n.name for n in region.nodes),
+        ops=tuple(sorted(Counter(c for c in (_category(n, facts) for n in region.nodes)
+                                 if c).items())),
+        params_before=_region_params(region, facts),
+        params_after=term.weight.numel() + (0 if term.bias is None else term.bias.numel()))
+
+
+def fusion_pass(facts: GraphFacts, report: FusionReport) -> bool:
+    """One walk, then one rewrite into a new graph; returns whether another pass may
+    find more. ``report.skipped`` is rebuilt each pass: it describes the graph of the
+    last pass."""
+    report.skipped = []
+    view = FxView(facts)
+    builder = RegionBuilder(view, report)
+    builder.walk()
+    emit, partial_sums = select_rewrites(view, builder)
+    if not emit and not partial_sums:
+        return False
+    facts.ws.graph = _rewrite(facts, emit, partial_sums, report)
+    facts.ws.private = True
+    sources = [region.source for _, region in emit]
+    sources += [term.source for partial in partial_sums for term, _ in partial.terms
+                if isinstance(term, Region)]
+    return _may_grow(facts, sources)
+
+
+def _may_grow(facts: GraphFacts, sources) -> bool:
+    """Whether another pass could fold more. A rewrite changes no node's user count but a
+    region source's, which now feeds only the new op: if such a source is itself an
+    affine op, the new op may absorb it next pass."""
+    rewritten = {n.name: n for n in facts.ws.graph.nodes}
+    for source in sources:
+        node = rewritten.get(source.name)
+        if node is None or not node.op.startswith("call_"):
+            continue
+        if sum(1 for user in node.users if metadata_read(user, node) is None) == 1 and \
+                isinstance(interpret(node, facts), (Unary, Sum)):
+            return True
+    return False
+
+
+def _category(node, facts):
+    return node_category(node, facts.modules)
+
+
+def _region_params(region: Region, facts: GraphFacts) -> int:
+    """Parameters of the absorbed ops (modules' parameters and get_attr tensors,
+    BatchNorm statistics excluded)."""
+    total = 0
+    for node in region.nodes:
+        if node.op == "call_module":
+            total += sum(t.numel() for name, t in module_tensors(facts.modules[node.target])
+                         if counts_as_parameter(name, t))
+        for arg in node.all_input_nodes:
+            if arg.op == "get_attr" and not arg.target.endswith(("running_mean", "running_var")):
+                value = facts.constant(arg)
+                total += value.numel() if value is not None else 0
+    return total
+
+

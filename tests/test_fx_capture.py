@@ -1,0 +1,393 @@
+"""Capture and graph facts (reparam_fx.fx.capture / facts): a module means its forward,
+metadata reads are not uses, ranks are proven never assumed, parameter-only subgraphs are
+constants, untraceable blocks cost only themselves, and the report tells the truth.
+
+Every positive test checks the fold happened (op counts) and float64 equality with
+randomised BatchNorm statistics; every rule has a negative test."""
+
+from __future__ import annotations
+
+import functools
+
+import pytest
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+import reparam_fx
+from fx_checks import (RTOL, assert_ops, assert_reason, fuse_exactly, fuse_refused, randomized,
+                       snapshot, assert_state_unchanged)
+from test_fx_rules import ConvBN, image
+
+
+# ---- a module means its forward -------------------------------------------------------
+
+def conv_bn_in_one_call(bn, conv, x):
+    """mmcv-style "efficient conv-BN eval": conv+BN computed by the conv alone, with the
+    weight and bias folded on the fly from the conv's and the BN's tensors."""
+    scale = torch.rsqrt(bn.running_var + bn.eps) * bn.weight
+    weight = conv.weight * scale.reshape([-1] + [1] * (len(conv.weight.shape) - 1))
+    bias = conv.bias if conv.bias is not None else torch.zeros_like(bn.running_var)
+    bias = bn.bias + scale * (bias - bn.running_mean)
+    return conv._conv_forward(x, weight, bias)
+
+
+class PatchedConvBN(nn.Module):
+    """``conv.forward = partial(fn, bn, conv)`` assigned once; the BN module is no longer
+    called, and a 1x1 conv follows."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(4, 6, 3, padding=1, bias=False)
+        self.bn = nn.BatchNorm2d(6)
+        self.proj = nn.Conv2d(6, 6, 1)
+        self.conv.forward = functools.partial(conv_bn_in_one_call, self.bn, self.conv)
+
+    def forward(self, x):
+        return self.proj(self.conv(x))
+
+
+def test_replaced_instance_forward_is_traced_through():
+    model = randomized(PatchedConvBN()).double()
+    fused = fuse_exactly(model, image(), ops={"conv": 1, "batch_norm": 0, "mul": 0},
+                         already_randomized=True)
+    assert fused.fusion_report.pattern_counts() == {"conv composition": 1}
+
+
+def test_replaced_forward_in_a_default_fx_trace_is_not_read_as_a_conv():
+    model = randomized(PatchedConvBN()).double()
+    traced = torch.fx.symbolic_trace(model)  # the default tracer records call_module conv
+    fused = reparam_fx.fuse(traced)
+    assert_ops(fused, {"conv": 2})
+    assert_reason(fused, "forward was replaced on the instance")
+    reparam_fx.verify(model, fused, (image().double(),), rtol=RTOL)
+
+
+class ConvWithFusedForward(nn.Module):
+    """ultralytics/YOLOv6 style: after ``fuse``, ``m.forward = m.forward_fuse``."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(4, 4, 3, padding=1)
+        self.bn = nn.BatchNorm2d(4)
+        self.act = nn.Identity()
+
+    def forward(self, x):
+        return self.act(self.bn(self.conv(x)))
+
+    def forward_fuse(self, x):
+        return self.act(self.conv(x))
+
+
+def test_bound_method_forward_is_what_runs():
+    block = randomized(ConvWithFusedForward()).double()
+    block.forward = block.forward_fuse  # the BN is skipped from now on
+    model = nn.Sequential(block, ConvBN(4, 4, 3)).double().eval()
+    randomized(model[1])
+    fused = fuse_exactly(model, image(), ops={"conv": 2, "batch_norm": 0},
+                         already_randomized=True)
+    assert isinstance(model[0].bn, nn.BatchNorm2d)  # still there, never called
+
+
+class Block(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.inner = ConvBN(4, 4, 3)
+
+    def forward(self, x):
+        return self.inner(x) + x
+
+
+def test_module_with_a_hook_is_kept_whole_and_fused_inside():
+    model = randomized(nn.Sequential(Block(), ConvBN(4, 4, 1))).double()
+    calls = []
+    model[0].register_forward_hook(lambda module, args, out: calls.append(out.shape))
+    fused = reparam_fx.fuse(model)
+    reparam_fx.verify(model, fused, (image().double(),), rtol=RTOL)
+    assert calls, "the hook ran on the fused model"
+    assert any("hooks" in leaf.reason for leaf in fused.fusion_report.leaves)
+    assert_ops(fused, {"batch_norm": 0, "conv": 2, "add": 1})  # the add is inside the leaf
+
+
+def test_pre_hook_on_a_conv_blocks_its_fold():
+    model = randomized(ConvBN(4, 4, 3)).double()
+    model.conv.register_forward_pre_hook(lambda module, args: (args[0] * 2,))
+    fused = fuse_refused(model, image(), unchanged=("batch_norm",), reason="hooks",
+                         already_randomized=True)
+    assert_ops(fused, {"conv": 1})
+
+
+def test_compiled_submodule_is_fused_as_its_original():
+    inner = randomized(ConvBN(4, 4, 3)).double()
+    model = nn.Sequential(torch.compile(inner), nn.ReLU()).eval()
+    fused = reparam_fx.fuse(model)  # never called: nothing is compiled
+    assert_ops(fused, {"conv": 1, "batch_norm": 0})
+    x = image().double()
+    torch.testing.assert_close(fused(x), torch.relu(inner(x)), rtol=0, atol=1e-12)
+
+
+def test_scripted_submodule_is_kept_whole():
+    model = nn.Sequential(torch.jit.script(randomized(ConvBN(4, 4, 3)).double()),
+                          randomized(ConvBN(4, 4, 1)).double()).eval()
+    fused = reparam_fx.fuse(model)
+    assert any("TorchScript" in leaf.reason for leaf in fused.fusion_report.leaves)
+    assert fused.fusion_report.pattern_counts() == {"conv+bn": 1}
+    reparam_fx.verify(model, fused, (image().double(),), rtol=RTOL)
+
+
+# ---- one bad block loses one block ----------------------------------------------------
+
+class Untraceable(nn.Module):
+    """Shape control flow, as in MobileViT / TinyViT blocks."""
+
+    def __init__(self):
+        super().__init__()
+        self.even = ConvBN(4, 4, 3)
+        self.odd = ConvBN(4, 4, 1)
+
+    def forward(self, x):
+        if x.shape[-1] % 2 == 0:
+            return self.even(x)
+        return self.odd(x)
+
+
+class WithNeighbours(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.before = ConvBN(4, 4, 3)
+        self.block = Untraceable()
+        self.after = ConvBN(4, 4, 3)
+
+    def forward(self, x):
+        return self.after(self.block(self.before(x)))
+
+
+def test_untraceable_block_is_a_leaf_and_its_neighbours_fuse():
+    model = randomized(WithNeighbours()).double()
+    fused = reparam_fx.fuse(model)
+    assert isinstance(fused, torch.fx.GraphModule)
+    (leaf,) = fused.fusion_report.leaves
+    assert leaf.module == "block" and "does not trace" in leaf.reason
+    assert fused.fusion_report.pattern_counts() == {"conv+bn": 4}  # 2 around, 2 inside
+    assert_ops(fused, {"batch_norm": 0, "conv": 4})
+    for size in (8, 9):  # both branches of the untraceable block
+        reparam_fx.verify(model, fused, (image(size=size).double(),), rtol=RTOL)
+    assert isinstance(model.block.even.bn, nn.BatchNorm2d)
+
+
+class ReadsChildAttributes(nn.Module):
+    """An untraceable parent that reads a child's weight: that child must stay itself."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv_bn = ConvBN(4, 4, 3)
+        self.other = ConvBN(4, 4, 3)
+
+    def forward(self, x):
+        if x.shape[-1] > 4:
+            x = x * self.conv_bn.conv.weight.mean()
+        return self.other(self.conv_bn(x))
+
+
+def test_child_read_as_an_object_is_left_as_it_is():
+    model = randomized(ReadsChildAttributes()).double()
+    fused = reparam_fx.fuse(model)
+    assert isinstance(fused.conv_bn, ConvBN) and isinstance(fused.other, torch.fx.GraphModule)
+    assert any("reads self.conv_bn as an object" in leaf.reason
+               for leaf in fused.fusion_report.leaves)
+    reparam_fx.verify(model, fused, (image().double(),), rtol=RTOL)
+
+
+class CachesInForward(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.block = ConvBN(4, 4, 3)
+        self.cache = {}
+
+    def forward(self, x):
+        if str(x.device) not in self.cache:
+            self.cache[str(x.device)] = torch.ones(1)
+        return self.block(x)
+
+
+def test_tracing_leaves_no_proxy_in_the_callers_model():
+    model = randomized(CachesInForward()).double()
+    reparam_fx.fuse(model)
+    assert model.cache == {}
+
+
+# ---- metadata reads are not uses ------------------------------------------------------
+
+class ShapeReads(nn.Module):
+    """timm-style: ``B, C, H, W = x.shape`` on a BN output, an ndim assert on the conv
+    output, ``reshape_as``."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(4, 6, 3, padding=1)
+        self.bn = nn.BatchNorm2d(6)
+
+    def forward(self, x):
+        y = self.conv(x)
+        torch._assert(y.ndim == 4, "4-D")
+        y = self.bn(y)
+        B, C, H, W = y.shape
+        return y.flatten(2).transpose(1, 2).reshape(B, H * W, C).reshape_as(y.permute(0, 2, 3, 1))
+
+
+def test_metadata_reads_do_not_stop_a_fold():
+    fused = fuse_exactly(ShapeReads(), image(), ops={"conv": 1, "batch_norm": 0},
+                         patterns={"conv+bn": 1})
+    assert not fused.fusion_report.skipped
+
+
+class ShapeBeforeAConvThatChangesIt(nn.Module):
+    """The size read on ``y`` must still be ``y``'s: the 1x1 conv after it changes the
+    channel count, so it may not compose into ``y``'s conv."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(4, 8, 3, padding=1)
+        self.pointwise = nn.Conv2d(8, 2, 1)
+
+    def forward(self, x):
+        y = self.conv(x)
+        channels = y.shape[1]
+        return self.pointwise(y).repeat(1, channels, 1, 1)
+
+
+def test_a_size_read_keeps_the_op_that_changes_the_size():
+    fused = fuse_refused(ShapeBeforeAConvThatChangesIt(), image(), unchanged=("conv",),
+                         reason="sizes")
+    assert fused.fusion_report.fused == []
+
+
+# ---- ranks are proven ----------------------------------------------------------------
+
+class BatchNormAct2d(nn.BatchNorm2d):
+    """A BatchNorm2d subclass calling F.batch_norm (no assert: the class is the proof)."""
+
+    def forward(self, x):
+        return F.relu(F.batch_norm(x, self.running_mean, self.running_var, self.weight,
+                                   self.bias, False, 0.0, self.eps))
+
+
+class ScaleAfterConv(nn.Module):
+    """``x * w.view(1, C, 1, 1)`` on a conv output, then a BatchNorm2d subclass: folds only
+    if the conv output is 4-D. The BatchNorm's class proves its own input 4-D, which is the
+    product, not the conv output: ``(C, H, W) * (1, C, 1, 1)`` is 4-D too."""
+
+    def __init__(self, proof: str):
+        super().__init__()
+        self.proof = proof
+        self.conv = nn.Conv2d(4, 4, 3, padding=1)
+        self.weight = nn.Parameter(torch.rand(4) + 0.5)
+        self.bn = BatchNormAct2d(4)
+        self.bn_in = BatchNormAct2d(4) if proof == "bn before" else nn.Identity()
+
+    def forward(self, x):
+        y = self.conv(self.bn_in(x))
+        if self.proof == "assert":
+            torch._assert(y.dim() == 4, "batched input expected")
+        return self.bn(y * self.weight.view(1, 4, 1, 1))
+
+
+def test_rank_four_scale_needs_a_proof():
+    # unbatched, the conv gives (C, H, W) and the product (1, C, H, W): not one conv
+    fuse_refused(ScaleAfterConv("none"), image(), unchanged=("mul", "batch_norm"),
+                 reason="higher rank")
+    # y.dim() == 4; a BatchNorm2d before the conv (its ReLU keeps it there)
+    for proof, batchnorms_left in (("assert", 0), ("bn before", 1)):
+        fuse_exactly(ScaleAfterConv(proof), image(),
+                     ops={"conv": 1, "mul": 0, "batch_norm": batchnorms_left})
+    fuse_exactly(ScaleAfterConv("none"), image(), ops={"conv": 1, "mul": 0, "batch_norm": 0},
+                 pass_inputs=True)
+
+
+# ---- constants computed in forward ----------------------------------------------------
+
+class StandardizedConv(nn.Conv2d):
+    """Weight standardisation through F.batch_norm(training=True) on the weight."""
+
+    def forward(self, x):
+        weight = F.batch_norm(self.weight.reshape(1, self.out_channels, -1), None, None,
+                              training=True, momentum=0.0, eps=1e-6).reshape_as(self.weight)
+        return F.conv2d(x, weight, self.bias, self.stride, self.padding)
+
+
+class IdentityPlusConv1x1(nn.Conv2d):
+    """DiverseBranchBlock style: ``weight + identity`` computed in forward."""
+
+    def __init__(self, channels):
+        super().__init__(channels, channels, 1, bias=False)
+        self.id_tensor = torch.eye(channels).reshape(channels, channels, 1, 1)
+
+    def forward(self, x):
+        return F.conv2d(x, self.weight + self.id_tensor.to(self.weight.device))
+
+
+@pytest.mark.parametrize("conv", [lambda: StandardizedConv(4, 4, 3, padding=1),
+                                  lambda: IdentityPlusConv1x1(4)], ids=["std", "identity"])
+def test_weights_computed_from_parameters_are_constants(conv):
+    model = nn.Sequential(conv(), nn.BatchNorm2d(4))
+    fused = fuse_exactly(model, image(), ops={"conv": 1, "batch_norm": 0, "add": 0})
+    assert not [n for n in fused.graph.nodes if n.target is F.batch_norm]
+
+
+def test_a_lone_conv_with_computed_weights_gets_them_precomputed():
+    fused = fuse_exactly(nn.Sequential(StandardizedConv(4, 4, 3, padding=1)), image(),
+                         ops={"conv": 1, "batch_norm": 0}, patterns={"computed weights": 1})
+    assert [type(m) for m in fused.modules()][1:] == [nn.Conv2d]
+
+
+class RunningStatsUpdatedOnWeights(nn.Conv2d):
+    """F.batch_norm(training=True) WITH running statistics updates them: not a constant."""
+
+    def __init__(self):
+        super().__init__(4, 4, 1)
+        self.register_buffer("mean", torch.zeros(4))
+        self.register_buffer("var", torch.ones(4))
+
+    def forward(self, x):
+        weight = F.batch_norm(self.weight.reshape(1, 4, -1), self.mean, self.var,
+                              training=True).reshape_as(self.weight)
+        return F.conv2d(x, weight)
+
+
+def test_a_stateful_op_on_weights_is_not_a_constant():
+    model = nn.Sequential(RunningStatsUpdatedOnWeights(), nn.BatchNorm2d(4)).double().eval()
+    randomized(model)
+    before = snapshot(model)
+    fused = reparam_fx.fuse(model)
+    assert_state_unchanged(before, model)  # the op was not evaluated
+    assert_ops(fused, {"batch_norm": 2})
+
+
+# ---- the report tells the truth -------------------------------------------------------
+
+class NothingToFold(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.bn = BatchNormAct2d(4)
+        self.pool = nn.AdaptiveAvgPool2d(1)
+
+    def forward(self, x):
+        return self.pool(self.bn(x))
+
+
+def test_parameter_totals_when_nothing_fuses():
+    model = randomized(NothingToFold()).double()
+    fused = reparam_fx.fuse(model)
+    report = fused.fusion_report
+    assert report.fused == [] and report.params_before == report.params_after == 8
+    assert reparam_fx.parameter_count(fused) == reparam_fx.parameter_count(model) == 8
+    assert report.nodes_before == report.nodes_after
+
+
+def test_training_mode_is_a_clear_error():
+    with pytest.raises(reparam_fx.FusionError, match="eval"):
+        reparam_fx.fuse(ConvBN(4, 4, 3).train())
+    with pytest.raises(reparam_fx.FusionError, match="capture"):
+        reparam_fx.fuse(ConvBN(4, 4, 3).eval(), capture="jit")
+    with pytest.raises(reparam_fx.FusionError, match="example_inputs"):
+        reparam_fx.fuse(ConvBN(4, 4, 3).eval(), capture="export")

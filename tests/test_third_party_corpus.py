@@ -1,0 +1,123 @@
+"""Acceptance on other people's code: every model of the third-party corpus
+(``tests/third_party``: timm, ultralytics, YOLOv6, RT-DETR, OpenMMLab, MobileCLIP,
+ACNet/DBB code shapes) fused by ``reparam_fx.fuse(model)`` with no ``example_inputs``,
+and through ``torch.export``, is
+
+* exact: float64 relative error <= 1e-10, and fp32 <= 1e-5 on the fp32 model;
+* at most as many linear ops (conv, BatchNorm, linear, add, sub, mul, div) as the least
+  of the library's own re-parameterization, ``torch.fx.experimental.optimization.fuse``
+  and a plain conv+BN fold of the exported graph, all counted in the same way (on the
+  ``torch.export`` graph of each model);
+* the same op counts through both captures (symbolic tracing and ``torch.export``);
+* refused where the entry says a fold would be wrong (``must_remain``, ``reason``);
+* and the input model is left untouched.
+
+BatchNorm statistics and constant-initialised parameters are randomised everywhere.
+"""
+
+from __future__ import annotations
+
+import copy
+from collections import Counter
+
+import pytest
+import torch
+import torch.fx.experimental.optimization as fx_optimization
+
+import reparam_fx
+from third_party import CORPUS, example_input, randomized_model
+
+RTOL_F64 = 1e-10
+RTOL_FP32 = 1e-5
+LINEAR_OPS = ("conv", "batch_norm", "linear", "add", "sub", "mul", "div")
+
+
+def linear_ops(counts: Counter) -> int:
+    return sum(counts.get(op, 0) for op in LINEAR_OPS)
+
+
+def exported_counts(model, x) -> Counter:
+    """Op histogram of ``model``'s ``torch.export`` graph: every model counted one way."""
+    return reparam_fx.op_counts(torch.export.export(model, (x,)))
+
+
+def plain_conv_bn_fold(model, x) -> Counter:
+    """What folding each BatchNorm into the conv right before it (and used by nothing
+    else) leaves of the exported graph: the fold every generic tool does."""
+    program = torch.export.export(model, (x,))
+    counts = reparam_fx.op_counts(program)
+    for node in program.graph.nodes:
+        name = getattr(node.target, "__name__", "")
+        source = node.args[0] if node.args else None
+        # aten.batch_norm(input, weight, bias, running_mean, running_var, training, ...)
+        if name.startswith("batch_norm") and isinstance(source, torch.fx.Node) and \
+                getattr(source.target, "__name__", "").startswith(("conv", "convolution")) \
+                and len(source.users) == 1 and node.args[3] is not None and not node.args[5]:
+            counts["batch_norm"] -= 1
+    return counts
+
+
+def baselines(idiom, model, x) -> dict[str, Counter]:
+    found = {"conv+bn fold": plain_conv_bn_fold(model, x)}
+    if idiom.reparameterize is not None:
+        found["own"] = exported_counts(idiom.reparameterize(copy.deepcopy(model)).eval(), x)
+    if idiom.traceable:
+        found["fx fuse"] = exported_counts(fx_optimization.fuse(model), x)
+    return found
+
+
+def _check_refusals(idiom, fused, x):
+    # counted on the exported graph where there is one: ops inside untraceable blocks too
+    counts = exported_counts(fused, x) if idiom.exportable else reparam_fx.op_counts(fused)
+    for op, at_least in idiom.must_remain.items():
+        assert counts.get(op, 0) >= at_least, (op, dict(counts), fused.fusion_report.table())
+    if idiom.reason is not None:
+        reasons = " ".join([s.reason for s in fused.fusion_report.skipped]
+                           + [leaf.reason for leaf in fused.fusion_report.leaves])
+        assert idiom.reason in reasons, fused.fusion_report.table()
+
+
+EXPORTABLE = sorted(name for name, idiom in CORPUS.items() if idiom.exportable)
+
+
+@pytest.mark.parametrize("name", sorted(CORPUS))
+def test_fuse_without_example_inputs(name):
+    idiom = CORPUS[name]
+    model = randomized_model(idiom)
+    x = example_input(idiom)
+    before = copy.deepcopy(model.state_dict())
+    fused = reparam_fx.fuse(model)
+    assert reparam_fx.verify(model, fused, (x,), rtol=RTOL_F64) <= RTOL_F64
+    for key, value in model.state_dict().items():
+        assert torch.equal(value, before[key]), f"fuse changed the input's {key}"
+    assert fused.fusion_report.fused or idiom.must_remain, fused.fusion_report.table()
+    _check_refusals(idiom, fused, x)
+    if idiom.exportable:
+        got = linear_ops(exported_counts(fused, x))
+        table = {label: linear_ops(counts) for label, counts in baselines(idiom, model, x).items()}
+        assert got <= min(table.values()), (got, table, fused.fusion_report.table())
+
+
+@pytest.mark.parametrize("name", sorted(CORPUS))
+def test_fp32_model_fuses_within_fp32_round_off(name):
+    idiom = CORPUS[name]
+    model = randomized_model(idiom, dtype=torch.float32)
+    fused = reparam_fx.fuse(model)
+    x = example_input(idiom, dtype=torch.float32)
+    assert reparam_fx.verify(model, fused, (x,), rtol=RTOL_FP32, precision="model") <= RTOL_FP32
+
+
+@pytest.mark.parametrize("name", EXPORTABLE)
+def test_exported_program_fuses_like_the_traced_model(name):
+    idiom = CORPUS[name]
+    model = randomized_model(idiom)
+    x = example_input(idiom)
+    fused = reparam_fx.fuse(torch.export.export(model, (x,)))
+    assert fused.fusion_report.frontend == "aten"
+    assert reparam_fx.verify(model, fused, (x,), rtol=RTOL_F64) <= RTOL_F64
+    _check_refusals(idiom, fused, x)
+    if idiom.traceable:  # both captures see the whole model and its shapes: the same folds
+        traced = exported_counts(reparam_fx.fuse(model, (x,)), x)
+        exported = reparam_fx.op_counts(fused)
+        assert {op: traced.get(op, 0) for op in LINEAR_OPS} == \
+            {op: exported.get(op, 0) for op in LINEAR_OPS}, fused.fusion_report.table()
