@@ -89,15 +89,17 @@ def _as_double(value) -> torch.Tensor:
 
 @dataclass(frozen=True)
 class ChannelAffine:
-    """``y = zero_pad(scale * x + shift, padding)`` along the channel axis."""
+    """``y = pad(scale * x + shift, padding, value=border)`` along the channel axis."""
 
     scale: torch.Tensor  # 0-d or (C,)
     shift: torch.Tensor | None = None  # 0-d or (C,), None means 0
-    padding: tuple[int, ...] = ()  # symmetric zero padding per spatial dim, () for none
+    padding: tuple[int, ...] = ()  # symmetric padding (> 0) or crop (< 0) per trailing dim
+    border: torch.Tensor | None = None  # 0-d or (C,): the padded positions' value, None: 0
 
     @property
     def channels(self) -> int | None:
-        sizes = {t.numel() for t in (self.scale, self.shift) if t is not None and t.dim() > 0}
+        sizes = {t.numel() for t in (self.scale, self.shift, self.border)
+                 if t is not None and t.dim() > 0}
         return sizes.pop() if len(sizes) == 1 else None
 
 
@@ -200,8 +202,19 @@ def batchnorm(mean, var, weight, bias, eps: float) -> ChannelAffine:
     return ChannelAffine(scale, shift)
 
 
-def zero_pad(padding: tuple[int, ...]) -> ChannelAffine:
-    return ChannelAffine(_as_double(1.0), None, tuple(padding))
+def zero_pad(padding: tuple[int, ...], border=None) -> ChannelAffine:
+    """Padding (> 0) with zeros, or with ``border`` per channel; cropping (< 0)."""
+    return ChannelAffine(_as_double(1.0), None, tuple(padding),
+                         None if border is None else _as_double(border))
+
+
+def _close(a: torch.Tensor | None, b: torch.Tensor | None) -> bool:
+    """Equal up to rounding: a border value the model computed (``beta - mean * gamma /
+    std``) and the same expression computed here agree to a few ulps of the model's dtype."""
+    a = torch.zeros((), dtype=DOUBLE) if a is None else a
+    b = torch.zeros((), dtype=DOUBLE) if b is None else b
+    scale = max(float(a.abs().max()), float(b.abs().max()), 1e-30)
+    return bool(((a - b).abs() <= 1e-5 * scale).all())
 
 
 def conv(weight, bias, stride, padding, dilation, groups: int,
@@ -314,13 +327,20 @@ def compose(first: Term, second: Term) -> Term:
 
 
 def _affine_then_affine(first: ChannelAffine, second: ChannelAffine) -> ChannelAffine:
-    if any(p > 0 for p in first.padding) and not _is_zero(second.shift):
-        raise NotExact("a shift after zero padding changes the padded border")
+    """``s2 * pad_b(s1 x + t1) + t2 == pad_{s2 b + t2}(s2 s1 x + s2 t1 + t2)``."""
     scale = first.scale * second.scale
     shift = None if first.shift is None else first.shift * second.scale
     if second.shift is not None:
         shift = second.shift if shift is None else shift + second.shift
-    return ChannelAffine(scale, shift, _pad_then_pad(first.padding, second.padding))
+    border = second.border
+    if any(p > 0 for p in first.padding):
+        border = second.scale * (0.0 if first.border is None else first.border)
+        if second.shift is not None:
+            border = border + second.shift
+        if any(p > 0 for p in second.padding) and not _close(border, second.border):
+            raise NotExact("two paddings with different values")
+    return ChannelAffine(scale, shift, _pad_then_pad(first.padding, second.padding),
+                         None if _is_zero(border) else border)
 
 
 def _pad_then_pad(first: tuple[int, ...], second: tuple[int, ...]) -> tuple[int, ...]:
@@ -337,7 +357,7 @@ def _pad_then_pad(first: tuple[int, ...], second: tuple[int, ...]) -> tuple[int,
 
 def _conv_then_affine(first: ConvTerm, second: ChannelAffine) -> ConvTerm:
     if any(p > 0 for p in second.padding):
-        raise NotExact("zero padding after a conv is not a conv padding")
+        return _pointwise_then_padding(first, second)
     if second.padding:  # a crop by c of the output: the conv with padding p - c*stride
         if len(second.padding) > first.spatial:
             raise NotExact("a crop of more dims than the conv has")
@@ -353,6 +373,22 @@ def _conv_then_affine(first: ConvTerm, second: ChannelAffine) -> ConvTerm:
         shift = _vector(second.shift, out, "a per-channel shift")
         bias = shift.clone() if bias is None else bias + shift
     return _with(first, weight=weight, bias=bias)
+
+
+def _pointwise_then_padding(first: ConvTerm, second: ChannelAffine) -> ConvTerm:
+    """Padding after a 1x1 conv: ``pad_v(s * conv1x1(x, W, b) + t)`` is the conv of the
+    zero-padded ``x`` when the pad value ``v`` is what the conv gives for a zero input,
+    ``s * b + t`` (DiverseBranchBlock pads with the BatchNorm's output for zero)."""
+    if not first.is_pointwise or any(s != 1 for s in first.stride) or \
+            len(second.padding) > first.spatial or any(p < 0 for p in second.padding) or \
+            (first.padding_mode != "zeros" and any(first.padding)):
+        raise NotExact("zero padding after a conv is not a conv padding")
+    unpadded = _conv_then_affine(first, _with(second, padding=(), border=None))
+    if not _close(second.border, unpadded.bias):
+        raise NotExact("padding after a 1x1 conv with values other than its output for a "
+                       "zero input is not a conv padding")
+    pads = (0,) * (first.spatial - len(second.padding)) + second.padding
+    return _with(unpadded, padding=tuple(p + q for p, q in zip(first.padding, pads)))
 
 
 def _input_channel_index(term: ConvTerm) -> torch.Tensor:
@@ -377,10 +413,24 @@ def _affine_then_conv(first: ChannelAffine, second: ConvTerm) -> ConvTerm:
             raise NotExact("a crop before a zero-padded conv: its border would see the "
                            "cropped-away values")
         padded = _with(second, padding=tuple(a + b for a, b in zip(pads, second.padding)))
-        return _affine_then_conv(_with(first, padding=()), padded)
+        if first.border is None or not any(p > 0 for p in pads):
+            return _affine_then_conv(_with(first, padding=(), border=None), padded)
+        # pad_b(s x + t) with b == t is s * pad_0(x) + t: the shift reaches the padded
+        # positions too, so it folds into the bias if the conv adds no zeros of its own
+        if not _close(first.border, first.shift):
+            raise NotExact("a border value other than the shift before a conv")
+        if any(p > 0 for p in second.padding) and not _is_zero(first.shift):
+            raise NotExact("a per-channel shift (e.g. BatchNorm) before a zero-padded conv "
+                           "changes the border")
+        return _fold_affine_into_conv(first, padded)
     if any(p > 0 for p in second.padding) and not _is_zero(first.shift):
         raise NotExact("a per-channel shift (e.g. BatchNorm) before a zero-padded conv "
                        "changes the border")
+    return _fold_affine_into_conv(first, second)
+
+
+def _fold_affine_into_conv(first: ChannelAffine, second: ConvTerm) -> ConvTerm:
+    spatial = second.spatial
     cin = second.in_channels
     index = _input_channel_index(second)
     view = (*index.shape, *(1,) * spatial)
@@ -431,11 +481,25 @@ def _grouped_product(second_w: torch.Tensor, first_w: torch.Tensor, groups: int,
     return product.reshape(product.shape[0] * product.shape[1], *product.shape[2:])
 
 
-def _check_macs(cost: int, original_macs: float, what: str) -> None:
-    """Refuse before any weight is computed: the gate needs only the result's shape."""
-    if cost > original_macs + 1e-9:
+COMPOSE_HEADROOM = 16  # a composition may cost more than its parts while a sum may pay it back
+
+
+def _check_macs(cost: int, original_macs: float, what: str, headroom: float = 1.0) -> None:
+    """Refuse before any weight is computed: the gate needs only the result's shape.
+
+    Sums are gated exactly (``headroom`` 1). A composition (1x1 then kxk) may cost up to
+    ``COMPOSE_HEADROOM`` times its parts: summed with other branches of the same size
+    (DiverseBranchBlock's 1x1 -> kxk and 1x1 -> avg-pool branches) it costs nothing extra,
+    and a region whose term still costs more than the ops it replaces is never written
+    (:func:`adds_macs`)."""
+    if cost > original_macs * headroom + 1e-9:
         raise NotExact(f"{what} would increase MACs ({cost:,} > {original_macs:,.0f} "
                        "per output position)")
+
+
+def adds_macs(term: Term) -> bool:
+    """Whether one conv for ``term`` would cost more than the ops it stands for."""
+    return isinstance(term, (ConvTerm, TransposedConvTerm)) and term.weight.numel() > term.macs + 1e-9
 
 
 def _conv_then_conv(first: ConvTerm, second: ConvTerm) -> ConvTerm:
@@ -454,7 +518,7 @@ def _conv_then_pointwise(first: ConvTerm, second: ConvTerm) -> ConvTerm:
     groups = math.gcd(first.groups, second.groups)
     original = first.macs * math.prod(second.stride) + second.macs
     _check_macs(second.out_channels * (first.in_channels // groups) * math.prod(first.kernel),
-                original, "composing a conv with the 1x1 conv after it")
+                original, "composing a conv with the 1x1 conv after it", COMPOSE_HEADROOM)
     a, b = regroup(second, groups), regroup(first, groups)
     w2 = a.weight.flatten(1)  # (out, c) per group after reshape below
     weight = _grouped_product(w2, b.weight, groups, "goc,gc...->go...")
@@ -481,7 +545,7 @@ def _pointwise_then_conv(first: ConvTerm, second: ConvTerm) -> ConvTerm:
     groups = math.gcd(first.groups, second.groups)
     original = first.macs * math.prod(second.stride) + second.macs
     _check_macs(second.out_channels * (first.in_channels // groups) * math.prod(second.kernel),
-                original, "composing a 1x1 conv with the conv after it")
+                original, "composing a 1x1 conv with the conv after it", COMPOSE_HEADROOM)
     a, b = regroup(second, groups), regroup(first, groups)
     w1 = b.weight.flatten(1)  # (c, i) per group
     weight = _grouped_product(a.weight, w1, groups, "goc...,gci->goi...")
@@ -503,7 +567,7 @@ def merge(terms: list[Term], signs: list[float]) -> Term:
     if any(isinstance(t, TransposedConvTerm) for t in terms):
         raise NotExact("transposed convs are not merged with other branches")
     if all(isinstance(t, ChannelAffine) for t in terms):
-        if any(t.padding for t in terms):
+        if any(t.padding or t.border is not None for t in terms):
             raise NotExact("zero padding cannot be summed with other branches")
         scale = sum(sign * t.scale for t, sign in zip(terms, signs))
         shifts = [sign * t.shift for t, sign in zip(terms, signs) if t.shift is not None]

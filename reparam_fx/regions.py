@@ -94,7 +94,8 @@ class Region:
         conv), or one conv whose weights ``forward`` computes (precomputed once)."""
         return isinstance(self.term, (ConvTerm, TransposedConvTerm)) and (
             len(self.nodes) - self.kinds["identity"] >= 2 or self.kinds["computed"] > 0) \
-            and all(p >= 0 for p in self.term.padding)  # a crop left: not a conv
+            and all(p >= 0 for p in self.term.padding) \
+            and not affine.adds_macs(self.term)  # (a crop left is no conv)
 
 
 def merged_axis(a, b):
@@ -183,6 +184,11 @@ class RegionBuilder:
                            "changes them")
         region_axis = merged_axis(base.axis, axis)
         new_term = affine.compose(base.term, term)
+        if affine.adds_macs(new_term) and not affine.adds_macs(base.term) \
+                and not self._feeds_a_sum(node):
+            raise NotExact(f"composing it with the ops before it would increase MACs "
+                           f"({new_term.weight.numel():,} > {new_term.macs:,.0f} per output "
+                           "position)")
         # a region started on an input is not an identity branch once an op follows it
         region = Region(base.source, new_term, region_axis, [*base.nodes, *op.extra_nodes, node],
                         base.kinds.copy(), list(base.kernels), base.branches,
@@ -193,6 +199,24 @@ class RegionBuilder:
         if op.role == "conv":
             region.kernels.append(term.kernel)
         return region
+
+    def _feeds_a_sum(self, node, steps: int = 8) -> bool:
+        """Whether ``node``'s value goes, through single-use unary ops, into a sum: a
+        composition that costs more than its parts (``affine.COMPOSE_HEADROOM``) can pay
+        off only once merged with the other branches there."""
+        for _ in range(steps):
+            users = self.view.users(node)
+            if len(users) != 1:
+                return False
+            node = next(iter(users))
+            if not self.view.is_value(node):
+                return False
+            op = self.view.interpret(node)
+            if isinstance(op, Sum):
+                return True
+            if not isinstance(op, Unary):
+                return False
+        return False
 
     def _assumed_axis(self, base: Region) -> int:
         """BatchNorm's axis 1 where the rank is not proven: only after a conv in a graph
@@ -404,6 +428,12 @@ def select_rewrites(view, builder: RegionBuilder, worth_writing=None) -> tuple[l
     emit, partial_sums, covered = [], [], set()
     for value in reversed(list(view.values())):
         item = candidates.get(value)
+        if item is None and value not in covered:
+            region = builder.regions.get(value)
+            if region is not None and len(region.nodes) > 1 and affine.adds_macs(region.term):
+                builder.skip(value, "folding it with the ops before it would increase MACs "
+                                    f"({region.term.weight.numel():,} > {region.term.macs:,.0f} "
+                                    "per output position)")
         if item is None or value in covered:
             continue
         if isinstance(item, Region):

@@ -122,8 +122,7 @@ def fuse_refused(model: nn.Module, x, *, unchanged: tuple[str, ...], reason: str
     """Negative check: outputs still equal; the ``unchanged`` op categories have the same
     count as in the original graph; some skip reason contains ``reason`` (if given)."""
     model64, fused = _fuse64(model, x, pass_inputs, rtol, already_randomized)
-    original = reparam_fx.op_counts(torch.fx.symbolic_trace(model64)
-                                    if not isinstance(model64, torch.fx.GraphModule) else model64)
+    original = reparam_fx.op_counts(model64)
     assert_ops(fused, {op: original.get(op, 0) for op in unchanged})
     if ops is not None:
         assert_ops(fused, ops)

@@ -20,8 +20,12 @@ only true when the module runs its class's standard forward. So the tracer:
   computes; compile the fused model again);
 * reads parameter shapes as constants (fx's ``param_shapes_constant``), so code like
   ``len(conv.weight.shape)`` traces;
-* makes a module whose forward fails to trace (shape control flow, ``math.ceil`` on a size,
-  item assignment, iterating a tensor ...) a leaf and goes on. The first trace notes every
+* traces a module whose forward fails again with its parameters as real tensors: weights
+  computed from parameters (OREPA's kernels, ``int(w.size(0) / g)``) are then computed
+  once, as constants of the graph; any write to a tensor stops that attempt;
+* records item assignment on tensors (``y[..., :p] = v``) as an in-place op;
+* makes a module whose forward still fails to trace (shape control flow, ``math.ceil`` on a
+  size, iterating a tensor ...) a leaf and goes on. The first trace notes every
   such module, innermost first; a second trace, with those as leaves, gives the graph.
 
 Subclasses of conv or BatchNorm with their own ``forward`` are traced through as fx always
@@ -42,6 +46,9 @@ from __future__ import annotations
 
 import collections
 import copy
+import itertools
+import operator
+import sys
 
 import torch
 import torch.fx
@@ -170,12 +177,11 @@ def is_op_module(module: nn.Module) -> bool:
 
 
 def _compiled_original(module: nn.Module) -> nn.Module | None:
-    """The original module of a ``torch.compile``d one, else None."""
-    try:
-        from torch._dynamo.eval_frame import OptimizedModule
-    except ImportError:  # pragma: no cover - torch without dynamo
-        return None
-    return module._orig_mod if isinstance(module, OptimizedModule) else None
+    """The original module of a ``torch.compile``d one, else None. (Until something
+    compiled, dynamo is not even imported: importing it here would cost a second.)"""
+    eval_frame = sys.modules.get("torch._dynamo.eval_frame")
+    optimized = getattr(eval_frame, "OptimizedModule", None)
+    return module._orig_mod if optimized is not None and isinstance(module, optimized) else None
 
 
 def first_line(error: BaseException, limit: int = 160) -> str:
@@ -190,6 +196,39 @@ class _ParameterProxy(torch.fx.proxy.ParameterProxy):
         return self.param.size() if dim is None else self.param.size(dim)
 
 
+class _Proxy(torch.fx.Proxy):
+    """A traced tensor that records item assignment (``y[:, :, 0:p] = v``) as an in-place
+    ``operator.setitem`` op, as it runs, instead of failing."""
+
+    def __setitem__(self, key, value):
+        self.tracer.create_proxy("call_function", operator.setitem, (self, key, value), {})
+
+
+class _WriteRefused(RuntimeError):
+    """A module traced with real parameters tried to write to a tensor."""
+
+
+class _NoWrites(torch.overrides.TorchFunctionMode):
+    """While a module is traced with real parameters, its weight arithmetic runs for real:
+    any write to a tensor (in-place op, ``out=``, item assignment, BatchNorm updating its
+    statistics) would change the caller's model, so it stops the attempt instead."""
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        name = getattr(func, "__name__", "")
+        writes = (name.endswith("_") and not name.startswith("__")) or "out" in kwargs \
+            or name in ("__setitem__", "__iadd__", "__isub__", "__imul__", "__itruediv__",
+                        "__ifloordiv__", "__imod__", "__ipow__", "__iand__", "__ior__", "__ixor__")
+        if func is torch.nn.functional.batch_norm:
+            bound = dict(zip(("input", "running_mean", "running_var", "weight", "bias",
+                              "training"), args), **kwargs)
+            writes = bool(bound.get("training")) and bound.get("running_mean") is not None
+        if writes and any(isinstance(a, torch.Tensor) and not isinstance(a, torch.fx.Proxy)
+                          for a in torch.utils._pytree.tree_leaves((args, kwargs))):
+            raise _WriteRefused(f"{name} writes to a tensor")
+        return func(*args, **kwargs)
+
+
 class FaithfulTracer(torch.fx.Tracer):
     """Symbolic tracing that records what each module really computes (module docstring).
 
@@ -202,8 +241,14 @@ class FaithfulTracer(torch.fx.Tracer):
         super().__init__(param_shapes_constant=True)
         self.failed: dict[int, str] = dict(failed or {})
         self.kept: dict[str, str] = {}
+        self._concrete = 0  # > 0 while a failed module is traced again with real parameters
+
+    def proxy(self, node: torch.fx.Node) -> torch.fx.Proxy:
+        return _Proxy(node, self)
 
     def getattr(self, attr, attr_val, parameter_proxy_cache):
+        if self._concrete and isinstance(attr_val, nn.Parameter):
+            return attr_val  # computed with now; results become constants of the graph
         proxy = super().getattr(attr, attr_val, parameter_proxy_cache)
         if type(proxy) is torch.fx.proxy.ParameterProxy:
             proxy.__class__ = _ParameterProxy  # fx's own takes no ``dim`` in ``size()``
@@ -234,14 +279,35 @@ class FaithfulTracer(torch.fx.Tracer):
         if self._leaf_reason(m) is not None or (
                 not replaced_forward(m) and super().is_leaf_module(m, "")):
             return super().call_module(m, forward, args, kwargs)
-        depth = len(self.module_stack)
         try:
-            return super().call_module(m, forward, args, kwargs)
-        except Exception as error:  # noqa: BLE001 - any failure makes this module a leaf
-            while len(self.module_stack) > depth:
-                self.module_stack.popitem(last=True)
+            return self._attempt(m, forward, args, kwargs)
+        except Exception as error:  # noqa: BLE001 - try again with constant parameters
+            if not self._concrete:
+                try:
+                    self._concrete += 1
+                    with _NoWrites():
+                        return self._attempt(m, forward, args, kwargs)
+                except Exception:  # noqa: BLE001 - then it is a leaf
+                    pass
+                finally:
+                    self._concrete -= 1
             self.failed[id(m)] = f"its forward does not trace ({first_line(error)})"
             return super().call_module(m, forward, args, kwargs)
+
+    def _attempt(self, m, forward, args, kwargs):
+        """Trace through ``m``; on failure, leave the graph and module stack as before."""
+        depth, last = len(self.module_stack), next(reversed(self.graph.nodes), None)
+        try:
+            return super().call_module(m, forward, args, kwargs)
+        except Exception:
+            while len(self.module_stack) > depth:
+                self.module_stack.popitem(last=True)
+            # nodes of the failed attempt (but parameter reads, which fx caches and reuses)
+            for node in list(itertools.takewhile(lambda n: n is not last,
+                                                 reversed(self.graph.nodes))):
+                if node.op != "get_attr" and not node.users:
+                    self.graph.erase_node(node)
+            raise
 
 
 class _PythonState:

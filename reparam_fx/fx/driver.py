@@ -115,7 +115,8 @@ def _fuse_workspace(ws: Workspace, example_inputs=None) -> torch.fx.GraphModule:
     report.fused = [replace(region, module=renamed.get(region.module, region.module.replace(".", "_")))
                     for region in report.fused]
     report.nodes_after = _count_ops(result.graph)
-    report.skipped = _dedupe(report.skipped + _unfolded_batchnorms(result, report))
+    leaves = {renamed.get(leaf.module, leaf.module): leaf for leaf in ws.leaves}
+    report.skipped = _dedupe(report.skipped + _unfolded_batchnorms(result, report, leaves))
     _fuse_leaves(result, ws, renamed, report)
     report.ops_after = op_counts(result)
     report.params_after = parameter_count(result)
@@ -174,15 +175,21 @@ def _private_copy(model: nn.Module) -> nn.Module:
                           f"{str(error).splitlines()[0]}") from error
 
 
-def _unfolded_batchnorms(result: torch.fx.GraphModule, report: FusionReport) -> list[Skipped]:
+def _unfolded_batchnorms(result: torch.fx.GraphModule, report: FusionReport,
+                         leaves: dict[str, Leaf]) -> list[Skipped]:
     """Every BatchNorm still in the graph gets a line in the report, if it has none yet."""
     explained = {item.node for item in report.skipped}
     modules = dict(result.named_modules())
     missing = []
     for node in result.graph.nodes:
-        if node_category(node, modules) == "batch_norm" and node.name not in explained:
-            missing.append(Skipped(node.name, "batch_norm",
-                                   "no conv or linear next to it to fold into"))
+        if node_category(node, modules) != "batch_norm" or node.name in explained:
+            continue
+        source = node.args[0] if node.args else None
+        leaf = leaves.get(source.target) if isinstance(source, torch.fx.Node) and \
+            source.op == "call_module" else None
+        reason = (f"its input comes from {leaf.module}, kept whole: {leaf.reason}" if leaf
+                  else "no conv or linear next to it to fold into")
+        missing.append(Skipped(node.name, "batch_norm", reason))
     return missing
 
 

@@ -39,6 +39,7 @@ from __future__ import annotations
 
 import operator
 import re
+from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 import torch
@@ -478,6 +479,85 @@ class RankFacts:
         return rank - (end - start) if end >= start else None
 
 
+# ---- padding with a written border ---------------------------------------------------
+
+@dataclass(frozen=True)
+class BorderFill:
+    """Zero padding whose border is then set to ``value`` (0-d or one per channel)."""
+
+    padding: tuple[int, ...]  # per trailing dim
+    value: torch.Tensor
+    writers: tuple  # the item assignments (and slices) that write the border
+
+
+def _per_channel(value: torch.Tensor, axis: int) -> torch.Tensor | None:
+    """``value`` as one number per index of ``axis`` (0-d if it is one number), when it
+    holds the same number everywhere else (``(1, C, 1, 1)``, or expanded to a strip)."""
+    value = value.detach()
+    if value.numel() == 1:
+        return value.reshape(())
+    if value.dim() < -axis:
+        return None
+    moved = value.movedim(axis, 0).reshape(value.shape[axis], -1)
+    if not bool((moved == moved[:, :1]).all()):
+        return None
+    return moved[:, 0].clone()
+
+
+def _symmetric_zero_pad(node: torch.fx.Node) -> tuple[int, ...] | None:
+    """``F.pad(x, [p, p, q, q])`` / ``aten.pad`` / ``aten.constant_pad_nd`` with zeros and
+    the same amount on both sides of each dim: the padding per trailing dim."""
+    name = schema_name(node.target)
+    if node.op != "call_function" or not (node.target is F.pad or name in ("pad", "constant_pad_nd")):
+        return None
+    pad = node.args[1] if len(node.args) > 1 else node.kwargs.get("pad")
+    mode = node.args[2] if len(node.args) > 2 and name != "constant_pad_nd" else node.kwargs.get("mode", "constant")
+    value = node.args[3] if len(node.args) > 3 else node.kwargs.get("value")
+    if name == "constant_pad_nd":
+        value, mode = (node.args[2] if len(node.args) > 2 else node.kwargs.get("value", 0)), "constant"
+    if mode != "constant" or value not in (None, 0, 0.0) or not isinstance(pad, (list, tuple)) \
+            or len(pad) % 2 or not all(isinstance(p, int) for p in pad):
+        return None
+    pairs = [(pad[i], pad[i + 1]) for i in range(0, len(pad), 2)][::-1]  # outermost first
+    if any(a != b or a < 0 for a, b in pairs):
+        return None
+    return tuple(a for a, _ in pairs)
+
+
+def _strip(index, rank: int, pads: tuple[int, ...]):
+    """``(dim, side)`` if ``index`` selects one whole border strip of the padding."""
+    items = index if isinstance(index, tuple) else (index,)
+    if Ellipsis in items:
+        position = items.index(Ellipsis)
+        items = items[:position] + (slice(None),) * (rank - len(items) + 1) + items[position + 1:]
+    if len(items) != rank or not all(isinstance(i, slice) for i in items):
+        return None
+    cut = [(d, i) for d, i in enumerate(items) if i != slice(None)]
+    if len(cut) != 1:
+        return None
+    dim, item = cut[0]
+    width = pads[dim - (rank - len(pads))] if dim >= rank - len(pads) else 0
+    if not width or item.step not in (None, 1):
+        return None
+    if item.start in (None, 0) and item.stop == width:
+        return dim, 0
+    if item.start == -width and item.stop is None:
+        return dim, 1
+    return None
+
+
+def _aten_strip(node: torch.fx.Node, rank: int, pads: tuple[int, ...]):
+    """``aten.slice.Tensor(padded, dim, start, end)`` as a border strip (see :func:`_strip`)."""
+    args = list(node.args) + [None] * (5 - len(node.args))
+    _, dim, start, end, step = args[:5]
+    if not isinstance(dim, int):
+        return None
+    dim %= rank
+    end = None if end is None or (isinstance(end, int) and end >= 2 ** 62) else end
+    return _strip((slice(None),) * dim + (slice(start, end, step),) +
+                  (slice(None),) * (rank - dim - 1), rank, pads)
+
+
 # ---- the facts of one pass -----------------------------------------------------------
 
 class ModuleLookup:
@@ -506,12 +586,16 @@ class GraphFacts:
                                   if n.op in ("call_module", "get_attr")} | set(ws.added)
         self._constants: dict[torch.fx.Node, torch.Tensor | None] = {}
         self.scalars = shape_values(ws.graph)
+        self.border_fills = self._find_border_fills()
+        writers = {w for fill in self.border_fills.values() for w in fill.writers}
         self.value_users: dict[torch.fx.Node, list[torch.fx.Node]] = {}
         self.metadata_users: dict[torch.fx.Node, list[torch.fx.Node]] = {}
         self.shape_read: set[torch.fx.Node] = set()  # nodes whose sizes a metadata read needs
         for node in ws.graph.nodes:
             values, reads = [], []
             for user in node.users:
+                if user in writers:
+                    continue  # part of the padding that writes its border
                 kind = metadata_read(user, node)
                 if kind is None:
                     values.append(user)
@@ -555,10 +639,80 @@ class GraphFacts:
             return getattr(self.modules.get(node.target), "inplace", False) is True
         return False
 
-    def _find_mutated(self) -> set[torch.fx.Node]:
-        """Nodes whose value an in-place op changes while another op still reads it."""
-        mutated = set()
+    # padding whose border is then written ------------------------------------------------
+    def _find_border_fills(self) -> dict:
+        """Zero padding whose whole border is then overwritten with one per-channel
+        constant (DiverseBranchBlock's ``BNAndPadLayer``): ``{pad node: BorderFill}``.
+
+        The writes are item assignments (``y[:, :, 0:p, :] = v`` on all four sides, fx) or
+        ``copy_`` into ``slice``s of the padded tensor (export's training IR); all of them
+        come before any other read of the padded tensor."""
+        fills = {}
         for node in self.ws.graph.nodes:
+            pads = _symmetric_zero_pad(node)
+            if pads is None or not node.args or not isinstance(node.args[0], torch.fx.Node):
+                continue
+            fill = self._border_fill(node, pads)
+            if fill is not None:
+                fills[node] = fill
+        return fills
+
+    def _border_fill(self, pad: torch.fx.Node, pads: tuple[int, ...]):
+        shape = tensor_shape(pad)
+        rank = len(shape) if shape is not None else self._rank_from_writes(pad)
+        if rank is None:
+            return None
+        strips, writers, values = set(), [], []
+        order = {n: i for i, n in enumerate(self.ws.graph.nodes)}
+        for user in pad.users:
+            strip = None
+            if user.op == "call_function" and user.target is operator.setitem and \
+                    user.args[0] is pad:
+                strip = _strip(user.args[1], rank, pads)
+                value, group = user.args[2], [user]
+            elif schema_name(user.target) == "slice" and len(user.users) == 1:
+                copy = next(iter(user.users))
+                if schema_name(copy.target) == "copy_" and copy.args[0] is user:
+                    strip = _aten_strip(user, rank, pads)
+                    value, group = copy.args[1], [user, copy]
+            if strip is None:
+                continue
+            constant = self.constant(value)
+            if constant is None:
+                return None
+            strips.add(strip)
+            writers.extend(group)
+            values.append(constant)
+        wanted = {(rank - len(pads) + i, side) for i, p in enumerate(pads) if p for side in (0, 1)}
+        if strips != wanted or not values:
+            return None
+        others = [u for u in pad.users if u not in writers]
+        if any(order[u] < max(order[w] for w in writers) for u in others):
+            return None  # read before the border is written
+        per_channel = [_per_channel(v, -(len(pads) + 1)) for v in values]
+        if any(v is None or v.shape != per_channel[0].shape or not torch.equal(v, per_channel[0])
+               for v in per_channel):
+            return None  # not one value per channel, the same on every side
+        return BorderFill(pads, per_channel[0], tuple(writers))
+
+    @staticmethod
+    def _rank_from_writes(pad) -> int | None:
+        """``y[:, :, 0:p, :] = v`` names every dim of ``y``."""
+        for user in pad.users:
+            if user.op == "call_function" and user.target is operator.setitem:
+                index = user.args[1]
+                if isinstance(index, tuple) and Ellipsis not in index:
+                    return len(index)
+        return None
+
+    def _find_mutated(self) -> set[torch.fx.Node]:
+        """Nodes whose value an in-place op changes while another op still reads it
+        (border writes of :meth:`_find_border_fills` are part of their padding)."""
+        mutated = set()
+        writers = {w for fill in self.border_fills.values() for w in fill.writers}
+        for node in self.ws.graph.nodes:
+            if node in writers:
+                continue
             if self.is_inplace(node) and node.args and isinstance(node.args[0], torch.fx.Node):
                 target = node.args[0]
                 if len(self.value_users[target]) > 1:

@@ -220,11 +220,20 @@ def _pad_op(input_node, pad, mode, value):
                   -(len(pairs) + 1))
 
 
+def _border_fill_op(node, fill):
+    """Zero padding, then its whole border set to one value per channel: padding with
+    that value (DiverseBranchBlock's BNAndPadLayer writes BN(0) there)."""
+    return Unary(node.args[0], affine.zero_pad(fill.padding, fill.value), "pad",
+                 -(len(fill.padding) + 1), extra_nodes=fill.writers)
+
+
 def _crop_op(facts, node, index):
     """``x[..., c:-c]`` / ``x[:, :, c:-c, :]``: cropping is zero padding by ``-c`` on those
     dims (exact before a conv that does not pad them, and after any conv)."""
     x = node.args[0]
     items = index if isinstance(index, tuple) else (index,)
+    if any(facts.is_inplace(u) and u.args and u.args[0] is node for u in node.users):
+        return None  # a view written through: not a value of its own
     if not isinstance(x, torch.fx.Node) or x in facts.scalars or \
             not all(isinstance(i, slice) or i is Ellipsis for i in items) or \
             sum(i is Ellipsis for i in items) > 1:
@@ -452,6 +461,8 @@ def _interpret_function(node, facts):
         return _pool_op(a["input"], a["kernel_size"], a["stride"], a["padding"], a["ceil_mode"],
                         a["count_include_pad"], a["divisor_override"], _FUNCTIONAL_POOLS[target])
     if target is F.pad:
+        if node in facts.border_fills:
+            return _border_fill_op(node, facts.border_fills[node])
         a = _bind(node, ("input", "pad", "mode", "value"), {"mode": "constant", "value": None})
         return _pad_op(a["input"], a["pad"], a["mode"], a["value"])
     if target in (F.dropout, F.dropout1d, F.dropout2d, F.dropout3d):
@@ -535,6 +546,8 @@ def _interpret_aten(node, facts):
         return _pool_op(a["input"], a["kernel_size"], a["stride"], a["padding"], a["ceil_mode"],
                         a["count_include_pad"], a["divisor_override"], int(name[-2]))
     if name in ("constant_pad_nd", "pad"):
+        if node in facts.border_fills:
+            return _border_fill_op(node, facts.border_fills[node])
         a = _bind_schema(node)
         return _pad_op(a["self"], a["pad"], a.get("mode", "constant"), a.get("value"))
     if name == "dropout":

@@ -121,13 +121,15 @@ def redirect_reads_after_inplace(ws) -> None:
     * every read of it before the write reads only its metadata or computes a new tensor
       (so no view taken earlier is read after the write).
     """
+    if not any(_may_write_in_place(node, ws) for node in ws.graph.nodes):
+        return  # (the common case: no graph facts needed)
     ws.make_private()
     view = FxView(GraphFacts(ws))
     order = {node: index for index, node in enumerate(ws.graph.nodes)}
     written = set()  # in-place nodes whose written tensor is new
     for node in list(ws.graph.nodes):
-        if not view.facts.is_inplace(node) or not node.args:
-            continue
+        if not view.facts.is_inplace(node) or not node.args or node.target is operator.setitem:
+            continue  # (item assignment returns None, not the tensor)
         aliases = _alias_chain(node.args[0], view)
         if aliases is None or not (aliases[-1] in written or _fresh(aliases[-1], view)):
             continue
@@ -140,6 +142,20 @@ def redirect_reads_after_inplace(ws) -> None:
         for alias, user in readers:
             if order[user] > order[node]:
                 user.replace_input_with(alias, node)
+
+
+def _may_write_in_place(node: torch.fx.Node, ws) -> bool:
+    """A cheap first look: tensor methods ending in ``_``, ``operator.i*``, ``inplace=True``,
+    mutable aten ops, modules with ``inplace=True``."""
+    if node.op == "call_method":
+        return node.target.endswith("_") and not node.target.startswith("__")
+    if node.op == "call_function":
+        name = getattr(node.target, "__name__", "")
+        return (name.startswith("i") and getattr(node.target, "__module__", "") == "_operator") \
+            or (name.endswith("_") and not name.startswith("__")) \
+            or node.kwargs.get("inplace") is True \
+            or (isinstance(node.target, torch._ops.OpOverload) and node.target._schema.is_mutable)
+    return node.op == "call_module" and getattr(ws.module(node.target), "inplace", False) is True
 
 
 def _alias_chain(node, view: FxView) -> list | None:

@@ -1,0 +1,201 @@
+"""Rules that third-party blocks need: transposed conv + BatchNorm, crops (ACNet's cropped
+side branches), padding whose border is then written (DiverseBranchBlock's BNAndPadLayer),
+compositions that only pay off inside a sum, reads after an in-place write.
+
+Each rule: a positive test (fold happened, float64 equal, randomised BatchNorm), a negative
+test (refused, with its reason), and a hypothesis property over its parameters."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from hypothesis import assume, given
+from hypothesis import strategies as st
+
+import reparam_fx
+from fx_checks import assert_ops, fuse_exactly, fuse_refused
+from test_fx_rules import image
+
+
+# ---- transposed conv + BatchNorm ------------------------------------------------------
+
+class DeconvBN(nn.Module):
+    def __init__(self, cin=4, cout=6, kernel=3, stride=2, padding=1, output_padding=1,
+                 groups=1, dilation=1, bias=False, bn_first=False):
+        super().__init__()
+        self.bn_first = bn_first
+        self.deconv = nn.ConvTranspose2d(cin, cout, kernel, stride, padding, output_padding,
+                                         groups, bias, dilation)
+        self.bn = nn.BatchNorm2d(cin if bn_first else cout)
+
+    def forward(self, x):
+        return self.deconv(self.bn(x)) if self.bn_first else self.bn(self.deconv(x))
+
+
+@pytest.mark.parametrize("groups", [1, 2])
+def test_transposed_conv_folds_the_batchnorm_after_it(groups):
+    fused = fuse_exactly(DeconvBN(groups=groups), image(), ops={"conv": 1, "batch_norm": 0},
+                         patterns={"conv+bn": 1})
+    (deconv,) = [m for m in fused.modules() if isinstance(m, nn.ConvTranspose2d)]
+    assert deconv.groups == groups and deconv.output_padding == (1, 1)
+
+
+def test_batchnorm_before_a_transposed_conv_is_refused():
+    # its shift would reach output positions through different numbers of taps
+    fuse_refused(DeconvBN(bn_first=True), image(), unchanged=("batch_norm",),
+                 reason="transposed conv", pass_inputs=True)
+
+
+@given(kernel=st.integers(1, 4), stride=st.integers(1, 3), padding=st.integers(0, 2),
+       groups=st.sampled_from([1, 2]), dilation=st.integers(1, 2), bias=st.booleans(),
+       size=st.integers(3, 6))
+def test_transposed_conv_bn_property(kernel, stride, padding, groups, dilation, bias, size):
+    output_padding = min(stride - 1, 1)  # must be below stride or dilation
+    out = (size - 1) * stride - 2 * padding + dilation * (kernel - 1) + output_padding + 1
+    assume(out >= 1)
+    model = DeconvBN(4, 6, kernel, stride, padding, output_padding, groups, dilation, bias)
+    fuse_exactly(model, image(4, size), ops={"conv": 1, "batch_norm": 0})
+
+
+# ---- crops ----------------------------------------------------------------------------
+
+class CroppedBranches(nn.Module):
+    """ACNet: a kxk conv with padding p < k // 2 summed with 1xk and kx1 convs on inputs
+    cropped by k // 2 - p along the dim they do not pad."""
+
+    def __init__(self, kernel=3, padding=0, crop_form="slices", pad_cropped=False):
+        super().__init__()
+        # pad_cropped: crop by 1, then pad the cropped dim by 1 again (same size, but the
+        # border now reads zeros where the square conv reads the input): must not merge
+        self.crop = 1 if pad_cropped else kernel // 2 - padding
+        self.form = crop_form
+        self.square = nn.Conv2d(4, 4, kernel, padding=padding, bias=False)
+        self.hor = nn.Conv2d(4, 4, (1, kernel), padding=(int(pad_cropped), padding), bias=False)
+        self.ver = nn.Conv2d(4, 4, (kernel, 1), padding=(padding, int(pad_cropped)), bias=False)
+        self.bns = nn.ModuleList(nn.BatchNorm2d(4) for _ in range(3))
+
+    def forward(self, x):
+        c = self.crop
+        if self.form == "slices":
+            hor_in, ver_in = x[:, :, c:-c, :], x[:, :, :, c:-c]
+        else:
+            hor_in, ver_in = x[..., c:-c, :], x[..., c:-c]
+        return (self.bns[0](self.square(x)) + self.bns[1](self.hor(hor_in))
+                + self.bns[2](self.ver(ver_in)))
+
+
+@pytest.mark.parametrize("form", ["slices", "ellipsis"])
+@pytest.mark.parametrize("kernel, padding", [(3, 0), (5, 1)])
+def test_cropped_side_branches_merge(kernel, padding, form):
+    # x[:, :, c:-c, :] counts dims from the front: the BatchNorm2d modules prove the rank
+    fuse_exactly(CroppedBranches(kernel, padding, form), image(size=9),
+                 ops={"conv": 1, "add": 0, "batch_norm": 0})
+
+
+def test_crop_before_a_conv_that_pads_that_dim_is_refused():
+    fused = fuse_refused(CroppedBranches(3, 1, pad_cropped=True), image(size=9),
+                         unchanged=(), reason="crop")
+    assert reparam_fx.op_counts(fused)["conv"] >= 2
+
+
+@given(kernel=st.sampled_from([3, 5, 7]), padding=st.integers(0, 2), size=st.integers(8, 11))
+def test_cropped_branches_property(kernel, padding, size):
+    if padding >= kernel // 2:
+        return
+    fuse_exactly(CroppedBranches(kernel, padding), image(size=size),
+                 ops={"conv": 1, "add": 0, "batch_norm": 0})
+
+
+# ---- padding with a written border ----------------------------------------------------
+
+class BNAndPad(nn.Module):
+    """DiverseBranchBlock's BNAndPadLayer: BN, zero padding, and the border overwritten
+    with BN(0) through item assignment (``value`` picks another number, for the refusal)."""
+
+    def __init__(self, pad, channels, value="bn"):
+        super().__init__()
+        self.bn = nn.BatchNorm2d(channels)
+        self.pad, self.value = pad, value
+
+    def forward(self, x):
+        out = self.bn(x)
+        std = torch.sqrt(self.bn.running_var + self.bn.eps)
+        fill = self.bn.bias - self.bn.running_mean * self.bn.weight / std
+        if self.value != "bn":
+            fill = fill + 1.0
+        out = F.pad(out, [self.pad] * 4)
+        fill = fill.view(1, -1, 1, 1)
+        p = self.pad
+        out[:, :, 0:p, :] = fill
+        out[:, :, -p:, :] = fill
+        out[:, :, :, 0:p] = fill
+        out[:, :, :, -p:] = fill
+        return out
+
+
+class OneByOneThenKxK(nn.Module):
+    """DBB's 1x1 -> BNAndPad -> kxk (no padding) -> BN branch, beside a kxk conv + BN."""
+
+    def __init__(self, kernel=3, value="bn"):
+        super().__init__()
+        p = kernel // 2
+        self.dense = nn.Conv2d(4, 4, kernel, padding=p, bias=False)
+        self.dense_bn = nn.BatchNorm2d(4)
+        self.one = nn.Conv2d(4, 4, 1, bias=False)
+        self.pad = BNAndPad(p, 4, value)
+        self.kxk = nn.Conv2d(4, 4, kernel, bias=False)
+        self.kxk_bn = nn.BatchNorm2d(4)
+
+    def forward(self, x):
+        return self.dense_bn(self.dense(x)) + self.kxk_bn(self.kxk(self.pad(self.one(x))))
+
+
+def test_bn_and_pad_branch_merges_into_one_conv():
+    fuse_exactly(OneByOneThenKxK(), image(), ops={"conv": 1, "batch_norm": 0, "add": 0})
+    model, x = OneByOneThenKxK().double().eval(), image().double()
+    fused = reparam_fx.fuse(torch.export.export(model, (x,)))  # slices and copy_ there
+    assert_ops(fused, {"conv": 1, "batch_norm": 0})  # (randomised through export: corpus dbb.*)
+    reparam_fx.verify(model, fused, (x,), rtol=1e-10)
+
+
+def test_a_border_other_than_bn_of_zero_is_refused():
+    fused = fuse_refused(OneByOneThenKxK(value="other"), image(), unchanged=("pad",),
+                         reason="padding after a 1x1 conv")
+    assert reparam_fx.op_counts(fused)["conv"] >= 2
+
+
+@given(kernel=st.sampled_from([3, 5]), size=st.integers(5, 9))
+def test_bn_and_pad_property(kernel, size):
+    fuse_exactly(OneByOneThenKxK(kernel), image(size=size),
+                 ops={"conv": 1, "batch_norm": 0, "add": 0})
+
+
+# ---- reads after an in-place write ----------------------------------------------------
+
+class GainInPlace(nn.Module):
+    """NF-net style: ``out.mul_(gain)`` whose result is not used; ``out`` is read after."""
+
+    def __init__(self, read_before=False):
+        super().__init__()
+        self.conv = nn.Conv2d(4, 4, 3, padding=1)
+        self.gain = nn.Parameter(torch.tensor(0.7))
+        self.read_before = read_before
+
+    def forward(self, x):
+        out = self.conv(x)
+        view = out.view(-1) if self.read_before else None
+        out.mul_(self.gain)
+        out = out * 0.2 + 1.0
+        return out if view is None else out + view.sum()
+
+
+def test_reads_after_an_in_place_write_see_it():
+    fuse_exactly(GainInPlace(), image(), ops={"conv": 1, "mul": 0, "add": 0})
+
+
+def test_a_view_taken_before_an_in_place_write_keeps_the_graph():
+    fused = fuse_refused(GainInPlace(read_before=True), image(), unchanged=("mul",),
+                         reason=None)
+    assert_ops(fused, {"conv": 1})
