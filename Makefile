@@ -6,7 +6,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test test-thorough bench bench-all bench-fuse clean
+.PHONY: demo test test-thorough bench bench-all bench-fuse corpus-table clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -34,6 +34,10 @@ bench-all: $(STAMP)
 # the engine against hand-written reparameterize() on the reference models; fuse() scaling
 bench-fuse: $(STAMP)
 	$(PY) tools/bench_fuse.py
+
+# the third-party corpus: fuse() against each library's own re-parameterization
+corpus-table: $(STAMP)
+	$(PY) tools/corpus_table.py
 
 clean:
 	rm -rf $(VENV) out .pytest_cache .hypothesis

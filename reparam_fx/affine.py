@@ -103,8 +103,28 @@ class ChannelAffine:
         return sizes.pop() if len(sizes) == 1 else None
 
 
+class _Kernel:
+    """What convs and transposed convs share: ``weight`` is ``(.., .., *kernel)``."""
+
+    weight: torch.Tensor
+    bias: torch.Tensor | None
+
+    @property
+    def spatial(self) -> int:
+        return self.weight.dim() - 2
+
+    @property
+    def kernel(self) -> tuple[int, ...]:
+        return tuple(self.weight.shape[2:])
+
+    def weights_as(self, like: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Weight and bias cast to ``like``'s dtype and device."""
+        cast = lambda t: None if t is None else t.to(dtype=like.dtype, device=like.device)
+        return cast(self.weight), cast(self.bias)
+
+
 @dataclass(frozen=True)
-class ConvTerm:
+class ConvTerm(_Kernel):
     """``y = conv(x, weight, bias)`` with zero padding; ``macs`` is the original ops' cost."""
 
     weight: torch.Tensor  # (out, in/groups, *kernel), float64
@@ -115,14 +135,6 @@ class ConvTerm:
     groups: int
     macs: float = field(default=0.0, compare=False)
     padding_mode: str = "zeros"  # non-zero modes fold what follows them, never merge
-
-    @property
-    def spatial(self) -> int:
-        return self.weight.dim() - 2
-
-    @property
-    def kernel(self) -> tuple[int, ...]:
-        return tuple(self.weight.shape[2:])
 
     @property
     def out_channels(self) -> int:
@@ -136,14 +148,9 @@ class ConvTerm:
     def is_pointwise(self) -> bool:
         return all(k == 1 for k in self.kernel)
 
-    def weights_as(self, like: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """Weight and bias cast to ``like``'s dtype and device."""
-        cast = lambda t: None if t is None else t.to(dtype=like.dtype, device=like.device)
-        return cast(self.weight), cast(self.bias)
-
 
 @dataclass(frozen=True)
-class TransposedConvTerm:
+class TransposedConvTerm(_Kernel):
     """``y = conv_transpose(x, weight, bias)``; ``weight`` is ``(in, out/groups, *kernel)``."""
 
     weight: torch.Tensor
@@ -156,23 +163,12 @@ class TransposedConvTerm:
     macs: float = field(default=0.0, compare=False)
 
     @property
-    def spatial(self) -> int:
-        return self.weight.dim() - 2
-
-    @property
-    def kernel(self) -> tuple[int, ...]:
-        return tuple(self.weight.shape[2:])
-
-    @property
     def in_channels(self) -> int:
         return self.weight.shape[0]
 
     @property
     def out_channels(self) -> int:
         return self.weight.shape[1] * self.groups
-
-    def weights_as(self, like: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
-        return ConvTerm.weights_as(self, like)
 
 
 Term = ChannelAffine | ConvTerm | TransposedConvTerm

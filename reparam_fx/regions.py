@@ -86,6 +86,7 @@ class Region:
     has_identity: bool = False
     has_sub: bool = False
     shape_bound: bool = False  # an absorbed value's sizes are read: keep the shape
+    fallback: Region | None = None  # see RegionBuilder._fallback
 
     @property
     def emittable(self) -> bool:
@@ -164,7 +165,23 @@ class RegionBuilder:
         if not self.usable_source(region):
             self.skip(node, "its input is modified in place by another op")
             return
+        if affine.adds_macs(region.term):
+            region.fallback = self._fallback(base, op, node)
         self.regions[node] = region
+
+    def _fallback(self, base: Region, op: Unary, node) -> Region | None:
+        """For a region that costs more than its ops while it waits for a sum to pay it
+        back: the region that starts after the costly composition, used if the sum does
+        not merge it (its inputs' own regions are then written on their own)."""
+        try:
+            if base.fallback is not None:
+                return self._compose(base.fallback, op, node)
+            if not affine.adds_macs(base.term):
+                return self._compose(Region(op.input, affine.identity(), has_identity=True),
+                                     op, node)
+        except NotExact:
+            pass
+        return None
 
     def _compose(self, base: Region, op: Unary, node) -> Region:
         axis = op.axis
@@ -212,6 +229,11 @@ class RegionBuilder:
             if not self.view.is_value(node):
                 return False
             op = self.view.interpret(node)
+            if op is None and len(self.view.users(node)) == 1:  # a BN's tuple in core ATen
+                after = next(iter(self.view.users(node)))
+                op = self.view.interpret(after) if self.view.is_value(after) else None
+                if isinstance(op, Unary) and node in op.extra_nodes:
+                    node = after
             if isinstance(op, Sum):
                 return True
             if not isinstance(op, Unary):
@@ -270,6 +292,12 @@ class RegionBuilder:
         leaves, inner = self._flatten(op)
         parts = [(self.operand(leaf), coeff, leaf) for leaf, coeff in leaves]
         groups, refusal = group_terms(parts)
+        unpaid = {id(g.members[0][0]) for g in groups
+                  if len(g.members) == 1 and affine.adds_macs(g.members[0][0].term)}
+        if unpaid:  # costly compositions the sum did not merge: their cheaper alternatives
+            parts = [(part.fallback if id(part) in unpaid and part.fallback else part, c, leaf)
+                     for part, c, leaf in parts]
+            groups, refusal = group_terms(parts)
         if len(groups) == 1 and len(groups[0].members) == len(parts):
             region = groups[0].region(self, inner + [node])
             region.shape_bound |= any(self.view.reads_shape(n) for n in inner)
@@ -422,15 +450,20 @@ def select_rewrites(view, builder: RegionBuilder, worth_writing=None) -> tuple[l
     ``worth_writing(region)`` (default: ``region.emittable``) lets a frontend refuse
     rewrites that would not save ops in its own op set."""
     worth_writing = worth_writing or (lambda region: region.emittable)
-    candidates = {value: region for value, region in builder.regions.items()
-                  if worth_writing(region)}
+    candidates = {}
+    for value, region in builder.regions.items():
+        if not worth_writing(region) and region.fallback is not None:
+            region = region.fallback  # a costly composition no sum paid for
+        if worth_writing(region):
+            candidates[value] = region
     candidates.update(builder.partial_sums)
     emit, partial_sums, covered = [], [], set()
     for value in reversed(list(view.values())):
         item = candidates.get(value)
         if item is None and value not in covered:
             region = builder.regions.get(value)
-            if region is not None and len(region.nodes) > 1 and affine.adds_macs(region.term):
+            if region is not None and region.fallback is None and len(region.nodes) > 1 \
+                    and affine.adds_macs(region.term):
                 builder.skip(value, "folding it with the ops before it would increase MACs "
                                     f"({region.term.weight.numel():,} > {region.term.macs:,.0f} "
                                     "per output position)")

@@ -391,3 +391,20 @@ def test_training_mode_is_a_clear_error():
         reparam_fx.fuse(ConvBN(4, 4, 3).eval(), capture="jit")
     with pytest.raises(reparam_fx.FusionError, match="example_inputs"):
         reparam_fx.fuse(ConvBN(4, 4, 3).eval(), capture="export")
+
+
+class CustomLeafTracer(torch.fx.Tracer):
+    """A user's tracer that keeps its own blocks as leaves (as timm's FX helpers do)."""
+
+    def is_leaf_module(self, module, name):
+        return isinstance(module, ConvBN) or super().is_leaf_module(module, name)
+
+
+def test_leaves_of_a_given_graph_module_are_fused_inside():
+    model = randomized(nn.Sequential(ConvBN(4, 4, 3), nn.ReLU(), ConvBN(4, 4, 1))).double()
+    traced = torch.fx.GraphModule(model, CustomLeafTracer().trace(model))
+    fused = reparam_fx.fuse(traced)
+    assert_ops(fused, {"conv": 2, "batch_norm": 0})
+    assert {leaf.module for leaf in fused.fusion_report.leaves} == {"0", "2"}
+    reparam_fx.verify(model, fused, (image().double(),), rtol=RTOL)
+    assert isinstance(traced.get_submodule("0").bn, nn.BatchNorm2d)  # the input untouched

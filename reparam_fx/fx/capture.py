@@ -170,6 +170,12 @@ def replaced_forward(module: nn.Module) -> bool:
     return "forward" in module.__dict__
 
 
+def runs_standard_forward(module) -> bool:
+    """A ``torch.nn`` class's own forward: no subclass, no replaced instance forward."""
+    return module is not None and type(module).__module__.startswith("torch.nn") and \
+        not replaced_forward(module)
+
+
 def is_op_module(module: nn.Module) -> bool:
     """A ``torch.nn`` module that is one op (Conv2d, ReLU ...), not a container of others."""
     return type(module).__module__.startswith("torch.nn") and not isinstance(

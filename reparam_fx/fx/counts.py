@@ -18,7 +18,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from reparam_fx.fx.capture import is_op_module, trace
-from reparam_fx.fx.facts import schema_name, shape_values
+from reparam_fx.fx.values import schema_name, shape_values
 
 OP_CATEGORIES = ("conv", "batch_norm", "linear", "add", "sub", "mul", "div", "avg_pool", "pad")
 

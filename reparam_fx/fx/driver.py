@@ -17,10 +17,10 @@ import torch.nn as nn
 
 from reparam_fx.fx.capture import (FusionError, Workspace, export, first_line, is_aten_graph,
                                    is_op_module, propagate_shapes, trace)
-from reparam_fx.fx.counts import (counts_as_parameter, graph_op_counts, module_tensors,
-                                  node_category, op_counts, parameter_count)
-from reparam_fx.fx.facts import GraphFacts, ModuleLookup, shape_values
-from reparam_fx.fx.leaves import fuse_inside
+from reparam_fx.fx.counts import graph_op_counts, node_category, op_counts, parameter_count
+from reparam_fx.fx.facts import GraphFacts, ModuleLookup
+from reparam_fx.fx.values import shape_values
+from reparam_fx.fx.leaves import fuse_inside, merge_report
 from reparam_fx.fx.rewrite import fusion_pass, redirect_reads_after_inplace
 from reparam_fx.regions import gc_paused
 from reparam_fx.report import FusionReport, Leaf, Skipped
@@ -63,11 +63,11 @@ def fuse(model, example_inputs=None, *, capture: str = "auto") -> nn.Module:
 def _fuse(model, example_inputs, capture: str) -> nn.Module:
     if isinstance(model, torch.export.ExportedProgram):
         gm = model.module()  # a new module, but its graph may share nodes' meta: copied later
-        return _fuse_workspace(Workspace(gm, gm.graph, "aten", "FusedExportedProgram"))
+        return _fuse_workspace(Workspace(gm, gm.graph, "aten", "FusedExportedProgram"), gm)
     if isinstance(model, torch.fx.GraphModule):
         frontend = "aten" if is_aten_graph(model.graph) else "fx"
         return _fuse_workspace(Workspace(model, model.graph, frontend, f"Fused{type(model).__name__}"),
-                               example_inputs)
+                               model, example_inputs)
     if not isinstance(model, nn.Module):
         raise FusionError(f"fuse() takes an nn.Module, a torch.fx.GraphModule or a "
                           f"torch.export.ExportedProgram, not {type(model).__name__}")
@@ -76,7 +76,7 @@ def _fuse(model, example_inputs, capture: str) -> nn.Module:
         if example_inputs is None:
             raise FusionError("capture='export' needs example_inputs=(x,)")
         gm = export(model, example_inputs)
-        return _fuse_workspace(Workspace(gm, gm.graph, "aten", name))
+        return _fuse_workspace(Workspace(gm, gm.graph, "aten", name), model)
     try:
         traced, leaves = trace(model)
     except Exception as error:  # noqa: BLE001 - the model's own forward does not trace
@@ -87,18 +87,20 @@ def _fuse(model, example_inputs, capture: str) -> nn.Module:
             except FusionError as export_error:
                 reason += f"; {export_error}"
             else:
-                return _fuse_workspace(Workspace(gm, gm.graph, "aten", name))
+                return _fuse_workspace(Workspace(gm, gm.graph, "aten", name), model)
         return _fuse_children(model, reason)
-    return _fuse_workspace(Workspace(traced, traced.graph, "fx", name, leaves), example_inputs)
+    return _fuse_workspace(Workspace(traced, traced.graph, "fx", name, leaves), model,
+                           example_inputs)
 
 
-def _fuse_workspace(ws: Workspace, example_inputs=None) -> torch.fx.GraphModule:
+def _fuse_workspace(ws: Workspace, original: nn.Module, example_inputs=None) -> torch.fx.GraphModule:
+    """Fuse the graph of ``ws``, captured from ``original`` (the caller's module, only read)."""
     if example_inputs is not None and ws.frontend == "fx":
         propagate_shapes(ws, example_inputs)
     report = FusionReport(frontend=ws.frontend)
     lookup = ModuleLookup(ws)
     report.ops_before = graph_op_counts(ws.graph, lookup)
-    report.params_before = _graph_parameter_count(ws)
+    report.params_before = parameter_count(original)
     report.nodes_before = _count_ops(ws.graph)
     redirect_reads_after_inplace(ws)
     for _ in range(MAX_PASSES):  # to a fixpoint; one pass usually finds everything
@@ -126,7 +128,9 @@ def _fuse_workspace(ws: Workspace, example_inputs=None) -> torch.fx.GraphModule:
 
 def _fuse_leaves(result: torch.fx.GraphModule, ws: Workspace, renamed: dict,
                  report: FusionReport) -> None:
-    """Fuse inside every module the result keeps whole (its private copies)."""
+    """Fuse inside every module the result keeps whole (its private copies): the children
+    of one that does not trace, has hooks or is TorchScript; a leaf of a graph the caller
+    traced with a custom tracer (timm's FX helpers keep blocks whole) as a whole."""
     reasons = {renamed.get(leaf.module, leaf.module): leaf for leaf in ws.leaves}
     done = set()
     for node in result.graph.nodes:
@@ -137,12 +141,18 @@ def _fuse_leaves(result: torch.fx.GraphModule, ws: Workspace, renamed: dict,
             continue
         done.add(id(module))
         leaf = reasons.get(node.target)
-        if leaf is None:
-            if not any(True for _ in module.children()):
-                continue  # nothing inside to fuse: a custom op of the graph it came in
-            leaf = Leaf(node.target, "kept whole by the graph it came in")
-        report.leaves.append(leaf)
-        fuse_inside(module, leaf.module, _fuse_child, report)
+        if leaf is not None:  # it does not trace, has hooks, or is TorchScript
+            report.leaves.append(leaf)
+            fuse_inside(module, leaf.module, _fuse_child, report)
+            continue
+        if not any(True for _ in module.children()):
+            continue  # nothing inside to fuse: a custom op of the graph it came in
+        # a leaf of the graph it came in (a custom tracer's): fused as a whole
+        report.leaves.append(Leaf(node.target, "kept whole by the graph it came in"))
+        fused, inner = _fuse_child(module)
+        merge_report(report, inner, node.target)
+        if fused is not None:
+            setattr(result, node.target, fused)
 
 
 def _fuse_child(child: nn.Module):
@@ -191,24 +201,6 @@ def _unfolded_batchnorms(result: torch.fx.GraphModule, report: FusionReport,
                   else "no conv or linear next to it to fold into")
         missing.append(Skipped(node.name, "batch_norm", reason))
     return missing
-
-
-def _graph_parameter_count(ws: Workspace) -> int:
-    """Parameters the graph uses (as ``parameter_count`` counts them), read in place."""
-    seen, total = set(), 0
-    for node in ws.graph.nodes:
-        if node.op == "call_module":
-            tensors = module_tensors(ws.module(node.target))
-        elif node.op == "get_attr":
-            value = ws.resolve(node.target)
-            tensors = [(node.target, value)] if isinstance(value, torch.Tensor) else []
-        else:
-            continue
-        for name, tensor in tensors:
-            if id(tensor) not in seen and counts_as_parameter(name, tensor):
-                seen.add(id(tensor))
-                total += tensor.numel()
-    return total
 
 
 def _count_ops(graph: torch.fx.Graph) -> int:

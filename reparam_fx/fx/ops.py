@@ -32,7 +32,8 @@ import torch.nn.functional as F
 
 from reparam_fx import affine
 from reparam_fx.fx.capture import has_global_hooks, has_hooks, replaced_forward
-from reparam_fx.fx.facts import GraphFacts, hashable_in, tensor_shape
+from reparam_fx.fx.facts import GraphFacts
+from reparam_fx.fx.values import hashable_in, tensor_shape
 from reparam_fx.regions import Refused, Sum, Unary
 
 aten = torch.ops.aten
@@ -220,10 +221,10 @@ def _pad_op(input_node, pad, mode, value):
                   -(len(pairs) + 1))
 
 
-def _border_fill_op(node, fill):
+def _border_fill_op(node, fill):  # noqa: ARG001 - the node is the fill's output
     """Zero padding, then its whole border set to one value per channel: padding with
     that value (DiverseBranchBlock's BNAndPadLayer writes BN(0) there)."""
-    return Unary(node.args[0], affine.zero_pad(fill.padding, fill.value), "pad",
+    return Unary(fill.source, affine.zero_pad(fill.padding, fill.value), "pad",
                  -(len(fill.padding) + 1), extra_nodes=fill.writers)
 
 
@@ -336,8 +337,8 @@ def _arith_op(facts, node, a, b, kind, coeff=1.0):
 
 def interpret(node: torch.fx.Node, facts: GraphFacts):
     """What ``node`` computes, as an affine op of its tensor input(s), or None/Refused."""
-    if node in facts.scalars or facts.constant(node) is not None:
-        return None  # shape arithmetic, or a value computed from parameters alone
+    if node in facts.scalars or node in facts.fill_writers or facts.constant(node) is not None:
+        return None  # shape arithmetic, a border write, a value computed from parameters
     try:
         if node.op == "call_module":
             return _interpret_module(node, facts)
@@ -485,6 +486,8 @@ def _interpret_function(node, facts):
 
 
 def _interpret_aten(node, facts):
+    if node in facts.border_fills:  # core ATen: the last slice_scatter of the border writes
+        return _border_fill_op(node, facts.border_fills[node])
     if node.target is operator.getitem and facts.frontend != "aten":
         return _crop_op(facts, node, node.args[1])
     if node.target is operator.getitem:

@@ -40,7 +40,8 @@ import torch.nn as nn
 
 from reparam_fx.affine import ConvTerm, TransposedConvTerm
 from reparam_fx.fx.counts import counts_as_parameter, module_tensors, node_category
-from reparam_fx.fx.facts import GraphFacts, metadata_read, tensor_shape
+from reparam_fx.fx.facts import GraphFacts
+from reparam_fx.fx.values import metadata_read, tensor_shape
 from reparam_fx.fx.ops import interpret
 from reparam_fx.regions import Region, RegionBuilder, Sum, Unary, select_rewrites
 from reparam_fx.report import FusedRegion, FusionReport, classify_region
@@ -328,7 +329,7 @@ def _rewrite(facts: GraphFacts, emit: list, partial_sums: list,
         # unused checks on a constant (export's dtype assert before a .to()) go with it
         checks = {u for u in node.users if not u.users and metadata_read(u, node)}
         if all(u in dead or u in checks for u in node.users) and \
-                (node.op == "get_attr" or facts.constant(node) is not None):
+                (node.op == "get_attr" or facts.is_constant(node)):
             dead.add(node)
             dead.update(checks)
     new = torch.fx.Graph()
