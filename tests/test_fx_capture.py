@@ -408,3 +408,15 @@ def test_leaves_of_a_given_graph_module_are_fused_inside():
     assert {leaf.module for leaf in fused.fusion_report.leaves} == {"0", "2"}
     reparam_fx.verify(model, fused, (image().double(),), rtol=RTOL)
     assert isinstance(traced.get_submodule("0").bn, nn.BatchNorm2d)  # the input untouched
+
+
+def test_sym_size_reads_in_a_dynamic_export_do_not_stop_a_fold():
+    model = randomized(ShapeReads()).double()
+    x = image().double()
+    batch = torch.export.Dim("batch", min=2, max=64)
+    program = torch.export.export(model, (x,), dynamic_shapes=({0: batch},))
+    assert any("sym_size" in str(n.target) for n in program.graph.nodes)
+    fused = reparam_fx.fuse(program)
+    assert_ops(fused, {"conv": 1, "batch_norm": 0})
+    for size in (2, 5):
+        reparam_fx.verify(model, fused, (image(batch=size).double(),), rtol=RTOL)
