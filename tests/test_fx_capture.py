@@ -420,3 +420,15 @@ def test_sym_size_reads_in_a_dynamic_export_do_not_stop_a_fold():
     assert_ops(fused, {"conv": 1, "batch_norm": 0})
     for size in (2, 5):
         reparam_fx.verify(model, fused, (image(batch=size).double(),), rtol=RTOL)
+
+
+def test_a_hooked_model_keeps_its_hooks_and_fuses_inside():
+    model = randomized(WithNeighbours()).double()
+    seen = []
+    model.register_forward_hook(lambda module, args, out: seen.append(type(module).__name__))
+    fused = reparam_fx.fuse(model)
+    assert type(fused) is WithNeighbours and fused is not model
+    fused(image().double())
+    assert seen == ["WithNeighbours"]  # the copy's hook ran, on the copy
+    assert fused.fusion_report.pattern_counts() == {"conv+bn": 4}
+    reparam_fx.verify(model, fused, (image().double(),), rtol=RTOL)

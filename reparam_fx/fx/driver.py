@@ -15,8 +15,8 @@ import torch
 import torch.fx
 import torch.nn as nn
 
-from reparam_fx.fx.capture import (FusionError, Workspace, export, first_line, is_aten_graph,
-                                   is_op_module, propagate_shapes, trace)
+from reparam_fx.fx.capture import (FusionError, Workspace, export, first_line, has_hooks,
+                                   is_aten_graph, is_op_module, propagate_shapes, trace)
 from reparam_fx.fx.counts import graph_op_counts, node_category, op_counts, parameter_count
 from reparam_fx.fx.facts import GraphFacts, ModuleLookup
 from reparam_fx.fx.values import shape_values
@@ -77,6 +77,8 @@ def _fuse(model, example_inputs, capture: str) -> nn.Module:
             raise FusionError("capture='export' needs example_inputs=(x,)")
         gm = export(model, example_inputs)
         return _fuse_workspace(Workspace(gm, gm.graph, "aten", name), model)
+    if has_hooks(model):  # kept whole like any hooked module: its hooks keep running
+        return _fuse_children(model, "it has forward hooks or pre-hooks, which keep running on it")
     try:
         traced, leaves = trace(model)
     except Exception as error:  # noqa: BLE001 - the model's own forward does not trace
