@@ -95,6 +95,7 @@ class ChannelAffine:
     shift: torch.Tensor | None = None  # 0-d or (C,), None means 0
     padding: tuple[int, ...] = ()  # symmetric padding (> 0) or crop (< 0) per trailing dim
     border: torch.Tensor | None = None  # 0-d or (C,): the padded positions' value, None: 0
+    border_rtol: float = field(default=0.0, compare=False)  # the model's rounding of it
 
     @property
     def channels(self) -> int | None:
@@ -135,6 +136,8 @@ class ConvTerm(_Kernel):
     groups: int
     macs: float = field(default=0.0, compare=False)
     padding_mode: str = "zeros"  # non-zero modes fold what follows them, never merge
+    padded_grid: bool = False  # a 1x1 conv whose padding came after it: it now runs on
+    #                            border positions the original did not compute (more MACs)
 
     @property
     def out_channels(self) -> int:
@@ -199,18 +202,22 @@ def batchnorm(mean, var, weight, bias, eps: float) -> ChannelAffine:
 
 
 def zero_pad(padding: tuple[int, ...], border=None) -> ChannelAffine:
-    """Padding (> 0) with zeros, or with ``border`` per channel; cropping (< 0)."""
-    return ChannelAffine(_as_double(1.0), None, tuple(padding),
-                         None if border is None else _as_double(border))
+    """Padding (> 0) with zeros, or with ``border`` per channel; cropping (< 0). A border
+    the model computed is known to 8 ulps of its dtype (``border_rtol``)."""
+    if border is None:
+        return ChannelAffine(_as_double(1.0), None, tuple(padding))
+    ulps = 8 * torch.finfo(border.dtype).eps if border.is_floating_point() else 0.0
+    return ChannelAffine(_as_double(1.0), None, tuple(padding), _as_double(border), ulps)
 
 
-def _close(a: torch.Tensor | None, b: torch.Tensor | None) -> bool:
-    """Equal up to rounding: a border value the model computed (``beta - mean * gamma /
-    std``) and the same expression computed here agree to a few ulps of the model's dtype."""
+def _close(a: torch.Tensor | None, b: torch.Tensor | None, rtol: float) -> bool:
+    """Equal up to the model's rounding (``rtol`` of the largest value; 0: exactly): a
+    border value the model computed (``beta - mean * gamma / std`` in its dtype) against
+    the same expression computed here in float64."""
     a = torch.zeros((), dtype=DOUBLE) if a is None else a
     b = torch.zeros((), dtype=DOUBLE) if b is None else b
-    scale = max(float(a.abs().max()), float(b.abs().max()), 1e-30)
-    return bool(((a - b).abs() <= 1e-5 * scale).all())
+    scale = max(float(a.abs().max()), float(b.abs().max()))
+    return bool(((a - b).abs() <= rtol * scale).all())
 
 
 def conv(weight, bias, stride, padding, dilation, groups: int,
@@ -328,15 +335,15 @@ def _affine_then_affine(first: ChannelAffine, second: ChannelAffine) -> ChannelA
     shift = None if first.shift is None else first.shift * second.scale
     if second.shift is not None:
         shift = second.shift if shift is None else shift + second.shift
-    border = second.border
+    border, rtol = second.border, max(first.border_rtol, second.border_rtol)
     if any(p > 0 for p in first.padding):
         border = second.scale * (0.0 if first.border is None else first.border)
         if second.shift is not None:
             border = border + second.shift
-        if any(p > 0 for p in second.padding) and not _close(border, second.border):
+        if any(p > 0 for p in second.padding) and not _close(border, second.border, rtol):
             raise NotExact("two paddings with different values")
     return ChannelAffine(scale, shift, _pad_then_pad(first.padding, second.padding),
-                         None if _is_zero(border) else border)
+                         None if _is_zero(border) else border, rtol)
 
 
 def _pad_then_pad(first: tuple[int, ...], second: tuple[int, ...]) -> tuple[int, ...]:
@@ -380,11 +387,12 @@ def _pointwise_then_padding(first: ConvTerm, second: ChannelAffine) -> ConvTerm:
             (first.padding_mode != "zeros" and any(first.padding)):
         raise NotExact("zero padding after a conv is not a conv padding")
     unpadded = _conv_then_affine(first, _with(second, padding=(), border=None))
-    if not _close(second.border, unpadded.bias):
+    if not _close(second.border, unpadded.bias, second.border_rtol):
         raise NotExact("padding after a 1x1 conv with values other than its output for a "
                        "zero input is not a conv padding")
     pads = (0,) * (first.spatial - len(second.padding)) + second.padding
-    return _with(unpadded, padding=tuple(p + q for p, q in zip(first.padding, pads)))
+    return _with(unpadded, padding=tuple(p + q for p, q in zip(first.padding, pads)),
+                 padded_grid=True)
 
 
 def _input_channel_index(term: ConvTerm) -> torch.Tensor:
@@ -413,7 +421,7 @@ def _affine_then_conv(first: ChannelAffine, second: ConvTerm) -> ConvTerm:
             return _affine_then_conv(_with(first, padding=(), border=None), padded)
         # pad_b(s x + t) with b == t is s * pad_0(x) + t: the shift reaches the padded
         # positions too, so it folds into the bias if the conv adds no zeros of its own
-        if not _close(first.border, first.shift):
+        if not _close(first.border, first.shift, first.border_rtol):
             raise NotExact("a border value other than the shift before a conv")
         if any(p > 0 for p in second.padding) and not _is_zero(first.shift):
             raise NotExact("a per-channel shift (e.g. BatchNorm) before a zero-padded conv "
@@ -494,8 +502,11 @@ def _check_macs(cost: int, original_macs: float, what: str, headroom: float = 1.
 
 
 def adds_macs(term: Term) -> bool:
-    """Whether one conv for ``term`` would cost more than the ops it stands for."""
-    return isinstance(term, (ConvTerm, TransposedConvTerm)) and term.weight.numel() > term.macs + 1e-9
+    """Whether one conv for ``term`` would cost more than the ops it stands for: more per
+    output position, or on positions the original did not compute (``padded_grid``: a
+    conv after it, or a sum, takes the padding back into a grid it computes anyway)."""
+    return isinstance(term, (ConvTerm, TransposedConvTerm)) and (
+        term.weight.numel() > term.macs + 1e-9 or getattr(term, "padded_grid", False))
 
 
 def _conv_then_conv(first: ConvTerm, second: ConvTerm) -> ConvTerm:
@@ -524,7 +535,7 @@ def _conv_then_pointwise(first: ConvTerm, second: ConvTerm) -> ConvTerm:
         bias = carried if bias is None else bias + carried
     return ConvTerm(weight, bias, tuple(s1 * s2 for s1, s2 in zip(first.stride, second.stride)),
                     first.padding, first.dilation, groups, macs=original,
-                    padding_mode=first.padding_mode)
+                    padding_mode=first.padding_mode, padded_grid=first.padded_grid)
 
 
 def _pointwise_then_conv(first: ConvTerm, second: ConvTerm) -> ConvTerm:
@@ -598,7 +609,8 @@ def merge(terms: list[Term], signs: list[float]) -> Term:
     dilation = tuple(dil for _, dil, _ in lattice)
     kernel = tuple(k for _, _, k in lattice)
     groups = reduce(math.gcd, (t.groups for t in convs))
-    original = sum(t.macs for t in convs)
+    # a padded-grid branch's cost per output position is below its macs: count it as 0
+    original = sum(0.0 if t.padded_grid else t.macs for t in convs)
     _check_macs(out * (cin // groups) * math.prod(kernel), original, "merging these branches")
 
     weight = torch.zeros(out, cin // groups, *kernel, dtype=DOUBLE)

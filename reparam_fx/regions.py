@@ -54,6 +54,7 @@ class Unary:
     extra_nodes: tuple = ()  # nodes absorbed along (aten BN tuple producers)
     const_rank: int = 0  # rank of a broadcast constant (must not raise the tensor's rank)
     computed: bool = False  # reads weights computed in forward (worth precomputing alone)
+    dtype: object = None  # dtype of its weights or (non-scalar) constant, None: not known
 
 
 @dataclass
@@ -87,6 +88,7 @@ class Region:
     has_sub: bool = False
     shape_bound: bool = False  # an absorbed value's sizes are read: keep the shape
     fallback: Region | None = None  # see RegionBuilder._fallback
+    dtypes: frozenset = frozenset()  # of the absorbed ops' weights and constants
 
     @property
     def emittable(self) -> bool:
@@ -96,7 +98,8 @@ class Region:
         return isinstance(self.term, (ConvTerm, TransposedConvTerm)) and (
             len(self.nodes) - self.kinds["identity"] >= 2 or self.kinds["computed"] > 0) \
             and all(p >= 0 for p in self.term.padding) \
-            and not affine.adds_macs(self.term)  # (a crop left is no conv)
+            and not affine.adds_macs(self.term) \
+            and len(self.dtypes) <= 1  # (a crop left is no conv; mixed dtypes promote)
 
 
 def merged_axis(a, b):
@@ -209,7 +212,8 @@ class RegionBuilder:
         # a region started on an input is not an identity branch once an op follows it
         region = Region(base.source, new_term, region_axis, [*base.nodes, *op.extra_nodes, node],
                         base.kinds.copy(), list(base.kernels), base.branches,
-                        base.has_identity and bool(base.nodes), base.has_sub, base.shape_bound)
+                        base.has_identity and bool(base.nodes), base.has_sub, base.shape_bound,
+                        dtypes=base.dtypes | ({op.dtype} if op.dtype is not None else set()))
         region.kinds[op.role] += 1
         if op.computed:
             region.kinds["computed"] += 1
@@ -372,6 +376,7 @@ class TermGroup:
             region.has_identity |= part.has_identity or isinstance(part.term, ChannelAffine)
             region.has_sub |= part.has_sub or coeff < 0
             region.shape_bound |= part.shape_bound
+            region.dtypes |= part.dtypes
         region.branches = sum(max(part.branches, 1) for part, _, _ in self.members)
         region.nodes.extend(extra_nodes)
         return region

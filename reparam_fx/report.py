@@ -18,6 +18,7 @@ pattern                region absorbed
 ``layer scale``        per-channel constant scale folded into a conv/linear
 ``avgpool``            average pooling folded as a depthwise conv
 ``zero-pad``           explicit zero padding folded into a conv
+``crop``               a crop (``x[..., c:-c]``) folded into a conv
 ``conv composition``   two convs (kxk then 1x1, or 1x1 then kxk) composed
 ``computed weights``   one conv whose weights ``forward`` computes, now precomputed
 ``affine``             any other exactly-foldable region
@@ -150,6 +151,8 @@ def classify_region(kinds: Counter, conv_kernels: list[tuple[int, ...]], n_branc
         return "repvgg"
     if n_conv >= 2:
         return "conv composition"
+    if kinds["crop"]:
+        return "crop"
     if kinds["pad"]:
         return "zero-pad"
     if kinds["avgpool"]:

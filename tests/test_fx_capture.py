@@ -432,3 +432,141 @@ def test_a_hooked_model_keeps_its_hooks_and_fuses_inside():
     assert seen == ["WithNeighbours"]  # the copy's hook ran, on the copy
     assert fused.fusion_report.pattern_counts() == {"conv+bn": 4}
     reparam_fx.verify(model, fused, (image().double(),), rtol=RTOL)
+
+
+# ---- found in review: writes, randomness and calls the engine must respect ------------
+
+class MaskBuiltInForward(nn.Module):
+    """PixelCNN-style mask made in forward with item assignment: the weight read by the conv
+    is the one after the write."""
+
+    def __init__(self, form):
+        super().__init__()
+        self.form = form
+        self.w = nn.Parameter(torch.randn(4, 4, 3, 3))
+        self.bn = nn.BatchNorm2d(4)
+
+    def forward(self, x):
+        if self.form == "setitem":
+            mask = torch.ones_like(self.w)
+            mask[:, :, 2:, :] = 0
+            weight = self.w * mask
+        else:
+            weight = self.w.clone()
+            weight.mul_(2.0)
+        return self.bn(F.conv2d(x, weight, padding=1))
+
+
+@pytest.mark.parametrize("form", ["setitem", "method"])
+def test_a_weight_written_in_place_in_forward_is_not_taken_before_the_write(form):
+    model = randomized(MaskBuiltInForward(form)).double()
+    fused = reparam_fx.fuse(model, (image().double(),))
+    reparam_fx.verify(model, fused, (image().double(),), rtol=RTOL)
+
+
+class InPlaceOnWeights(nn.Module):
+    def forward(self, x):
+        return F.conv2d(x, F.relu(self.w, inplace=True), padding=1)
+
+    def __init__(self):
+        super().__init__()
+        self.w = nn.Parameter(torch.randn(4, 4, 3, 3))
+
+
+def test_an_in_place_op_on_parameters_is_never_evaluated():
+    model = InPlaceOnWeights().double().eval()
+    before = snapshot(model)
+    reparam_fx.fuse(model)
+    assert_state_unchanged(before, model)
+
+
+class GumbelGate(nn.Module):
+    """A random gate over two branches: it must stay random, not be folded once."""
+
+    def __init__(self):
+        super().__init__()
+        self.a, self.b = nn.Conv2d(4, 4, 3, padding=1), nn.Conv2d(4, 4, 3, padding=1)
+        self.alpha = nn.Parameter(torch.zeros(2))
+
+    def forward(self, x):
+        gate = F.gumbel_softmax(self.alpha, hard=True)
+        return self.a(x) * gate[0] + self.b(x) * gate[1]
+
+
+def test_random_ops_are_not_constants():
+    model = GumbelGate().double().eval()
+    fused = reparam_fx.fuse(model)
+    assert reparam_fx.op_counts(fused)["conv"] == 2
+
+
+class WritesWhenItCannotTrace(nn.Module):
+    """Fails to trace (Python control flow on a parameter), then would clamp its own
+    parameter during the retry with real parameters: the retry must stop, not write."""
+
+    def __init__(self):
+        super().__init__()
+        self.scale = nn.Parameter(torch.tensor(3.0))
+        self.conv = ConvBN(4, 4, 3)
+
+    def forward(self, x):
+        if self.scale > 1:
+            self.scale.data = self.scale.data.clamp(max=1.0)
+        return self.conv(x) * self.scale
+
+
+class NoisyWeights(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.w = nn.Parameter(torch.randn(4, 4, 3, 3))
+
+    def forward(self, x):
+        if self.w.sum() > -1e9:  # does not trace: retried with real parameters
+            return F.conv2d(x, self.w + 0.1 * torch.randn_like(self.w), padding=1)
+        return x
+
+
+def test_the_retry_with_real_parameters_neither_writes_nor_freezes_noise():
+    model = nn.Sequential(WritesWhenItCannotTrace(), NoisyWeights()).double().eval()
+    reparam_fx.fuse(model)
+    assert model[0].scale.item() == 3.0
+    fused = reparam_fx.fuse(model)
+    x = image().double()
+    assert not torch.equal(fused(x), fused(x))  # still noisy
+
+
+class OptionalScale(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.block = ConvBN(4, 4, 3)
+
+    def forward(self, x, scale=None):
+        y = self.block(x)
+        return y if scale is None else y * scale
+
+
+class ReadsThroughAProperty(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.inner = OptionalScale()
+        self.other = ConvBN(4, 4, 1)
+
+    @property
+    def gain(self):
+        return self.other.bn.weight.mean()
+
+    def forward(self, x):
+        if x.shape[-1] > 2:  # untraceable: children fused on their own
+            x = x * self.gain.detach()
+        head = self._head
+        return head(self.inner(x))
+
+    def _head(self, y):
+        return y + self.other.bn.running_mean.view(1, -1, 1, 1)
+
+
+def test_children_read_through_properties_or_called_without_optional_args():
+    model = randomized(ReadsThroughAProperty()).double()
+    fused = reparam_fx.fuse(model)
+    assert isinstance(fused.other, ConvBN)  # read as an object (property, bound method)
+    assert isinstance(fused.inner, torch.fx.GraphModule)  # traced with scale=None
+    reparam_fx.verify(model, fused, (image().double(),), rtol=RTOL)

@@ -314,3 +314,29 @@ def test_kernel_size_from_a_shape_is_left_alone():
     fused = fuse_refused(KernelFromShape(), image(), unchanged=("avg_pool",),
                          ops={"conv": 1, "batch_norm": 0}, reason="run time")
     assert fused.fusion_report.pattern_counts() == {"conv+bn": 1}
+
+
+class WriteThroughAView(nn.Module):
+    """``y[:, :2].mul_(2)`` (or through an ``nn.Identity``) writes ``y`` itself."""
+
+    def __init__(self, through):
+        super().__init__()
+        self.through = through
+        self.conv0 = nn.Conv2d(4, 4, 3, padding=1)
+        self.conv1, self.conv2 = ConvBN(4, 4, 3), ConvBN(4, 4, 1)
+        self.ident = nn.Identity()
+
+    def forward(self, x):
+        y = torch.relu(self.conv0(x))
+        a = self.conv1(y)
+        if self.through == "view":
+            y[:, :2].mul_(2.0)
+        else:
+            self.ident(y).mul_(2.0)
+        return a + self.conv2(y)
+
+
+@pytest.mark.parametrize("through", ["view", "identity"])
+def test_an_in_place_write_through_a_view_or_alias_keeps_the_merge_apart(through):
+    fused = fuse_refused(WriteThroughAView(through), image(), unchanged=("add",), reason=None)
+    assert reparam_fx.op_counts(fused)["conv"] == 3

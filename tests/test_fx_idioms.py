@@ -199,3 +199,75 @@ def test_a_view_taken_before_an_in_place_write_keeps_the_graph():
     fused = fuse_refused(GainInPlace(read_before=True), image(), unchanged=("mul",),
                          reason=None)
     assert_ops(fused, {"conv": 1})
+
+
+# ---- found in review ------------------------------------------------------------------
+
+class CropFromTheFront(nn.Module):
+    """``y[:, :, 1:-1]`` on a 4-D tensor crops H: the dims not indexed are whole."""
+
+    def __init__(self):
+        super().__init__()
+        self.bn0 = nn.BatchNorm2d(4)  # proves the rank
+        self.conv = nn.Conv2d(4, 4, 3, padding=1)
+        self.bn = nn.BatchNorm2d(4)
+
+    def forward(self, x):
+        return self.bn(self.conv(self.bn0(x))[:, :, 1:-1])
+
+
+def test_a_crop_indexed_from_the_front_crops_the_dim_it_names():
+    x = torch.randn(2, 4, 8, 10)
+    fused = fuse_exactly(CropFromTheFront(), x, ops={"batch_norm": 1},
+                         patterns={"crop": 1})
+    assert fused(x.double()).shape == (2, 4, 6, 10)
+
+
+class PaddedOneByOne(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.one = nn.Conv2d(8, 8, 1, bias=False)
+
+    def forward(self, x):
+        return torch.relu(F.pad(self.one(x), [3, 3, 3, 3]))
+
+
+def test_padding_after_a_lone_1x1_conv_is_not_moved_into_it():
+    # as the conv's padding it would run on the padded border too: more MACs
+    fuse_refused(PaddedOneByOne(), image(8), unchanged=("conv", "pad"), reason=None)
+
+
+def test_a_border_that_is_almost_bn_of_zero_is_refused():
+    class Fill(BNAndPad):
+        def forward(self, x):
+            out = F.pad(self.bn(x), [self.pad] * 4)
+            fill = (self.bn.bias - self.bn.running_mean * self.bn.weight
+                    / torch.sqrt(self.bn.running_var + self.bn.eps * 10)).view(1, -1, 1, 1)
+            p = self.pad
+            out[:, :, 0:p, :] = fill
+            out[:, :, -p:, :] = fill
+            out[:, :, :, 0:p] = fill
+            out[:, :, :, -p:] = fill
+            return out
+    model = OneByOneThenKxK()
+    model.pad = Fill(1, 4)
+    fused = fuse_refused(model, image(), unchanged=("pad",), reason="padding after a 1x1 conv")
+    assert reparam_fx.op_counts(fused)["conv"] >= 2
+
+
+def test_a_fixed_slice_in_a_dynamic_export_is_no_crop():
+    class FixedSlice(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv, self.bn = nn.Conv2d(4, 4, 3, padding=1), nn.BatchNorm2d(4)
+
+        def forward(self, x):
+            return self.bn(self.conv(x)[..., 1:7])
+    model = FixedSlice().double().eval()
+    width = torch.export.Dim("W", min=8)
+    program = torch.export.export(model, (image(size=8).double(),),
+                                  dynamic_shapes=({3: width},))
+    fused = reparam_fx.fuse(program)
+    x = torch.randn(2, 4, 8, 12, dtype=torch.float64)
+    assert fused(x).shape == model(x).shape == (2, 4, 8, 6)
+    reparam_fx.verify(model, fused, (x,), rtol=1e-10)

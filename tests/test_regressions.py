@@ -354,3 +354,18 @@ def test_dropout_in_training_mode_is_kept(exported):
     fused = reparam_fx.fuse(torch.export.export(model, (x,)) if exported else model.eval())
     assert "dropout in training mode" in " ".join(fused.fusion_report.skip_reasons())
     assert any("dropout" in str(node.target) for node in fused.graph.nodes)
+
+
+def test_a_constant_of_another_dtype_is_not_folded():
+    class Promotes(nn.Module):  # fp32 conv times an fp64 (C, 1, 1) buffer: fp64 out
+        def __init__(self):
+            super().__init__()
+            self.conv = nn.Conv2d(4, 4, 3, padding=1)
+            self.register_buffer("scale", torch.rand(4, 1, 1, dtype=torch.float64) + 0.5)
+
+        def forward(self, x):
+            return self.conv(x) * self.scale
+    model, x = Promotes().eval(), torch.randn(2, 4, 8, 8)
+    fused = reparam_fx.fuse(model)
+    assert fused(x).dtype == torch.float64
+    assert reparam_fx.op_counts(fused)["mul"] == 1

@@ -54,6 +54,7 @@ import torch
 import torch.fx
 import torch.nn as nn
 
+from reparam_fx.fx.values import RANDOM_NAMES as _RANDOM
 from reparam_fx.report import Leaf
 
 
@@ -223,15 +224,20 @@ class _NoWrites(torch.overrides.TorchFunctionMode):
         kwargs = kwargs or {}
         name = getattr(func, "__name__", "")
         writes = (name.endswith("_") and not name.startswith("__")) or "out" in kwargs \
-            or name in ("__setitem__", "__iadd__", "__isub__", "__imul__", "__itruediv__",
-                        "__ifloordiv__", "__imod__", "__ipow__", "__iand__", "__ior__", "__ixor__")
+            or kwargs.get("inplace") is True \
+            or name in ("__set__", "__setitem__", "__iadd__", "__isub__", "__imul__",
+                        "__itruediv__", "__ifloordiv__", "__imod__", "__ipow__", "__iand__",
+                        "__ior__", "__ixor__")
         if func is torch.nn.functional.batch_norm:
             bound = dict(zip(("input", "running_mean", "running_var", "weight", "bias",
                               "training"), args), **kwargs)
             writes = bool(bound.get("training")) and bound.get("running_mean") is not None
-        if writes and any(isinstance(a, torch.Tensor) and not isinstance(a, torch.fx.Proxy)
-                          for a in torch.utils._pytree.tree_leaves((args, kwargs))):
+        real = any(isinstance(a, torch.Tensor) and not isinstance(a, torch.fx.Proxy)
+                   for a in torch.utils._pytree.tree_leaves((args, kwargs)))
+        if writes and real:
             raise _WriteRefused(f"{name} writes to a tensor")
+        if _RANDOM.search(name):  # (random values would be frozen into the graph)
+            raise _WriteRefused(f"{name} draws random numbers")
         return func(*args, **kwargs)
 
 
@@ -360,7 +366,7 @@ class _Same:
         return isinstance(other, _Same) and other.value is self.value
 
 
-def trace(model: nn.Module) -> tuple[torch.fx.GraphModule, list[Leaf]]:
+def trace(model: nn.Module, concrete_args: dict | None = None) -> tuple[torch.fx.GraphModule, list[Leaf]]:
     """``model`` traced by :class:`FaithfulTracer`, and the modules it kept as leaves.
 
     Raises whatever symbolic tracing raises when ``model``'s own forward does not trace.
@@ -372,7 +378,7 @@ def trace(model: nn.Module) -> tuple[torch.fx.GraphModule, list[Leaf]]:
     for _ in range(4):  # the second trace normally finds no new failure
         tracer = FaithfulTracer(failed)
         try:
-            graph = tracer.trace(model)
+            graph = tracer.trace(model, concrete_args)
             done = tracer.failed.keys() == failed.keys()
             if done:  # before the restore: it takes the constants tracing set on the root
                 traced = torch.fx.GraphModule(tracer.root, graph, type(model).__name__)

@@ -9,6 +9,7 @@ copies of what the final graph still uses.
 
 from __future__ import annotations
 
+import inspect
 from dataclasses import replace
 
 import torch
@@ -60,7 +61,7 @@ def fuse(model, example_inputs=None, *, capture: str = "auto") -> nn.Module:
         return _fuse(model, example_inputs, capture)
 
 
-def _fuse(model, example_inputs, capture: str) -> nn.Module:
+def _fuse(model, example_inputs, capture: str, concrete_args: dict | None = None) -> nn.Module:
     if isinstance(model, torch.export.ExportedProgram):
         gm = model.module()  # a new module, but its graph may share nodes' meta: copied later
         return _fuse_workspace(Workspace(gm, gm.graph, "aten", "FusedExportedProgram"), gm)
@@ -80,7 +81,7 @@ def _fuse(model, example_inputs, capture: str) -> nn.Module:
     if has_hooks(model):  # kept whole like any hooked module: its hooks keep running
         return _fuse_children(model, "it has forward hooks or pre-hooks, which keep running on it")
     try:
-        traced, leaves = trace(model)
+        traced, leaves = trace(model, concrete_args)
     except Exception as error:  # noqa: BLE001 - the model's own forward does not trace
         reason = f"its own forward does not trace ({first_line(error)})"
         if capture == "auto" and example_inputs is not None:
@@ -157,14 +158,34 @@ def _fuse_leaves(result: torch.fx.GraphModule, ws: Workspace, renamed: dict,
             setattr(result, node.target, fused)
 
 
-def _fuse_child(child: nn.Module):
-    """A child of a leaf, fused on its own: ``(fused module or None, report)``."""
+def _fuse_child(child: nn.Module, call=None):
+    """A child of a leaf, fused on its own: ``(fused module or None, report)``. ``call``
+    (``(positional count, keywords)``) is how its parent calls it: the arguments it does not
+    pass are traced at their defaults (fx then checks them at run time)."""
     try:
-        fused = _fuse(child, None, "fx")
+        fused = _fuse(child, None, "fx", _defaults_not_passed(child, call))
     except FusionError as error:
         return None, FusionReport(leaves=[Leaf("", f"not fused: {error}")])
     report = fused.fusion_report
     return (fused if report.fused else None), report
+
+
+def _defaults_not_passed(module: nn.Module, call) -> dict | None:
+    if call is None:
+        return None
+    positional, keywords = call
+    try:
+        parameters = list(inspect.signature(module.forward).parameters.values())
+    except (TypeError, ValueError):
+        return None
+    concrete = {}
+    for index, parameter in enumerate(parameters):
+        if parameter.kind in (parameter.VAR_POSITIONAL, parameter.VAR_KEYWORD):
+            continue
+        passed = index < positional or parameter.name in keywords
+        if not passed and parameter.default is not parameter.empty:
+            concrete[parameter.name] = parameter.default
+    return concrete or None
 
 
 def _fuse_children(model: nn.Module, reason: str) -> nn.Module:

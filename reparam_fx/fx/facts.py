@@ -39,7 +39,7 @@ import torch.nn.functional as F
 from reparam_fx.fx.capture import runs_standard_forward
 from reparam_fx.fx.ranks import RankFacts
 from reparam_fx.fx.values import (INPLACE_OPERATORS, hashable_in, metadata_read, pure_call,
-                                  schema_name, shape_values, tensor_shape)
+                                  schema_name, shape_values, tensor_shape, view_base)
 
 if TYPE_CHECKING:
     from reparam_fx.fx.capture import Workspace
@@ -153,6 +153,8 @@ class GraphFacts:
                                   if n.op in ("call_module", "get_attr")} | set(ws.added)
         self._constants: dict[torch.fx.Node, torch.Tensor | None] = {}
         self.scalars = shape_values(ws.graph)
+        self.fill_writers: set = set()
+        self.written = self._find_written()  # (for constants: a value written later is none)
         self.border_fills = self._find_border_fills()
         self.fill_writers = writers = {w for fill in self.border_fills.values()
                                        for w in fill.writers}
@@ -181,6 +183,7 @@ class GraphFacts:
             self.value_users[node] = values
             if reads:
                 self.metadata_users[node] = reads
+        self.written = self._find_written(exclude=self.fill_writers)
         self.mutated = self._find_mutated()
         self.ranks = RankFacts(ws.graph, self.modules, self.constant)
 
@@ -323,19 +326,24 @@ class GraphFacts:
                     return len(index)
         return None
 
-    def _find_mutated(self) -> set[torch.fx.Node]:
-        """Nodes whose value an in-place op changes while another op still reads it
-        (border writes of :meth:`_find_border_fills` are part of their padding)."""
-        mutated = set()
-        writers = {w for fill in self.border_fills.values() for w in fill.writers}
+    def _find_written(self, exclude=frozenset()) -> set[torch.fx.Node]:
+        """Every node an in-place op writes to, directly or through views and aliases
+        (``y[:, :2].mul_(2)`` writes ``y``), but by the ops in ``exclude`` (the border
+        writes of :meth:`_find_border_fills`, part of their padding)."""
+        written = set()
         for node in self.ws.graph.nodes:
-            if node in writers:
+            if node in exclude or not self.is_inplace(node) or not node.args:
                 continue
-            if self.is_inplace(node) and node.args and isinstance(node.args[0], torch.fx.Node):
-                target = node.args[0]
-                if len(self.value_users[target]) > 1:
-                    mutated.add(target)
-        return mutated
+            target = node.args[0]
+            while isinstance(target, torch.fx.Node) and target not in written:
+                written.add(target)
+                target = view_base(target, self.modules)
+        return written
+
+    def _find_mutated(self) -> set[torch.fx.Node]:
+        """Nodes whose value an in-place op changes (directly, or through a view or an
+        alias) while another op still reads it."""
+        return {target for target in self.written if len(self.value_users[target]) > 1}
 
     # constants -----------------------------------------------------------------------
     def constant(self, value) -> torch.Tensor | None:
@@ -370,6 +378,8 @@ class GraphFacts:
         return self._constants[node]
 
     def _evaluate(self, node: torch.fx.Node):
+        if node in self.written:  # written in place later: its value here is not final
+            return _NOT_CONSTANT
         if node.op == "get_attr":
             attr = self.ws.resolve(node.target)
             return attr.detach() if isinstance(attr, torch.Tensor) else _NOT_CONSTANT

@@ -7,14 +7,16 @@ in the result's private copy of the leaf, each child that fuses is replaced by i
 ``GraphModule``. The same happens to a model whose own ``forward`` does not trace.
 
 Replacing a child is safe only if the leaf's code uses it as a function. So the leaf's
-class source is read (``ast``), from ``forward`` and the methods it calls: a child may be
-replaced when every use is a call (``self.conv(x)``, ``self.blocks[i](x)``,
-``for blk in self.blocks: x = blk(x)``), a ``len``, a truth test or a comparison with
-``None``. Anything else (``self.conv.weight``, ``isinstance(self.attn, ...)``,
-``getattr(self.proj, ...)``, keeping it in a variable) leaves that child's subtree as it
-is, with a reason. The replacement carries the child's plain attributes (numbers,
-strings, tuples: hyperparameters a parent may read). TorchScript modules are never
-changed.
+class source is read (``ast``), from ``forward`` and the methods and properties it reaches
+through ``self``: a child may be replaced when every use is a call (``self.conv(x)``,
+``self.blocks[i](x)``, ``for blk in self.blocks: x = blk(x)``), a ``len``, a truth test or
+a comparison with ``None``, and every call passes the same arguments (the child is traced
+with the others at their defaults: ``forward(x, scale=None)`` called as ``self.block(x)``
+is traced with ``scale=None``). Anything else (``self.conv.weight``,
+``isinstance(self.attn, ...)``, ``getattr(self.proj, ...)``, keeping it in a variable,
+calls with different arguments) leaves that child's subtree as it is, with a reason. The
+replacement carries the child's plain attributes (numbers, strings, tuples:
+hyperparameters a parent may read). TorchScript modules are never changed.
 """
 
 from __future__ import annotations
@@ -34,24 +36,33 @@ _PLAIN = (int, float, str, bool, type(None))
 _ITERATING = {"enumerate", "zip", "reversed", "list", "tuple", "iter"}
 
 
-def fuse_inside(module: nn.Module, path: str, fuse_child: Callable, report: FusionReport) -> None:
+def fuse_inside(module: nn.Module, path: str, fuse_child: Callable, report: FusionReport,
+                calls: set | None = None) -> None:
     """Fuse the children of ``module`` (a private copy, changed in place) with
-    ``fuse_child(child) -> (fused GraphModule | None, its report)``, adding what happened
-    to ``report``."""
+    ``fuse_child(child, call) -> (fused GraphModule | None, its report)``, adding what
+    happened to ``report``. ``call`` is how the parent calls the child: ``(positional
+    count, keywords)``; the child is traced with its other arguments at their defaults."""
     if isinstance(module, torch.jit.ScriptModule):
         return
-    blocked = _children_read_as_objects(module)
+    if calls is None:
+        blocked, calls = _children_uses(module)
+    else:  # the items of a container: called the way the container's owner calls them
+        blocked, calls = {}, {name: calls for name in module._modules}
     for name, child in list(module.named_children()):
         where = f"{path}.{name}" if path else name
         if name in blocked:
             report.leaves.append(Leaf(where, f"left as it is: {blocked[name]}"))
             continue
-        if isinstance(child, (nn.ModuleList, nn.ModuleDict)):
-            fuse_inside(child, where, fuse_child, report)  # no forward: its items one by one
+        if isinstance(child, (nn.ModuleList, nn.ModuleDict)):  # no forward: item by item
+            fuse_inside(child, where, fuse_child, report, calls.get(name, set()))
             continue
-        if is_op_module(child):
+        if is_op_module(child) or not calls.get(name):
+            continue  # (never called by the leaf's code: nothing to gain)
+        if len(calls[name]) != 1 or None in calls[name]:
+            report.leaves.append(Leaf(where, "left as it is: its parent calls it with "
+                                             "different or unknown arguments"))
             continue
-        fused, child_report = fuse_child(child)
+        fused, child_report = fuse_child(child, next(iter(calls[name])))
         if child_report is not None:
             merge_report(report, child_report, where)
         if fused is not None:
@@ -85,31 +96,46 @@ def _carry_plain_attributes(original: nn.Module, fused: nn.Module) -> None:
 
 # ---- how a module's own code uses its children ---------------------------------------
 
-def _children_read_as_objects(module: nn.Module) -> dict[str, str]:
-    """``{child name: reason}`` for the children that ``module``'s code uses other than by
-    calling them (those must stay the objects they are)."""
+def _children_uses(module: nn.Module) -> tuple[dict[str, str], dict[str, set]]:
+    """``(blocked, calls)``: ``{child: reason}`` for the children ``module``'s code uses
+    other than as functions (they must stay the objects they are), and ``{child: {call
+    shape}}`` for the others, a shape being ``(positional count, keywords)`` of a call, or
+    None for a call with ``*args`` / ``**kwargs``."""
     names = set(module._modules)
     if not names:
-        return {}
+        return {}, {}
     methods = _reachable_methods(type(module))
     if methods is None:
-        return {name: "the source code of its parent is not available" for name in names}
+        return {name: "the source code of its parent is not available" for name in names}, {}
     blocked: dict[str, str] = {}
+    calls: dict[str, set] = {name: set() for name in names}
     for method in methods:
         parents = {child: node for node in ast.walk(method) for child in ast.iter_child_nodes(node)}
         for node in ast.walk(method):
-            if (isinstance(node, ast.Attribute) and isinstance(node.value, ast.Name)
+            if not (isinstance(node, ast.Attribute) and isinstance(node.value, ast.Name)
                     and node.value.id == "self" and node.attr in names
-                    and isinstance(node.ctx, ast.Load) and not _used_as_function(node, parents)):
+                    and isinstance(node.ctx, ast.Load)):
+                continue
+            found = _calls_of(node, parents)
+            if found is None:
                 blocked.setdefault(node.attr, f"{type(module).__name__}.{method.name} reads "
                                               f"self.{node.attr} as an object, not only by "
                                               "calling it")
-    return blocked
+            else:
+                calls[node.attr].update(_shape(call) for call in found)
+    return blocked, calls
+
+
+def _shape(call: ast.Call):
+    if any(isinstance(a, ast.Starred) for a in call.args) or any(k.arg is None for k in call.keywords):
+        return None
+    return len(call.args), frozenset(k.arg for k in call.keywords)
 
 
 def _reachable_methods(cls: type) -> list[ast.FunctionDef] | None:
-    """``forward`` and the methods it calls on ``self``, over the class and its non-torch
-    bases; None when a source is not available."""
+    """``forward`` and the methods and properties it reaches through ``self`` (called or
+    not: ``f = self._head`` counts), over the class and its non-torch bases; None when a
+    source is not available."""
     definitions: dict[str, list[ast.FunctionDef]] = {}
     for klass in cls.__mro__:
         if klass is object or klass.__module__.startswith("torch."):
@@ -132,60 +158,62 @@ def _reachable_methods(cls: type) -> list[ast.FunctionDef] | None:
         for method in definitions.get(name, ()):
             reachable.append(method)
             for node in ast.walk(method):
-                if isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute) and (
-                        (isinstance(node.func.value, ast.Name) and node.func.value.id == "self")
-                        or isinstance(node.func.value, ast.Call)):  # self.f(), super().f()
-                    todo.append(node.func.attr)
+                if isinstance(node, ast.Attribute) and node.attr in definitions and (
+                        (isinstance(node.value, ast.Name) and node.value.id == "self")
+                        or isinstance(node.value, ast.Call)):  # self.f, super().f
+                    todo.append(node.attr)
     return reachable
 
 
-def _used_as_function(expr: ast.expr, parents: dict) -> bool:
-    """Whether this use of ``self.<child>`` only calls it, counts it, tests it or iterates
-    it to call its items."""
+def _calls_of(expr: ast.expr, parents: dict) -> list[ast.Call] | None:
+    """The calls this use of ``self.<child>`` makes of it (or of its items) if it only
+    calls it, counts it, tests it or iterates it to call its items; None otherwise."""
     parent = parents.get(expr)
     if isinstance(parent, ast.Call):
         if parent.func is expr:
-            return True
+            return [parent]
         if isinstance(parent.func, ast.Name) and parent.func.id == "len":
-            return True
+            return []
         if isinstance(parent.func, ast.Name) and parent.func.id in _ITERATING:
-            return _iterated_to_call(parent, parents)
-        return False
+            return _loop_calls(parent, parents)
+        return None
     if isinstance(parent, ast.Subscript) and parent.value is expr:
-        return _used_as_function(parent, parents)  # self.blocks[i](x)
+        return _calls_of(parent, parents)  # self.blocks[i](x)
     if isinstance(parent, ast.Compare):
         others = [parent.left, *parent.comparators]
-        return all(isinstance(op, (ast.Is, ast.IsNot)) for op in parent.ops) and all(
+        fine = all(isinstance(op, (ast.Is, ast.IsNot)) for op in parent.ops) and all(
             other is expr or (isinstance(other, ast.Constant) and other.value is None)
             for other in others)
+        return [] if fine else None
     if isinstance(parent, (ast.If, ast.IfExp, ast.While, ast.Assert)) and parent.test is expr:
-        return True
+        return []
     if isinstance(parent, ast.BoolOp) or (isinstance(parent, ast.UnaryOp)
                                           and isinstance(parent.op, ast.Not)):
-        return True
+        return []
     if isinstance(parent, (ast.For, ast.comprehension)) and parent.iter is expr:
-        return _iterated_to_call(expr, parents)
-    return False
+        return _loop_calls(expr, parents)
+    return None
 
 
-def _iterated_to_call(iterable: ast.expr, parents: dict) -> bool:
-    """``for blk in <iterable>: ... blk(x)``: the loop's names are only called (or are
-    loop counters from ``enumerate``)."""
+def _loop_calls(iterable: ast.expr, parents: dict) -> list[ast.Call] | None:
+    """``for blk in <iterable>: ... blk(x)``: the calls of the loop's names, if they are
+    only called (or are loop counters from ``enumerate``)."""
     loop = parents.get(iterable)
     while isinstance(loop, ast.Call):  # enumerate(zip(...)) and the like
         iterable, loop = loop, parents.get(loop)
     if not isinstance(loop, (ast.For, ast.comprehension)) or loop.iter is not iterable:
-        return False
+        return None
     bound = {n.id for n in ast.walk(loop.target) if isinstance(n, ast.Name)}
     scope = loop if isinstance(loop, ast.For) else parents.get(loop)
     uses = [n for n in ast.walk(scope) if isinstance(n, ast.Name) and n.id in bound
             and isinstance(n.ctx, ast.Load)]
     scope_parents = {child: node for node in ast.walk(scope) for child in ast.iter_child_nodes(node)}
+    found = []
     for use in uses:
         parent = scope_parents.get(use)
-        called = isinstance(parent, ast.Call) and parent.func is use
-        as_number = isinstance(parent, (ast.BinOp, ast.Compare, ast.Subscript)) and \
-            getattr(parent, "value", None) is not use
-        if not (called or as_number):
-            return False
-    return True
+        if isinstance(parent, ast.Call) and parent.func is use:
+            found.append(parent)
+        elif not (isinstance(parent, (ast.BinOp, ast.Compare, ast.Subscript))
+                  and getattr(parent, "value", None) is not use):  # a counter used as a number
+            return None
+    return found

@@ -146,7 +146,7 @@ def _matmul_as_linear(node, facts, name):
     if bias is not None and bias.numel() not in (1, weight_t.shape[1]):
         return None
     bias = None if bias is None else bias.expand(weight_t.shape[1])
-    return Unary(x, affine.linear(weight_t.t(), bias), "linear", -1)
+    return Unary(x, affine.linear(weight_t.t(), bias), "linear", -1, dtype=weight_t.dtype)
 
 
 def _conv_op(facts, input_node, weight, bias, stride, padding, dilation, groups, spatial,
@@ -164,7 +164,7 @@ def _conv_op(facts, input_node, weight, bias, stride, padding, dilation, groups,
             return Refused("padding='same' with an even kernel is asymmetric")
     term = affine.conv(weight, bias, _tuple(stride, spatial), _tuple(padding, spatial),
                        dilation, groups, padding_mode)
-    return Unary(input_node, term, "conv", -(spatial + 1))
+    return Unary(input_node, term, "conv", -(spatial + 1), dtype=weight.dtype)
 
 
 def _conv_transpose_op(input_node, weight, bias, stride, padding, output_padding, dilation,
@@ -176,7 +176,7 @@ def _conv_transpose_op(input_node, weight, bias, stride, padding, output_padding
     term = affine.conv_transpose(weight, bias, _tuple(stride, spatial), _tuple(padding, spatial),
                                  _tuple(output_padding, spatial), _tuple(dilation, spatial),
                                  _tuple(groups, 1)[0])
-    return Unary(input_node, term, "conv", -(spatial + 1))
+    return Unary(input_node, term, "conv", -(spatial + 1), dtype=weight.dtype)
 
 
 def _batchnorm_op(facts, input_node, mean, var, weight, bias, eps, training, extra_nodes=()):
@@ -189,6 +189,7 @@ def _batchnorm_op(facts, input_node, mean, var, weight, bias, eps, training, ext
     rank = facts.rank(input_node)
     axis = 1 - rank if rank else "bn"  # "bn": axis 1 of a rank not proven
     return Unary(input_node, affine.batchnorm(mean, var, weight, bias, eps), "bn", axis,
+                 dtype=mean.dtype,
                   extra_nodes=extra_nodes)
 
 
@@ -256,38 +257,40 @@ def _crop_op(facts, node, index):
             return None
     if Ellipsis not in items:  # x[:, :, 1:-1]: counted from the front, so the rank must be known
         rank = facts.rank(x)
-        if rank is None:
+        if rank is None or len(crops) > rank:
             return None
-        crops = [0] * (rank - len(crops)) + crops
+        crops = crops + [0] * (rank - len(crops))  # the dims not indexed are whole
     while crops and crops[0] == 0:
         crops.pop(0)
     if not crops:
         return Unary(x, affine.identity(), "identity", None)
-    return Unary(x, affine.zero_pad(tuple(crops)), "pad", None)
+    return Unary(x, affine.zero_pad(tuple(crops)), "crop", None)
 
 
 def _aten_slice_op(facts, node):
     """``aten.slice.Tensor(x, dim, c, -c)``: a crop of one dim (see :func:`_crop_op`)."""
     a = _bind_schema(node)
     x, dim, start, end, step = a["self"], a["dim"], a.get("start"), a.get("end"), a.get("step", 1)
-    shape = facts_shape = tensor_shape(x)
-    if facts_shape is None or not all(isinstance(v, int) for v in (dim, step)) or step != 1:
-        return None
-    size = shape[dim]
+    shape = tensor_shape(x)
     start = 0 if start is None else start
-    end = size if end is None or end > size else end
-    if not (isinstance(start, int) and isinstance(end, int)):
+    if shape is None or not all(isinstance(v, int) for v in (dim, step, start)) or step != 1:
         return None
-    end = end + size if end < 0 else end
-    if start == 0 and end == size:
+    size = shape[dim]  # a SymInt in a dynamic-shape export: only a negative end is a crop
+    whole = end is None or (isinstance(end, int) and end >= 2 ** 62)
+    if start == 0 and whole:
         return Unary(x, affine.identity(), "identity", None)
-    if start <= 0 or end != size - start:
+    if not isinstance(end, int) or start <= 0:
+        return None
+    if end < 0:
+        if end != -start:
+            return None
+    elif not (isinstance(size, int) and end == size - start):
         return None
     crops = [0] * len(shape)
     crops[dim] = -start
     while crops[0] == 0:
         crops.pop(0)
-    return Unary(x, affine.zero_pad(tuple(crops)), "pad", None)
+    return Unary(x, affine.zero_pad(tuple(crops)), "crop", None)
 
 
 def _scale_op(facts, tensor_node, constant, *, invert=False, shift=False, coeff=1.0):
@@ -305,7 +308,8 @@ def _scale_op(facts, tensor_node, constant, *, invert=False, shift=False, coeff=
     vector = value.reshape(-1) if wide else value.reshape(())
     term = (affine.channel_affine(1.0, coeff * vector) if shift
             else affine.channel_affine(vector))
-    return Unary(tensor_node, term, "scale", axis, const_rank=value.dim())
+    return Unary(tensor_node, term, "scale", axis, const_rank=value.dim(),
+                 dtype=constant.dtype if constant.dim() else None)  # (0-d: no promotion)
 
 
 def _arith_op(facts, node, a, b, kind, coeff=1.0):
@@ -382,7 +386,8 @@ def _interpret_module(node, facts):
             return _batchnorm_op(facts, x, module.running_mean, module.running_var,
                                  module.weight, module.bias, module.eps, module.training)
     if _own_forward(module, nn.Linear):
-        return Unary(x, affine.linear(module.weight, module.bias), "linear", -1)
+        return Unary(x, affine.linear(module.weight, module.bias), "linear", -1,
+                     dtype=module.weight.dtype)
     if type(module) is nn.Identity:
         return Unary(x, affine.identity(), "identity", None)
     if isinstance(module, nn.modules.dropout._DropoutNd) and type(module).forward in (
@@ -456,7 +461,8 @@ def _interpret_function(node, facts):
         weight, bias = _constant_weights(facts, a["weight"], a["bias"])
         if weight is None:
             return None
-        return _computed(facts, Unary(a["input"], affine.linear(weight, bias), "linear", -1), a)
+        return _computed(facts, Unary(a["input"], affine.linear(weight, bias), "linear", -1,
+                                      dtype=weight.dtype), a)
     if hashable_in(target, _FUNCTIONAL_POOLS):
         a = _bind(node, _POOL_ARGS, _POOL_DEFAULTS)
         return _pool_op(a["input"], a["kernel_size"], a["stride"], a["padding"], a["ceil_mode"],
@@ -539,7 +545,8 @@ def _interpret_aten(node, facts):
         weight, bias = _constant_weights(facts, a["weight"], a.get("bias"))
         if weight is None:
             return None
-        return _computed(facts, Unary(a["input"], affine.linear(weight, bias), "linear", -1), a)
+        return _computed(facts, Unary(a["input"], affine.linear(weight, bias), "linear", -1,
+                                      dtype=weight.dtype), a)
     if name in ("addmm", "mm") and overload == "default":
         return _matmul_as_linear(node, facts, name)
     if name == "slice" and overload == "Tensor":

@@ -13,6 +13,7 @@
 
 from __future__ import annotations
 
+import inspect
 import operator
 import re
 
@@ -127,8 +128,8 @@ def _mentions(values, node) -> bool:
 
 # ---- pure ops on constants -----------------------------------------------------------
 
-_RANDOM = re.compile(r"rand|bernoulli|multinomial|normal|uniform|poisson|exponential|"
-                     r"geometric|cauchy|dropout")
+RANDOM_NAMES = _RANDOM = re.compile(r"rand|bernoulli|multinomial|normal|uniform|poisson|exponential|"
+                     r"geometric|cauchy|dropout|gumbel|rrelu|noise|sample|shuffle")
 _NOT_PURE_METHODS = {"register_hook", "retain_grad", "backward", "record_stream",
                      "share_memory_", "tolist", "item", "numpy", "apply_", "map_"}
 INPLACE_OPERATORS = {operator.iadd, operator.isub, operator.imul, operator.itruediv,
@@ -164,4 +165,53 @@ def pure_call(node: torch.fx.Node) -> bool:
         bound.update(node.kwargs)
         stats = bound.get("running_mean") is not None or bound.get("running_var") is not None
         return not (stats and bound.get("training", False))
-    return True
+    return not _writes_in_place(target, node)
+
+
+def _writes_in_place(target, node: torch.fx.Node) -> bool:
+    """``F.relu(w, inplace=True)``, by keyword or by position."""
+    if node.kwargs.get("inplace") is True:
+        return True
+    try:
+        bound = inspect.signature(target).bind_partial(*node.args, **node.kwargs).arguments
+    except (TypeError, ValueError):  # builtins without a signature take no ``inplace``
+        return False
+    return bound.get("inplace") is True
+
+
+# ---- views: ops whose result shares its input's memory -------------------------------
+
+VIEW_NAMES = {"view", "view_as", "reshape", "reshape_as", "transpose", "permute", "t", "narrow",
+              "select", "expand", "expand_as", "squeeze", "unsqueeze", "flatten", "unflatten",
+              "detach", "alias", "contiguous", "as_strided", "movedim", "unfold", "diagonal",
+              "slice", "chunk", "split", "unbind", "__getitem__", "getitem", "real", "imag",
+              "view_as_real", "view_as_complex", "_reshape_alias", "T", "mT"}
+
+
+def view_base(node: torch.fx.Node, modules) -> torch.fx.Node | None:
+    """The tensor ``node`` may be a view or an alias of (writing to ``node`` in place
+    writes to it), or None: ``x.view(...)``, ``x[:, :2]``, ``x.transpose(...)``, pieces of
+    ``x.chunk(...)``, aten views, in-place ops (which return ``x``), ``nn.Identity``, eval
+    ``Dropout`` and modules of unknown code (which may return ``x``)."""
+    first = node.args[0] if node.args else None
+    if not isinstance(first, torch.fx.Node):
+        return None
+    if node.op == "call_module":
+        module = modules.get(node.target)
+        fresh = module is not None and type(module).__module__.startswith("torch.nn") and \
+            not isinstance(module, (torch.nn.Identity, torch.nn.modules.dropout._DropoutNd,
+                                    torch.nn.Sequential)) and \
+            getattr(module, "inplace", False) is not True and "forward" not in module.__dict__
+        return None if fresh else first
+    if node.op == "call_method":
+        name = node.target
+    elif node.op == "call_function":
+        if node.target is getattr:
+            return first if node.args[1] in VIEW_NAMES else None
+        name = schema_name(node.target) or getattr(node.target, "__name__", "")
+        if node.kwargs.get("inplace") is True:
+            return first
+    else:
+        return None
+    in_place = name.endswith("_") and not name.startswith("__")
+    return first if name in VIEW_NAMES or in_place else None
