@@ -310,6 +310,38 @@ def keeps_shape(term: Term) -> bool:
     return all(d * (k - 1) == 2 * p for k, p, d in zip(term.kernel, term.padding, term.dilation))
 
 
+def is_pointwise(term: Term) -> bool:
+    """A map of each position's channel vector alone (a channel affine, a linear, a 1x1 conv
+    with stride 1 and no padding): it commutes with any move of the other axes."""
+    if isinstance(term, ChannelAffine):
+        return not term.padding and term.border is None
+    return isinstance(term, ConvTerm) and term.is_pointwise and \
+        all(s == 1 for s in term.stride) and not any(term.padding)
+
+
+def as_pointwise(term: Term, spatial: int) -> Term:
+    """A pointwise term written for a tensor with ``spatial`` axes after its channel axis:
+    a linear (0) or a 1x1 conv. A grouped 1x1 conv is no linear."""
+    if isinstance(term, ChannelAffine) or term.spatial == spatial:
+        return term
+    if spatial == 0 and term.groups != 1:
+        raise NotExact("a grouped 1x1 conv on the last axis is no linear")
+    weight = term.weight.reshape(term.weight.shape[0], term.weight.shape[1], *(1,) * spatial)
+    return ConvTerm(weight, term.bias, (1,) * spatial, (0,) * spatial, (1,) * spatial,
+                    term.groups, macs=term.macs)
+
+
+def repeat_channels(term: ChannelAffine, block: int) -> ChannelAffine:
+    """The affine of ``flatten`` applied after it: channel ``c``'s scale and shift on the
+    ``block`` positions ``c * block ... c * block + block - 1`` of the merged axis
+    (``BatchNorm2d`` then ``flatten(1)``: ``block = H * W``)."""
+    if term.padding or term.border is not None:
+        raise NotExact("a padded affine cannot be flattened")
+    repeat = lambda t: None if t is None or t.dim() == 0 else t.repeat_interleave(block)
+    return ChannelAffine(term.scale if term.scale.dim() == 0 else repeat(term.scale),
+                         repeat(term.shift) if term.shift is not None else None)
+
+
 # ---- composition: second(first(x)) ---------------------------------------------------
 
 def compose(first: Term, second: Term) -> Term:

@@ -34,6 +34,7 @@ import contextlib
 import gc
 from collections import Counter
 from dataclasses import dataclass, field, replace
+from typing import Callable
 
 from reparam_fx import affine
 from reparam_fx.affine import ChannelAffine, ConvTerm, NotExact, TransposedConvTerm
@@ -55,6 +56,27 @@ class Unary:
     const_rank: int = 0  # rank of a broadcast constant (must not raise the tensor's rank)
     computed: bool = False  # reads weights computed in forward (worth precomputing alone)
     dtype: object = None  # dtype of its weights or (non-scalar) constant, None: not known
+
+
+@dataclass
+class Layout:
+    """``node = move(input)``: the same values moved to other positions (``permute``,
+    ``transpose``, ``flatten``, ``reshape``, ``squeeze`` ...) or averaged over axes other
+    than the channel axis (``mean``, ``reduces``). Pointwise ops (channel affines, linears,
+    1x1 convs) commute with it as long as it keeps the channel axis whole."""
+
+    input: object
+    forward: Callable  # input axis (negative) -> output axis (negative), or None if the
+    #                    op merges, splits or averages that axis
+    backward: Callable  # output axis -> input axis, or None
+    channel_free: bool = True  # its arguments do not depend on the channel axis's size
+    reduces: bool = False  # it averages over axes (cheaper after it than before)
+    like: object = None  # reshape_as(like): keeps the last axis if it is ``like``'s
+    #                      channel axis with the same size (the region builder checks)
+    tail_merge: Callable | None = None  # input axis -> (-1, block or None) if the move
+    #     merges it with every axis after it into the last output axis (``flatten(1)``):
+    #     a channel affine before it is the affine repeated ``block`` times (block: the
+    #     trailing size, None if it is known only from the op after it)
 
 
 @dataclass
@@ -89,6 +111,25 @@ class Region:
     shape_bound: bool = False  # an absorbed value's sizes are read: keep the shape
     fallback: Region | None = None  # see RegionBuilder._fallback
     dtypes: frozenset = frozenset()  # of the absorbed ops' weights and constants
+    # moves between the ops (Layout): the term is in the source's coordinates, the moves
+    # are written again around the one op (see ``placement``)
+    layouts: tuple = ()  # (node, Layout) of the moves, in order
+    axis_now: int | None = None  # the channel axis after the moves
+    moves_see_source: bool = True  # the ops before the last move keep the shape
+    post_kept: bool = True  # the ops after the first move keep the shape
+    phases: dict = field(default_factory=dict)  # node -> 0 before the moves, k after move k
+    reduces: bool = False  # a move averages (the op is cheaper written after it)
+    now_spatial: int | None = None  # spatial axes after the channel axis, after the moves
+    shape_reads: bool = False  # an absorbed value of an earlier phase has its sizes read
+    marks: dict = field(default_factory=dict)  # node -> (channel axis there, changes so far)
+    changes: int = 0  # ops so far that changed the shape
+    # a channel affine flattened with the axes after its channel axis (``tail_merge``):
+    # the term is then in the coordinates after the moves, each channel repeated
+    # ``block`` times (None until the op after it tells), and is written after the moves
+    linear_after_moves: bool = False  # its linear / 1x1 conv came after the moves: write
+    #                                   it there, as it was (not as a conv before them)
+    merged: bool = False
+    merge_pending: bool = False  # the term is still per channel: its block size unknown
 
     @property
     def emittable(self) -> bool:
@@ -96,10 +137,36 @@ class Region:
         as eval-mode Dropout do not count: rewriting conv+Dropout would only copy the
         conv), or one conv whose weights ``forward`` computes (precomputed once)."""
         return isinstance(self.term, (ConvTerm, TransposedConvTerm)) and (
-            len(self.nodes) - self.kinds["identity"] >= 2 or self.kinds["computed"] > 0) \
+            len(self.nodes) - self.kinds["identity"] - len(self.layouts) >= 2
+            or self.kinds["computed"] > 0) \
             and all(p >= 0 for p in self.term.padding) \
             and not affine.adds_macs(self.term) \
-            and len(self.dtypes) <= 1  # (a crop left is no conv; mixed dtypes promote)
+            and len(self.dtypes) <= 1 \
+            and (not self.layouts or self.placement is not None)
+
+    @property
+    def placement(self) -> str | None:
+        """Where the one op goes among the moves: ``"before"`` them (the term in the
+        source's coordinates; the moves then apply to its output, which needs the ops after
+        them to keep the shape, or moves that do not depend on the channel count) or
+        ``"after"`` them (the moves apply to the source; needs a pointwise term, no op
+        before the last move that changes the shape, and the op expressible where the
+        channel axis now is)."""
+        after = self.moves_see_source and affine.is_pointwise(self.term) \
+            and self.now_spatial is not None
+        if self.merged:
+            return "after" if after and not self.merge_pending else None
+        before = self.post_kept or (
+            all(move.channel_free for _, move in self.layouts)
+            and not (self.shape_reads or self.shape_bound))  # (their shapes would change)
+        if after and (self.reduces or self.linear_after_moves or not before):
+            return "after"
+        return "before" if before else ("after" if after else None)
+
+
+class _StartAfterMoves(NotExact):
+    """Not a refusal: a region of moves alone is not extended by an op that changes the
+    shape (written after them, they would have to be written again); the op starts anew."""
 
 
 def merged_axis(a, b):
@@ -121,14 +188,34 @@ class RegionBuilder:
     def skip(self, node, reason):
         self.report.skipped.append(Skipped(*self.view.describe(node), reason))
 
-    def operand(self, node) -> Region:
-        """``node``'s region if it can be absorbed by its (single) user, else identity(node)."""
+    def operand(self, node, shared: bool = False) -> Region:
+        """``node``'s region if it can be absorbed by its (single) user, else identity(node).
+        ``shared``: also a channel affine that every one of several users absorbs (see
+        :meth:`_absorbed_by_all`)."""
         region = self.regions.get(node)
-        if region is not None and len(self.view.users(node)) == 1 and node not in self.view.mutated:
+        if region is not None and node not in self.view.mutated and (
+                len(self.view.users(node)) == 1
+                or (shared and self._absorbed_by_all(node, region))):
             if self.view.reads_shape(node) and not region.shape_bound:
                 region = replace(region, shape_bound=True)
             return region
         return Region(node, affine.identity(), has_identity=True)
+
+    def _absorbed_by_all(self, node, region: Region) -> bool:
+        """A channel affine (a pre-norm BatchNorm, moved to tokens) read by several linear
+        maps (the q, k and v projections): each takes it into its own weights, which costs
+        no MACs, and the affine goes once every reader has it."""
+        term = region.term
+        if not isinstance(term, ChannelAffine) or term.padding or term.border is not None \
+                or not region.nodes or region.merged:
+            return False
+        for user in self.view.users(node):
+            op = self.view.interpret(user) if self.view.is_value(user) else None
+            if not isinstance(op, Unary) or op.input is not node or callable(op.term) \
+                    or isinstance(op.term, ChannelAffine) or not affine.is_pointwise(op.term) \
+                    or user in self.view.mutated:
+                return False
+        return True
 
     def usable_source(self, region: Region) -> bool:
         return region.source not in self.view.mutated
@@ -142,7 +229,110 @@ class RegionBuilder:
                 self.extend(node, op)
             elif isinstance(op, Sum):
                 self.sum(node, op)
+            elif isinstance(op, Layout):
+                self.move(node, op)
         return self.regions
+
+    # a move (reshape, permute ...) ------------------------------------------------------
+    def move(self, node, op: Layout):
+        """Carry the input's region through a move of its values: the term stays in the
+        source's coordinates; the channel axis is followed to where the move puts it."""
+        if node in self.view.mutated or not self.view.is_value(op.input):
+            return
+        base = self.operand(op.input)
+        if base.merged or base.linear_after_moves:
+            return  # its op is written after its moves: no move follows it
+        axis_now = base.axis_now if base.layouts else base.axis
+        if not base.layouts:  # the value before the first move: its channel axis, as is
+            base = replace(base, marks={op.input: (base.axis, 0)}, changes=0)
+        if op.like is not None and base.marks.get(op.like) != (-1, base.changes):
+            axis_now = None if axis_now is None else "unproven"  # see Layout.like
+        if axis_now is not None and axis_now != "unproven" and op.forward(axis_now) is None \
+                and self._mergeable(base, op, axis_now):
+            self.regions[node] = self._merged(base, node, op, axis_now)
+            return
+        if axis_now is not None:
+            axis_now = op.forward(axis_now) if axis_now != "unproven" else None
+            if axis_now is None:
+                if base.nodes:
+                    self.skip(node, "it merges or splits the channel axis with another one, "
+                                    "or the graph does not prove it keeps it whole")
+                return
+        region = replace(base, nodes=[*base.nodes, node], layouts=(*base.layouts, (node, op)),
+                         axis_now=axis_now, reduces=base.reduces or op.reduces,
+                         phases={**base.phases, node: len(base.layouts) + 1},
+                         now_spatial=self._now_spatial(node, axis_now), fallback=None,
+                         shape_bound=False, shape_reads=base.shape_reads or base.shape_bound,
+                         marks={**base.marks, node: (axis_now, base.changes)})
+        if not base.layouts:  # the ops so far come before every move
+            region.phases.update({n: 0 for n in base.nodes})
+        region.moves_see_source = base.moves_see_source and affine.keeps_shape(base.term)
+        self.regions[node] = region
+
+    @staticmethod
+    def _mergeable(base: Region, op: Layout, axis) -> bool:
+        """A channel affine (no moves before) flattened with the axes after its channel
+        axis: ``BatchNorm2d`` then ``flatten(1)`` before a classifier's ``Linear``."""
+        return op.tail_merge is not None and op.tail_merge(axis) is not None \
+            and bool(base.nodes) and not base.layouts and not base.merged \
+            and isinstance(base.term, ChannelAffine) and not base.term.padding \
+            and base.term.border is None
+
+    def _merged(self, base: Region, node, op: Layout, axis) -> Region:
+        axis_now, block = op.tail_merge(axis)
+        region = replace(base, nodes=[*base.nodes, node], layouts=((node, op),),
+                         axis_now=axis_now, merged=True, merge_pending=block is None,
+                         phases={**{n: 0 for n in base.nodes}, node: 1},
+                         now_spatial=0, fallback=None, shape_bound=False,
+                         shape_reads=base.shape_reads or base.shape_bound,
+                         marks={base.source: (base.axis, 0), node: (axis_now, 0)})
+        if block is not None:
+            region.term = affine.repeat_channels(base.term, block)
+        return region
+
+    def _compose_merged(self, base: Region, op: Unary, node) -> Region:
+        """A pointwise op on the merged axis after a flattened channel affine: the affine,
+        repeated over its blocks (their size read from the op if the shapes did not give
+        it: a ``Linear`` with ``C * H * W`` inputs), composed with the op."""
+        term, first = op.term, base.term
+        if callable(term) or not affine.is_pointwise(term):
+            raise NotExact(f"a {op.role} after a flatten of the channel axis")
+        axis = op.axis
+        if axis == "bn":
+            axis = 1 - self.view.rank(op.input) if self.view.rank(op.input) else None
+        if axis != -1 and not (axis is None and isinstance(term, ChannelAffine)):
+            raise NotExact("the op after the flatten does not act on the flattened axis")
+        pending = base.merge_pending
+        width = term.channels if isinstance(term, ChannelAffine) else (
+            term.weight.shape[1] if term.groups == 1 and term.spatial == 0 else None)
+        if pending and width is not None:
+            channels = first.channels
+            if channels is not None:
+                if width % channels:
+                    raise NotExact(f"{width} features are no whole number of blocks of "
+                                   f"{channels} channels")
+                first = affine.repeat_channels(first, width // channels)
+            pending = False
+        if not isinstance(term, ChannelAffine) and pending:
+            raise NotExact("the flattened block size is not known")
+        region = replace(base, term=affine.compose(first, term), merge_pending=pending,
+                         nodes=[*base.nodes, *op.extra_nodes, node],
+                         kinds=base.kinds.copy(), kernels=list(base.kernels), fallback=None,
+                         phases={**base.phases, node: 1, **{n: 1 for n in op.extra_nodes}},
+                         dtypes=base.dtypes | ({op.dtype} if op.dtype is not None else set()),
+                         marks={**base.marks, node: (-1, base.changes)}, has_identity=False)
+        region.kinds[op.role] += 1
+        return region
+
+    def _now_spatial(self, node, axis) -> int | None:
+        """Axes after the channel axis ``axis`` of ``node``, if a linear (0) or a 1x1 conv
+        can act there: no more than one axis before the channel axis."""
+        if axis is None:
+            return None
+        if axis == -1:
+            return 0
+        rank = self.view.rank(node)
+        return -axis - 1 if rank is not None and rank <= -axis + 1 else None
 
     # a unary op -------------------------------------------------------------------------
     def extend(self, node, op: Unary):
@@ -150,7 +340,7 @@ class RegionBuilder:
             return
         if not self.view.is_value(op.input):
             return
-        base = self.operand(op.input)
+        base = self.operand(op.input, shared=True)
         try:
             region = self._compose(base, op, node)
         except NotExact as reason:
@@ -161,7 +351,8 @@ class RegionBuilder:
                 except NotExact as again:
                     self.skip(node, str(again))
                     return
-                self.skip(node, f"not folded into the ops before it: {reason}")
+                if not isinstance(reason, _StartAfterMoves):
+                    self.skip(node, f"not folded into the ops before it: {reason}")
             else:
                 self.skip(node, str(reason))
                 return
@@ -187,6 +378,8 @@ class RegionBuilder:
         return None
 
     def _compose(self, base: Region, op: Unary, node) -> Region:
+        if base.layouts:
+            return self._compose_after_moves(base, op, node)
         axis = op.axis
         term = op.term
         if axis == "bn":  # BatchNorm on a tensor of unproven rank
@@ -220,6 +413,74 @@ class RegionBuilder:
         if op.role == "conv":
             region.kernels.append(term.kernel)
         return region
+
+    def _compose_after_moves(self, base: Region, op: Unary, node) -> Region:
+        """A pointwise op after moves acts on the channel axis wherever the moves put it:
+        in the source's coordinates it is the same map (a linear on the last axis of a
+        ``(B, N, C)`` source, a 1x1 conv on a ``(B, C, H, W)`` one)."""
+        if base.merged:
+            return self._compose_merged(base, op, node)
+        term = op.term
+        if callable(term) or not affine.is_pointwise(term):
+            raise NotExact(f"a {op.role} after a reshape or permute that moved its axes")
+        if len(base.nodes) == len(base.layouts):  # moves alone: the op starts after them
+            raise _StartAfterMoves("nothing to fold before it but moves")
+        axis = op.axis
+        if axis == "bn":
+            rank = self.view.rank(op.input)
+            axis = 1 - rank if rank else None
+            if axis is None:
+                raise NotExact("BatchNorm normalises axis 1 of a tensor whose rank the graph "
+                               "does not prove: pass example_inputs")
+        source_axis, axis_now = base.axis, base.axis_now
+        if axis is not None:
+            if axis_now is not None and axis != axis_now:
+                raise NotExact(f"the ops act on different tensor axes ({axis_now} and {axis})")
+            if axis_now is None:  # the first op with an axis: find it in the source
+                axis_now = axis
+                source_axis = self._source_axis(base, axis)
+        if not isinstance(term, ChannelAffine):
+            if source_axis is None:
+                raise NotExact("the channel axis of the source is not known")
+            spatial = self._now_spatial(base.source, source_axis)
+            if spatial is None:
+                raise NotExact("the source has more than one axis before its channel axis")
+            term = affine.as_pointwise(term, spatial)
+        if op.const_rank and not self._constant_fits(base, op):
+            raise NotExact("the constant would broadcast the tensor to a higher rank, or "
+                           "the graph does not prove it would not (pass example_inputs)")
+        if base.shape_bound and not affine.keeps_shape(term):
+            raise NotExact("the sizes of a tensor before it are read (x.shape), and it "
+                           "changes them")
+        new_term = affine.compose(base.term, term)
+        changes = base.changes + (0 if affine.keeps_shape(term) else 1)
+        region = replace(base, term=new_term, axis=source_axis, axis_now=axis_now,
+                         shape_reads=base.shape_reads or base.shape_bound, changes=changes,
+                         marks={**base.marks, node: (axis_now, changes)},
+                         nodes=[*base.nodes, *op.extra_nodes, node],
+                         kinds=base.kinds.copy(), kernels=list(base.kernels), fallback=None,
+                         post_kept=base.post_kept and affine.keeps_shape(term),
+                         phases={**base.phases, node: len(base.layouts)},
+                         dtypes=base.dtypes | ({op.dtype} if op.dtype is not None else set()),
+                         now_spatial=self._now_spatial(node, axis_now),
+                         linear_after_moves=base.linear_after_moves or not isinstance(
+                             op.term, ChannelAffine),
+                         has_identity=False)
+        region.phases.update({n: len(base.layouts) for n in op.extra_nodes})
+        region.kinds[op.role] += 1
+        if region.placement is None and not (region.moves_see_source and
+                                             region.now_spatial is None):
+            # no op added later can place it again: the op starts its own region
+            raise _StartAfterMoves("the ops before and after the moves make no one op")
+        return region
+
+    def _source_axis(self, base: Region, axis):
+        """The source axis that the moves of ``base`` take to ``axis``."""
+        for _, move in reversed(base.layouts):
+            axis = move.backward(axis)
+            if axis is None:
+                raise NotExact("the channel axis is merged or split by a reshape before it")
+        return axis
 
     def _feeds_a_sum(self, node, steps: int = 8) -> bool:
         """Whether ``node``'s value goes, through single-use unary ops, into a sum: a
@@ -384,6 +645,8 @@ class TermGroup:
 
 def try_merge(members) -> TermGroup | None | str:
     """The members merged into one group, or the reason they do not merge."""
+    if len(members) > 1 and any(part.layouts for part, _, _ in members):
+        return "a branch moved by a reshape or permute is not merged with others"
     try:
         axis = None
         for part, _, _ in members:

@@ -109,15 +109,17 @@ def test_attention_variant_fuses_exactly():
     assert reparam_fx.verify(model, fused, (x,), rtol=RTOL_F64) <= RTOL_F64
     counts, patterns = reparam_fx.op_counts(fused), fused.fusion_report.pattern_counts()
     # RepMixer stages as above (3 blocks, 3 PatchEmbeds), then RepCPE -> 1 conv "cpe" and
-    # one AttentionBlock: its BN before MHSA stays (as in the official inference form),
-    # qkv and proj Linears, ConvFFN as in a RepMixerBlock, two residual adds.
-    assert counts["batch_norm"] == 1 and counts["sub"] == 0
+    # one AttentionBlock: its BN before MHSA (kept by the official inference form) folds
+    # into the qkv Linear across flatten(2).transpose(-2, -1); qkv and proj Linears,
+    # ConvFFN as in a RepMixerBlock, two residual adds.
+    assert counts["batch_norm"] == 0 and counts["sub"] == 0
     assert counts["conv"] == 3 + 4 * 3 + 2 * 3 + 1 + 3 + 3
     assert counts["linear"] == 2 + 1
     assert counts["add"] == 3 + 2
     assert patterns["cpe"] == 1 and patterns["repmixer"] == 3
     assert patterns["conv+bn"] == patterns["layer scale"] == 4
     assert patterns["large+small kernel"] == 3
+    assert patterns["bn+linear"] == 1
 
 
 @pytest.mark.parametrize("name, size", [("fastvit_t8", 96), ("fastvit_sa12", 64)])

@@ -33,6 +33,7 @@ import torch.nn.functional as F
 from reparam_fx import affine
 from reparam_fx.fx.capture import has_global_hooks, has_hooks, replaced_forward
 from reparam_fx.fx.facts import GraphFacts
+from reparam_fx.fx.moves import interpret_move
 from reparam_fx.fx.values import hashable_in, tensor_shape
 from reparam_fx.regions import Refused, Sum, Unary
 
@@ -343,6 +344,9 @@ def interpret(node: torch.fx.Node, facts: GraphFacts):
     """What ``node`` computes, as an affine op of its tensor input(s), or None/Refused."""
     if node in facts.scalars or node in facts.fill_writers or facts.constant(node) is not None:
         return None  # shape arithmetic, a border write, a value computed from parameters
+    move = interpret_move(node, facts)
+    if move is not None:
+        return move
     try:
         if node.op == "call_module":
             return _interpret_module(node, facts)
@@ -560,11 +564,11 @@ def _interpret_aten(node, facts):
             return _border_fill_op(node, facts.border_fills[node])
         a = _bind_schema(node)
         return _pad_op(a["self"], a["pad"], a.get("mode", "constant"), a.get("value"))
-    if name == "dropout":
+    if name in ("dropout", "dropout_"):  # (eval mode: writes nothing, in place or not)
         a = _bind_schema(node)
         if a["train"] and a["p"] > 0:
             return Refused("dropout in training mode")
-        return Unary(a["input"], affine.identity(), "identity", None)
+        return Unary(a.get("input", a.get("self")), affine.identity(), "identity", None)
     if name in ("clone", "alias") and len(args) == 1:
         return Unary(args[0], affine.identity(), "identity", None)
     if name == "neg":

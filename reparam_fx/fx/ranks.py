@@ -219,7 +219,7 @@ class RankFacts:
     def _derivable(self, node) -> bool:
         return self._name(node) in ("flatten", "view", "reshape", "permute", "unsqueeze",
                                     "add", "sub", "mul", "truediv", "div", "mean", "sum",
-                                    "amax", "amin") \
+                                    "amax", "amin", "view_as", "reshape_as", "expand_as") \
             or (node.op == "call_module" and type(self._modules.get(node.target)) is nn.Flatten)
 
     def _derive(self, node: torch.fx.Node) -> bool:
@@ -249,6 +249,8 @@ class RankFacts:
         if name == "unsqueeze":
             rank = self.rank(first)
             return None if rank is None else rank + 1
+        if name in ("view_as", "reshape_as", "expand_as") and len(args) > 1:
+            return self.rank(args[1])
         if name in ("mean", "sum", "amax", "amin"):
             return self._reduced(node)
         if len(args) == 2:  # broadcasting arithmetic: the larger rank

@@ -38,10 +38,11 @@ import torch
 import torch.fx
 import torch.nn as nn
 
+from reparam_fx import affine
 from reparam_fx.affine import ConvTerm, TransposedConvTerm
 from reparam_fx.fx.counts import counts_as_parameter, module_tensors, node_category
 from reparam_fx.fx.facts import GraphFacts
-from reparam_fx.fx.values import metadata_read, tensor_shape
+from reparam_fx.fx.values import metadata_read, schema_name, tensor_shape
 from reparam_fx.fx.ops import interpret
 from reparam_fx.regions import Region, RegionBuilder, Sum, Unary, select_rewrites
 from reparam_fx.report import FusedRegion, FusionReport, classify_region
@@ -262,11 +263,12 @@ def _make_module(term: ConvTerm | TransposedConvTerm, like: torch.Tensor) -> nn.
 
 
 def _emit(graph: torch.fx.Graph, region: Region, output: torch.fx.Node, source,
-          facts: GraphFacts) -> tuple[str, torch.fx.Node]:
+          facts: GraphFacts, term=None, meta_from=None) -> tuple[str, torch.fx.Node]:
     """Append the region's single op (reading ``source``) to ``graph``: an
     ``nn.ConvNd``/``nn.Linear`` module in fx graphs, ``aten.convolution``/``aten.linear``
-    on new weights in aten graphs."""
-    ws, term = facts.ws, region.term
+    on new weights in aten graphs. ``term`` replaces the region's (written where moves put
+    the channel axis); shape metadata comes from ``meta_from`` (default ``output``)."""
+    ws, term = facts.ws, (term if term is not None else region.term)
     like = _reference_tensor(region, facts)
     name = _new_name(region, facts)
     module = _make_module(term, like)
@@ -289,40 +291,37 @@ def _emit(graph: torch.fx.Graph, region: Region, output: torch.fx.Node, source,
     else:
         ws.add(name, module)
         new = graph.create_node("call_module", name, (source,))
-    new.meta.update({k: v for k, v in output.meta.items()
-                     if k in ("val", "tensor_meta", "stack_trace")})
+    meta_from = output if meta_from is None else meta_from
+    new.meta.update({k: v for k, v in (meta_from.meta if meta_from else {}).items()
+                     if k in ("val", "tensor_meta")})
+    if "stack_trace" in output.meta:
+        new.meta["stack_trace"] = output.meta["stack_trace"]
     return name, new
 
 
 def _rewrite(facts: GraphFacts, emit: list, partial_sums: list,
              report: FusionReport) -> torch.fx.Graph:
-    """A new graph: the old one with each emitted region replaced by its single op,
-    placed where the region's first op was, and each partial sum rebuilt from its merged
-    regions and remaining terms. Absorbed ops, and constants only they read, are not
-    copied."""
+    """A new graph: the old one with each emitted region replaced by its single op, and
+    each partial sum rebuilt from its merged regions and remaining terms. Absorbed ops,
+    and constants only they read, are not copied.
+
+    The op goes where the region's first op was; a region with moves (reshapes,
+    permutes) has its moves written again where they were, applied to the op's output
+    (placement ``"before"``) or to the source, the op then written after the last move
+    (``"after"``); moves that together change nothing are left out. A metadata read of an
+    absorbed value reads the new value of the same shape (its *twin*)."""
     old = facts.ws.graph
     order = {n: i for i, n in enumerate(old.nodes)}
-    dead, starts = set(), {}
-    sources = set()  # read by the new ops: never swept away, even if constant
-    read_after = {}  # region key -> absorbed nodes whose metadata is read later
-
-    def schedule(key, output, region):
-        dead.update(region.nodes)
-        sources.add(region.source)
-        first = min(region.nodes, key=order.__getitem__)
-        starts.setdefault(first, []).append((key, output, region))
-        read_after[key] = [n for n in region.nodes if n in facts.metadata_users]
-
-    for output, region in emit:
-        schedule(output, output, region)
+    plans = [_Plan(output, output, region, facts) for output, region in emit]
     roots = {}
     for partial in partial_sums:
-        dead.update(partial.inner)
-        dead.add(partial.root)
         roots[partial.root] = partial
-        for index, (term, _) in enumerate(partial.terms):
-            if isinstance(term, Region):
-                schedule((partial.root, index), partial.root, term)
+        plans += [_Plan((partial.root, index), partial.root, term, facts)
+                  for index, (term, _) in enumerate(partial.terms) if isinstance(term, Region)]
+    dead = {n for plan in plans for n in plan.region.nodes}
+    dead.update(n for partial in partial_sums for n in (*partial.inner, partial.root))
+    sources = {plan.region.source for plan in plans}  # read by new ops: never swept away
+    _keep_what_live_ops_read(dead, {plan.output for plan in plans} | set(roots))
     for node in reversed(old.nodes):  # users come later, so they are decided first
         if node in dead or node in sources or not node.users:
             continue
@@ -332,15 +331,17 @@ def _rewrite(facts: GraphFacts, emit: list, partial_sums: list,
                 (node.op == "get_attr" or facts.is_constant(node)):
             dead.add(node)
             dead.update(checks)
+    at: dict = {}  # old node -> [(plan, step)]: what to write when reaching it
+    for plan in plans:
+        for node, step in plan.steps(order):
+            at.setdefault(node, []).append((plan, step))
     new = torch.fx.Graph()
     new._codegen = copy.deepcopy(old._codegen)
     env: dict = {}
+    copies: dict = {}  # (source, move node) -> its copy on the source (shared by regions)
     for node in old.nodes:
-        for key, output, region in starts.get(node, ()):
-            name, env[key] = _emit(new, region, output, env[region.source], facts)
-            for absorbed in read_after[key]:  # x.shape of an absorbed x: same as the output's
-                env[absorbed] = env[key]
-            report.fused.append(_fused_region(output, name, region, facts))
+        for plan, step in at.get(node, ()):
+            plan.write(step, new, env, copies, dead, report)
         if node in roots:
             partial = roots[node]
             values = [(env[(node, i)] if isinstance(term, Region) else env[term], coeff)
@@ -349,6 +350,164 @@ def _rewrite(facts: GraphFacts, emit: list, partial_sums: list,
         elif node not in dead:
             env[node] = new.node_copy(node, env.__getitem__)
     return new
+
+
+def _keep_what_live_ops_read(dead: set, replaced: set) -> None:
+    """A region's nodes go only if nothing left reads their values (the values a rewrite
+    ``replaced`` are provided anew): a per-channel affine folded into several readers
+    (q, k, v) stays for a reader that did not fold it."""
+    changed = True
+    while changed:
+        changed = False
+        for node in list(dead):
+            if node in replaced:
+                continue
+            if any(u not in dead and metadata_read(u, node) is None for u in node.users):
+                dead.discard(node)
+                changed = True
+
+
+class _Plan:
+    """How one region is written: its op, the copies of its moves, and the twins of its
+    absorbed values whose metadata is read later."""
+
+    def __init__(self, key, output, region: Region, facts: GraphFacts):
+        self.key, self.output, self.region, self.facts = key, output, region, facts
+        self.placement = region.placement if region.layouts else None
+        self.moves = [node for node, _ in region.layouts]
+        if self.moves and _moves_cancel(self.moves, region, facts):
+            self.moves = []  # e.g. flatten(0, 1) ... reshape_as(x): nothing to write again
+
+    def steps(self, order) -> list:
+        """``(old node, step)``: the op at the first node (``"before"``) or at the last
+        move (``"after"``); each move's copy at the move."""
+        region = self.region
+        first = min(region.nodes, key=order.__getitem__)
+        if self.placement == "after":
+            if not self.moves:
+                return [(first, "op")]
+            return [(first, "start")] + \
+                [(move, ("move", i)) for i, move in enumerate(self.moves)] + \
+                [(self.moves[-1], "op")]
+        return [(first, "op")] + [(move, ("move", i)) for i, move in enumerate(self.moves)]
+
+    def write(self, step, graph, env, copies, dead, report) -> None:
+        region, facts = self.region, self.facts
+        if step == "start":  # nothing written yet: values before the moves are the source
+            pass
+        elif step == "op":
+            source, term, meta_from = env[region.source], None, None
+            if self.placement == "after":
+                if self.moves:
+                    source = copies[(region.source, self.moves[-1])]
+                term = affine.as_pointwise(region.term, region.now_spatial)
+            elif self.placement == "before":
+                first_move = region.layouts[0][0]
+                meta_from = first_move.args[0] if region.post_kept else False
+            name, value = _emit(graph, region, self.output, source, facts, term,
+                                meta_from if meta_from is not False else None)
+            if meta_from is False:
+                value.meta.pop("val", None)
+                value.meta.pop("tensor_meta", None)
+            env[("op", self.key)] = value
+            report.fused.append(_fused_region(self.output, name, region, facts))
+            if self.placement != "before" or not self.moves:
+                env[self.key] = value
+        else:
+            index = step[1]
+            move = self.moves[index]
+            if self.placement == "after":
+                previous = region.source if index == 0 else self.moves[index - 1]
+                if (region.source, move) not in copies:
+                    copies[(region.source, move)] = self._copy(
+                        graph, move, env, copies[(region.source, previous)] if index else
+                        env[region.source], keep_meta=True)
+                value = copies[(region.source, move)]
+            else:
+                previous = env[("op", self.key)] if index == 0 else \
+                    env[("move", self.key, index - 1)]
+                value = self._copy(graph, move, env, previous, keep_meta=region.post_kept)
+                env[("move", self.key, index)] = value
+                if index == len(self.moves) - 1:
+                    env[self.key] = value
+        self._twins(step, env, copies, dead)
+
+    @staticmethod
+    def _copy(graph, move, env, input_value, keep_meta):
+        """The move written again on ``input_value`` (its other arguments, such as sizes
+        read from ``x.shape``, as they are)."""
+        first = move.args[0]
+        value = graph.node_copy(move, lambda n: input_value if n is first else env[n])
+        if not keep_meta:
+            value.meta.pop("val", None)
+            value.meta.pop("tensor_meta", None)
+        return value
+
+    def _twins(self, step, env, copies, dead) -> None:
+        """Point absorbed values whose metadata is read at a written value of their shape."""
+        region, placement = self.region, self.placement
+        for node in region.nodes:
+            if node not in self.facts.metadata_users or node not in dead:
+                continue
+            phase = region.phases.get(node, 0) if region.layouts else 0
+            if not region.layouts or (placement == "before" and phase == 0):
+                target = ("op", self.key)
+            elif placement == "after" and phase == 0:
+                target = region.source
+            elif placement == "after" and phase == len(region.layouts) and \
+                    node not in self.moves:
+                target = ("op", self.key)
+            elif 0 < phase <= len(self.moves):
+                move = self.moves[phase - 1]
+                target = (region.source, move) if placement == "after" else \
+                    ("move", self.key, phase - 1)
+                if placement == "after":
+                    if target in copies:
+                        env[node] = copies[target]
+                    continue
+            else:
+                continue
+            if target in env:
+                env[node] = env[target]
+
+
+def _moves_cancel(moves: list, region: Region, facts: GraphFacts) -> bool:
+    """Whether the moves together change nothing, and no value between them has its
+    metadata read: a chain of reshapes ending in ``reshape_as`` / ``view_as`` of the value
+    before the first one, or permutations that compose to none."""
+    if any(n in facts.metadata_users for n in moves[:-1]) or any(
+            n in facts.metadata_users and region.phases.get(n, 0) > 0 and n not in moves
+            for n in region.nodes):
+        return False
+    start, last = moves[0].args[0], moves[-1]
+    kinds = [_move_kind(n, facts) for n in moves]
+    if kinds[-1] in ("view_as", "reshape_as") and len(last.args) > 1 and \
+            last.args[1] is start and all(k in _RESHAPE_KINDS for k in kinds):
+        return True
+    rank = facts.rank(start)
+    if rank is None or not all(k in _PERMUTE_KINDS for k in kinds):
+        return False
+    layouts = [move for _, move in region.layouts]
+    for axis in range(-rank, 0):
+        moved = axis
+        for layout in layouts:
+            moved = layout.forward(moved) if moved is not None else None
+        if moved != axis:
+            return False
+    return True
+
+
+_RESHAPE_KINDS = {"flatten", "view", "reshape", "view_as", "reshape_as", "squeeze", "unsqueeze",
+                  "unflatten"}
+_PERMUTE_KINDS = {"permute", "transpose", "swapaxes", "swapdims", "movedim", "moveaxis", "t"}
+
+
+def _move_kind(node, facts) -> str:
+    if node.op == "call_module":
+        return "flatten" if type(facts.modules.get(node.target)).__name__ == "Flatten" else ""
+    if node.op == "call_method":
+        return node.target
+    return schema_name(node.target) or getattr(node.target, "__name__", "")
 
 
 def _emit_sum(graph: torch.fx.Graph, values: list, like: torch.fx.Node, frontend: str):

@@ -112,6 +112,9 @@ def metadata_read(user: torch.fx.Node, node: torch.fx.Node) -> str | None:
     if user.op == "call_function":
         name = schema_name(user.target)
         if name is not None:
+            if name in _SHAPE_OF_SECOND and first is not node and len(args) == 2 \
+                    and args[1] is node:
+                return _SHAPE_OF_SECOND[name]
             return "shape" if name in _ATEN_READS and first is node and \
                 not _mentions(rest, node) else None
         if hashable_in(user.target, _LIKE_FUNCTIONS) and first is node and \

@@ -39,6 +39,10 @@ class Idiom:
     ``must_remain``: op categories (see ``reparam_fx.op_counts``) that must still be there
     after fusion, at least this many (the negative cases: a fold that would be wrong).
     ``reason``: a phrase the fusion report must give for that refusal.
+    ``proves_rank``: False for a bare block that takes a tensor whose rank nothing in its
+    code proves (LeViT's blocks on ``(B, N, C)`` tokens): without ``example_inputs`` its
+    BatchNorm1d may normalise another axis, so it is refused ("pass example_inputs"); the
+    targets then hold for ``fuse(model, example_inputs)``.
     """
 
     name: str
@@ -51,6 +55,7 @@ class Idiom:
     exportable: bool = True
     must_remain: dict = field(default_factory=dict)
     reason: str | None = None
+    proves_rank: bool = True
     notes: str = ""
 
 
