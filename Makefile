@@ -6,7 +6,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test test-thorough bench bench-all bench-fuse corpus-table clean
+.PHONY: demo test test-thorough bench bench-all bench-fuse corpus-table layout-targets clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -38,6 +38,10 @@ bench-fuse: $(STAMP)
 # the third-party corpus: fuse() against each library's own re-parameterization
 corpus-table: $(STAMP)
 	$(PY) tools/corpus_table.py
+
+# folds across reshapes on LeViT-128S and a NextViT-S-sized model: torch and ONNX
+layout-targets: $(STAMP)
+	$(PY) tools/layout_targets.py
 
 clean:
 	rm -rf $(VENV) out .pytest_cache .hypothesis

@@ -12,7 +12,8 @@ A frontend (torch.fx in :mod:`reparam_fx.fx`, ONNX) supplies a *view* of its gra
                              conv may also take an unbatched tensor (torch: ``(C, H, W)``)
     view.mutated             values an in-place op changes while another op reads them
     view.inplace_target(v)   the value ``v``'s op writes into in place, or None
-    view.interpret(v)        ``Unary`` / ``Sum`` / ``Refused`` / None: what ``v``'s op computes
+    view.interpret(v)        ``Unary`` / ``Sum`` / ``Layout`` / ``Refused`` / None: what
+                             ``v``'s op computes (``Layout``: it only moves values)
     view.rank(v), view.shape(v)   what the graph proves about ``v`` (or None)
     view.is_value(x)         whether ``x`` is a graph value (not a constant)
     view.describe(v)         ``(name, op name)`` for the report
@@ -24,6 +25,17 @@ groups when they do not all merge). An input's region is absorbed only when noth
 reads it and it is not mutated in place; otherwise the input becomes the source. A value
 whose sizes are read (``x.shape``) may be absorbed while every op after it keeps the shape:
 the read then moves to the region's output.
+
+Moves (reshapes, permutes, flattens, averages over other axes) carry a region along:
+its term stays in the coordinates of its source, the builder follows the channel axis to
+where each move puts it, and a pointwise op after them (a channel affine, a linear, a
+1x1 conv) is the same map in the source's coordinates. The frontend writes the one op
+before the moves (on the source) or after them (the moves written again on the source),
+whichever ``Region.placement`` allows. Two special cases: a channel affine flattened with
+the axes after it (``BatchNorm2d`` then ``flatten(1)``) becomes the affine repeated per
+block on the merged axis; and a channel affine whose readers are all linear maps (q, k,
+v) is absorbed by each of them (:func:`select_rewrites` keeps such rewrites only if every
+reader took it).
 :func:`select_rewrites` then picks, downstream first, the regions and partial sums to
 write back; writing them is the frontend's job.
 """
@@ -145,6 +157,10 @@ class Region:
             and (not self.layouts or self.placement is not None)
 
     @property
+    def term_is_affine(self) -> bool:
+        return isinstance(self.term, ChannelAffine)
+
+    @property
     def placement(self) -> str | None:
         """Where the one op goes among the moves: ``"before"`` them (the term in the
         source's coordinates; the moves then apply to its output, which needs the ops after
@@ -162,6 +178,10 @@ class Region:
         if after and (self.reduces or self.linear_after_moves or not before):
             return "after"
         return "before" if before else ("after" if after else None)
+
+
+_MOVE_REFUSED = ("it merges or splits the channel axis with another one, or the graph does "
+                 "not prove it keeps it whole")
 
 
 class _StartAfterMoves(NotExact):
@@ -240,12 +260,18 @@ class RegionBuilder:
         if node in self.view.mutated or not self.view.is_value(op.input):
             return
         base = self.operand(op.input)
-        if base.merged or base.linear_after_moves:
-            return  # its op is written after its moves: no move follows it
         axis_now = base.axis_now if base.layouts else base.axis
+        if base.merged or base.linear_after_moves:  # its op goes after its moves: none follows
+            if base.merged and base.term_is_affine:
+                self.skip(node, _MOVE_REFUSED if op.forward(-1) is None else
+                          "a reshape or permute after the flatten of the channel axis")
+            return
         if not base.layouts:  # the value before the first move: its channel axis, as is
             base = replace(base, marks={op.input: (base.axis, 0)}, changes=0)
-        if op.like is not None and base.marks.get(op.like) != (-1, base.changes):
+        like = base.marks.get(op.like)
+        if op.like is base.source:  # (its channel axis may have been found since)
+            like = (base.axis, 0)
+        if op.like is not None and like != (-1, base.changes):
             axis_now = None if axis_now is None else "unproven"  # see Layout.like
         if axis_now is not None and axis_now != "unproven" and op.forward(axis_now) is None \
                 and self._mergeable(base, op, axis_now):
@@ -255,8 +281,7 @@ class RegionBuilder:
             axis_now = op.forward(axis_now) if axis_now != "unproven" else None
             if axis_now is None:
                 if base.nodes:
-                    self.skip(node, "it merges or splits the channel axis with another one, "
-                                    "or the graph does not prove it keeps it whole")
+                    self.skip(node, _MOVE_REFUSED)
                 return
         region = replace(base, nodes=[*base.nodes, node], layouts=(*base.layouts, (node, op)),
                          axis_now=axis_now, reduces=base.reduces or op.reduces,
@@ -423,7 +448,10 @@ class RegionBuilder:
         term = op.term
         if callable(term) or not affine.is_pointwise(term):
             raise NotExact(f"a {op.role} after a reshape or permute that moved its axes")
-        if len(base.nodes) == len(base.layouts):  # moves alone: the op starts after them
+        if len(base.nodes) - base.kinds["identity"] == len(base.layouts) \
+                and not isinstance(term, ChannelAffine):
+            # moves alone before a linear: it starts after them (a channel affine keeps
+            # them: a reshape back, ``reshape_as(x)``, may cancel them later)
             raise _StartAfterMoves("nothing to fold before it but moves")
         axis = op.axis
         if axis == "bn":
@@ -746,7 +774,33 @@ def select_rewrites(view, builder: RegionBuilder, worth_writing=None) -> tuple[l
             for term, _ in item.terms:
                 if isinstance(term, Region):
                     covered.update(term.nodes)
-    return emit, partial_sums
+    return _whole_absorptions(view, emit, partial_sums)
+
+
+def _whole_absorptions(view, emit: list, partial_sums: list) -> tuple[list, list]:
+    """Drop the rewrites that absorb a value another op still reads (an affine shared by
+    q, k and v where one reader did not fold it): the value would be computed anyway, and
+    the moves before it written twice. What is left absorbs every value it takes."""
+    while True:
+        absorbed, outputs = set(), set()
+        for value, region in emit:
+            absorbed.update(region.nodes)
+            outputs.add(value)
+        for partial in partial_sums:
+            absorbed.update((*partial.inner, partial.root))
+            outputs.add(partial.root)
+            for term, _ in partial.terms:
+                if isinstance(term, Region):
+                    absorbed.update(term.nodes)
+        read_elsewhere = {node for node in absorbed - outputs
+                          if any(user not in absorbed for user in view.users(node))}
+        if not read_elsewhere:
+            return emit, partial_sums
+        emit = [(value, region) for value, region in emit
+                if read_elsewhere.isdisjoint(region.nodes)]
+        partial_sums = [partial for partial in partial_sums if all(
+            read_elsewhere.isdisjoint(term.nodes) for term, _ in partial.terms
+            if isinstance(term, Region))]
 
 
 @contextlib.contextmanager

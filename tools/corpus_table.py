@@ -4,7 +4,8 @@ For every model of ``tests/third_party`` (timm, ultralytics, YOLOv6, RT-DETR, Op
 MobileCLIP, ACNet / DiverseBranchBlock code shapes), the linear ops (conv, BatchNorm,
 linear, add, sub, mul, div) of: the training form; the library's own re-parameterization;
 ``torch.fx.experimental.optimization.fuse``; a plain conv+BN fold of the exported graph;
-``reparam_fx.fuse(model)`` with no example inputs; and ``reparam_fx.fuse`` of the
+``reparam_fx.fuse(model)`` with no example inputs (bare blocks whose input rank nothing
+proves, marked ``*``: with them); and ``reparam_fx.fuse`` of the
 ``torch.export`` program. All are counted on the ``torch.export`` graph of each model, as
 ``tests/test_third_party_corpus.py`` counts them. Also the fp32 relative error of
 ``fuse(model)`` and the blocks it kept whole.
@@ -38,8 +39,8 @@ def measure(name: str) -> dict:
     idiom = CORPUS[name]
     model = randomized_model(idiom, dtype=torch.float32)
     x = example_input(idiom, dtype=torch.float32)
-    row = {"name": name, "traceable": idiom.traceable}
-    fused = reparam_fx.fuse(model)
+    row = {"name": name, "traceable": idiom.traceable, "with inputs": not idiom.proves_rank}
+    fused = reparam_fx.fuse(model, None if idiom.proves_rank else (x,))
     row["error"] = reparam_fx.verify(model, fused, (x,), rtol=1.0, precision="model")
     row["leaves"] = sum(1 for leaf in fused.fusion_report.leaves if "does not trace" in leaf.reason)
     if not idiom.exportable:
@@ -62,7 +63,8 @@ def markdown(rows: list[dict]) -> str:
              "|---|---|" + "---:|" * len(COLUMNS) + "---:|---:|"]
     for row in rows:
         cells = ["-" if row.get(c) is None else str(row[c]) for c in COLUMNS]
-        lines.append(f"| {row['name']} | {'yes' if row['traceable'] else 'no'} | "
+        name = row["name"] + (" *" if row.get("with inputs") else "")
+        lines.append(f"| {name} | {'yes' if row['traceable'] else 'no'} | "
                      + " | ".join(cells) + f" | {row['error']:.1e} | {row['leaves']} |")
     return "\n".join(lines)
 
@@ -81,7 +83,8 @@ def summary(rows: list[dict]) -> str:
              f"the {len(traced)} models symbolic tracing sees whole; `fuse` of the `torch.export` "
              f"program on {sum(r['fuse(export)'] <= _best(r) for r in exported)} of "
              f"{len(exported)}. Largest fp32 relative error: "
-             f"{max(r['error'] for r in rows):.1e}.", "",
+             f"{max(r['error'] for r in rows):.1e}. `*`: a bare block on tokens whose rank "
+             "nothing in its code proves: `fuse(model, example_inputs)`.", "",
              "| library | models | train | best baseline | fuse(model) | fuse(export) "
              "| own (models with one) | fuse(model) on those |",
              "|---|---:|---:|---:|---:|---:|---:|---:|"]

@@ -38,25 +38,34 @@ _REDUCTIONS = {"mean", "adaptive_avg_pool1d", "adaptive_avg_pool2d", "adaptive_a
 
 
 def interpret_move(node: torch.fx.Node, facts) -> Layout | None:
-    """The node as a :class:`Layout`, or None if it is no move (or its map is unproven)."""
+    """The node as a :class:`Layout` (one that keeps no axis if its map is unproven), or
+    None if it is no move."""
     name, args, kwargs = _call(node, facts)
     if name is None or not args or not isinstance(args[0], torch.fx.Node):
         return None
     x = args[0]
     if x in facts.scalars:
         return None
-    rank = facts.rank(x)
+    rank = _rank(x, facts)
     out_rank = facts.rank(node)
+    if name not in _PERMUTES and name not in _REDUCTIONS and name not in _RESHAPES:
+        return None
     try:
         if name in _PERMUTES:
-            return _permutation(x, name, args, kwargs, rank)
-        if name in _REDUCTIONS:
-            return _reduction(x, node, name, args, kwargs, rank, facts)
-        if name in _RESHAPES:
-            return _reshape(x, node, name, args, kwargs, rank, out_rank, facts)
+            layout = _permutation(x, name, args, kwargs, rank)
+        elif name in _REDUCTIONS:
+            layout = _reduction(x, node, name, args, kwargs, rank, facts)
+        else:
+            layout = _reshape(x, node, name, args, kwargs, rank, out_rank, facts)
     except (TypeError, ValueError, IndexError):
-        return None
-    return None
+        layout = None
+    return layout if layout is not None else _unproven(x)
+
+
+def _unproven(x) -> Layout:
+    """A move whose map the graph does not prove: it keeps no axis (a region before it
+    ends there, and the report says so)."""
+    return Layout(x, lambda axis: None, lambda axis: None, channel_free=False)
 
 
 def _call(node, facts):
@@ -176,6 +185,18 @@ def _averaged(name, args, kwargs, rank) -> tuple[set, bool] | None:
     return set(range(rank - spatial, rank)), True
 
 
+def _rank(x, facts) -> int | None:
+    """``x``'s proven rank; also after squeezing an axis an average made of size 1."""
+    rank = facts.rank(x)
+    if rank is None and isinstance(x, torch.fx.Node) and x.op == "call_method" \
+            and x.target == "squeeze" and len(x.args) == 2 and isinstance(x.args[1], int) \
+            and isinstance(x.args[0], torch.fx.Node):
+        before = _rank(x.args[0], facts)
+        if before is not None and x.args[1] % before in _unit_axes(x.args[0], before, facts):
+            return before - 1
+    return rank
+
+
 def _unit_axes(x, rank, facts) -> set:
     """Axes of ``x`` proven to have size 1: from its shape, or because an average made
     them (``AdaptiveAvgPool2d(1)``, ``mean(dims, keepdim=True)``)."""
@@ -187,6 +208,12 @@ def _unit_axes(x, rank, facts) -> set:
         found = _averaged(name, args, kwargs, rank)
         if found is not None and found[1]:
             return found[0]
+    if name == "squeeze" and len(args) == 2 and isinstance(args[0], torch.fx.Node) \
+            and isinstance(args[1], int) and _rank(args[0], facts) == rank + 1:
+        dim = args[1] % (rank + 1)  # x.squeeze(-1).squeeze(-1)
+        before = _unit_axes(args[0], rank + 1, facts)
+        if dim in before:
+            return {p if p < dim else p - 1 for p in before if p != dim}
     return set()
 
 
@@ -203,13 +230,23 @@ def _reshape(x, node, name, args, kwargs, rank, out_rank, facts) -> Layout | Non
         return layout
     if name in ("squeeze", "unsqueeze"):
         dims = _ints(args[1:] or (kwargs.get("dim"),))
-        if rank is None or out_rank is None or dims is None or len(dims) != 1:
+        if rank is None or dims is None or len(dims) != 1:
             return None
         if name == "unsqueeze":
             return _unsqueezed(x, rank, dims[0] % (rank + 1))
+        if dims[0] % rank in _unit_axes(x, rank, facts):
+            out_rank = rank - 1  # (shapes or an average made that axis)
+        if out_rank is None:
+            return None
         if out_rank == rank:  # the axis was not of size 1: nothing moved
             return Layout(x, lambda axis: axis, lambda axis: axis)
         return _merging(x, rank, dims[0] % rank, dims[0] % rank, set(), drop=True)
+    if name == "unflatten" and (in_shape is None or not _static(in_shape)):
+        dim = args[1] if len(args) > 1 else kwargs.get("dim")
+        sizes = args[2] if len(args) > 2 else kwargs.get("sizes")
+        if rank is None or not isinstance(dim, int) or not isinstance(sizes, (tuple, list)):
+            return None
+        return _split(x, rank, dim % rank, len(sizes))
     if in_shape is not None and out_shape is not None and _static(in_shape) and _static(out_shape):
         layout = _by_sizes(x, in_shape, out_shape)
         if out_shape and math.prod(out_shape[:-1]) > 0:
@@ -269,6 +306,24 @@ def _tail_merge(start: int, rank: int, in_shape):
     return tail_merge
 
 
+def _split(x, rank, dim, parts) -> Layout:
+    """Axis ``dim`` split into ``parts`` axes (``unflatten``); the others keep their order."""
+    out_rank = rank + parts - 1
+
+    def forward(axis):
+        position = axis % rank
+        if position == dim:
+            return None
+        return (position if position < dim else position + parts - 1) - out_rank
+
+    def backward(axis):
+        position = axis % out_rank
+        if dim <= position < dim + parts:
+            return None
+        return (position if position < dim else position - parts + 1) - rank
+    return Layout(x, forward, backward)
+
+
 def _unsqueezed(x, rank, dim) -> Layout:
     def forward(axis):
         position = axis % rank
@@ -306,17 +361,18 @@ def _by_sizes(x, in_shape, out_shape, channel_free=False) -> Layout:
     return Layout(x, forward, backward, channel_free=channel_free)
 
 
-def _read_dim(value, x):
-    """The input axis a size argument reads (``x.shape[i]``, ``x.size(i)``), else None."""
+def _read_dim(value, same: set):
+    """The input axis a size argument reads (``t.shape[i]``, ``t.size(i)`` of a tensor ``t``
+    in ``same``: the input or one of the same shape), else None."""
     if not isinstance(value, torch.fx.Node):
         return None
-    if value.op == "call_method" and value.target == "size" and value.args[0] is x \
+    if value.op == "call_method" and value.target == "size" and value.args[0] in same \
             and len(value.args) == 2 and isinstance(value.args[1], int):
         return value.args[1]
     if value.op == "call_function" and value.target is operator.getitem \
             and isinstance(value.args[1], int):
         shape = value.args[0]
-        if isinstance(shape, torch.fx.Node) and shape.args and shape.args[0] is x and (
+        if isinstance(shape, torch.fx.Node) and shape.args and shape.args[0] in same and (
                 (shape.op == "call_function" and shape.target is getattr
                  and shape.args[1] == "shape")
                 or (shape.op == "call_method" and shape.target == "size"
@@ -325,33 +381,68 @@ def _read_dim(value, x):
     return None
 
 
+_SAME_SHAPE_MODULES = (nn.modules.batchnorm._BatchNorm, nn.Identity, nn.ReLU, nn.ReLU6,
+                       nn.GELU, nn.SiLU, nn.Hardswish, nn.Hardsigmoid, nn.Sigmoid, nn.Tanh,
+                       nn.LeakyReLU, nn.modules.dropout._DropoutNd)
+
+
+def _same_shape(x, facts) -> set:
+    """``x`` and the tensors before it that have its shape for sure: the inputs of
+    standard BatchNorm, activation and dropout modules (``B, C, H, W = x.shape`` read
+    before ``out = norm(x)``, then ``out.reshape(B, C, -1)``)."""
+    same = {x}
+    while isinstance(x, torch.fx.Node) and x.op == "call_module" and len(x.args) == 1:
+        module = facts.modules.get(x.target)
+        if not isinstance(module, _SAME_SHAPE_MODULES) or not runs_standard_forward(module):
+            break
+        x = x.args[0]
+        same.add(x)
+    return same
+
+
 def _by_read_sizes(x, sizes, rank, facts) -> Layout | None:
-    """``x.reshape(B, C, -1)`` with sizes read from ``x``: the leading output axes that are
-    exactly ``x``'s leading axes, in order, stay whole (and keep their place)."""
+    """``x.reshape(B, C, -1)`` / ``y.view(-1, y.shape[-1])`` with sizes read from ``x`` (or
+    a tensor of its shape): output axes that read ``x``'s leading axes, in order, from the
+    front, or its trailing axes, in order, from the back, are those axes whole. Axes of
+    size 1 (after an average to 1) do not count: ``x.view(x.size(0), -1)`` of a pooled
+    ``(B, C, 1, 1)`` keeps C whole."""
     if rank is None or not sizes:
         return None
     out_rank = len(sizes)
-    kept = 0
-    for j, size in enumerate(sizes):
-        read = _read_dim(size, x)
-        if read is None or read % rank != j:
-            break
-        kept += 1
+    same, unit = _same_shape(x, facts), _unit_axes(x, rank, facts)
+    reads = [_read_dim(size, same) for size in sizes]
+    head = next((j for j, read in enumerate(reads) if read is None or read % rank != j),
+                len(reads))
+    tail = next((i for i in range(out_rank) if reads[out_rank - 1 - i] is None
+                 or reads[out_rank - 1 - i] % rank != rank - 1 - i), out_rank)
+    head, tail = min(head, rank), min(tail, rank - head, out_rank - head)
+    if head == out_rank and head < rank and not all(p in unit for p in range(head, rank)):
+        head -= 1  # the last output axis also holds the axes after it
+    squeezed = head == out_rank - 1 and tail == 0 and head < rank \
+        and all(p in unit for p in range(head + 1, rank)) \
+        and isinstance(sizes[-1], int) and sizes[-1] == -1 and head not in unit
 
     def forward(axis):
         position = axis % rank
-        if position < kept and not (position == kept - 1 and kept == out_rank and kept < rank):
+        if position < head:
             return position - out_rank
-        return None
+        if position >= rank - tail:
+            return position - rank
+        return -1 if squeezed and position == head else None
 
     def backward(axis):
         position = axis % out_rank
-        return position - rank if position < kept and not (
-            position == kept - 1 and kept == out_rank and kept < rank) else None
-    layout = Layout(x, forward, backward, channel_free=False) if kept else None
-    if layout is not None and kept == out_rank - 1 and kept < rank - 1 \
+        if position < head:
+            return position - rank
+        if position >= out_rank - tail:
+            return position - out_rank
+        return head - rank if squeezed and position == out_rank - 1 else None
+    if not (head or tail or squeezed):
+        return None
+    layout = Layout(x, forward, backward, channel_free=False)
+    if head == out_rank - 1 and head < rank - 1 and not squeezed \
             and isinstance(sizes[-1], int) and sizes[-1] == -1:  # x.view(B, -1)
-        layout.tail_merge = _tail_merge(kept, rank, None)
+        layout.tail_merge = _tail_merge(head, rank, None)
     return layout
 
 

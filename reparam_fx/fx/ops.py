@@ -150,6 +150,18 @@ def _matmul_as_linear(node, facts, name):
     return Unary(x, affine.linear(weight_t.t(), bias), "linear", -1, dtype=weight_t.dtype)
 
 
+def _batched_matmul_as_linear(node, facts):
+    """Core ATen's linear on a 3-D ``x``: ``bmm(x, W.t().expand(B, ...))``: the same
+    weight in every batch."""
+    x, expanded = node.args[0], node.args[1]
+    weights = facts.constant(expanded)
+    if weights is None or weights.dim() != 3 or facts.rank(x) != 3 \
+            or not bool((weights == weights[:1]).all()):
+        return None
+    weight_t = weights[0]
+    return Unary(x, affine.linear(weight_t.t(), None), "linear", -1, dtype=weight_t.dtype)
+
+
 def _conv_op(facts, input_node, weight, bias, stride, padding, dilation, groups, spatial,
              padding_mode="zeros"):
     if weight is None:
@@ -553,6 +565,11 @@ def _interpret_aten(node, facts):
                                       dtype=weight.dtype), a)
     if name in ("addmm", "mm") and overload == "default":
         return _matmul_as_linear(node, facts, name)
+    if name == "bmm" and overload == "default":
+        return _batched_matmul_as_linear(node, facts)
+    if name == "expand" and overload == "default" and tensor_shape(node) is not None \
+            and tensor_shape(node) == tensor_shape(args[0]):
+        return Unary(args[0], affine.identity(), "identity", None)  # expands nothing
     if name == "slice" and overload == "Tensor":
         return _aten_slice_op(facts, node)
     if name in ("avg_pool1d", "avg_pool2d", "avg_pool3d"):

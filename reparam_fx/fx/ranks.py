@@ -46,6 +46,7 @@ _RANK_KEEPING_NAMES = {
     "adaptive_avg_pool1d", "adaptive_avg_pool2d", "adaptive_avg_pool3d",
     "adaptive_max_pool2d", "pad", "constant_pad_nd", "interpolate", "contiguous", "clone",
     "detach", "float", "double", "half", "to", "type_as", "transpose", "sqrt", "exp",
+    "movedim", "moveaxis", "swapaxes", "swapdims",
     "_native_batch_norm_legit_no_training", "alias", "identity",
 }
 _BATCHNORM_RANKS = ((nn.BatchNorm2d, 4), (nn.BatchNorm3d, 5))
@@ -218,8 +219,9 @@ class RankFacts:
 
     def _derivable(self, node) -> bool:
         return self._name(node) in ("flatten", "view", "reshape", "permute", "unsqueeze",
-                                    "add", "sub", "mul", "truediv", "div", "mean", "sum",
-                                    "amax", "amin", "view_as", "reshape_as", "expand_as") \
+                                    "unflatten", "add", "sub", "mul", "truediv", "div", "mean",
+                                    "sum", "amax", "amin", "view_as", "reshape_as",
+                                    "expand_as") \
             or (node.op == "call_module" and type(self._modules.get(node.target)) is nn.Flatten)
 
     def _derive(self, node: torch.fx.Node) -> bool:
@@ -251,6 +253,11 @@ class RankFacts:
             return None if rank is None else rank + 1
         if name in ("view_as", "reshape_as", "expand_as") and len(args) > 1:
             return self.rank(args[1])
+        if name == "unflatten":
+            sizes = args[2] if len(args) > 2 else node.kwargs.get("sizes")
+            rank = self.rank(first)
+            return None if rank is None or not isinstance(sizes, (tuple, list)) \
+                else rank + len(sizes) - 1
         if name in ("mean", "sum", "amax", "amin"):
             return self._reduced(node)
         if len(args) == 2:  # broadcasting arithmetic: the larger rank

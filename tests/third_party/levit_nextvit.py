@@ -1462,6 +1462,18 @@ class NextViT(nn.Module):
         return x
 
 
+def build_nextvit_small(num_classes: int = 1000) -> nn.Module:
+    """A NextViT-S-sized model for measurements (timm ``nextvit_small``: stem 64/32/64, stage
+    widths 96 / 192..256 / 384..512 / 768..1024, depths 3, 4, 10, 3, sr ratios 8, 4, 2, 1,
+    224x224) in this module's code shape, which ends each stage with its one transformer
+    block (timm's third stage has two). Not a corpus entry: deploy it with
+    :func:`timm_reparameterize_model`."""
+    return NextViT(in_chans=3, num_classes=num_classes, stem_chs=(64, 32, 64),
+                   stage_chs=((96,) * 3, (192,) * 3 + (256,), (384,) * 9 + (512,),
+                              (768,) * 2 + (1024,)),
+                   strides=(1, 2, 2, 2), sr_ratios=(8, 4, 2, 1), head_dim=32)
+
+
 def _nextvit_tiny():
     return NextViT(in_chans=3, num_classes=10, stem_chs=(8, 8, 16),
                    stage_chs=((16,), (24, 40), (40, 40)), strides=(1, 2, 2), sr_ratios=(2, 2, 1),
