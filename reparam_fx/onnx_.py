@@ -14,12 +14,19 @@ term of its tensor input(s) (:func:`_interpret`):
     AveragePool                      depthwise conv (zero pads counted or no pads)
     Pad (constant 0, symmetric)      zero padding
     Gemm / MatMul (constant B)       linear term on the last axis
+    Transpose, Reshape, Flatten,     moves (:mod:`reparam_fx.onnx_moves`): a pointwise op
+    Squeeze, Unsqueeze, ReduceMean,  commutes with them while they keep the channel axis
+    GlobalAveragePool                whole, so the ops around them fold together
+
+A ``Shape`` node reading a tensor of static shape reads no values: it does not keep that
+tensor out of a region, and once the tensor is folded away it becomes a constant.
 
 :mod:`reparam_fx.regions` then finds the regions, exactly as for torch.fx graphs, and each
 region is written back as one ``Conv`` (or ``Gemm`` / ``MatMul`` + ``Add`` for linear
 terms) whose output keeps the original tensor's name, so graph inputs and outputs keep
-their names, shapes and dtypes. Weights are computed in float64 and cast to the model's
-weight dtype. The input model is never modified.
+their names, shapes and dtypes. A region with moves in it has them written again around
+its one op (:func:`_write_region`), or not at all when they cancel. Weights are computed
+in float64 and cast to the model's weight dtype. The input model is never modified.
 """
 
 from __future__ import annotations
@@ -33,8 +40,10 @@ import onnx_graphsurgeon as gs
 import torch
 
 from reparam_fx import affine
-from reparam_fx.affine import ConvTerm
-from reparam_fx.regions import (Refused, Region, RegionBuilder, Sum, Unary, gc_paused,
+from reparam_fx.affine import ConvTerm, NotExact
+from reparam_fx.onnx_moves import (MOVE_OPS, OnnxMove, as_dims, graph_sizes, interpret_move,
+                                   moves_cancel)
+from reparam_fx.regions import (Layout, Refused, Region, RegionBuilder, Sum, Unary, gc_paused,
                                  select_rewrites)
 from reparam_fx.report import FusedRegion, FusionReport, Skipped, classify_region
 from reparam_fx.verification import VerificationError
@@ -42,6 +51,7 @@ from reparam_fx.verification import VerificationError
 MIN_OPSET = 13
 MAX_PASSES = 4
 _OUTPUT = object()  # stands for "a graph output reads this value"
+_SHAPE_KEEPING = frozenset({"BatchNormalization", "Identity", "Dropout"})  # output: input's shape
 
 _CATEGORIES = {"Conv": "conv", "BatchNormalization": "batch_norm", "Gemm": "linear",
                "MatMul": "linear", "Add": "add", "Sub": "sub", "Mul": "mul", "Div": "div",
@@ -86,6 +96,18 @@ def constant_value(tensor, _depth: int = 0) -> np.ndarray | None:
         return np.broadcast_to(args[0], np.broadcast_shapes(args[0].shape, tuple(args[1])))
     if node.op == "Reshape" and len(args) > 1 and args[1] is not None and not np.any(args[1] == 0):
         return args[0].reshape(tuple(int(d) for d in args[1]))
+    if node.op == "Concat" and all(a is not None for a in args):  # shape arithmetic
+        return np.concatenate([np.atleast_1d(a) for a in args], axis=int(node.attrs.get("axis", 0)))
+    if node.op == "Gather" and len(args) > 1 and args[1] is not None:
+        return np.take(args[0], args[1].astype(np.int64), axis=int(node.attrs.get("axis", 0)))
+    if node.op == "Slice" and len(args) >= 3 and all(a is not None for a in args[1:]):
+        starts, ends = args[1].reshape(-1), args[2].reshape(-1)
+        axes = args[3].reshape(-1) if len(args) > 3 else range(len(starts))
+        steps = args[4].reshape(-1) if len(args) > 4 else [1] * len(starts)
+        index = [slice(None)] * args[0].ndim
+        for start, end, axis, step in zip(starts, ends, axes, steps):
+            index[int(axis)] = slice(int(start), int(end), int(step))
+        return args[0][tuple(index)]
     if node.op in ("Unsqueeze", "Squeeze"):
         axes = args[1] if len(args) > 1 else node.attrs.get("axes")
         if axes is None and node.op == "Unsqueeze":
@@ -136,7 +158,14 @@ class OnnxView:
         self.mutated: set = set()  # ONNX is functional
         self._handles: dict[int, Tensor] = {}
         self._users: dict[Tensor, list] = {}
+        self._shape_reads: dict[Tensor, list] = {}
+        self._sizes: dict[int, tuple | None] = {}
+        outputs = {id(tensor) for tensor in graph.outputs}
         for node in graph.nodes:
+            if node.op == "Shape" and node.inputs and _static(node.inputs[0]) \
+                    and id(node.outputs[0]) not in outputs:  # reads no values
+                self._shape_reads.setdefault(self.handle(node.inputs[0]), []).append(node)
+                continue
             for tensor in node.inputs:
                 if isinstance(tensor, gs.Variable) and node.outputs:
                     self._users.setdefault(self.handle(tensor), []).append(
@@ -160,7 +189,11 @@ class OnnxView:
 
     @staticmethod
     def metadata_readers(value) -> list:
-        return []  # a Shape node counts as a use here
+        return []  # a Shape node of a static shape becomes a constant: see shape_reads
+
+    def shape_reads(self, value: Tensor) -> list:
+        """The ``Shape`` nodes that read ``value``'s (static) sizes, not counted as uses."""
+        return self._shape_reads.get(value, [])
 
     @staticmethod
     def reads_shape(value) -> bool:
@@ -181,20 +214,44 @@ class OnnxView:
     def interpret(self, value: Tensor):
         if value not in self._ops:
             op = _interpret(value.producer, self) if value.producer is not None else None
-            if isinstance(op, Unary):
+            if isinstance(op, (Unary, Layout)):
                 op.input = self.handle(op.input)
             elif isinstance(op, Sum):
                 op.operands = [(self.handle(v), c) for v, c in op.operands]
             self._ops[value] = op
         return self._ops[value]
 
-    @staticmethod
-    def shape(value):
+    def shape(self, value):
+        """The graph's shape of ``value`` (ints, dim_param names, None), or, where the graph
+        has none, what :meth:`sizes` proves."""
         var = value.var if isinstance(value, Tensor) else value
         shape = getattr(var, "shape", None)
-        if shape is None or any(not isinstance(d, int) for d in shape):
-            return None if shape is None else tuple(shape)
+        if shape is None:
+            sizes = self.sizes(var) if isinstance(var, gs.Variable) else None
+            return None if sizes is None else tuple(as_dims(sizes))
         return tuple(shape)
+
+    def sizes(self, var: gs.Variable) -> tuple | None:
+        """``var``'s sizes (:mod:`reparam_fx.onnx_moves`) as the ops before it prove them: a
+        move's output sizes, a BatchNormalization's (or identity's) input sizes, else the
+        graph's shape. One answer per tensor, so a dimension unknown to the graph keeps one
+        name along a chain (a reshape back to it is then seen to be one)."""
+        if id(var) in self._sizes:
+            return self._sizes[id(var)]
+        producer = var.inputs[0] if isinstance(var, gs.Variable) and len(var.inputs) == 1 \
+            else None
+        sizes = None
+        if producer is not None and producer.outputs and producer.outputs[0] is var:
+            if producer.op in MOVE_OPS:
+                move = self.interpret(self.handle(var))
+                sizes = move.out_sizes if isinstance(move, OnnxMove) else None
+            elif producer.op in _SHAPE_KEEPING and producer.inputs \
+                    and isinstance(producer.inputs[0], gs.Variable):
+                sizes = self.sizes(producer.inputs[0])
+        if sizes is None:
+            sizes = graph_sizes(getattr(var, "shape", None))
+        self._sizes[id(var)] = sizes
+        return sizes
 
     def rank(self, value):
         shape = self.shape(value)
@@ -229,10 +286,18 @@ def _auto_pads(node, kernel, dilations, strides, spatial):
     return tuple(t // 2 for t in totals)
 
 
+def _static(tensor) -> bool:
+    shape = getattr(tensor, "shape", None)
+    return shape is not None and all(isinstance(d, int) and d >= 0 for d in shape)
+
+
 def _interpret(node: gs.Node, view: OnnxView):
     op, inputs = node.op, node.inputs
     if len(node.outputs) != 1 and op not in ("Dropout", "BatchNormalization"):
         return None
+    if op in MOVE_OPS:
+        return interpret_move(node, view.sizes, constant_value) if _is_tensor(inputs[0]) \
+            else None
     if op == "Conv":
         weight = constant_value(inputs[1]) if len(inputs) > 1 else None
         bias = constant_value(inputs[2]) if len(inputs) > 2 else None
@@ -420,9 +485,11 @@ def _weight_dtype(region: Region) -> np.dtype:
     return np.dtype(np.float32)
 
 
-def _emit(graph: gs.Graph, output: gs.Variable, region: Region, source, index: int) -> gs.Node:
-    """A Conv (or Gemm / MatMul+Add) computing ``region.term(source)`` into ``output``."""
-    term: ConvTerm = region.term
+def _emit(graph: gs.Graph, output: gs.Variable, region: Region, source, index: int,
+          term: ConvTerm | None = None, rank: int | None = None) -> gs.Node:
+    """A Conv (or Gemm / MatMul+Add) computing ``term(source)`` (default: the region's
+    term) into ``output``; ``rank``: the source's, if known beyond its graph shape."""
+    term = region.term if term is None else term
     dtype = _weight_dtype(region)
     base = f"{output.name}_fused{index}"
     weight = gs.Constant(f"{base}_W", term.weight.numpy().astype(dtype))
@@ -437,7 +504,7 @@ def _emit(graph: gs.Graph, output: gs.Variable, region: Region, source, index: i
         node = gs.Node("Conv", base, attrs=attrs, inputs=inputs, outputs=[output])
         graph.nodes.append(node)
         return node
-    if _rank2(source):  # Gemm: Y = X W^T + b in one node
+    if (rank == 2 if rank is not None else _rank2(source)):  # Gemm: Y = X W^T + b, one node
         node = gs.Node("Gemm", base, attrs={"transB": 1},
                        inputs=[source, weight] + ([bias] if bias is not None else []),
                        outputs=[output])
@@ -460,19 +527,136 @@ def _rank2(tensor) -> bool:
     return shape is not None and len(shape) == 2
 
 
-def _nodes_written(region: Region) -> int:
+# ---- regions with moves: the op and the moves written again ----------------------------------
+#
+#   placement "before":  source -> op(term) -> move_1' -> ... -> move_k' -> output
+#   placement "after":   source -> move_1' -> ... -> move_k' -> op(term') -> output
+#
+# ``term`` acts in the source's coordinates; ``term'`` is the same map where the moves put
+# the channel axis (``affine.as_pointwise``: a linear on the last axis, or a 1x1 conv).
+# Moves that together change nothing are not written (``onnx_moves.moves_cancel``).
+
+def _moves_written(region: Region) -> list:
+    """The move values a region writes again (none if it has none, or they cancel)."""
+    if not region.layouts or moves_cancel(region):
+        return []
+    return [value for value, _ in region.layouts]
+
+
+def _op_written(region: Region, view: OnnxView) -> tuple[ConvTerm, int | None]:
+    """``(term, rank of its input)`` of the region's one op; raises NotExact if the term
+    has no form where the moves put the channel axis (a grouped conv on the last axis)."""
+    moves = _moves_written(region)
+    if region.layouts and region.placement == "after":
+        term = affine.as_pointwise(region.term, region.now_spatial)
+        if moves:
+            return term, len(region.layouts[-1][1].out_sizes)
+    else:
+        term = region.term
+    return term, view.rank(region.source)
+
+
+def _nodes_written(region: Region, view: OnnxView) -> int | None:
     """ONNX nodes a region becomes: one Conv / Gemm / MatMul, or MatMul + Add for a
-    linear term with bias on a tensor of rank > 2."""
-    term = region.term
-    if term.spatial > 0 or term.bias is None or _rank2(region.source.var):
-        return 1
-    return 2
+    linear term with bias on a tensor of rank > 2, plus its moves written again; None if
+    it cannot be written (with moves: a conv on a tensor not proven to have one batch
+    axis, a grouped conv where the moves put the channel axis last)."""
+    try:
+        term, rank = _op_written(region, view)
+    except NotExact:
+        return None
+    if region.layouts and term.spatial > 0 and rank != term.spatial + 2:
+        return None  # (without moves the source is a Conv's input: (N, C, *spatial))
+    ops = 1 if term.spatial > 0 or term.bias is None or rank == 2 else 2
+    return ops + len(_moves_written(region))
 
 
-def _worth_writing(region: Region) -> bool:
+def _worth_writing(region: Region, view: OnnxView) -> bool:
     """Only rewrites that remove nodes (a MatMul + Add re-emitted as MatMul + Add would
-    churn the graph for nothing)."""
-    return region.emittable and len(region.nodes) - region.kinds["identity"] > _nodes_written(region)
+    churn the graph for nothing), or as many as they write but a BatchNormalization among
+    them (``MatMul -> Reshape -> BatchNormalization`` becomes ``MatMul -> Add -> Reshape``:
+    a bias add, which runtimes fuse into the MatMul, instead of a BatchNorm).
+
+    A region whose first ops other readers take too (one BatchNorm before q, k and v) is
+    written only together with theirs (``regions.select_rewrites`` drops the others), and
+    its moves are copied once for all of them: it is worth it if its own ops (after the
+    shared ones) are no fewer than the op it becomes; the shared ops then go."""
+    if not region.emittable:
+        return False
+    written = _nodes_written(region, view)
+    if written is None:
+        return False
+    shared = max((i for i, value in enumerate(region.nodes[:-1])
+                  if len(view.users(value)) > 1), default=None)
+    if shared is None:
+        removed = len(region.nodes) - region.kinds["identity"]
+        return removed > written or (removed == written and region.kinds["bn"] > 0)
+    moves = len(_moves_written(region))
+    own = len(region.nodes) - shared - 1
+    return (not moves or region.placement == "after") and own >= written - moves
+
+
+class _Names:
+    """Fresh tensor and node names for one pass (nothing in the graph uses them)."""
+
+    def __init__(self, graph: gs.Graph):
+        self.taken = set(graph.tensors()) | {node.name for node in graph.nodes}
+
+    def __call__(self, base: str) -> str:
+        name, index = base, 1
+        while name in self.taken:
+            index += 1
+            name = f"{base}_{index}"
+        self.taken.add(name)
+        return name
+
+
+def _write_region(graph: gs.Graph, output: gs.Variable, region: Region, index: int,
+                  moved_sources: dict, names: _Names, view: OnnxView) -> gs.Node:
+    """Write ``region`` into ``output`` (see the placements above); returns its op node.
+    Moves copied onto a source (placement "after") are shared by every region that moves
+    that source the same way (q, k and v reading one folded BatchNorm)."""
+    moves = _moves_written(region)
+    term, rank = _op_written(region, view)
+    if not region.layouts:
+        return _emit(graph, output, region, region.source.var, index, term, rank)
+    if region.placement == "after":
+        value = region.source.var
+        for move in moves:  # (a move's chain back to the source is the graph's: a key)
+            key = (region.source, move)
+            if key not in moved_sources:
+                moved_sources[key] = _copy_move(graph, move, value, None, names,
+                                                shape=view.shape(move))
+            value = moved_sources[key]
+        return _emit(graph, output, region, value, index, term, rank)
+    if not moves:
+        return _emit(graph, output, region, region.source.var, index, term, rank)
+    first_input = region.layouts[0][1].input
+    result = gs.Variable(names(f"{output.name}_fused{index}_out"), dtype=output.dtype,
+                         shape=view.shape(first_input) if region.post_kept else None)
+    node = _emit(graph, result, region, region.source.var, index, term, rank)
+    value = result
+    for step, move in enumerate(moves):
+        last = step == len(moves) - 1
+        value = _copy_move(graph, move, value, output if last else None, names,
+                           shape=view.shape(move) if region.post_kept else None)
+    return node
+
+
+def _copy_move(graph: gs.Graph, move: Tensor, input_value: gs.Variable,
+               output: gs.Variable | None, names: _Names, shape=None) -> gs.Variable:
+    """The move's node written again on ``input_value`` (its other inputs, such as a
+    Reshape's shape, as they are), into ``output`` or a new tensor; returns that tensor."""
+    original = move.producer
+    if output is None:
+        output = gs.Variable(names(f"{move.var.name}_moved"), dtype=move.var.dtype, shape=shape)
+    else:
+        for node in list(output.inputs):
+            node.outputs = [o for o in node.outputs if o is not output]
+    graph.nodes.append(gs.Node(original.op, names(f"{original.name or move.var.name}_moved"),
+                               attrs=dict(original.attrs),
+                               inputs=[input_value, *original.inputs[1:]], outputs=[output]))
+    return output
 
 
 def _emit_sum(graph: gs.Graph, output: gs.Variable, values: list, index: int) -> None:
@@ -507,6 +691,8 @@ def _region_params(region: Region) -> int:
     total = 0
     for value in region.nodes:
         node = value.producer
+        if node is not None and node.op in MOVE_OPS:
+            continue  # a Reshape's shape, a ReduceMean's axes: no parameters
         if node is None or node.op == "BatchNormalization":
             total += 0 if node is None else sum(
                 constant_value(t).size for t in node.inputs[1:3] if constant_value(t) is not None)
@@ -534,9 +720,12 @@ def _fusion_pass(graph: gs.Graph, report: FusionReport) -> int:
     report.skipped = []
     builder = RegionBuilder(view, report)
     builder.walk()
-    emit, partial_sums = select_rewrites(view, builder, _worth_writing)
+    emit, partial_sums = select_rewrites(view, builder,
+                                         lambda region: _worth_writing(region, view))
+    moved_sources: dict = {}
+    names = _Names(graph)
     for index, (output, region) in enumerate(emit):
-        node = _emit(graph, output.var, region, region.source.var, index)
+        node = _write_region(graph, output.var, region, index, moved_sources, names, view)
         report.fused.append(_fused_region(output.var, region, node.name))
     for index, partial in enumerate(partial_sums):
         values = []
@@ -551,9 +740,28 @@ def _fusion_pass(graph: gs.Graph, report: FusionReport) -> int:
             else:
                 values.append((term.var, coeff))
         _emit_sum(graph, partial.root.var, values, index)
+    folded = [value for _, region in emit for value in region.nodes]
+    folded += [value for partial in partial_sums for value in partial.inner]
+    folded += [value for partial in partial_sums for term, _ in partial.terms
+               if isinstance(term, Region) for value in term.nodes]
+    _freeze_shape_reads(view, folded)
     if emit or partial_sums:
         graph.cleanup(remove_unused_graph_inputs=False).toposort()
     return len(emit) + len(partial_sums)
+
+
+def _freeze_shape_reads(view: OnnxView, values) -> None:
+    """``Shape`` nodes reading the static sizes of folded values become constants, so they
+    keep nothing of the folded ops alive."""
+    for value in values:
+        for node in view.shape_reads(value):
+            if not node.outputs:
+                continue  # (already a constant: a value can be in two regions)
+            start, end = node.attrs.get("start", 0), node.attrs.get("end", None)
+            sizes = np.asarray(value.var.shape, dtype=np.int64)[start:end]
+            shape = node.outputs[0]
+            node.outputs.clear()
+            shape.to_constant(sizes)
 
 
 # ---- public entry points ---------------------------------------------------------------
@@ -585,16 +793,25 @@ def fuse_onnx_model(model: onnx.ModelProto) -> tuple[onnx.ModelProto, FusionRepo
         return _fuse_onnx_model(model)
 
 
+def _with_inferred_shapes(model: onnx.ModelProto) -> onnx.ModelProto:
+    """``model`` with ONNX shape inference's shapes (ranks for BatchNorm and constants,
+    sizes for moves); with data propagation first, so sizes computed by ``Shape`` /
+    ``Gather`` / ``Concat`` reach the Reshapes that read them. Shapes are a hint: a model
+    they cannot be inferred for is fused with what it declares."""
+    for options in ({"data_prop": True}, {}):
+        try:
+            return onnx.shape_inference.infer_shapes(model, **options)
+        except Exception:  # noqa: BLE001, S112 - try the next way, or go without
+            continue
+    return model
+
+
 def _fuse_onnx_model(model: onnx.ModelProto) -> tuple[onnx.ModelProto, FusionReport]:
     opset = model_opset(model)
     if opset is None or opset < MIN_OPSET:
         raise OnnxFusionError(f"opset {opset} is not supported: reparam_fx needs opset "
                               f">= {MIN_OPSET} (re-export with opset_version={MIN_OPSET} or later)")
-    working = copy.deepcopy(model)
-    try:
-        working = onnx.shape_inference.infer_shapes(working)  # ranks for BN / constants
-    except Exception:  # noqa: BLE001 - shapes are a hint
-        pass
+    working = _with_inferred_shapes(copy.deepcopy(model))
     graph = gs.import_onnx(working)
     graph.toposort()
     report = FusionReport(frontend="onnx")

@@ -29,8 +29,8 @@ from __future__ import annotations
 import itertools
 import math
 from collections import Counter
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
 
 import numpy as np
 
@@ -43,6 +43,7 @@ MOVE_OPS = PERMUTES | RESHAPES | AVERAGES
 
 # a size: coefficient * product of named dimensions, e.g. (5, ("batch",)) is 5 * batch
 Size = tuple[int, tuple[str, ...]]
+_UNKNOWN = itertools.count()  # numbers the names of dims that equal nothing else
 _CANCEL_CHECK_LIMIT = 1 << 20  # elements: a mixed permute/reshape chain is replayed on indices
 
 
@@ -55,35 +56,42 @@ class OnnxMove(Layout):
     out_sizes: tuple = ()  # Size per output axis
 
 
-def interpret_move(node, shape_of: Callable, constant_of: Callable) -> OnnxMove | None:
+def interpret_move(node, sizes_of: Callable, constant_of: Callable) -> OnnxMove | None:
     """``node`` as a move, or None if it is none or its axis map is not proven.
-    ``shape_of(var)``: the graph's shape (ints, names, None) or None; ``constant_of(var)``:
-    a constant input's value or None."""
+    ``sizes_of(var)``: what the graph proves about ``var``'s sizes (a tuple of sizes, see
+    :func:`graph_sizes`) or None; ``constant_of(var)``: a constant input's value or None."""
     if node.op not in MOVE_OPS or len(node.outputs) != 1 or not node.inputs:
         return None
     x = node.inputs[0]
-    shape = shape_of(x)
-    if shape is None:
+    in_sizes = sizes_of(x)
+    if in_sizes is None:
         return None
-    unknown = (f"\0unknown{n}" for n in itertools.count())
-    in_sizes = tuple(_size(d, unknown) for d in shape)
     if node.op == "Transpose":
         return _transpose(node, x, in_sizes)
     if node.op in AVERAGES:
         return _average(node, x, in_sizes, constant_of)
-    out_sizes = _reshaped(node, in_sizes, shape_of, constant_of, unknown)
+    out_sizes = _reshaped(node, in_sizes, constant_of)
     if out_sizes is None:
         return None
-    # a Reshape's shape input may spell out the channel count: not reusable for another
-    return _by_sizes(x, in_sizes, out_sizes, channel_free=node.op != "Reshape")
+    # written again on another channel count (placement "before"), a Reshape's shape may
+    # spell out the old one, and a Squeeze without axes would drop a channel axis of size 1
+    channel_free = node.op in ("Flatten", "Unsqueeze") or (
+        node.op == "Squeeze" and bool(_axes(node, constant_of)))
+    return _by_sizes(x, in_sizes, out_sizes, channel_free=channel_free)
 
 
-def _size(dim, unknown) -> Size:
+def graph_sizes(shape) -> tuple | None:
+    """A graph shape (ints, dim_param names, None) as sizes; every dimension without a
+    value or a name gets a name of its own. Call it once per tensor."""
+    return None if shape is None else tuple(_size(d) for d in shape)
+
+
+def _size(dim) -> Size:
     if isinstance(dim, (int, np.integer)) and dim >= 0:
         return int(dim), ()
     if isinstance(dim, str) and dim:
         return 1, (dim,)
-    return 1, (next(unknown),)
+    return 1, (f"\0unknown{next(_UNKNOWN)}",)
 
 
 def _product(sizes) -> Size:
@@ -170,21 +178,24 @@ def _average(node, x, in_sizes, constant_of) -> OnnxMove | None:
                     out_sizes=out_sizes)
 
 
-def _reshaped(node, in_sizes, shape_of, constant_of, unknown) -> tuple | None:
+def _reshaped(node, in_sizes, constant_of) -> tuple | None:
     """The output sizes of a reshape-like node."""
     rank = len(in_sizes)
     if node.op == "Flatten":
         axis = int(node.attrs.get("axis", 1))
         if not -rank <= axis <= rank:
             return None
-        axis %= rank + 1 if axis >= 0 else rank
+        axis += rank if axis < 0 else 0
         return _product(in_sizes[:axis]), _product(in_sizes[axis:])
     if node.op == "Squeeze":
         axes = _axes(node, constant_of)
         if axes is None:
             return None
-        axes = {a % rank for a in axes} if axes else {a for a, s in enumerate(in_sizes)
-                                                     if s == (1, ())}
+        if not axes:  # every size-1 axis: all sizes must be known
+            if any(names for _, names in in_sizes):
+                return None
+            axes = [a for a, s in enumerate(in_sizes) if s == (1, ())]
+        axes = {a % rank for a in axes}
         if any(in_sizes[a] != (1, ()) for a in axes):
             return None  # a size-1 axis the graph does not prove
         return tuple(s for a, s in enumerate(in_sizes) if a not in axes)
@@ -198,8 +209,7 @@ def _reshaped(node, in_sizes, shape_of, constant_of, unknown) -> tuple | None:
         return tuple((1, ()) if a in inserted else next(sizes) for a in range(out_rank))
     shape = _ints(constant_of(node.inputs[1])) if len(node.inputs) > 1 else None
     if shape is None:  # sizes computed in the graph: its shape inference may know them
-        out = shape_of(node.outputs[0])
-        return None if out is None else tuple(_size(d, unknown) for d in out)
+        return graph_sizes(getattr(node.outputs[0], "shape", None))
     allow_zero = bool(node.attrs.get("allowzero", 0))
     sizes = []
     for j, size in enumerate(shape):
@@ -220,30 +230,55 @@ def _reshaped(node, in_sizes, shape_of, constant_of, unknown) -> tuple | None:
         if rest is None:
             return None
         sizes[sizes.index(None)] = rest
+    if _product(sizes) != _product(in_sizes):
+        return None  # not provably the same number of values (or not a valid reshape)
     return tuple(sizes)
 
 
 def _by_sizes(x, in_sizes, out_sizes, channel_free: bool) -> OnnxMove:
     """A reshape between ``in_sizes`` and ``out_sizes``: an axis stays whole where the
-    sizes before it and its own size match on both sides."""
+    sizes before it and its own size match on both sides. An axis merged with every axis
+    after it into the last output axis (``Flatten(axis=1)`` on ``(B, C, H, W)``) is
+    described by ``tail_merge``: a channel affine before it is the affine repeated
+    ``block = H * W`` times (None if a size is only named)."""
     before_in = [_product(in_sizes[:i]) for i in range(len(in_sizes))]
     before_out = [_product(out_sizes[:j]) for j in range(len(out_sizes))]
+    pairs = [(i, j) for i in range(len(in_sizes)) for j in range(len(out_sizes))
+             if before_in[i] == before_out[j] and in_sizes[i] == out_sizes[j]]
+    # only one-to-one pairs (of size-1 axes next to size-1 axes, which is which is unknown)
+    ins, outs = Counter(i for i, _ in pairs), Counter(j for _, j in pairs)
+    to_out = {i: j for i, j in pairs if ins[i] == 1 and outs[j] == 1}
+    to_in = {j: i for i, j in to_out.items()}
 
     def forward(axis):
-        i = axis % len(in_sizes)
-        for j, size in enumerate(out_sizes):
-            if before_out[j] == before_in[i] and size == in_sizes[i]:
-                return j - len(out_sizes)
-        return None
+        j = to_out.get(axis % len(in_sizes))
+        return None if j is None else j - len(out_sizes)
 
     def backward(axis):
-        j = axis % len(out_sizes)
-        for i, size in enumerate(in_sizes):
-            if before_in[i] == before_out[j] and size == out_sizes[j]:
-                return i - len(in_sizes)
+        i = to_in.get(axis % len(out_sizes))
+        return None if i is None else i - len(in_sizes)
+    return OnnxMove(x, forward, backward, channel_free=channel_free,
+                    tail_merge=_tail_merge(in_sizes, out_sizes, before_in, before_out),
+                    kind="reshape", in_sizes=in_sizes, out_sizes=out_sizes)
+
+
+def _tail_merge(in_sizes, out_sizes, before_in, before_out) -> Callable | None:
+    """``axis -> (-1, block)`` for the input axes merged with every axis after them (and
+    nothing before them but size-1 axes) into the last output axis, else None."""
+    if not out_sizes:
         return None
-    return OnnxMove(x, forward, backward, channel_free=channel_free, kind="reshape",
-                    in_sizes=in_sizes, out_sizes=out_sizes)
+    rank = len(in_sizes)
+    merged = {i: _product(in_sizes[i + 1:]) for i in range(rank - 1)
+              if before_in[i] == before_out[-1] and _product(in_sizes[i:]) == out_sizes[-1]}
+    if not merged:
+        return None
+
+    def tail_merge(axis):
+        block = merged.get(axis % rank)
+        if block is None:
+            return None
+        return -1, (block[0] if not block[1] else None)  # (a named size: from the op after)
+    return tail_merge
 
 
 # ---- moves that cancel ---------------------------------------------------------------------
@@ -268,7 +303,9 @@ def moves_cancel(region: Region) -> bool:
     if all(m.kind == "reshape" for m in moves):
         return True
     dims = as_dims(start)
-    if not all(isinstance(d, int) for d in dims) or math.prod(dims) > _CANCEL_CHECK_LIMIT:
+    if not all(isinstance(d, int) for m in moves for d in as_dims(m.out_sizes)) \
+            or not all(isinstance(d, int) for d in dims) \
+            or math.prod(dims) > _CANCEL_CHECK_LIMIT:
         return False
     index = np.arange(math.prod(dims)).reshape(dims)
     values = index

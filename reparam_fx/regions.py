@@ -231,6 +231,8 @@ class RegionBuilder:
             return False
         for user in self.view.users(node):
             op = self.view.interpret(user) if self.view.is_value(user) else None
+            if isinstance(op, Layout) and op.input is node and user not in self.view.mutated:
+                continue  # moves on to more readers (select_rewrites checks they all fold)
             if not isinstance(op, Unary) or op.input is not node or callable(op.term) \
                     or isinstance(op.term, ChannelAffine) or not affine.is_pointwise(op.term) \
                     or user in self.view.mutated:
@@ -259,7 +261,7 @@ class RegionBuilder:
         source's coordinates; the channel axis is followed to where the move puts it."""
         if node in self.view.mutated or not self.view.is_value(op.input):
             return
-        base = self.operand(op.input)
+        base = self.operand(op.input, shared=True)
         axis_now = base.axis_now if base.layouts else base.axis
         if base.merged or base.linear_after_moves:  # its op goes after its moves: none follows
             if base.merged and base.term_is_affine:
@@ -280,8 +282,11 @@ class RegionBuilder:
         if axis_now is not None:
             axis_now = op.forward(axis_now) if axis_now != "unproven" else None
             if axis_now is None:
-                if base.nodes:
+                if base.term_is_affine and len(base.nodes) > len(base.layouts) + \
+                        base.kinds["identity"]:  # an affine that waited for a linear
                     self.skip(node, _MOVE_REFUSED)
+                elif base.nodes:  # told to an affine after it that stays (the report)
+                    self.report.move_refusals[self.view.describe(node)[0]] = _MOVE_REFUSED
                 return
         region = replace(base, nodes=[*base.nodes, node], layouts=(*base.layouts, (node, op)),
                          axis_now=axis_now, reduces=base.reduces or op.reduces,
@@ -366,6 +371,10 @@ class RegionBuilder:
         if not self.view.is_value(op.input):
             return
         base = self.operand(op.input, shared=True)
+        pooled = self._pool_as_move(base, op, node)
+        if pooled is not None:
+            self.move(node, pooled)
+            return
         try:
             region = self._compose(base, op, node)
         except NotExact as reason:
@@ -387,6 +396,24 @@ class RegionBuilder:
         if affine.adds_macs(region.term):
             region.fallback = self._fallback(base, op, node)
         self.regions[node] = region
+
+    def _pool_as_move(self, base: Region, op: Unary, node) -> Layout | None:
+        """Average pooling with no padding after a channel affine that moves carried (a
+        pre-norm on tokens, ``AvgPool1d`` over them: Next-ViT's k/v path) averages other
+        axes: the affine commutes with it, so the pool is one more move (a composition
+        into a depthwise conv would end the region there). Not where the pool feeds a sum,
+        whose branches merge as convs."""
+        if op.role != "avgpool" or not base.layouts or not base.term_is_affine \
+                or base.merged or base.linear_after_moves or base.term.channels is None \
+                or self._feeds_a_sum(node):
+            return None
+        pool = op.term(base.term.channels)
+        if any(pool.padding) or base.axis_now is None:
+            return None
+        channel = op.axis
+        return Layout(op.input, lambda axis: axis if axis == channel else None,
+                      lambda axis: axis if axis == channel else None, channel_free=False,
+                      reduces=True)
 
     def _fallback(self, base: Region, op: Unary, node) -> Region | None:
         """For a region that costs more than its ops while it waits for a sum to pay it

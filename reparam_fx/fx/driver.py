@@ -220,10 +220,24 @@ def _unfolded_batchnorms(result: torch.fx.GraphModule, report: FusionReport,
         source = node.args[0] if node.args else None
         leaf = leaves.get(source.target) if isinstance(source, torch.fx.Node) and \
             source.op == "call_module" else None
+        refused = _refused_move_before(source, report.move_refusals)
         reason = (f"its input comes from {leaf.module}, kept whole: {leaf.reason}" if leaf
+                  else f"the reshape before it ({refused[0]}): {refused[1]}" if refused
                   else "no conv or linear next to it to fold into")
         missing.append(Skipped(node.name, "batch_norm", reason))
     return missing
+
+
+def _refused_move_before(node, refusals: dict, steps: int = 4):
+    """``(name, reason)`` of a move just before ``node`` (through single-input ops) that
+    ended the region of the linear or conv before it, or None."""
+    for _ in range(steps):
+        if not isinstance(node, torch.fx.Node):
+            return None
+        if node.name in refusals:
+            return node.name, refusals[node.name]
+        node = node.args[0] if node.args else None
+    return None
 
 
 def _count_ops(graph: torch.fx.Graph) -> int:

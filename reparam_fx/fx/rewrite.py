@@ -545,7 +545,7 @@ def fusion_pass(facts: GraphFacts, report: FusionReport) -> bool:
     """One walk, then one rewrite into a new graph; returns whether another pass may
     find more. ``report.skipped`` is rebuilt each pass: it describes the graph of the
     last pass."""
-    report.skipped = []
+    report.skipped, report.move_refusals = [], {}
     view = FxView(facts)
     builder = RegionBuilder(view, report)
     builder.walk()
