@@ -568,7 +568,29 @@ def _nodes_written(region: Region, view: OnnxView) -> int | None:
     if region.layouts and term.spatial > 0 and rank != term.spatial + 2:
         return None  # (without moves the source is a Conv's input: (N, C, *spatial))
     ops = 1 if term.spatial > 0 or term.bias is None or rank == 2 else 2
-    return ops + len(_moves_written(region))
+    return ops + (0 if _reshaped_after(region, view) else len(_moves_written(region)))
+
+
+_REORDERING_FREE = {"Reshape", "Flatten", "Squeeze", "Unsqueeze"}  # (keep the value order)
+
+
+def _reshaped_after(region: Region, view: OnnxView) -> bool:
+    """Whether the moves a region would write after its op (placement "before") only
+    reshape, and the one reader of its output is a Reshape to constant sizes (no 0 that
+    would copy a size): ``Reshape(Reshape(y, a), b) == Reshape(y, b)``, so the moves need
+    not be written (LeViT's split into heads right after its LinearNorm)."""
+    moves = _moves_written(region)
+    if not moves or region.placement != "before" \
+            or any(move.producer.op not in _REORDERING_FREE for move in moves):
+        return False
+    users = view.users(region.nodes[-1])
+    if len(users) != 1 or users[0] is _OUTPUT or users[0].producer is None:
+        return False
+    reader = users[0].producer
+    if reader.op != "Reshape" or reader.inputs[0] is not region.nodes[-1].var:
+        return False
+    sizes = constant_value(reader.inputs[1])
+    return sizes is not None and (reader.attrs.get("allowzero", 0) == 1 or not (sizes == 0).any())
 
 
 def _worth_writing(region: Region, view: OnnxView) -> bool:
@@ -629,7 +651,9 @@ def _write_region(graph: gs.Graph, output: gs.Variable, region: Region, index: i
                                                 shape=view.shape(move))
             value = moved_sources[key]
         return _emit(graph, output, region, value, index, term, rank)
-    if not moves:
+    if not moves or _reshaped_after(region, view):
+        if moves:
+            output.shape = view.shape(region.layouts[0][1].input)
         return _emit(graph, output, region, region.source.var, index, term, rank)
     first_input = region.layouts[0][1].input
     result = gs.Variable(names(f"{output.name}_fused{index}_out"), dtype=output.dtype,
