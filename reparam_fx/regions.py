@@ -231,7 +231,9 @@ class RegionBuilder:
             return False
         for user in self.view.users(node):
             op = self.view.interpret(user) if self.view.is_value(user) else None
-            if isinstance(op, Layout) and op.input is node and user not in self.view.mutated:
+            if op is not None and op.input is node and user not in self.view.mutated and (
+                    isinstance(op, Layout) or (isinstance(op, Unary) and
+                                               self._pool_as_move(region, op, user))):
                 continue  # moves on to more readers (select_rewrites checks they all fold)
             if not isinstance(op, Unary) or op.input is not node or callable(op.term) \
                     or isinstance(op.term, ChannelAffine) or not affine.is_pointwise(op.term) \

@@ -14,7 +14,10 @@ before ``reshape(B, C, -1).transpose(-1, -2)`` and three projections. For LeViT-
   ``BatchNormalization`` nodes of the training form's export, of the own conversion's
   export and of ``reparam_fx.fuse_onnx_model`` of the training export; ONNX Runtime error.
 
-    python tools/layout_targets.py [--model levit_128s|nextvit_small]
+With ``--scaling``: the wall time of ``fuse`` (on a traced graph) and ``fuse_onnx_model``
+on stacks of 100 and 1000 LeViT MLP blocks, medians of 3.
+
+    python tools/layout_targets.py [--model levit_128s|nextvit_small] [--scaling]
 """
 
 from __future__ import annotations
@@ -76,12 +79,66 @@ def onnx_rows(model, own, x) -> list[dict]:
     return rows
 
 
+def _token_stack(blocks: int) -> torch.nn.Module:
+    """``blocks`` LeViT MLPs (LinearNorm, Hardswish, LinearNorm) on image tokens."""
+    from third_party.levit_nextvit import LevitMlp
+
+    class Stack(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.blocks = torch.nn.Sequential(*(LevitMlp(16, 32, act_layer=torch.nn.Hardswish)
+                                                for _ in range(blocks)))
+
+        def forward(self, x):
+            return self.blocks(x.flatten(2).transpose(1, 2))
+    return Stack().eval()
+
+
+def scaling(sizes=(100, 1000), repeats: int = 3) -> list[dict]:
+    """``fuse`` and ``fuse_onnx_model`` wall time on stacks of LeViT MLPs (every BatchNorm
+    behind a flatten and a ``reshape_as``): 10x the blocks should cost about 10x the time."""
+    rows = []
+    x = torch.randn(1, 16, 4, 4)
+    for blocks in sizes:
+        model = randomize_batchnorm_(_token_stack(blocks), seed=1)
+        traced = torch.fx.symbolic_trace(model)
+        seconds = []
+        for _ in range(repeats):
+            start = time.perf_counter()
+            fused = reparam_fx.fuse(traced)
+            seconds.append(time.perf_counter() - start)
+        exported = export(model, x, False)
+        onnx_seconds = []
+        for _ in range(repeats):
+            start = time.perf_counter()
+            fused_onnx, _ = reparam_fx.fuse_onnx_model(exported)
+            onnx_seconds.append(time.perf_counter() - start)
+        rows.append({"blocks": blocks, "fx nodes": len(traced.graph.nodes),
+                     "fuse s": sorted(seconds)[repeats // 2],
+                     "bn left": reparam_fx.op_counts(fused).get("batch_norm", 0),
+                     "onnx nodes": len(exported.graph.node),
+                     "onnx nodes after": len(fused_onnx.graph.node),
+                     "fuse_onnx s": sorted(onnx_seconds)[repeats // 2]})
+    return rows
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", choices=sorted(MODELS), action="append")
+    parser.add_argument("--scaling", action="store_true",
+                        help="only the time of fuse / fuse_onnx_model on 100 and 1000 blocks")
     args = parser.parse_args(argv)
     torch.set_num_threads(1)
     print(f"{machine_description()}\n")
+    if args.scaling:
+        rows = scaling()
+        print("| " + " | ".join(rows[0]) + " |\n|" + "---:|" * len(rows[0]))
+        for r in rows:
+            print("| " + " | ".join(f"{v:.3f}" if isinstance(v, float) else f"{v:,}"
+                                    for v in r.values()) + " |")
+        print(f"\n10x the blocks: fuse {rows[1]['fuse s'] / rows[0]['fuse s']:.1f}x the time, "
+              f"fuse_onnx_model {rows[1]['fuse_onnx s'] / rows[0]['fuse_onnx s']:.1f}x")
+        return 0
     for name in args.model or sorted(MODELS):
         build, deploy, shape = MODELS[name]
         torch.manual_seed(0)
