@@ -34,7 +34,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from reparam_fx.regions import Layout, Region
+from reparam_fx.regions import Layout, Region, average_maps, permutation_maps
 
 PERMUTES = frozenset({"Transpose"})
 RESHAPES = frozenset({"Reshape", "Flatten", "Squeeze", "Unsqueeze"})
@@ -136,12 +136,7 @@ def _transpose(node, x, in_sizes) -> OnnxMove | None:
     perm = [int(p) for p in node.attrs.get("perm", range(rank - 1, -1, -1))]
     if sorted(perm) != list(range(rank)):
         return None
-
-    def forward(axis):
-        return perm.index(axis % rank) - rank
-
-    def backward(axis):
-        return perm[axis % rank] - rank
+    forward, backward = permutation_maps(perm)
     return OnnxMove(x, forward, backward, kind="permute", in_sizes=in_sizes,
                     out_sizes=tuple(in_sizes[p] for p in perm))
 
@@ -158,20 +153,7 @@ def _average(node, x, in_sizes, constant_of) -> OnnxMove | None:
             return None  # the identity: nothing to move
         averaged = {a % rank for a in axes} if axes else set(range(rank))
         keep = bool(node.attrs.get("keepdims", 1))
-    kept = [a for a in range(rank) if a not in averaged]
-    out_rank = rank if keep else len(kept)
-
-    def forward(axis):
-        position = axis % rank
-        if position in averaged:
-            return None
-        return (position if keep else kept.index(position)) - out_rank
-
-    def backward(axis):
-        position = axis % out_rank
-        if keep:
-            return None if position in averaged else position - rank
-        return kept[position] - rank
+    forward, backward = average_maps(rank, averaged, keep)
     out_sizes = tuple((1, ()) if a in averaged else in_sizes[a]
                       for a in range(rank) if keep or a not in averaged)
     return OnnxMove(x, forward, backward, reduces=True, kind="average", in_sizes=in_sizes,

@@ -91,6 +91,34 @@ class Layout:
     #     trailing size, None if it is known only from the op after it)
 
 
+def permutation_maps(order: list[int]) -> tuple[Callable, Callable]:
+    """``(forward, backward)`` axis maps of the move that puts input axis ``order[j]`` at
+    output position ``j`` (``permute(order)``; negative axes)."""
+    rank = len(order)
+    return (lambda axis: order.index(axis % rank) - rank,
+            lambda axis: order[axis % rank] - rank)
+
+
+def average_maps(rank: int, averaged: set, keep: bool) -> tuple[Callable, Callable]:
+    """``(forward, backward)`` axis maps of a mean over the ``averaged`` axes of a rank
+    ``rank`` tensor (kept as size 1 if ``keep``): those map to None, the others stay."""
+    kept = [a for a in range(rank) if a not in averaged]
+    out_rank = rank if keep else len(kept)
+
+    def forward(axis):
+        position = axis % rank
+        if position in averaged:
+            return None
+        return (position if keep else kept.index(position)) - out_rank
+
+    def backward(axis):
+        position = axis % out_rank
+        if keep:
+            return None if position in averaged else position - rank
+        return kept[position] - rank
+    return forward, backward
+
+
 @dataclass
 class Sum:
     """``node = sum_i coeff_i * operand_i``."""
@@ -231,9 +259,9 @@ class RegionBuilder:
             return False
         for user in self.view.users(node):
             op = self.view.interpret(user) if self.view.is_value(user) else None
-            if op is not None and op.input is node and user not in self.view.mutated and (
-                    isinstance(op, Layout) or (isinstance(op, Unary) and
-                                               self._pool_as_move(region, op, user))):
+            if isinstance(op, (Layout, Unary)) and op.input is node \
+                    and user not in self.view.mutated and (
+                        isinstance(op, Layout) or self._pool_as_move(region, op, user)):
                 continue  # moves on to more readers (select_rewrites checks they all fold)
             if not isinstance(op, Unary) or op.input is not node or callable(op.term) \
                     or isinstance(op.term, ChannelAffine) or not affine.is_pointwise(op.term) \
@@ -443,12 +471,7 @@ class RegionBuilder:
             if channels is None:
                 raise NotExact("channel count unknown: pass example_inputs")
             term = term(channels)
-        if op.const_rank and not self._constant_fits(base, op):
-            raise NotExact("the constant would broadcast the tensor to a higher rank, or "
-                           "the graph does not prove it would not (pass example_inputs)")
-        if base.shape_bound and not affine.keeps_shape(term):
-            raise NotExact("the sizes of a tensor before it are read (x.shape), and it "
-                           "changes them")
+        self._check_constant_and_sizes(base, op, term)
         region_axis = merged_axis(base.axis, axis)
         new_term = affine.compose(base.term, term)
         if affine.adds_macs(new_term) and not affine.adds_macs(base.term) \
@@ -503,12 +526,7 @@ class RegionBuilder:
             if spatial is None:
                 raise NotExact("the source has more than one axis before its channel axis")
             term = affine.as_pointwise(term, spatial)
-        if op.const_rank and not self._constant_fits(base, op):
-            raise NotExact("the constant would broadcast the tensor to a higher rank, or "
-                           "the graph does not prove it would not (pass example_inputs)")
-        if base.shape_bound and not affine.keeps_shape(term):
-            raise NotExact("the sizes of a tensor before it are read (x.shape), and it "
-                           "changes them")
+        self._check_constant_and_sizes(base, op, term)
         new_term = affine.compose(base.term, term)
         changes = base.changes + (0 if affine.keeps_shape(term) else 1)
         region = replace(base, term=new_term, axis=source_axis, axis_now=axis_now,
@@ -530,6 +548,14 @@ class RegionBuilder:
             # no op added later can place it again: the op starts its own region
             raise _StartAfterMoves("the ops before and after the moves make no one op")
         return region
+
+    def _check_constant_and_sizes(self, base: Region, op: Unary, term) -> None:
+        if op.const_rank and not self._constant_fits(base, op):
+            raise NotExact("the constant would broadcast the tensor to a higher rank, or "
+                           "the graph does not prove it would not (pass example_inputs)")
+        if base.shape_bound and not affine.keeps_shape(term):
+            raise NotExact("the sizes of a tensor before it are read (x.shape), and it "
+                           "changes them")
 
     def _source_axis(self, base: Region, axis):
         """The source axis that the moves of ``base`` take to ``axis``."""

@@ -1015,3 +1015,24 @@ def test_oracle_bookkeeping():
     book.flatten(1, 2)
     book.unflatten(0, (1, 2))
     assert book.shape == (1, 2, 4) and not book.mixed and book.verdict_before_linear() == "whole"
+
+
+class NormReadByLinearAndSum(nn.Module):
+    """A BatchNorm2d read by a token Linear (through flatten and transpose) and by a
+    residual sum: not every reader is a linear map, so the BN stays where it is."""
+
+    def __init__(self):
+        super().__init__()
+        self.bn = nn.BatchNorm2d(C)
+        self.fc = nn.Linear(C, C)
+
+    def forward(self, x):
+        y = self.bn(x)
+        tokens = self.fc(y.flatten(2).transpose(1, 2))
+        return y + tokens.transpose(1, 2).reshape_as(y)
+
+
+@capture_param
+def test_norm_read_by_a_linear_and_a_sum_stays(capture):
+    model, fused = fuse_captured(NormReadByLinearAndSum(), image(), capture)
+    assert reparam_fx.op_counts(fused)["batch_norm"] == 1, fused.fusion_report.table()

@@ -29,7 +29,7 @@ import torch.nn as nn
 
 from reparam_fx.fx.capture import runs_standard_forward
 from reparam_fx.fx.values import schema_name, tensor_shape
-from reparam_fx.regions import Layout
+from reparam_fx.regions import Layout, average_maps, permutation_maps
 
 _PERMUTES = {"permute", "transpose", "swapaxes", "swapdims", "movedim", "moveaxis", "t"}
 _RESHAPES = {"view", "reshape", "_unsafe_view", "view_as", "reshape_as", "flatten",
@@ -99,18 +99,6 @@ def _ints(values) -> tuple[int, ...] | None:
                                 for v in values) else None
 
 
-def _moved(order: list[int]) -> Layout:
-    """The move that puts input axis ``order[j]`` at output position ``j``."""
-    rank = len(order)
-
-    def forward(axis):
-        return order.index(axis % rank) - rank
-
-    def backward(axis):
-        return order[axis % rank] - rank
-    return (forward, backward)
-
-
 def _permutation(x, name, args, kwargs, rank) -> Layout | None:
     if rank is None:
         return None
@@ -137,7 +125,7 @@ def _permutation(x, name, args, kwargs, rank) -> Layout | None:
         source, destination = (d % rank for d in dims)
         order.remove(source)
         order.insert(destination, source)
-    forward, backward = _moved(order)
+    forward, backward = permutation_maps(order)
     return Layout(x, forward, backward)
 
 
@@ -149,21 +137,7 @@ def _reduction(x, node, name, args, kwargs, rank, facts) -> Layout | None:
     found = _averaged(name, args, kwargs, rank)
     if found is None:
         return None
-    averaged, keepdim = found
-    kept = [a for a in range(rank) if a not in averaged]
-    out_rank = rank if keepdim else len(kept)
-
-    def forward(axis):
-        position = axis % rank
-        if position in averaged:
-            return None
-        return (position if keepdim else kept.index(position)) - out_rank
-
-    def backward(axis):
-        position = axis % out_rank
-        if keepdim:
-            return None if position in averaged else position - rank
-        return kept[position] - rank
+    forward, backward = average_maps(rank, *found)
     return Layout(x, forward, backward, reduces=True)
 
 
