@@ -12,7 +12,7 @@ $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q torch==2.13.0
-	$(PY) -m pip install -q -e ".[test,onnx,coreml,bench]"
+	$(PY) -m pip install -q -e ".[test,onnx,coreml,executorch,bench]" torch==2.13.0
 	touch $(STAMP)
 
 demo: $(STAMP)

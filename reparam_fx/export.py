@@ -1,9 +1,13 @@
-"""Lowering fused models to deployment formats: ONNX (servers, ONNX Runtime) and Core ML
-ML Programs (iPhone), for latency runs.
+"""Lowering fused models to deployment formats: ONNX (servers, ONNX Runtime), Core ML
+ML Programs (iPhone) and ExecuTorch programs (the runtime apps embed), for latency runs.
 
     reparam_fx.export.to_onnx(fused, (x,), "model.onnx")
     mlmodel = reparam_fx.export.to_coreml(fused, (x,), "model.mlpackage")
     mlmodel.user_defined_metadata["mil_ops"]          # the MIL op histogram, as JSON
+    reparam_fx.export.to_executorch(fused, (x,), "model.xnnpack.pte")             # CPU
+    reparam_fx.export.to_executorch(fused, (x,), "model.coreml.pte", backend="coreml")
+    check = reparam_fx.export.check_executorch(fused, (x,))  # runs the XNNPACK program
+    check.relative_error, check.fully_delegated, check.portable  # ops left undelegated
 
 Both accept what :func:`reparam_fx.fuse` returns (module-level fx graphs and aten graphs
 from the ``torch.export`` path alike) and any plain ``nn.Module``. Core ML *conversion*
@@ -17,12 +21,14 @@ import contextlib
 import io
 import json
 import logging
+import operator
 import os
 import re
 import shutil
 import tempfile
 import warnings
 from collections import Counter
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -152,13 +158,7 @@ def to_coreml(model: nn.Module, example_inputs, path=None, *, minimum_deployment
         raise ValueError(f"precision must be 'fp16' or 'fp32', not {precision!r}")
     if frontend not in ("auto", "torchscript", "export"):
         raise ValueError(f"frontend must be 'auto', 'torchscript' or 'export', not {frontend!r}")
-    training = [name or type(model).__name__ for name, module in model.named_modules()
-                if module.training and (module is model or isinstance(module, _MODE_DEPENDENT))]
-    if training:
-        raise ExportError(f"{type(model).__name__} is in training mode ({training[0]}"
-                          f"{f' and {len(training) - 1} more' if len(training) > 1 else ''}); "
-                          "call .eval() first (BatchNorm and Dropout would not convert to "
-                          "inference)")
+    _refuse_training(model)
     inputs = _inputs(example_inputs)
     failures = []
     for attempt in (("torchscript", "export") if frontend == "auto" else (frontend,)):
@@ -207,3 +207,214 @@ def _save_package(mlmodel, path: Path) -> None:
         raise ExportError(f"could not write {path}: {error}") from error
     finally:
         shutil.rmtree(staging, ignore_errors=True)
+
+
+# ---- ExecuTorch ---------------------------------------------------------------------------
+
+BACKENDS = ("xnnpack", "coreml")
+
+
+@dataclass
+class ExecuTorchCheck:
+    """A lowered program and what its runtime made of it.
+
+    ``delegated``: ops the backend took (by edge op name); ``portable``: ops left on
+    ExecuTorch's portable CPU kernels; ``relative_error``: ``max|pte - torch| / max|torch|``
+    of the program run in ExecuTorch's runtime (XNNPACK only: the Core ML delegate runs on
+    Apple platforms, so None there)."""
+
+    backend: str
+    delegated: Counter = field(default_factory=Counter)
+    portable: Counter = field(default_factory=Counter)
+    pte_bytes: int = 0
+    relative_error: float | None = None
+
+    @property
+    def fully_delegated(self) -> bool:
+        return bool(self.delegated) and not self.portable
+
+
+@contextlib.contextmanager
+def _native_stderr_kept():
+    """Native code's writes to file descriptor 2 (ExecuTorch's runtime logs CPU probing
+    there on every program load) go to a temporary file; if the block raises, its last
+    lines are added to the error, so a real failure still says what the runtime said."""
+    import sys
+    sys.stderr.flush()
+    saved = os.dup(2)
+    with tempfile.TemporaryFile(mode="w+b") as captured:
+        os.dup2(captured.fileno(), 2)
+        try:
+            yield
+        except Exception as error:
+            os.dup2(saved, 2)
+            captured.seek(0)
+            lines = captured.read().decode(errors="replace").strip().splitlines()[-3:]
+            if lines:
+                raise type(error)(f"{error} ({' / '.join(lines)})") from error
+            raise
+        finally:
+            os.dup2(saved, 2)
+            os.close(saved)
+
+
+@contextlib.contextmanager
+def _executorch_quiet():
+    """ExecuTorch's and its dependencies' noise off (import-time "Failed to load" lines,
+    coremltools' progress bars, version warnings); errors still raise."""
+    names = ("executorch", "coremltools", "torchao", "torch._export", "torch.export",
+             "torch.utils._pytree")
+    loggers = [logging.getLogger(name) for name in names]
+    levels = [logger.level for logger in loggers]
+    for logger in loggers:
+        logger.setLevel(logging.ERROR)
+    try:
+        with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()), \
+                contextlib.redirect_stderr(io.StringIO()):
+            warnings.simplefilter("ignore")
+            yield
+    finally:
+        for logger, level in zip(loggers, levels):
+            logger.setLevel(level)
+
+
+def _partitioner(backend: str, minimum_deployment_target, compute_units, precision):
+    if backend == "xnnpack":
+        from executorch.backends.xnnpack.partition.xnnpack_partitioner import \
+            XnnpackPartitioner
+        return XnnpackPartitioner()
+    import coremltools as ct
+    from executorch.backends.apple.coreml.compiler import CoreMLBackend
+    from executorch.backends.apple.coreml.partition import CoreMLPartitioner
+    specs = CoreMLBackend.generate_compile_specs(
+        minimum_deployment_target=minimum_deployment_target or ct.target.iOS16,
+        compute_unit=compute_units or ct.ComputeUnit.ALL,
+        compute_precision=ct.precision.FLOAT16 if precision == "fp16" else ct.precision.FLOAT32)
+    return CoreMLPartitioner(compile_specs=specs)
+
+
+def _edge_op_name(target) -> str:
+    name = getattr(target, "__name__", str(target))  # e.g. "aten.conv2d.default"
+    return name.split(".")[1] if name.startswith("aten.") else name
+
+
+def _lower(model: nn.Module, inputs: tuple, backend: str, minimum_deployment_target,
+           compute_units, precision) -> tuple[bytes, ExecuTorchCheck]:
+    """``(the .pte bytes, the delegation counts)`` of ``model`` lowered for ``backend``."""
+    if backend not in BACKENDS:
+        raise ValueError(f"backend must be one of {', '.join(BACKENDS)}, not {backend!r}")
+    if precision not in ("fp16", "fp32"):
+        raise ValueError(f"precision must be 'fp16' or 'fp32', not {precision!r}")
+    _refuse_training(model)
+    try:
+        with _executorch_quiet():
+            from executorch.exir import to_edge_transform_and_lower
+            partitioner = _partitioner(backend, minimum_deployment_target, compute_units,
+                                       precision)
+    except ImportError as error:
+        raise ExportError(f"ExecuTorch lowering needs executorch ({error.name or error} is "
+                          "missing): pip install 'reparam-fx[executorch]'") from error
+    try:
+        with _executorch_quiet():
+            program = torch.export.export(model, inputs)
+            edge = to_edge_transform_and_lower(program, partitioner=[partitioner])
+            check = _delegation(edge.exported_program().graph_module, backend)
+            buffer = edge.to_executorch().buffer
+    except Exception as error:  # noqa: BLE001 - re-raised with what failed
+        raise ExportError(f"ExecuTorch lowering ({backend}) of {type(model).__name__} failed: "
+                          f"{_first_line(error)}") from error
+    check.pte_bytes = len(buffer)
+    return buffer, check
+
+
+def _delegation(graph_module, backend: str) -> ExecuTorchCheck:
+    """What the partitioner gave the backend (the ops inside each delegate call) and what
+    it left to the portable kernels."""
+    check = ExecuTorchCheck(backend)
+    for node in graph_module.graph.nodes:
+        if node.op != "call_function" or node.target is operator.getitem:
+            continue
+        if getattr(node.target, "__name__", "") == "executorch_call_delegate":
+            lowered = getattr(graph_module, node.args[0].target)
+            check.delegated.update(
+                _edge_op_name(inner.target) for inner in lowered.original_module.graph.nodes
+                if inner.op == "call_function" and inner.target is not operator.getitem)
+        else:
+            check.portable[_edge_op_name(node.target)] += 1
+    return check
+
+
+def _refuse_training(model: nn.Module) -> None:
+    training = [name or type(model).__name__ for name, module in model.named_modules()
+                if module.training and (module is model or isinstance(module, _MODE_DEPENDENT))]
+    if training:
+        raise ExportError(f"{type(model).__name__} is in training mode ({training[0]}"
+                          f"{f' and {len(training) - 1} more' if len(training) > 1 else ''}); "
+                          "call .eval() first (BatchNorm and Dropout would not convert to "
+                          "inference)")
+
+
+def to_executorch(model: nn.Module, example_inputs, path, *, backend: str = "xnnpack",
+                  minimum_deployment_target=None, compute_units=None,
+                  precision: str = "fp16") -> Path:
+    """Lower ``model`` to an ExecuTorch program at ``path`` (``.pte``, written atomically)
+    and return the path.
+
+    ``backend="xnnpack"``: the XNNPACK delegate (CPU, iOS and Android alike);
+    ``"coreml"``: the Core ML delegate (the Neural Engine), whose compile specs are
+    ``minimum_deployment_target`` (default iOS 16), ``compute_units`` (default all) and
+    ``precision`` (``"fp16"`` default, or ``"fp32"``). Accepts what :func:`reparam_fx.fuse`
+    returns and plain modules; raises :class:`ExportError` naming what failed, or the
+    missing package (the ``executorch`` extra)."""
+    path = Path(path)
+    buffer, _ = _lower(model, _inputs(example_inputs), backend, minimum_deployment_target,
+                       compute_units, precision)
+    _write_atomically(path, buffer)
+    return path
+
+
+def check_executorch(model: nn.Module, example_inputs, *, backend: str = "xnnpack",
+                     minimum_deployment_target=None, compute_units=None,
+                     precision: str = "fp16") -> ExecuTorchCheck:
+    """Lower ``model`` as :func:`to_executorch` does and check the program: how much each
+    delegate took and, for XNNPACK, the relative error of the program run in ExecuTorch's
+    runtime against ``model`` in torch on ``example_inputs``."""
+    inputs = _inputs(example_inputs)
+    buffer, check = _lower(model, inputs, backend, minimum_deployment_target, compute_units,
+                           precision)
+    if backend == "xnnpack":
+        with torch.no_grad():
+            expected = model(*inputs)
+        got = run_pte(buffer, inputs)
+        expected = expected if isinstance(expected, (tuple, list)) else (expected,)
+        check.relative_error = max(
+            float((g.double() - e.double()).abs().max() / e.double().abs().max().clamp_min(1e-30))
+            for g, e in zip(got, expected))
+    return check
+
+
+def run_pte(program: bytes | str | os.PathLike, inputs: tuple) -> list:
+    """Run an ExecuTorch program (its bytes or its ``.pte`` path) in ExecuTorch's Python
+    runtime; returns its outputs."""
+    with _executorch_quiet(), _native_stderr_kept():
+        from executorch.runtime import Runtime
+        if not isinstance(program, (bytes, bytearray)):
+            program = Path(program).read_bytes()
+        method = Runtime.get().load_program(program).load_method("forward")
+        return list(method.execute(list(inputs)))
+
+
+def _write_atomically(path: Path, data: bytes) -> None:
+    """Staged next to ``path``, then renamed over it: a reader never sees half a file."""
+    staged = None
+    try:
+        fd, staged = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp",
+                                      dir=path.parent or ".")
+        with os.fdopen(fd, "wb") as file:
+            file.write(data)
+        os.replace(staged, path)
+    except OSError as error:
+        raise ExportError(f"could not write {path}: {error}") from error
+    finally:
+        if staged is not None and os.path.exists(staged):
+            os.remove(staged)
