@@ -63,6 +63,7 @@ def to_onnx(model: nn.Module, example_inputs, path, *, opset_version: int = 17,
             else:
                 torch.onnx.export(model, inputs, staged, dynamo=False,
                                   opset_version=opset_version)
+        _usual_mode(staged)
         os.replace(staged, path)
     except Exception as error:  # noqa: BLE001 - re-raised with the op that failed
         raise ExportError(f"ONNX export of {type(model).__name__} failed: "
@@ -404,6 +405,13 @@ def run_pte(program: bytes | str | os.PathLike, inputs: tuple) -> list:
         return list(method.execute(list(inputs)))
 
 
+def _usual_mode(staged: str) -> None:
+    """A staged file (``mkstemp``: 0600) gets the mode a plain ``open`` would give it."""
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(staged, 0o666 & ~umask)
+
+
 def _write_atomically(path: Path, data: bytes) -> None:
     """Staged next to ``path``, then renamed over it: a reader never sees half a file."""
     staged = None
@@ -412,6 +420,7 @@ def _write_atomically(path: Path, data: bytes) -> None:
                                       dir=path.parent or ".")
         with os.fdopen(fd, "wb") as file:
             file.write(data)
+        _usual_mode(staged)
         os.replace(staged, path)
     except OSError as error:
         raise ExportError(f"could not write {path}: {error}") from error

@@ -138,3 +138,11 @@ def test_missing_executorch_says_which_extra_to_install(models, monkeypatch):
     monkeypatch.setattr(builtins, "__import__", no_executorch)
     with pytest.raises(ExportError, match=r"pip install 'reparam-fx\[executorch\]'"):
         to_executorch(fused, (x,), "unused.pte")
+
+
+def test_program_gets_the_usual_file_mode(models, tmp_path):
+    _, fused, x = models
+    umask = os.umask(0)
+    os.umask(umask)
+    path = to_executorch(fused, (x,), tmp_path / "block.pte")
+    assert path.stat().st_mode & 0o777 == 0o666 & ~umask

@@ -1,0 +1,501 @@
+"""``reparam-fx``: fuse a saved ``torch.export`` program, or lower it to a deployment format.
+
+    reparam-fx fuse IN.pt2 -o OUT.pt2 [--verify] [--rtol 1e-4] [--report] [--in-place]
+    reparam-fx export IN.pt2 --to onnx|coreml|xnnpack|coreml-pte -o OUT
+    python -m reparam_fx.cli ...
+
+``fuse`` loads ``IN.pt2`` (``torch.export.save`` format) with ``torch.export.load``, fuses
+it with :func:`reparam_fx.fuse` and saves the result as a program again: the fused graph
+is re-exported at example inputs built from the program's own input placeholders
+(random tensors of their shapes and dtypes), keeping every dynamic dimension dynamic with
+the range the original program gave it. ``--verify`` runs the original program and the
+fused one on those inputs in float64 (:func:`reparam_fx.verify`) and fails above
+``--rtol``; ``--report`` prints the full :meth:`FusionReport.table`.
+
+``export`` lowers the program's ``module()`` with :mod:`reparam_fx.export`: ``onnx``
+(:func:`~reparam_fx.export.to_onnx` with the ``torch.export``-based exporter, the one
+that takes aten graphs), ``coreml`` (an ``.mlpackage``), ``xnnpack`` and ``coreml-pte``
+(ExecuTorch ``.pte`` programs for the XNNPACK and Core ML delegates).
+
+Exit status (as ``reparam-fx-onnx``, whose helpers this reuses)
+    0  done; the output was written.
+    1  fusion, re-export or verification failed; nothing was written.
+    2  bad usage or bad input (missing / corrupt / non-program file, output equal to the
+       input without ``--in-place``, unwritable output, a dynamic dimension without a
+       hint, a lowering the backend refused); a one-line ``reparam-fx: error: ...`` on
+       stderr, no traceback, nothing written.
+
+``REPARAM_FX_DEBUG=1`` lets an unexpected exception (a bug) show its traceback.
+
+Every check on the input and the output location runs before any work is done; the
+output is staged next to itself and moved into place with ``os.replace``, so a failure
+never leaves a partial file. An existing output is replaced (as ``reparam-fx-onnx`` does);
+the input is never written to unless ``fuse --in-place``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import io
+import logging
+import math
+import os
+import shutil
+import sys
+import tempfile
+import warnings
+import zipfile
+
+from reparam_fx.onnx_cli import (
+    EXIT_FAILED,
+    EXIT_OK,
+    CliError,
+    _describe_foreign,
+    _fsync,
+    _fsync_folder,
+    _one_line,
+    _Parser,
+    _same_path,
+)
+
+PROG = "reparam-fx"
+TARGETS = {  # --to -> (what it writes, the file name it suggests)
+    "onnx": ("an ONNX model", "model.onnx"),
+    "coreml": ("a Core ML ML Program package", "model.mlpackage"),
+    "xnnpack": ("an ExecuTorch program for the XNNPACK delegate", "model.xnnpack.pte"),
+    "coreml-pte": ("an ExecuTorch program for the Core ML delegate", "model.coreml.pte"),
+}
+
+
+# ---- arguments -----------------------------------------------------------------------
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(
+        prog=PROG,
+        description="Fold re-parameterizable blocks of a saved torch.export program "
+                    "(torch.export.save, .pt2) into single convs, exactly, or lower the "
+                    "program to ONNX, Core ML or ExecuTorch.",
+        epilog="exit status: 0 ok, 1 fusion or verification failed, 2 bad usage or input. "
+               "Nothing is written unless the status is 0. See also reparam-fx-onnx for "
+               ".onnx files.")
+    commands = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
+    commands.required = True
+
+    fuse = commands.add_parser(
+        "fuse", help="fuse a saved program and save the fused program",
+        description="Load IN.pt2 (torch.export.save), fuse it with reparam_fx.fuse and save "
+                    "the fused graph, re-exported with torch.export, to OUT.pt2. Dynamic "
+                    "dimensions stay dynamic.",
+        epilog="exit status: 0 ok, 1 fusion, re-export or verification failed, 2 bad usage "
+               "or input. Nothing is written unless the status is 0.")
+    fuse.add_argument("input", metavar="IN.pt2", help="the saved program to fuse")
+    fuse.add_argument("-o", "--output", metavar="OUT.pt2", help="where to save the fused program")
+    fuse.add_argument("--in-place", dest="in_place", action="store_true",
+                      help="replace IN.pt2 with the fused program")
+    fuse.add_argument("--verify", action="store_true",
+                      help="run both programs on the same random inputs in float64 and fail "
+                           "(exit 1) if max|a-b|/max|a| exceeds --rtol")
+    fuse.add_argument("--rtol", type=float, default=1e-4, metavar="RTOL",
+                      help="tolerance for --verify (default: 1e-4)")
+    fuse.add_argument("--report", action="store_true",
+                      help="print the full fusion report, with the reasons nodes were left alone")
+
+    export = commands.add_parser(
+        "export", help="lower a saved program to ONNX, Core ML or ExecuTorch",
+        description="Lower the program saved in IN.pt2 to " + "; ".join(
+            f"{name}: {what} ({example})" for name, (what, example) in TARGETS.items()) + ".",
+        epilog="exit status: 0 ok, 2 bad usage, bad input or a lowering the backend refused. "
+               "Nothing is written unless the status is 0.")
+    export.add_argument("input", metavar="IN.pt2", help="the saved program to lower")
+    export.add_argument("--to", required=True, choices=list(TARGETS), help="the format to write")
+    export.add_argument("-o", "--output", required=True, metavar="OUT",
+                        help="where to write it (a .mlpackage folder for --to coreml)")
+    return parser
+
+
+def _output_path(args) -> str:
+    """The output file, checked against the input (before anything is read)."""
+    in_place = getattr(args, "in_place", False)
+    if args.output is None and not in_place:
+        raise CliError("give the output with -o OUT.pt2, or pass --in-place to replace the input",
+                       usage=True)
+    if args.output is not None and args.output == "":
+        raise CliError("-o needs a file name", usage=True)
+    output = args.output if args.output is not None else args.input
+    if in_place and args.output is not None and not _same_path(args.output, args.input):
+        raise CliError(f"-o {args.output} and --in-place disagree; pass one of them")
+    if not in_place and _same_path(output, args.input):
+        hint = "pass --in-place" if args.command == "fuse" else "choose another -o"
+        raise CliError(f"-o {output} is the input file; writing it would overwrite the input; "
+                       f"{hint}")
+    return output
+
+
+# ---- input ---------------------------------------------------------------------------
+
+def _check_input_file(path: str) -> None:
+    if not os.path.lexists(path):
+        raise CliError(f"{path}: no such file; check the path to the .pt2 program")
+    if os.path.isdir(path):
+        raise CliError(f"{path} is a directory; give the path of the .pt2 file (saved with "
+                       f"torch.export.save)")
+    if not os.path.isfile(path):
+        raise CliError(f"{path} is not a regular file (a broken link or a device); give the "
+                       f"path of a .pt2 file")
+    if not os.access(path, os.R_OK):
+        raise CliError(f"{path}: permission denied; make the file readable")
+    if os.path.getsize(path) == 0:
+        raise CliError(f"{path} is empty (0 bytes); save the program again with "
+                       f"torch.export.save")
+
+
+def _describe_non_program(path: str) -> str | None:
+    """What a file that torch.export.load refused looks like, for the error message; None
+    for what looks like a torch.export archive."""
+    if zipfile.is_zipfile(path):
+        try:
+            with zipfile.ZipFile(path) as archive:
+                names = archive.namelist()
+        except (OSError, zipfile.BadZipFile):
+            names = []
+        if any(name.endswith("/data.pkl") or name == "data.pkl" for name in names):
+            return ("it is a torch.save checkpoint (a state dict or pickled module), not a "
+                    "program; export the model with torch.export.export and save it with "
+                    "torch.export.save")
+        if any(name.endswith("/archive_format") for name in names):
+            return None
+        return "it is a zip archive that holds no torch.export program"
+    if _looks_like_onnx(path):
+        return "it is an ONNX model; fuse it with reparam-fx-onnx"
+    foreign = _describe_foreign(path)
+    if foreign is not None and not foreign.startswith("a zip archive"):
+        return f"it looks like {foreign.split(' (')[0]}"
+    return "it is not a zip archive (corrupt, truncated or another format)"
+
+
+def _looks_like_onnx(path: str) -> bool:
+    try:
+        import onnx
+        with _quiet():
+            model = onnx.load_model(path, load_external_data=False)
+    except Exception:  # noqa: BLE001 - not ONNX either (or onnx not installed)
+        return False
+    return model.HasField("graph") and model.ir_version > 0 and len(model.graph.node) > 0
+
+
+class _LogRecords(logging.Handler):
+    def __init__(self):
+        super().__init__(logging.WARNING)
+        self.messages: list[str] = []
+
+    def emit(self, record):
+        message = record.getMessage()
+        if record.exc_info and record.exc_info[1] is not None:
+            message = f"{type(record.exc_info[1]).__name__}: {record.exc_info[1]}"
+        self.messages.append(_one_line(message))
+
+
+@contextlib.contextmanager
+def _quiet():
+    """torch's warnings and log lines (deprecation notices, "check the warnings above")
+    off stderr; yields what torch logged, for the error message. torch gives many of its
+    loggers their own stderr handler, so each one's handlers are swapped for ours."""
+    log = _LogRecords()
+    loggers = [logger for name, logger in logging.Logger.manager.loggerDict.items()
+               if (name == "torch" or name.startswith("torch."))
+               and isinstance(logger, logging.Logger) and logger.handlers]
+    saved = [(logger, logger.handlers[:]) for logger in loggers]
+    for logger in loggers:
+        logger.handlers = [log]
+    try:
+        with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
+            warnings.simplefilter("ignore")
+            yield log
+    finally:
+        for logger, handlers in saved:
+            logger.handlers = handlers
+
+
+def load_program(path: str):
+    """The ExportedProgram saved at ``path``, or a CliError saying what the file is. What
+    is plainly no program (not a zip archive, a ``torch.save`` checkpoint) is refused before
+    torch is imported."""
+    what = _describe_non_program(path)
+    if what is not None and not what.startswith("it is a zip archive"):
+        raise CliError(f"{path} is not a readable torch.export program: {what}")
+    import torch
+    try:
+        with _quiet() as log, open(path, "rb") as file:  # any file name, not only *.pt2
+            program = torch.export.load(file)
+    except Exception as error:  # noqa: BLE001 - any failure: the file is not a program
+        what = _describe_non_program(path)
+        if what is None:  # a torch.export archive that does not load: say what failed
+            detail = log.messages[0] if log.messages else f"{type(error).__name__}: {error}"
+            what = (f"the archive is corrupt, truncated or from an incompatible torch version "
+                    f"({_one_line(detail).split('. ')[0][:200]})")
+        raise CliError(f"{path} is not a readable torch.export program: {what}") from None
+    if not isinstance(program, torch.export.ExportedProgram):
+        raise CliError(f"{path} holds a {type(program).__name__}, not a torch.export program")
+    return program
+
+
+# ---- example inputs ------------------------------------------------------------------
+
+def example_inputs(program, path: str, seed: int = 0):
+    """``(inputs, dynamic_shapes)``: random tensors shaped like the program's user inputs
+    (a dynamic dimension takes the size the program was exported at) and, for
+    ``torch.export.export``, a ``Dim`` per dynamic dimension with the program's range
+    (None when every dimension is static)."""
+    import torch
+    from torch.utils import _pytree as pytree
+
+    user_inputs = program.graph_signature.user_inputs
+    placeholders = {node.name: node for node in program.graph.nodes if node.op == "placeholder"}
+    in_spec = program.call_spec.in_spec
+    if in_spec is not None:
+        args_spec, kwargs_spec = in_spec.children() if hasattr(in_spec, "children") \
+            else in_spec.children_specs
+        if kwargs_spec.num_leaves:
+            raise CliError(f"{path}: the program takes keyword inputs; reparam-fx handles "
+                           f"programs whose inputs are positional tensors")
+    ranges = {str(symbol): bounds for symbol, bounds in program.range_constraints.items()}
+    generator = torch.Generator().manual_seed(seed)
+    dims: dict[str, object] = {}
+    inputs, shapes = [], []
+    for name in user_inputs:
+        fake = placeholders[name].meta.get("val") if name in placeholders else None
+        if not isinstance(fake, torch.Tensor):
+            raise CliError(f"{path}: input {name!r} is not a tensor ({type(fake).__name__}); "
+                           f"reparam-fx handles programs whose inputs are tensors")
+        sizes, spec = [], {}
+        for axis, size in enumerate(fake.shape):
+            if isinstance(size, int):
+                sizes.append(size)
+                continue
+            hint = size.node.hint
+            if hint is None:
+                raise CliError(f"{path}: input {name!r} has a dynamic dimension {size} (axis "
+                               f"{axis}) with no example size in the program; export it with "
+                               f"example inputs of that size")
+            sizes.append(int(hint))
+            spec[axis] = _dim(str(size.node.expr), ranges, dims)
+        inputs.append(_random_tensor(torch, sizes, fake.dtype, generator))
+        shapes.append(spec or None)
+    dynamic = tuple(shapes) if any(shapes) else None
+    if in_spec is not None:  # nested positional inputs (tuples/lists of tensors)
+        args, _ = pytree.tree_unflatten(inputs, in_spec)
+        if dynamic is not None:
+            dynamic = pytree.tree_unflatten(list(shapes), args_spec)
+        return tuple(args), dynamic
+    return tuple(inputs), dynamic
+
+
+def _dim(expr: str, ranges: dict, dims: dict):
+    """One ``Dim`` per symbol (shared by every axis that had it); ``Dim.AUTO`` for a
+    derived dimension (``2*s0``), which torch.export works out again."""
+    from torch.export import Dim
+    if expr not in ranges or not expr.isidentifier():
+        return Dim.AUTO
+    if expr not in dims:
+        bounds = ranges[expr]
+        lower = int(bounds.lower) if bounds.lower.is_Integer else 0
+        upper = int(bounds.upper) if bounds.upper.is_Integer else None
+        dims[expr] = Dim(expr, min=lower, max=upper)
+    return dims[expr]
+
+
+def _random_tensor(torch, sizes, dtype, generator):
+    if dtype.is_floating_point:
+        return torch.randn(sizes, generator=generator).to(dtype)
+    if dtype == torch.bool:
+        return torch.randint(0, 2, sizes, generator=generator).bool()
+    if dtype.is_complex:
+        return torch.randn(sizes, dtype=dtype, generator=generator)
+    return torch.randint(0, 8, sizes, generator=generator).to(dtype)
+
+
+def inference_module(program):
+    """``program.module()`` marked as in inference mode. Its graph is fixed (a BatchNorm in
+    it already is the eval or training op it was exported as) and ``.eval()`` is not
+    supported on it, so the flag is set directly; the lowering functions check it."""
+    module = program.module()
+    for submodule in module.modules():
+        submodule.training = False
+    return module
+
+
+# ---- output --------------------------------------------------------------------------
+
+def _check_output_location(output: str, package: bool = False) -> str:
+    """The output's folder exists and is writable; returns the folder."""
+    folder = os.path.dirname(os.path.abspath(output))
+    example = os.path.join(output, "model.mlpackage" if package else "model_fused.pt2")
+    if not os.path.basename(output) or output.endswith(("/", os.sep)):
+        raise CliError(f"-o {output} names a folder; give a file name such as {example}")
+    if os.path.isdir(output) and not (package and os.path.isfile(
+            os.path.join(output, "Manifest.json"))):
+        raise CliError(f"-o {output} is a directory; give a file name such as {example}")
+    if not os.path.isdir(folder):
+        what = "is not a directory" if os.path.exists(folder) else "does not exist"
+        raise CliError(f"cannot write {output}: the output folder {folder} {what}; create it "
+                       f"or choose another -o")
+    try:  # a probe, not os.access: that says yes to root on a read-only file system
+        fd, probe = tempfile.mkstemp(prefix=f".{os.path.basename(output)}.", suffix=".probe",
+                                     dir=folder)
+        os.close(fd)
+        os.remove(probe)
+    except OSError:
+        raise CliError(f"cannot write {output}: the output folder {folder} is not writable; "
+                       f"choose another -o") from None
+    return folder
+
+
+def save_program_atomically(program, output: str, mode_from: str | None = None) -> None:
+    """``torch.export.save`` into a temporary folder next to ``output`` (under the output's
+    own name, which the archive records), then ``os.replace``; the folder is removed
+    whatever happens."""
+    import torch
+    folder, name = os.path.dirname(os.path.abspath(output)), os.path.basename(output)
+    try:
+        staging = tempfile.mkdtemp(prefix=f".{name}.", suffix=".tmp", dir=folder)
+    except OSError as error:
+        raise CliError(f"cannot write {output}: {_one_line(error)}; choose another -o") from None
+    try:
+        staged = os.path.join(staging, name)
+        try:
+            with _quiet():
+                torch.export.save(program, staged)
+            if mode_from is not None:
+                shutil.copymode(mode_from, staged)
+            _fsync(staged)
+            os.replace(staged, output)
+        except OSError as error:
+            raise CliError(f"cannot write {output}: {_one_line(error)}") from None
+        _fsync_folder(folder)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+
+
+# ---- commands ------------------------------------------------------------------------
+
+def _unexpected(what: str, error: Exception) -> CliError:
+    if os.environ.get("REPARAM_FX_DEBUG"):
+        raise error
+    return CliError(f"{what} failed: {type(error).__name__}: {_one_line(error)[:300]}; "
+                    f"nothing written", EXIT_FAILED)
+
+
+def run_fuse(args) -> int:
+    if not (args.rtol >= 0 and math.isfinite(args.rtol)):
+        raise CliError(f"--rtol {args.rtol} must be a finite number >= 0", usage=True)
+    output = _output_path(args)
+    _check_input_file(args.input)
+    _check_output_location(output)
+    program = load_program(args.input)
+    inputs, dynamic_shapes = example_inputs(program, args.input)
+
+    import torch
+
+    import reparam_fx
+    try:
+        with _quiet():
+            fused = reparam_fx.fuse(program)
+    except reparam_fx.FusionError as error:
+        raise CliError(f"cannot fuse {args.input}: {_one_line(error)}") from None
+    except Exception as error:  # noqa: BLE001 - any failure is reported in one line
+        raise _unexpected(f"fusing {args.input}", error) from None
+    report = fused.fusion_report
+    print(report.table() if args.report else _summary(report, args.input))
+
+    if args.verify:
+        try:
+            with _quiet():
+                error = reparam_fx.verify(inference_module(program), fused, inputs, rtol=math.inf)
+        except reparam_fx.VerificationError as failure:
+            raise CliError(f"verification failed: {_one_line(failure)}; nothing written",
+                           EXIT_FAILED) from None
+        except Exception as failure:  # noqa: BLE001
+            raise _unexpected("verification", failure) from None
+        if not error <= args.rtol:  # also catches NaN
+            raise CliError(f"verification failed: max relative error {error:.3g} is above "
+                           f"--rtol {args.rtol:g}; nothing written", EXIT_FAILED)
+        print(f"verify: max relative error {error:.3g} (rtol {args.rtol:g}) ok")
+
+    try:
+        with _quiet():
+            fused_program = torch.export.export(fused, inputs, dynamic_shapes=dynamic_shapes)
+    except Exception as error:  # noqa: BLE001
+        raise _unexpected(f"re-exporting the fused {args.input} with torch.export", error) \
+            from None
+    save_program_atomically(fused_program, output, mode_from=args.input if args.in_place else None)
+    print(f"wrote {output}")
+    return EXIT_OK
+
+
+def _summary(report, path: str) -> str:
+    from reparam_fx.onnx_cli import summary_lines
+    return "\n".join(summary_lines(report, path))
+
+
+def run_export(args) -> int:
+    output = _output_path(args)
+    if args.to == "coreml" and not output.rstrip("/" + os.sep).endswith(".mlpackage"):
+        raise CliError(f"-o {output}: --to coreml writes an .mlpackage folder; give a name "
+                       f"ending in .mlpackage, such as {os.path.splitext(output)[0]}.mlpackage")
+    output = output.rstrip("/" + os.sep) if args.to == "coreml" else output
+    _check_input_file(args.input)
+    _check_output_location(output, package=args.to == "coreml")
+    program = load_program(args.input)
+    inputs, _ = example_inputs(program, args.input)
+
+    from reparam_fx import export as lower
+    model = inference_module(program)
+    try:
+        with _quiet():
+            if args.to == "onnx":  # the TorchScript exporter cannot take an aten graph
+                lower.to_onnx(model, inputs, output, dynamo=True)
+            elif args.to == "coreml":
+                lower.to_coreml(model, inputs, output)
+            else:
+                lower.to_executorch(model, inputs, output,
+                                    backend="xnnpack" if args.to == "xnnpack" else "coreml")
+    except lower.ExportError as error:
+        raise CliError(f"cannot export {args.input} to {args.to}: "
+                       f"{_one_line(error).rstrip(':')}") from None
+    except Exception as error:  # noqa: BLE001
+        raise _unexpected(f"exporting {args.input} to {args.to}", error) from None
+    print(f"wrote {output} ({TARGETS[args.to][0]})")
+    return EXIT_OK
+
+
+# ---- main ----------------------------------------------------------------------------
+
+def main(argv=None) -> int:
+    """Entry point of ``reparam-fx`` and ``python -m reparam_fx.cli``; returns the exit status."""
+    parser = build_parser()
+    try:
+        try:
+            args = parser.parse_args(argv)
+        except SystemExit as exit_:  # --help
+            return int(exit_.code or 0)
+        return run_fuse(args) if args.command == "fuse" else run_export(args)
+    except CliError as error:
+        if error.usage:
+            parser.print_usage(sys.stderr)
+        print(f"{PROG}: error: {_one_line(error)}", file=sys.stderr)
+        return error.status
+    except KeyboardInterrupt:
+        print(f"{PROG}: error: interrupted; nothing written", file=sys.stderr)
+        return 130
+    except Exception as error:  # a bug: one line unless debugging
+        if os.environ.get("REPARAM_FX_DEBUG"):
+            raise
+        print(f"{PROG}: error: unexpected {type(error).__name__}: {_one_line(error)} (a bug; "
+              f"rerun with REPARAM_FX_DEBUG=1 for the traceback and please report it)",
+              file=sys.stderr)
+        return EXIT_FAILED
+
+
+if __name__ == "__main__":
+    sys.exit(main())
