@@ -229,6 +229,7 @@ class ExecuTorchCheck:
     portable: Counter = field(default_factory=Counter)
     pte_bytes: int = 0
     relative_error: float | None = None
+    program: bytes = field(default=b"", repr=False)  # the .pte itself (run_pte runs it)
 
     @property
     def fully_delegated(self) -> bool:
@@ -324,7 +325,7 @@ def _lower(model: nn.Module, inputs: tuple, backend: str, minimum_deployment_tar
     except Exception as error:  # noqa: BLE001 - re-raised with what failed
         raise ExportError(f"ExecuTorch lowering ({backend}) of {type(model).__name__} failed: "
                           f"{_first_line(error)}") from error
-    check.pte_bytes = len(buffer)
+    check.pte_bytes, check.program = len(buffer), buffer
     return buffer, check
 
 
@@ -392,6 +393,21 @@ def check_executorch(model: nn.Module, example_inputs, *, backend: str = "xnnpac
             float((g.double() - e.double()).abs().max() / e.double().abs().max().clamp_min(1e-30))
             for g, e in zip(got, expected))
     return check
+
+
+def set_executorch_threads(threads: int) -> int | None:
+    """Give ExecuTorch's runtime (and so the XNNPACK delegate) a threadpool of ``threads``
+    threads, through its experimental ``_unsafe_reset_threadpool``; programs loaded before
+    keep the old pool, so call this first. Returns the count the pool reports, or None
+    where this ExecuTorch has no such function."""
+    with _executorch_quiet():
+        try:
+            from executorch.extension.pybindings.portable_lib import (
+                _threadpool_get_thread_count, _unsafe_reset_threadpool)
+        except ImportError:
+            return None
+        _unsafe_reset_threadpool(threads)
+        return _threadpool_get_thread_count()
 
 
 def run_pte(program: bytes | str | os.PathLike, inputs: tuple) -> list:

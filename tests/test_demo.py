@@ -19,6 +19,9 @@ def test_summary_then_bench_with_models_saved(tmp_path, monkeypatch, capsys):
     assert demo.main(["--model", "repvgg_a0", "--out", str(tmp_path)]) == 0
     out = capsys.readouterr().out
     assert "repvgg_a0" in out and "conv  44 -> 22" in out and "bn  61 -> 0" in out
+    assert "to ONNX, Core ML and ExecuTorch (XNNPACK, Core ML)" in out
+    # --save-models: NAME.onnx, .mlpackage, .xnnpack.pte and .coreml.pte (the files
+    # themselves: test_bench.py, test_a_failed_core_ml_conversion_is_reported_...)
     assert calls == [["--models", "repvgg_a0", "--out", str(tmp_path), "--save-models"]]
 
 

@@ -8,26 +8,35 @@ For each zoo model (default: the smallest variant of each family; ``--all``: all
   exists (``tests/reference``, full size: RepVGG-A0, MobileOne-S0, FastViT-T8,
   RepViT-M0.9), ``hand`` (its own ``reparameterize()``, the way the official repos deploy);
 - latency, batch 1: torch eager and ONNX Runtime CPU (idle threads not spinning), each
-  with 1 thread and with every core; medians of interleaved repeats
-  (``tools/timing.py``); speed-ups are medians of per-repeat ratios against ``train``;
+  with 1 thread and with every core, and ExecuTorch's XNNPACK delegate with 1 thread
+  (``executorch.runtime``; each ``.pte`` loaded once, ``method.execute`` timed); medians
+  of interleaved repeats (``tools/timing.py``); speed-ups are medians of per-repeat
+  ratios against ``train``;
 - parameters, MACs (conv / linear / matmul), ONNX node counts (``torch.onnx.export``,
   dynamo=False, opset 17, the exporter's own Conv+BN folding included), Core ML MIL op
   counts (ML Program, iOS 16, fp16; ``reparam_fx.export.to_coreml``), and the relative
-  error of ``fused`` against ``train`` (float64 and fp32).
+  error of ``fused`` against ``train`` (float64 and fp32);
+- ExecuTorch XNNPACK programs (``reparam_fx.export``): ``.pte`` bytes, whether the
+  delegate took every op (else the ops left to the portable kernels), and the relative
+  error of each program run in ExecuTorch against its module in torch.
 
 Writes ``bench.md`` (tables), ``bench.json`` (every number) and ``bench.png`` (chart) to
 ``--out`` (default ``out/bench``); ``--save-models`` also writes each fused model as
-``NAME.onnx`` and ``NAME.mlpackage`` there. Core ML prediction needs macOS
-(``tools/coreml_latency.py``); published iPhone latencies are quoted next to the results.
+``NAME.onnx``, ``NAME.mlpackage``, ``NAME.xnnpack.pte`` and ``NAME.coreml.pte`` there.
+Core ML prediction needs macOS (``tools/coreml_latency.py``); published iPhone latencies
+are quoted next to the results.
 
     python tools/bench.py [--models NAME ...] [--all] [--quick] [--size 224]
                           [--repeats 20] [--calls 2] [--out out/bench] [--save-models]
+                          [--no-coreml] [--no-executorch]
 """
 
 from __future__ import annotations
 
 import argparse
 import copy
+import importlib.metadata
+import importlib.util
 import io
 import json
 import os
@@ -45,7 +54,11 @@ sys.path.insert(0, str(ROOT / "tools"))
 
 import reparam_fx  # noqa: E402
 import zoo  # noqa: E402
-from reparam_fx.export import ExportError, mil_op_histogram, to_coreml, to_onnx  # noqa: E402
+from reparam_fx.export import (ExportError, mil_op_histogram, to_coreml,  # noqa: E402
+                               to_executorch, to_onnx)
+# private: one lowering gives both the bytes and the delegation counts (see xnnpack_program);
+# the library's quiet context for executorch's runtime logs (see executorch_runtime)
+from reparam_fx.export import check_executorch, set_executorch_threads  # noqa: E402
 from reparam_fx.testing import randomize_batchnorm_, randomize_parameters_  # noqa: E402
 from reference.models import FULL_SIZE_BUILDERS, reparameterize_model  # noqa: E402
 from timing import interleaved, machine_description, median_ms, median_ratio  # noqa: E402
@@ -132,6 +145,77 @@ def onnx_latency(onnx_bytes: dict, x, threads: int, repeats: int, calls: int, ti
     return _summary(samples)
 
 
+_EXECUTORCH_RUNTIME = []  # [(Runtime, thread count)] once set up
+
+
+def executorch_runtime(threads: int = 1):
+    """``(ExecuTorch's Runtime, the thread count of its threadpool)``; the XNNPACK delegate
+    runs on that pool. The first call sets the pool to ``threads`` threads
+    (``reparam_fx.export.set_executorch_threads``: a program loaded before would keep the
+    old pool, so this runs before bench.py loads any program). The count is None where
+    this executorch cannot set it (then its default pool is used)."""
+    if not _EXECUTORCH_RUNTIME:
+        count = set_executorch_threads(threads)
+        from executorch.runtime import Runtime
+        _EXECUTORCH_RUNTIME.append((Runtime.get(), count))
+    return _EXECUTORCH_RUNTIME[0]
+
+
+def xnnpack_program(module, x) -> tuple:
+    """``(.pte bytes, ExecuTorchCheck)`` of ``module`` lowered for XNNPACK once (the check
+    keeps the program it ran)."""
+    check = check_executorch(module, (x,))
+    return check.program, check
+
+
+def executorch_numbers(name: str, forms: dict, x, args, progress) -> tuple[dict, dict]:
+    """Lower every form for XNNPACK and load each program once: ``({form: (program, method)},
+    the row's "executorch" entry)``: ``.pte`` bytes, full delegation, ops left to the
+    portable kernels, relative error of the program against its module in torch, and any
+    lowering errors (then the form has no method)."""
+    programs, info = {}, {"pte_bytes": {}, "fully_delegated": {}, "portable_ops": {},
+                          "rel_error": {}}
+    runtime, info["threads"] = executorch_runtime(1)  # (before any program is loaded)
+    for form, module in forms.items():
+        progress.set_postfix_str(f"{name}: ExecuTorch {form}")
+        try:
+            programs[form], check = xnnpack_program(module, x)
+        except ExportError as error:  # recorded; the other numbers are still worth having
+            info.setdefault("errors", {})[form] = str(error)
+            progress.write(f"bench.py: warning: {name} ({form}): {error}", file=sys.stderr)
+            continue
+        info["pte_bytes"][form] = check.pte_bytes
+        info["fully_delegated"][form] = check.fully_delegated
+        info["portable_ops"][form] = dict(sorted(check.portable.items()))
+    methods = {}
+    for form, program in programs.items():
+        loaded = runtime.load_program(program)
+        # the method must not outlive its program: freeing the program under a loaded
+        # method made the next execute fail ("Expected 0 [inputs], but got 1"), then crash
+        methods[form] = (loaded, loaded.load_method("forward"))
+        with torch.no_grad():
+            info["rel_error"][form] = reparam_fx.relative_error(
+                forms[form](x), methods[form][1].execute([x]))
+    return methods, info
+
+
+def executorch_latency(methods: dict, x, repeats: int, calls: int, tick) -> dict:
+    """``methods``: ``{form: (program, method)}`` as loaded by :func:`executorch_numbers`."""
+    runners = {form: (lambda m=method: m.execute([x])) for form, (_, method) in methods.items()}
+    return _summary(interleaved(runners, repeats, calls, tick=tick))
+
+
+def save_executorch_programs(name: str, fused, x, args, progress) -> None:
+    """``NAME.xnnpack.pte`` and ``NAME.coreml.pte`` of the fused model in ``--out``."""
+    for backend in ("xnnpack", "coreml"):
+        progress.set_postfix_str(f"{name}: {backend}.pte")
+        try:
+            to_executorch(fused, (x,), args.out / f"{name}.{backend}.pte", backend=backend)
+        except ExportError as error:
+            progress.write(f"bench.py: warning: {name}.{backend}.pte not written: {error}",
+                           file=sys.stderr)
+
+
 def measure(name: str, args, progress) -> dict:
     """Every number for one zoo model (see the module docstring)."""
     progress.set_postfix_str(f"{name}: fuse")
@@ -181,6 +265,13 @@ def measure(name: str, args, progress) -> dict:
             row["coreml_frontend"][form] = mlmodel.user_defined_metadata["frontend"]
     progress.update()
 
+    methods = {}
+    if not args.no_executorch:
+        methods, row["executorch"] = executorch_numbers(name, forms, x, args, progress)
+        if args.save_models:
+            save_executorch_programs(name, fused, x, args, progress)
+        progress.update()
+
     row["latency"] = {}
     for runtime, measure_latency, models in (("eager", eager_latency, forms),
                                              ("ort", onnx_latency, onnx_bytes)):
@@ -188,6 +279,14 @@ def measure(name: str, args, progress) -> dict:
             progress.set_postfix_str(f"{name}: {runtime}, {threads} thread(s)")
             row["latency"][f"{runtime}_{threads}t"] = measure_latency(
                 models, x, threads, args.repeats, args.calls, progress.update)
+    if not args.no_executorch:
+        if "errors" in row["executorch"]:  # speed-ups need every form
+            progress.update(args.repeats)
+        else:
+            threads = row["executorch"]["threads"]
+            progress.set_postfix_str(f"{name}: ExecuTorch XNNPACK, {threads} thread(s)")
+            row["latency"][f"executorch_{threads or '?'}t"] = executorch_latency(
+                methods, x, args.repeats, args.calls, progress.update)
     return row
 
 
@@ -199,9 +298,49 @@ def _chain(values: dict, fmt=str) -> str:
     return " → ".join(fmt(values[f]) if f in values else "—" for f in FORMS)
 
 
+RUNTIME_NAMES = {"eager": "torch eager", "ort": "ONNX Runtime",
+                 "executorch": "ExecuTorch XNNPACK"}
+
+
 def _runtime_label(key: str) -> str:
     runtime, threads = key.rsplit("_", 1)
-    return f"{'torch eager' if runtime == 'eager' else 'ONNX Runtime'}, {threads[:-1]} thr."
+    return f"{RUNTIME_NAMES[runtime]}, {threads[:-1]} thr."
+
+
+def _executorch_caption(result: dict) -> str:
+    threads = result["settings"].get("executorch_threads")
+    if result["versions"].get("executorch") is None:
+        return "ExecuTorch not run (--no-executorch)."
+    if threads is None:
+        return ("ExecuTorch XNNPACK: this executorch offers no way to set the thread count "
+                "from Python, so its runtime's default threadpool was used (thread count "
+                "unknown).")
+    return (f"ExecuTorch {result['versions']['executorch']} XNNPACK: {threads} thread(s), set "
+            "with executorch's experimental `_unsafe_reset_threadpool` before any program "
+            "was loaded; each `.pte` loaded once, `method.execute` timed.")
+
+
+def _executorch_table(rows: list) -> list[str]:
+    lines = [
+        "## ExecuTorch, XNNPACK delegate (train → hand → fused)",
+        "",
+        "| model | .pte bytes | fully delegated | ops left to portable kernels (fused) "
+        "| rel. error of the fused program vs torch |",
+        "|---|---|---|---|---:|",
+    ]
+    for row in rows:
+        et = row["executorch"]
+        failed = (f" (lowering failed: {', '.join(et['errors'])}; see bench.json)"
+                  if "errors" in et else "")
+        portable = et["portable_ops"].get("fused")
+        portable = ("—" if portable is None else
+                    ", ".join(f"{op} x{n}" for op, n in portable.items()) or "none")
+        error = et["rel_error"].get("fused")
+        lines.append(
+            f"| {row['model']} | {_chain(et['pte_bytes'], lambda v: f'{v:,}')}{failed} "
+            f"| {_chain(et['fully_delegated'], lambda v: 'yes' if v else 'no')} | {portable} "
+            f"| {'—' if error is None else f'{error:.1e}'} |")
+    return lines
 
 
 def markdown(result: dict) -> str:
@@ -210,12 +349,13 @@ def markdown(result: dict) -> str:
         f"# reparam_fx benchmark: {result['date']}, {result['machine']}",
         "",
         f"torch {result['versions']['torch']}, onnxruntime {result['versions']['onnxruntime']}, "
-        f"coremltools {result['versions']['coremltools']}; batch 1, {s['size']}x{s['size']}, "
+        f"coremltools {result['versions']['coremltools']}, "
+        f"executorch {result['versions'].get('executorch')}; batch 1, {s['size']}x{s['size']}, "
         f"median of {s['repeats']} interleaved repeats of {s['calls']} call(s). "
         "Forms: **train** = the zoo's training form (eval mode), **hand** = the same network's "
         "hand-written `reparameterize()` (tests/reference), **fused** = `reparam_fx.fuse(train)`. "
         "Speed-up = median per-repeat ratio train / form; fused / hand likewise (below 1: "
-        "reparam_fx's form is faster).",
+        "reparam_fx's form is faster). " + _executorch_caption(result),
         "",
         "## Latency (ms)",
         "",
@@ -249,6 +389,9 @@ def markdown(result: dict) -> str:
             f"| {_chain(row['macs'], lambda v: f'{v / 1e9:.3f}')} | {_chain(row['onnx_nodes'])} "
             f"| {mil} | {row['rel_error_float64']:.1e} / {row['rel_error_fp32']:.1e} "
             f"| {f'{published} ({device})' if published else '— (none published)'} |")
+    if any("executorch" in row for row in result["models"]):
+        lines += [""] + _executorch_table([row for row in result["models"]
+                                           if "executorch" in row])
     lines += [
         "",
         "Published latencies are the official repositories' figures for the deployed models "
@@ -270,16 +413,17 @@ def chart(result: dict) -> bytes:
 
     rows = result["models"]
     names = [row["model"] for row in rows]
-    keys = list(rows[0]["latency"])
+    keys = list(dict.fromkeys(key for row in rows for key in row["latency"]))
     width = 0.8 / len(keys)
     figure, (left, right) = plt.subplots(1, 2, figsize=(13, 4.8),
                                          gridspec_kw={"width_ratios": [3, 2]})
     for k, key in enumerate(keys):
         offsets = [i - 0.4 + width * (k + 0.5) for i in range(len(rows))]
-        fused = [row["latency"][key]["speedup"]["fused"] for row in rows]
-        left.bar(offsets, fused, width * 0.92, label=_runtime_label(key))
-        hand = [(o, row["latency"][key]["speedup"]["hand"]) for o, row in zip(offsets, rows)
-                if "hand" in row["latency"][key]["speedup"]]
+        speedups = [(o, row["latency"][key]["speedup"]) for o, row in zip(offsets, rows)
+                    if key in row["latency"]]  # a failed lowering leaves a gap
+        left.bar([o for o, _ in speedups], [up["fused"] for _, up in speedups], width * 0.92,
+                 label=_runtime_label(key))
+        hand = [(o, up["hand"]) for o, up in speedups if "hand" in up]
         if hand:
             left.scatter([o for o, _ in hand], [v for _, v in hand], marker="_", s=180,
                          color="black", zorder=3,
@@ -331,8 +475,11 @@ def parse_args(argv):
     parser.add_argument("--out", type=Path, default=ROOT / "out" / "bench",
                         help="output folder (default out/bench)")
     parser.add_argument("--save-models", action="store_true",
-                        help="also write each fused model as NAME.onnx and NAME.mlpackage")
+                        help="also write each fused model as NAME.onnx, NAME.mlpackage, "
+                             "NAME.xnnpack.pte and NAME.coreml.pte")
     parser.add_argument("--no-coreml", action="store_true", help="skip Core ML conversion")
+    parser.add_argument("--no-executorch", action="store_true",
+                        help="skip ExecuTorch (lowering, latency and the .pte files)")
     args = parser.parse_args(argv)
     if args.quick:
         args.size, args.repeats, args.calls = 64, 3, 1
@@ -367,27 +514,39 @@ def run(args) -> dict:
         import matplotlib  # noqa: F401
         import onnxruntime
         from tqdm import tqdm
-        coremltools = None if args.no_coreml else __import__("coremltools")
     except ImportError as error:
         raise BenchError(f"{error.name} is missing: pip install 'reparam-fx[bench,onnx,coreml]' "
                          "(make bench installs them)") from None
+    # not imported here: importing coremltools prints version warnings and "Failed to
+    # load" lines (to_coreml imports it quietly)
+    if not args.no_coreml and importlib.util.find_spec("coremltools") is None:
+        raise BenchError("coremltools is missing: pip install 'reparam-fx[bench,onnx,coreml]' "
+                         "(make bench installs them)")
+    if not args.no_executorch and importlib.util.find_spec("executorch") is None:
+        raise BenchError("executorch is missing: pip install 'reparam-fx[executorch]' "
+                         "(make bench installs it), or pass --no-executorch")
     _prepare_output(args.out)
     torch.manual_seed(0)
     all_threads = torch.get_num_threads()
-    steps_per_model = 3 + len(args.threads) * 2 * args.repeats
+    steps_per_model = 3 + len(args.threads) * 2 * args.repeats \
+        + (0 if args.no_executorch else 1 + args.repeats)
     rows = []
     with tqdm(total=steps_per_model * len(args.models), unit="step", file=sys.stderr,
               desc="bench", dynamic_ncols=True, disable=None) as progress:
         for name in args.models:
             rows.append(measure(name, args, progress))
     torch.set_num_threads(all_threads)
+    executorch = None if args.no_executorch else importlib.metadata.version("executorch")
     return {
         "date": time.strftime("%Y-%m-%d"), "machine": machine_description(),
         "versions": {"torch": torch.__version__, "onnxruntime": onnxruntime.__version__,
-                     "coremltools": coremltools and coremltools.__version__,
-                     "python": sys.version.split()[0]},
+                     "coremltools": None if args.no_coreml
+                     else importlib.metadata.version("coremltools"),
+                     "executorch": executorch, "python": sys.version.split()[0]},
         "settings": {"size": args.size, "repeats": args.repeats, "calls": args.calls,
-                     "threads": args.threads, "quick": args.quick},
+                     "threads": args.threads, "quick": args.quick,
+                     "executorch_threads": None if args.no_executorch
+                     else executorch_runtime()[1]},
         "models": rows,
     }
 

@@ -8,8 +8,10 @@ add counts before and after ``reparam_fx.fuse``, the patterns fused, and the rel
 error of the fused model (fp32, and float64 for a float64 copy).
 
 Then, for zoo models, ``tools/bench.py --save-models`` writes to ``--out`` (default
-``out/``): each fused model as ``NAME.onnx`` and ``NAME.mlpackage`` (Core ML ML Program),
-and the benchmark table, JSON and chart (``bench.md``, ``bench.json``, ``bench.png``).
+``out/``): each fused model as ``NAME.onnx``, ``NAME.mlpackage`` (Core ML ML Program),
+``NAME.xnnpack.pte`` and ``NAME.coreml.pte`` (ExecuTorch programs for the XNNPACK and
+Core ML delegates, ``reparam_fx.export.to_executorch``), and the benchmark table, JSON and
+chart (``bench.md``, ``bench.json``, ``bench.png``).
 
     python tools/demo.py [--model NAME ...] [--reference] [--report] [--out out]
                          [--quick] [--no-bench]
@@ -76,8 +78,8 @@ def main(argv=None) -> int:
                         help="the third-party-style reference models instead of the zoo")
     parser.add_argument("--report", action="store_true", help="print each full report")
     parser.add_argument("--out", default=str(ROOT / "out"),
-                        help="folder for the .onnx / .mlpackage files and the benchmark "
-                             "(default out/)")
+                        help="folder for the .onnx / .mlpackage / .pte files and the "
+                             "benchmark (default out/)")
     parser.add_argument("--quick", action="store_true",
                         help="benchmark at 64x64 with 3 repeats (checks the pipeline)")
     parser.add_argument("--no-bench", action="store_true",
@@ -97,8 +99,8 @@ def main(argv=None) -> int:
     print("\nFull report of one model: python tools/demo.py --model fastvit_t8 --report --no-bench")
     if args.reference or args.no_bench:
         return 0
-    print(f"\nLowering the fused models to ONNX and Core ML and benchmarking them "
-          f"(tools/bench.py) into {args.out}/ ...\n", flush=True)
+    print(f"\nLowering the fused models to ONNX, Core ML and ExecuTorch (XNNPACK, Core ML) "
+          f"and benchmarking them (tools/bench.py) into {args.out}/ ...\n", flush=True)
     import bench
     return bench.main(["--models", *chosen, "--out", args.out, "--save-models",
                        *(["--quick"] if args.quick else [])])
