@@ -57,6 +57,7 @@ from reparam_fx.onnx_cli import (
     _one_line,
     _Parser,
     _same_path,
+    run_command,
 )
 
 PROG = "reparam-fx"
@@ -473,28 +474,8 @@ def run_export(args) -> int:
 
 def main(argv=None) -> int:
     """Entry point of ``reparam-fx`` and ``python -m reparam_fx.cli``; returns the exit status."""
-    parser = build_parser()
-    try:
-        try:
-            args = parser.parse_args(argv)
-        except SystemExit as exit_:  # --help
-            return int(exit_.code or 0)
-        return run_fuse(args) if args.command == "fuse" else run_export(args)
-    except CliError as error:
-        if error.usage:
-            parser.print_usage(sys.stderr)
-        print(f"{PROG}: error: {_one_line(error)}", file=sys.stderr)
-        return error.status
-    except KeyboardInterrupt:
-        print(f"{PROG}: error: interrupted; nothing written", file=sys.stderr)
-        return 130
-    except Exception as error:  # a bug: one line unless debugging
-        if os.environ.get("REPARAM_FX_DEBUG"):
-            raise
-        print(f"{PROG}: error: unexpected {type(error).__name__}: {_one_line(error)} (a bug; "
-              f"rerun with REPARAM_FX_DEBUG=1 for the traceback and please report it)",
-              file=sys.stderr)
-        return EXIT_FAILED
+    return run_command(PROG, build_parser(), lambda args: (
+        run_fuse(args) if args.command == "fuse" else run_export(args)), argv)
 
 
 if __name__ == "__main__":

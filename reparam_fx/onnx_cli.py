@@ -671,25 +671,31 @@ def run(args) -> int:
 
 def main(argv=None) -> int:
     """Entry point of ``reparam-fx-onnx`` and ``tools/fuse_onnx.py``; returns the exit status."""
-    parser = build_parser()
+    return run_command(PROG, build_parser(), run, argv)
+
+
+def run_command(prog: str, parser, run_parsed, argv=None) -> int:
+    """Parse ``argv`` and call ``run_parsed(args)``; every failure becomes one line on
+    stderr (``PROG: error: ...``) and an exit status, never a traceback (unless
+    ``REPARAM_FX_DEBUG`` is set, for bugs). Shared by the ``reparam-fx`` command."""
     try:
         try:
             args = parser.parse_args(argv)
         except SystemExit as exit_:  # --help / --version
             return int(exit_.code or 0)
-        return run(args)
+        return run_parsed(args)
     except CliError as error:
         if error.usage:
             parser.print_usage(sys.stderr)
-        print(f"{PROG}: error: {_one_line(error)}", file=sys.stderr)
+        print(f"{prog}: error: {_one_line(error)}", file=sys.stderr)
         return error.status
     except KeyboardInterrupt:
-        print(f"{PROG}: error: interrupted; nothing written", file=sys.stderr)
+        print(f"{prog}: error: interrupted; nothing written", file=sys.stderr)
         return 130
     except Exception as error:  # noqa: BLE001 - a bug: one line unless debugging
         if os.environ.get("REPARAM_FX_DEBUG"):
             raise
-        print(f"{PROG}: error: unexpected {type(error).__name__}: {_one_line(error)} (a bug; "
+        print(f"{prog}: error: unexpected {type(error).__name__}: {_one_line(error)} (a bug; "
               f"rerun with REPARAM_FX_DEBUG=1 for the traceback and please report it)",
               file=sys.stderr)
         return EXIT_FAILED
