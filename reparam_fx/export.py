@@ -410,14 +410,22 @@ def set_executorch_threads(threads: int) -> int | None:
         return _threadpool_get_thread_count()
 
 
+def executorch_runtime():
+    """ExecuTorch's Python runtime (``executorch.runtime.Runtime.get()``), imported with
+    its dependencies' noise off."""
+    with _executorch_quiet():
+        from executorch.runtime import Runtime
+        return Runtime.get()
+
+
 def run_pte(program: bytes | str | os.PathLike, inputs: tuple) -> list:
     """Run an ExecuTorch program (its bytes or its ``.pte`` path) in ExecuTorch's Python
     runtime; returns its outputs."""
+    runtime = executorch_runtime()
     with _executorch_quiet(), _native_stderr_kept():
-        from executorch.runtime import Runtime
         if not isinstance(program, (bytes, bytearray)):
             program = Path(program).read_bytes()
-        method = Runtime.get().load_program(program).load_method("forward")
+        method = runtime.load_program(program).load_method("forward")
         return list(method.execute(list(inputs)))
 
 

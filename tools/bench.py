@@ -58,7 +58,8 @@ from reparam_fx.export import (ExportError, mil_op_histogram, to_coreml,  # noqa
                                to_executorch, to_onnx)
 # private: one lowering gives both the bytes and the delegation counts (see xnnpack_program);
 # the library's quiet context for executorch's runtime logs (see executorch_runtime)
-from reparam_fx.export import check_executorch, set_executorch_threads  # noqa: E402
+from reparam_fx.export import (check_executorch, executorch_runtime as  # noqa: E402
+                               load_executorch_runtime, set_executorch_threads)
 from reparam_fx.testing import randomize_batchnorm_, randomize_parameters_  # noqa: E402
 from reference.models import FULL_SIZE_BUILDERS, reparameterize_model  # noqa: E402
 from timing import interleaved, machine_description, median_ms, median_ratio  # noqa: E402
@@ -156,8 +157,7 @@ def executorch_runtime(threads: int = 1):
     this executorch cannot set it (then its default pool is used)."""
     if not _EXECUTORCH_RUNTIME:
         count = set_executorch_threads(threads)
-        from executorch.runtime import Runtime
-        _EXECUTORCH_RUNTIME.append((Runtime.get(), count))
+        _EXECUTORCH_RUNTIME.append((load_executorch_runtime(), count))
     return _EXECUTORCH_RUNTIME[0]
 
 
