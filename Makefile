@@ -10,9 +10,9 @@ STAMP := $(VENV)/.installed
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -q torch==2.13.0
-	$(PY) -m pip install -q -e ".[test,onnx,coreml,executorch,bench]" torch==2.13.0
+	$(PY) -m pip install -qq --upgrade pip
+	$(PY) -m pip install -qq torch==2.13.0
+	$(PY) -m pip install -qq -e ".[test,onnx,coreml,executorch,bench]" torch==2.13.0
 	touch $(STAMP)
 
 demo: $(STAMP)

@@ -96,23 +96,35 @@ class _ErrorLog(logging.Handler):
         self.messages.append(record.getMessage().strip())
 
 
+# the loggers of coremltools, ExecuTorch and what they import: importing either prints
+# version warnings, "Failed to load" lines and deprecation notes (torchao's pytree
+# registrations), none of which the caller can act on
+_NOISY_LOGGERS = ("coremltools", "executorch", "torchao", "torch._export", "torch.export",
+                  "torch.utils._pytree")
+
+
 @contextlib.contextmanager
 def _quiet():
-    """Silence coremltools' progress bars, logging and warnings (a failed first attempt
-    in ``frontend="auto"`` is expected, not an error to show); yields its error log."""
-    logger = logging.getLogger("coremltools")
-    level, propagate, log = logger.level, logger.propagate, _ErrorLog()
-    handlers = logger.handlers[:]
-    logger.handlers, logger.propagate = [log], False
-    logger.setLevel(logging.ERROR)
+    """Third-party noise off while coremltools or ExecuTorch is imported or called: their
+    loggers at ERROR, warnings ignored, Python-level stdout and stderr (progress bars)
+    captured. Errors still raise; coremltools' ERROR records are kept in the yielded log
+    (a failed first attempt in ``frontend="auto"`` is expected, not an error to show)."""
+    loggers = [logging.getLogger(name) for name in _NOISY_LOGGERS]
+    levels = [logger.level for logger in loggers]
+    coremltools, log = loggers[0], _ErrorLog()
+    handlers, propagate = coremltools.handlers[:], coremltools.propagate
+    coremltools.handlers, coremltools.propagate = [log], False
+    for logger in loggers:
+        logger.setLevel(logging.ERROR)
     try:
         with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()), \
                 contextlib.redirect_stderr(io.StringIO()):
             warnings.simplefilter("ignore")
             yield log
     finally:
-        logger.handlers, logger.propagate = handlers, propagate
-        logger.setLevel(level)
+        coremltools.handlers, coremltools.propagate = handlers, propagate
+        for logger, level in zip(loggers, levels):
+            logger.setLevel(level)
 
 
 _CONVERTING = re.compile(r"converting '[^']+' op \(located at: '[^']*'\)")
@@ -260,26 +272,6 @@ def _native_stderr_kept():
             os.close(saved)
 
 
-@contextlib.contextmanager
-def _executorch_quiet():
-    """ExecuTorch's and its dependencies' noise off (import-time "Failed to load" lines,
-    coremltools' progress bars, version warnings); errors still raise."""
-    names = ("executorch", "coremltools", "torchao", "torch._export", "torch.export",
-             "torch.utils._pytree")
-    loggers = [logging.getLogger(name) for name in names]
-    levels = [logger.level for logger in loggers]
-    for logger in loggers:
-        logger.setLevel(logging.ERROR)
-    try:
-        with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()), \
-                contextlib.redirect_stderr(io.StringIO()):
-            warnings.simplefilter("ignore")
-            yield
-    finally:
-        for logger, level in zip(loggers, levels):
-            logger.setLevel(level)
-
-
 def _partitioner(backend: str, minimum_deployment_target, compute_units, precision):
     if backend == "xnnpack":
         from executorch.backends.xnnpack.partition.xnnpack_partitioner import \
@@ -309,7 +301,7 @@ def _lower(model: nn.Module, inputs: tuple, backend: str, minimum_deployment_tar
         raise ValueError(f"precision must be 'fp16' or 'fp32', not {precision!r}")
     _refuse_training(model)
     try:
-        with _executorch_quiet():
+        with _quiet():
             from executorch.exir import to_edge_transform_and_lower
             partitioner = _partitioner(backend, minimum_deployment_target, compute_units,
                                        precision)
@@ -317,7 +309,7 @@ def _lower(model: nn.Module, inputs: tuple, backend: str, minimum_deployment_tar
         raise ExportError(f"ExecuTorch lowering needs executorch ({error.name or error} is "
                           "missing): pip install 'reparam-fx[executorch]'") from error
     try:
-        with _executorch_quiet():
+        with _quiet():
             program = torch.export.export(model, inputs)
             edge = to_edge_transform_and_lower(program, partitioner=[partitioner])
             check = _delegation(edge.exported_program().graph_module, backend)
@@ -400,7 +392,7 @@ def set_executorch_threads(threads: int) -> int | None:
     threads, through its experimental ``_unsafe_reset_threadpool``; programs loaded before
     keep the old pool, so call this first. Returns the count the pool reports, or None
     where this ExecuTorch has no such function."""
-    with _executorch_quiet():
+    with _quiet():
         try:
             from executorch.extension.pybindings.portable_lib import (
                 _threadpool_get_thread_count, _unsafe_reset_threadpool)
@@ -413,7 +405,7 @@ def set_executorch_threads(threads: int) -> int | None:
 def executorch_runtime():
     """ExecuTorch's Python runtime (``executorch.runtime.Runtime.get()``), imported with
     its dependencies' noise off."""
-    with _executorch_quiet():
+    with _quiet():
         from executorch.runtime import Runtime
         return Runtime.get()
 
@@ -422,7 +414,7 @@ def run_pte(program: bytes | str | os.PathLike, inputs: tuple) -> list:
     """Run an ExecuTorch program (its bytes or its ``.pte`` path) in ExecuTorch's Python
     runtime; returns its outputs."""
     runtime = executorch_runtime()
-    with _executorch_quiet(), _native_stderr_kept():
+    with _quiet(), _native_stderr_kept():
         if not isinstance(program, (bytes, bytearray)):
             program = Path(program).read_bytes()
         method = runtime.load_program(program).load_method("forward")

@@ -42,6 +42,9 @@ def test_quick_mode_writes_table_json_and_chart(quick_run):
     assert "0.79 (iPhone 12 Pro)" in table and "need a Mac" in table
     assert "ExecuTorch not run (--no-executorch)" in table and "ExecuTorch XNNPACK" not in table
     assert table.strip() in result.stdout
+    # nothing from coremltools, ExecuTorch or torchao (importing coremltools imports both:
+    # version warnings, "Failed to load" lines, torch's pytree deprecation notice)
+    assert result.stderr == ""
 
 
 def test_quick_mode_numbers_show_the_fusion(quick_run):
