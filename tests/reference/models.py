@@ -63,6 +63,7 @@ __all__ = [
     "mixed_tiny",
     "mobilevit_tiny",
     "FULL_SIZE_BUILDERS",
+    "LARGE_BUILDERS",
 ]
 
 
@@ -81,10 +82,11 @@ def reparameterize_model(model: nn.Module) -> nn.Module:
 
 
 class RepVGG(nn.Module):
-    def __init__(self, num_blocks, widths, num_classes: int = 10, override_groups_map=None) -> None:
+    def __init__(self, num_blocks, widths, num_classes: int = 10, override_groups_map=None,
+                 stem: int | None = None) -> None:
         super().__init__()
         self.override_groups_map = override_groups_map or {}
-        self.in_planes = widths[0]
+        self.in_planes = widths[0] if stem is None else stem
         self.stage0 = RepVGGBlock(3, self.in_planes, stride=2)
         self.cur_layer_idx = 1
         self.stage1 = self._make_stage(widths[0], num_blocks[0], stride=2)
@@ -405,9 +407,19 @@ def repvit_m0_9(num_classes: int = 1000) -> nn.Module:
     return RepViT(cfgs, num_classes=num_classes, distillation=True)
 
 
+def repvgg_b3(num_classes: int = 1000) -> nn.Module:
+    """RepVGG-B3 (published config): the zoo's largest model, 123 M parameters."""
+    return RepVGG(num_blocks=[4, 6, 16, 1], widths=[192, 384, 768, 2560], num_classes=num_classes,
+                  stem=64)
+
+
 FULL_SIZE_BUILDERS: Dict[str, Callable[..., nn.Module]] = {
     "repvgg_a0": repvgg_a0,
     "mobileone_s0": mobileone_s0,
     "fastvit_t8": fastvit_t8,
     "repvit_m0_9": repvit_m0_9,
 }
+
+# the largest zoo model with its hand-written baseline: what tools/bench_fuse.py --scale
+# measures fuse()'s time and memory against (too large for the latency benchmark)
+LARGE_BUILDERS: Dict[str, Callable[..., nn.Module]] = {"repvgg_b3": repvgg_b3}
