@@ -61,6 +61,13 @@ common tap lattice of size ``K = 2*(P - c)/D + 1``; groups become the gcd of the
 terms' groups (an identity is a grouped dirac kernel); weights and biases add.
 
 Everything is computed in float64; :meth:`ConvTerm.weights_as` casts back.
+
+Weights are recipes (:class:`Weight`): a term's weight is known by its shape at once and
+computed only when the term is written. A walk over a graph composes a term for every op
+it passes, but writes only the largest regions; so no candidate's weight is ever held,
+the model's tensors are read (not copied) until a region is written, and each written
+weight is computed once, one region at a time. Biases, scales and shifts (one number per
+channel) are computed at once: the exactness checks read them.
 """
 
 from __future__ import annotations
@@ -85,6 +92,54 @@ def _as_double(value) -> torch.Tensor:
     return torch.tensor(value, dtype=DOUBLE)
 
 
+class Weight:
+    """A float64 weight: its ``shape`` now, its values when :meth:`value` is called.
+
+    ``value()`` computes them from the model's own tensor through the steps recorded
+    (scalings, regroupings, products, sums) and returns a fresh CPU tensor that the caller
+    owns and may change in place; nothing is cached, so a weight no region writes is never
+    computed and a written one lives only until its module holds the cast result."""
+
+    __slots__ = ("shape", "_compute", "_source")
+
+    def __init__(self, shape, compute, source=None):
+        self.shape = torch.Size(shape)
+        self._compute = compute
+        self._source = source  # () -> the model's tensor, if this weight is no more than it
+
+    @classmethod
+    def of(cls, tensor: torch.Tensor) -> "Weight":
+        """The weight ``tensor`` holds (read, never copied, until computed)."""
+        tensor = tensor.detach()
+        return cls.loaded(tensor.shape, lambda: tensor)
+
+    @classmethod
+    def loaded(cls, shape, load) -> "Weight":
+        """The weight ``load()`` returns (in the model's dtype), e.g. read from a file."""
+        return cls(shape, lambda: load().to("cpu", DOUBLE, copy=True), load)
+
+    def value(self) -> torch.Tensor:
+        return self._compute()
+
+    def numel(self) -> int:
+        return math.prod(self.shape)
+
+    def dim(self) -> int:
+        return len(self.shape)
+
+    def scaled(self, factor: torch.Tensor) -> "Weight":
+        """``weight * factor`` (``factor``: float64, broadcast to the weight's shape). On
+        the model's tensor it is one pass: the product of a float32 and a float64 tensor
+        is computed in float64 (an exact widening), so no float64 copy comes first."""
+        load = self._source
+        if load is not None and factor.dim() > 0 and factor.dtype == DOUBLE:
+            return Weight(self.shape, lambda: torch.mul(load().to("cpu"), factor))
+        return Weight(self.shape, lambda: self.value().mul_(factor))
+
+    def reshaped(self, shape) -> "Weight":
+        return Weight(shape, lambda: self.value().reshape(shape))
+
+
 # ---- the two kinds of term -----------------------------------------------------------
 
 @dataclass(frozen=True)
@@ -107,7 +162,7 @@ class ChannelAffine:
 class _Kernel:
     """What convs and transposed convs share: ``weight`` is ``(.., .., *kernel)``."""
 
-    weight: torch.Tensor
+    weight: Weight
     bias: torch.Tensor | None
 
     @property
@@ -119,16 +174,16 @@ class _Kernel:
         return tuple(self.weight.shape[2:])
 
     def weights_as(self, like: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """Weight and bias cast to ``like``'s dtype and device."""
+        """Weight (computed now) and bias cast to ``like``'s dtype and device."""
         cast = lambda t: None if t is None else t.to(dtype=like.dtype, device=like.device)
-        return cast(self.weight), cast(self.bias)
+        return cast(self.weight.value()), cast(self.bias)
 
 
 @dataclass(frozen=True)
 class ConvTerm(_Kernel):
     """``y = conv(x, weight, bias)`` with zero padding; ``macs`` is the original ops' cost."""
 
-    weight: torch.Tensor  # (out, in/groups, *kernel), float64
+    weight: Weight  # (out, in/groups, *kernel), float64
     bias: torch.Tensor | None
     stride: tuple[int, ...]
     padding: tuple[int, ...]
@@ -156,7 +211,7 @@ class ConvTerm(_Kernel):
 class TransposedConvTerm(_Kernel):
     """``y = conv_transpose(x, weight, bias)``; ``weight`` is ``(in, out/groups, *kernel)``."""
 
-    weight: torch.Tensor
+    weight: Weight  # (in, out/groups, *kernel), float64
     bias: torch.Tensor | None
     stride: tuple[int, ...]
     padding: tuple[int, ...]
@@ -222,7 +277,7 @@ def _close(a: torch.Tensor | None, b: torch.Tensor | None, rtol: float) -> bool:
 
 def conv(weight, bias, stride, padding, dilation, groups: int,
          padding_mode: str = "zeros") -> ConvTerm:
-    weight = _as_double(weight)
+    weight = weight if isinstance(weight, Weight) else Weight.of(weight)
     spatial = weight.dim() - 2
     expand = lambda v: tuple(int(i) for i in v) if isinstance(v, (tuple, list)) else (int(v),) * spatial
     return ConvTerm(weight, None if bias is None else _as_double(bias), expand(stride),
@@ -232,7 +287,7 @@ def conv(weight, bias, stride, padding, dilation, groups: int,
 
 def conv_transpose(weight, bias, stride, padding, output_padding, dilation,
                    groups: int) -> TransposedConvTerm:
-    weight = _as_double(weight)
+    weight = weight if isinstance(weight, Weight) else Weight.of(weight)
     spatial = weight.dim() - 2
     expand = lambda v: tuple(int(i) for i in v) if isinstance(v, (tuple, list)) else (int(v),) * spatial
     return TransposedConvTerm(weight, None if bias is None else _as_double(bias), expand(stride),
@@ -248,7 +303,8 @@ def linear(weight, bias) -> ConvTerm:
 def avg_pool(channels: int, kernel: tuple[int, ...], stride: tuple[int, ...],
              padding: tuple[int, ...]) -> ConvTerm:
     """Average pooling that counts padded zeros is a depthwise conv with ``1/prod(k)`` taps."""
-    weight = torch.full((channels, 1, *kernel), 1.0 / math.prod(kernel), dtype=DOUBLE)
+    shape = (channels, 1, *kernel)
+    weight = Weight(shape, lambda: torch.full(shape, 1.0 / math.prod(kernel), dtype=DOUBLE))
     return conv(weight, None, stride, padding, (1,) * len(kernel), channels)
 
 
@@ -289,13 +345,15 @@ def regroup(term: ConvTerm, groups: int) -> ConvTerm:
     ratio = G // groups
     out, cin_g = term.out_channels, term.weight.shape[1]
     kernel = term.kernel
-    w5 = term.weight.reshape(groups, ratio, out // G, cin_g, *kernel)
-    w6 = term.weight.new_zeros(groups, ratio, out // G, ratio, cin_g, *kernel)
-    index = torch.arange(ratio)
-    # w6[:, r, :, r] = w5[:, r]  for every r (advanced indexing puts r first)
-    w6[:, index, :, index] = w5.transpose(0, 1)
-    weight = w6.reshape(out, ratio * cin_g, *kernel)
-    return _with(term, weight=weight, groups=groups)
+
+    def compute():
+        w5 = term.weight.value().reshape(groups, ratio, out // G, cin_g, *kernel)
+        w6 = w5.new_zeros(groups, ratio, out // G, ratio, cin_g, *kernel)
+        index = torch.arange(ratio)
+        # w6[:, r, :, r] = w5[:, r]  for every r (advanced indexing puts r first)
+        w6[:, index, :, index] = w5.transpose(0, 1)
+        return w6.reshape(out, ratio * cin_g, *kernel)
+    return _with(term, weight=Weight((out, ratio * cin_g, *kernel), compute), groups=groups)
 
 
 def keeps_shape(term: Term) -> bool:
@@ -326,7 +384,7 @@ def as_pointwise(term: Term, spatial: int) -> Term:
         return term
     if spatial == 0 and term.groups != 1:
         raise NotExact("a grouped 1x1 conv on the last axis is no linear")
-    weight = term.weight.reshape(term.weight.shape[0], term.weight.shape[1], *(1,) * spatial)
+    weight = term.weight.reshaped((*term.weight.shape[:2], *(1,) * spatial))
     return ConvTerm(weight, term.bias, (1,) * spatial, (0,) * spatial, (1,) * spatial,
                     term.groups, macs=term.macs)
 
@@ -402,7 +460,7 @@ def _conv_then_affine(first: ConvTerm, second: ChannelAffine) -> ConvTerm:
         second = _with(second, padding=())
     out = first.out_channels
     scale = _vector(second.scale, out, "a per-channel scale")
-    weight = first.weight * scale.reshape(out, *(1,) * (first.spatial + 1))
+    weight = first.weight.scaled(scale.reshape(out, *(1,) * (first.spatial + 1)))
     bias = None if first.bias is None else first.bias * scale
     if second.shift is not None:
         shift = _vector(second.shift, out, "a per-channel shift")
@@ -471,11 +529,11 @@ def _fold_affine_into_conv(first: ChannelAffine, second: ConvTerm) -> ConvTerm:
     index = _input_channel_index(second)
     view = (*index.shape, *(1,) * spatial)
     scale = _vector(first.scale, cin, "a per-channel scale")
-    weight = second.weight * scale[index].reshape(view)
+    weight = second.weight.scaled(scale[index].reshape(view))
     bias = second.bias
-    if first.shift is not None:
+    if first.shift is not None:  # the bias needs the weight's values now
         shift = _vector(first.shift, cin, "a per-channel shift")
-        extra = (second.weight * shift[index].reshape(view)).flatten(1).sum(1)
+        extra = second.weight.value().mul_(shift[index].reshape(view)).flatten(1).sum(1)
         bias = extra if bias is None else bias + extra
     return _with(second, weight=weight, bias=bias)
 
@@ -490,7 +548,7 @@ def _compose_transposed(first: Term, second: Term) -> TransposedConvTerm:
         # weight row i (input channel) of group g feeds outputs g*out_g ... (g+1)*out_g - 1
         per_row = scale.reshape(first.groups, 1, out // first.groups).expand(
             first.groups, cin_g, out // first.groups).reshape(first.in_channels, -1)
-        weight = first.weight * per_row.reshape(*per_row.shape, *(1,) * first.spatial)
+        weight = first.weight.scaled(per_row.reshape(*per_row.shape, *(1,) * first.spatial))
         bias = None if first.bias is None else first.bias * scale
         if second.shift is not None:
             shift = _vector(second.shift, out, "a per-channel shift")
@@ -503,7 +561,7 @@ def _compose_transposed(first: Term, second: Term) -> TransposedConvTerm:
             raise NotExact("a per-channel shift (e.g. BatchNorm) before a transposed conv: "
                            "output positions are reached by different numbers of taps")
         scale = _vector(first.scale, second.in_channels, "a per-channel scale")
-        weight = second.weight * scale.reshape(-1, *(1,) * (second.spatial + 1))
+        weight = second.weight.scaled(scale.reshape(-1, *(1,) * (second.spatial + 1)))
         return _with(second, weight=weight)
     raise NotExact("a transposed conv composes only with per-channel affines")
 
@@ -559,10 +617,12 @@ def _conv_then_pointwise(first: ConvTerm, second: ConvTerm) -> ConvTerm:
     _check_macs(second.out_channels * (first.in_channels // groups) * math.prod(first.kernel),
                 original, "composing a conv with the 1x1 conv after it", COMPOSE_HEADROOM)
     a, b = regroup(second, groups), regroup(first, groups)
-    w2 = a.weight.flatten(1)  # (out, c) per group after reshape below
-    weight = _grouped_product(w2, b.weight, groups, "goc,gc...->go...")
+    shape = (second.out_channels, b.weight.shape[1], *first.kernel)
+    weight = Weight(shape, lambda: _grouped_product(a.weight.value().flatten(1), b.weight.value(),
+                                                    groups, "goc,gc...->go..."))
     bias = second.bias
     if first.bias is not None:
+        w2 = a.weight.value().flatten(1)  # (out, c) per group
         carried = _grouped_product(w2, first.bias.reshape(-1, 1), groups, "goc,gcz->goz")[:, 0]
         bias = carried if bias is None else bias + carried
     return ConvTerm(weight, bias, tuple(s1 * s2 for s1, s2 in zip(first.stride, second.stride)),
@@ -586,11 +646,12 @@ def _pointwise_then_conv(first: ConvTerm, second: ConvTerm) -> ConvTerm:
     _check_macs(second.out_channels * (first.in_channels // groups) * math.prod(second.kernel),
                 original, "composing a 1x1 conv with the conv after it", COMPOSE_HEADROOM)
     a, b = regroup(second, groups), regroup(first, groups)
-    w1 = b.weight.flatten(1)  # (c, i) per group
-    weight = _grouped_product(a.weight, w1, groups, "goc...,gci->goi...")
+    shape = (second.out_channels, b.weight.shape[1], *second.kernel)
+    weight = Weight(shape, lambda: _grouped_product(a.weight.value(), b.weight.value().flatten(1),
+                                                    groups, "goc...,gci->goi..."))
     bias = second.bias
     if first.bias is not None:
-        per_tap = a.weight.flatten(2).sum(2)  # (out, c/groups)
+        per_tap = a.weight.value().flatten(2).sum(2)  # (out, c/groups)
         bias_g = first.bias.reshape(groups, -1)
         carried = torch.einsum("goc,gc->go", per_tap.reshape(groups, -1, per_tap.shape[1]), bias_g)
         carried = carried.reshape(-1)
@@ -645,14 +706,11 @@ def merge(terms: list[Term], signs: list[float]) -> Term:
     original = sum(0.0 if t.padded_grid else t.macs for t in convs)
     _check_macs(out * (cin // groups) * math.prod(kernel), original, "merging these branches")
 
-    weight = torch.zeros(out, cin // groups, *kernel, dtype=DOUBLE)
-    bias = None
+    centre = tuple(p // dil for p, dil in zip(padding, dilation))
+    parts, bias = [], None  # (term with ``groups`` groups, sign, window); (affine, scale, None)
     for term, sign in zip(terms, signs):
         if isinstance(term, ChannelAffine):
-            centre = tuple(p // dil for p, dil in zip(padding, dilation))
-            channel = torch.arange(out)
-            weight[(channel, channel % (cin // groups), *centre)] += \
-                sign * _vector(term.scale, out, "a per-channel scale")
+            parts.append((term, sign * _vector(term.scale, out, "a per-channel scale"), None))
             if term.shift is not None:
                 shift = sign * _vector(term.shift, out, "a per-channel shift")
                 bias = shift if bias is None else bias + shift
@@ -663,10 +721,41 @@ def merge(terms: list[Term], signs: list[float]) -> Term:
             step = term.dilation[d] // dilation[d] if term.kernel[d] > 1 else 1
             start = (padding[d] - term.padding[d]) // dilation[d]
             window.append(slice(start, start + step * (term.kernel[d] - 1) + 1, step))
-        weight[tuple(window)] += sign * term.weight
+        parts.append((term, sign, tuple(window)))
         if term.bias is not None:
             bias = sign * term.bias if bias is None else bias + sign * term.bias
+    shape = (out, cin // groups, *kernel)
+    weight = Weight(shape, lambda: _summed_weights(parts, shape, centre))
     return ConvTerm(weight, bias, stride, padding, dilation, groups, macs=original)
+
+
+def _summed_weights(parts: list, shape: tuple, centre: tuple) -> torch.Tensor:
+    """The merged kernel: each branch's weight added into its window of the common tap
+    lattice, a channel affine on the centre tap of each channel's own column. A branch
+    that fills the whole lattice (a 3x3 among 1x1s) is computed first and the others are
+    added into it, so the kernel costs no zero-filled tensor and no extra pass."""
+    first = next((i for i, (term, _, window) in enumerate(parts)
+                  if window is not None and term.weight.shape == shape and all(
+                      w.start in (0, None) and w.step in (1, None) for w in window[2:])), None)
+    if first is None:
+        weight = torch.zeros(shape, dtype=DOUBLE)
+    else:
+        term, sign, _ = parts[first]
+        weight = term.weight.value()
+        if sign != 1:
+            weight.mul_(sign)
+    out, cin_g = shape[0], shape[1]
+    for index, (term, sign, window) in enumerate(parts):
+        if index == first:
+            continue
+        if window is None:  # y[c] = s[c] x[c]: the centre tap of column c mod (cin / groups)
+            channel = torch.arange(out)
+            weight[(channel, channel % cin_g, *centre)] += sign  # the signed scale vector
+        elif sign == 1:
+            weight[window].add_(term.weight.value())
+        else:
+            weight[window].add_(term.weight.value(), alpha=sign)
+    return weight
 
 
 def _common_lattice(taps: list[tuple[int, int, int]]) -> tuple[int, int, int]:

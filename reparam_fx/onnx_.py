@@ -31,16 +31,17 @@ in float64 and cast to the model's weight dtype. The input model is never modifi
 
 from __future__ import annotations
 
-import copy
 from collections import Counter
 
 import numpy as np
 import onnx
 import onnx_graphsurgeon as gs
 import torch
+from onnx_graphsurgeon.ir.tensor import LazyValues
 
 from reparam_fx import affine
 from reparam_fx.affine import ConvTerm, NotExact
+from reparam_fx.onnx_io import STUB_BYTES, WeightStore, is_stored
 from reparam_fx.onnx_moves import (MOVE_OPS, OnnxMove, as_dims, graph_sizes, interpret_move,
                                    moves_cancel)
 from reparam_fx.regions import (Layout, Refused, Region, RegionBuilder, Sum, Unary, gc_paused,
@@ -64,11 +65,18 @@ class OnnxFusionError(ValueError):
 
 # ---- constants ------------------------------------------------------------------------
 
+_FOLDED_OPS = frozenset({"Identity", "Cast", "CastLike", "Expand", "Reshape", "Concat",
+                         "Gather", "Slice", "Unsqueeze", "Squeeze"})
+
+
 def constant_value(tensor, _depth: int = 0) -> np.ndarray | None:
     """The value of an initializer, a ``Constant`` node, or a small subgraph computed only
     from constants and static shapes (exporters build e.g. an absent conv bias as
     ``Expand(CastLike(0), Shape(W)[0:1])``); else None."""
-    if isinstance(tensor, gs.Constant):
+    if isinstance(tensor, gs.Constant):  # a large initializer's values are read, not kept
+        lazy = tensor._values
+        if isinstance(lazy, LazyValues) and lazy.nbytes >= STUB_BYTES:
+            return np.asarray(lazy.load())
         return np.asarray(tensor.values)
     if not isinstance(tensor, gs.Variable) or len(tensor.inputs) != 1 or _depth > 8:
         return None
@@ -81,9 +89,12 @@ def constant_value(tensor, _depth: int = 0) -> np.ndarray | None:
             return None
         start, end = node.attrs.get("start", 0), node.attrs.get("end", None)
         return np.asarray(shape, dtype=np.int64)[start:end]
-    args = [constant_value(t, _depth + 1) if t.name else None for t in node.inputs]
-    if not args or args[0] is None:
+    if node.op not in _FOLDED_OPS or not node.inputs or not node.inputs[0].name:
         return None
+    first = constant_value(node.inputs[0], _depth + 1)  # (before the others: usually None)
+    if first is None:
+        return None
+    args = [first] + [constant_value(t, _depth + 1) if t.name else None for t in node.inputs[1:]]
     if node.op == "Identity":
         return args[0]
     if node.op == "Cast":
@@ -119,6 +130,28 @@ def constant_value(tensor, _depth: int = 0) -> np.ndarray | None:
             result = np.expand_dims(result, axis)
         return result
     return None
+
+
+def _stored_weight(tensor) -> tuple[affine.Weight, np.dtype] | None:
+    """A constant weight as a float64 :class:`~reparam_fx.affine.Weight` read only when
+    a region using it is written (an initializer's values are not loaded for the walk),
+    and its dtype; None if ``tensor`` is not constant."""
+    if isinstance(tensor, gs.Constant) and isinstance(tensor._values, LazyValues):
+        lazy = tensor._values
+        return (affine.Weight.loaded(lazy.shape, lambda: torch.from_numpy(
+            np.asarray(lazy.load()))), np.dtype(lazy.dtype))
+    value = constant_value(tensor)
+    if value is None:
+        return None
+    return affine.Weight.of(torch.from_numpy(np.array(value))), value.dtype
+
+
+def _constant_size(tensor) -> int:
+    """How many values a constant holds (0 if it is none), without loading them."""
+    if isinstance(tensor, gs.Constant):
+        return int(np.prod(tensor.shape))
+    value = constant_value(tensor)
+    return 0 if value is None else value.size
 
 
 def _constant_attribute(node) -> np.ndarray | None:
@@ -299,19 +332,19 @@ def _interpret(node: gs.Node, view: OnnxView):
         return interpret_move(node, view.sizes, constant_value) if _is_tensor(inputs[0]) \
             else None
     if op == "Conv":
-        weight = constant_value(inputs[1]) if len(inputs) > 1 else None
+        stored = _stored_weight(inputs[1]) if len(inputs) > 1 else None
         bias = constant_value(inputs[2]) if len(inputs) > 2 else None
-        if weight is None or (len(inputs) > 2 and bias is None) or not _is_tensor(inputs[0]):
+        if stored is None or (len(inputs) > 2 and bias is None) or not _is_tensor(inputs[0]):
             return None
-        spatial = weight.ndim - 2
+        weight = stored[0]
+        spatial = weight.dim() - 2
         kernel = tuple(weight.shape[2:])
         strides = tuple(node.attrs.get("strides", [1] * spatial))
         dilations = tuple(node.attrs.get("dilations", [1] * spatial))
         pads = _auto_pads(node, kernel, dilations, strides, spatial)
         if isinstance(pads, str):
             return Refused(pads)
-        term = affine.conv(torch.from_numpy(weight.copy()),
-                           None if bias is None else torch.from_numpy(bias.copy()),
+        term = affine.conv(weight, None if bias is None else torch.from_numpy(bias.copy()),
                            strides, pads, dilations, int(node.attrs.get("group", 1)))
         return Unary(inputs[0], term, "conv", -(spatial + 1))
     if op == "BatchNormalization":
@@ -341,11 +374,12 @@ def _interpret(node: gs.Node, view: OnnxView):
     if op == "Gemm":
         return _gemm(node)
     if op == "MatMul":
-        weight = constant_value(inputs[1])
-        if weight is None or weight.ndim != 2 or not _is_tensor(inputs[0]):
+        stored = _stored_weight(inputs[1])
+        if stored is None or stored[0].dim() != 2 or not _is_tensor(inputs[0]):
             return None
-        return Unary(inputs[0], affine.linear(torch.from_numpy(weight.T.copy()), None),
-                     "linear", -1)
+        matrix = stored[0]  # (in, out): the linear's weight is its transpose
+        weight = affine.Weight(matrix.shape[::-1], lambda: matrix.value().T.contiguous())
+        return Unary(inputs[0], affine.linear(weight, None), "linear", -1)
     return None
 
 
@@ -450,20 +484,25 @@ def _pad(node):
 
 def _gemm(node):
     a, b = node.inputs[0], node.inputs[1]
-    weight = constant_value(b)
+    stored = _stored_weight(b)
     bias = constant_value(node.inputs[2]) if len(node.inputs) > 2 and node.inputs[2].name else None
-    if weight is None or not _is_tensor(a) or node.attrs.get("transA", 0):
+    if stored is None or stored[0].dim() != 2 or not _is_tensor(a) or node.attrs.get("transA", 0):
         return None
     if len(node.inputs) > 2 and node.inputs[2].name and bias is None:
         return None
     alpha, beta = float(node.attrs.get("alpha", 1.0)), float(node.attrs.get("beta", 1.0))
-    matrix = weight if node.attrs.get("transB", 0) else weight.T  # (out, in)
-    out = matrix.shape[0]
+    stored, transposed = stored[0], not node.attrs.get("transB", 0)
+
+    def matrix():  # (out, in), times alpha
+        value = stored.value()
+        return (value.T.contiguous() if transposed else value).mul_(alpha)
+    shape = stored.shape[::-1] if transposed else stored.shape
+    out = shape[0]
     if bias is not None:
         if bias.size not in (1, out) or (bias.ndim == 2 and bias.shape[0] != 1):
             return None
         bias = np.broadcast_to(bias.reshape(-1), (out,)) * beta
-    term = affine.linear(torch.from_numpy(alpha * matrix.astype(np.float64)),
+    term = affine.linear(affine.Weight(shape, matrix),
                          None if bias is None else torch.from_numpy(bias.astype(np.float64)))
     return Unary(a, term, "linear", -1)
 
@@ -475,9 +514,11 @@ def _weight_dtype(region: Region) -> np.dtype:
     for value in region.nodes:
         node = value.producer
         if node is not None and node.op in ("Conv", "Gemm", "MatMul"):
-            weight = constant_value(node.inputs[1])
-            if weight is not None and weight.dtype.kind == "f":
-                return weight.dtype
+            weight = node.inputs[1]
+            dtype = np.dtype(weight.dtype) if isinstance(weight, gs.Constant) else \
+                getattr(constant_value(weight), "dtype", None)
+            if dtype is not None and dtype.kind == "f":
+                return dtype
     for tensor in (region.nodes[-1].var, region.source.var):
         dtype = getattr(tensor, "dtype", None)
         if dtype is not None and np.dtype(dtype).kind == "f":
@@ -492,7 +533,9 @@ def _emit(graph: gs.Graph, output: gs.Variable, region: Region, source, index: i
     term = region.term if term is None else term
     dtype = _weight_dtype(region)
     base = f"{output.name}_fused{index}"
-    weight = gs.Constant(f"{base}_W", term.weight.numpy().astype(dtype))
+    like = torch.from_numpy(np.empty(0, dtype))  # (torch casts on every core)
+    values = term.weights_as(like)[0].numpy()  # computed once, here
+    weight = _new_constant(graph, f"{base}_W", values)
     bias = None if term.bias is None else gs.Constant(f"{base}_B", term.bias.numpy().astype(dtype))
     for node in list(output.inputs):
         node.outputs = [o for o in node.outputs if o is not output]
@@ -510,7 +553,7 @@ def _emit(graph: gs.Graph, output: gs.Variable, region: Region, source, index: i
                        outputs=[output])
         graph.nodes.append(node)
         return node
-    matrix = gs.Constant(f"{base}_W", term.weight.numpy().T.astype(dtype).copy())
+    matrix = _new_constant(graph, f"{base}_W", np.ascontiguousarray(values.T))
     if bias is None:
         node = gs.Node("MatMul", base, inputs=[source, matrix], outputs=[output])
         graph.nodes.append(node)
@@ -520,6 +563,15 @@ def _emit(graph: gs.Graph, output: gs.Variable, region: Region, source, index: i
     node = gs.Node("Add", f"{base}_bias", inputs=[product, bias], outputs=[output])
     graph.nodes.append(node)
     return node
+
+
+def _new_constant(graph: gs.Graph, name: str, values: np.ndarray) -> gs.Constant:
+    """A fused weight: a plain constant, or a stub of the graph's weight store (the
+    command line's: see :mod:`reparam_fx.onnx_io`), its bytes written out only once."""
+    store = getattr(graph, "reparam_fx_store", None)
+    if store is None or values.nbytes < STUB_BYTES:
+        return gs.Constant(name, values)
+    return gs.Constant(name, store.values(store.stub(name, values)))
 
 
 def _rank2(tensor) -> bool:
@@ -718,12 +770,9 @@ def _region_params(region: Region) -> int:
         if node is not None and node.op in MOVE_OPS:
             continue  # a Reshape's shape, a ReduceMean's axes: no parameters
         if node is None or node.op == "BatchNormalization":
-            total += 0 if node is None else sum(
-                constant_value(t).size for t in node.inputs[1:3] if constant_value(t) is not None)
+            total += 0 if node is None else sum(_constant_size(t) for t in node.inputs[1:3])
             continue
-        for tensor in node.inputs[1:]:
-            value_ = constant_value(tensor)
-            total += 0 if value_ is None else value_.size
+        total += sum(_constant_size(tensor) for tensor in node.inputs[1:])
     return total
 
 
@@ -807,14 +856,56 @@ def _initializer_params(model: onnx.ModelProto) -> int:
                                   onnx.TensorProto.DOUBLE, onnx.TensorProto.BFLOAT16))
 
 
-def fuse_onnx_model(model: onnx.ModelProto) -> tuple[onnx.ModelProto, FusionReport]:
+def fuse_onnx_model(model: onnx.ModelProto, *, folder: str | None = None,
+                    store: WeightStore | None = None) -> tuple[onnx.ModelProto, FusionReport]:
     """Collapse every exactly-foldable linear region of an ONNX model into one op.
 
     Returns a new model and its :class:`~reparam_fx.FusionReport`; ``model`` is not
     modified. Raises :class:`OnnxFusionError` for opsets below 13.
+
+    The weights are read only where a region is written; tensors left as they were are
+    the input's own TensorProtos, copied once into the result. ``folder``: where the
+    external data of ``model``'s tensors (if any is not loaded) lie. ``store``
+    (:class:`reparam_fx.onnx_io.WeightStore`, the command line's way): fused weights go
+    there and the result holds stubs of them, written by
+    :func:`reparam_fx.onnx_io.save_streaming`.
     """
     with gc_paused():
-        return _fuse_onnx_model(model)
+        return _fuse_onnx_model(model, store or WeightStore(folder or ""), store is not None)
+
+
+def _copy_without(message, skipped: str):
+    """A copy of a protobuf message without one of its fields (not even read)."""
+    copy_ = type(message)()
+    for field, value in message.ListFields():
+        if field.name == skipped:
+            continue
+        if field.is_repeated:
+            getattr(copy_, field.name).extend(value)
+        elif field.type == field.TYPE_MESSAGE:
+            getattr(copy_, field.name).CopyFrom(value)
+        else:
+            setattr(copy_, field.name, value)
+    return copy_
+
+
+def _weightless(model: onnx.ModelProto) -> tuple[onnx.ModelProto, dict]:
+    """``model`` without its large initializers' data (each one a stub of its name, type
+    and dims), for shape inference and the graph walk; and those initializers by name."""
+    graph = _copy_without(model.graph, "initializer")
+    large = {}
+    for tensor in model.graph.initializer:
+        if is_stored(tensor) or len(tensor.raw_data) >= STUB_BYTES:
+            large[tensor.name] = tensor
+            stub = graph.initializer.add(name=tensor.name, dims=tensor.dims,
+                                         data_type=tensor.data_type)
+            stub.data_location = onnx.TensorProto.EXTERNAL
+            stub.external_data.add(key="location", value="(not read)")
+        else:
+            graph.initializer.append(tensor)
+    skeleton = _copy_without(model, "graph")
+    skeleton.graph.CopyFrom(graph)
+    return skeleton, large
 
 
 def _with_inferred_shapes(model: onnx.ModelProto) -> onnx.ModelProto:
@@ -830,13 +921,21 @@ def _with_inferred_shapes(model: onnx.ModelProto) -> onnx.ModelProto:
     return model
 
 
-def _fuse_onnx_model(model: onnx.ModelProto) -> tuple[onnx.ModelProto, FusionReport]:
+def _fuse_onnx_model(model: onnx.ModelProto, store: WeightStore,
+                     stubs_out: bool) -> tuple[onnx.ModelProto, FusionReport]:
     opset = model_opset(model)
     if opset is None or opset < MIN_OPSET:
         raise OnnxFusionError(f"opset {opset} is not supported: reparam_fx needs opset "
                               f">= {MIN_OPSET} (re-export with opset_version={MIN_OPSET} or later)")
-    working = _with_inferred_shapes(copy.deepcopy(model))
-    graph = gs.import_onnx(working)
+    skeleton, large = _weightless(model)
+    graph = gs.import_onnx(_with_inferred_shapes(skeleton))
+    for tensor in graph.tensors().values():  # the stubs' values: the originals, read lazily
+        original = large.get(tensor.name)
+        if original is not None and isinstance(tensor, gs.Constant):
+            tensor._values = store.values(original) if is_stored(original) \
+                else LazyValues(original)
+            tensor.data_location = None  # (exported as the original, or inline if loaded)
+    graph.reparam_fx_store = store if stubs_out else None
     graph.toposort()
     report = FusionReport(frontend="onnx")
     report.ops_before = _op_histogram(graph)

@@ -21,15 +21,22 @@ Exit status
 Every check on the input runs before any work is done, and the output is written last:
 
 1. the input is a readable, non-empty regular file that parses as an ONNX ``ModelProto``
-   with a graph and a default-domain opset >= 13 (read without its external data);
+   with a graph and a default-domain opset >= 13, read *weightless*
+   (:func:`reparam_fx.onnx_io.load_weightless`: each large tensor's data stays in the file
+   and is read only where a region needs it);
 2. every external-data ``location`` is a relative path inside the model's folder (no
    absolute path, no ``..`` component, no symbolic link), and the file it names exists
    and holds the bytes the tensor claims — all checked *before* any data is read;
-3. ``onnx.checker`` accepts the model; only then is the external data loaded;
+3. ``onnx.checker`` accepts the model;
 4. the fused graph keeps the input/output names, element types and shapes;
-5. the output goes to a fresh temporary folder next to it and is moved into place with
-   ``os.replace`` (the external-data file first, then the model), so a crash never leaves
-   a partial ``OUT.onnx``; the temporary folder is removed whatever happens.
+5. the output goes to a fresh temporary folder next to it (where the fused weights are
+   also kept as they are computed) and is moved into place with ``os.replace`` (the
+   external-data file first, then the model), so a crash never leaves a partial
+   ``OUT.onnx``; the temporary folder is removed whatever happens. The output is written
+   tensor by tensor (:func:`reparam_fx.onnx_io.save_streaming`).
+
+Memory: the weightless model, one region's weights and a copy buffer; ``onnx.checker``
+reads the file once on its own. ``--verify`` loads both models whole, for ONNX Runtime.
 
 A model that had external data, or whose tensors exceed the 2 GB protobuf limit, is saved
 with its tensors in ``OUT.onnx.data`` next to ``OUT.onnx``. The input (and its external
@@ -207,8 +214,9 @@ def _read_model(onnx, path: str):
     if foreign is not None:
         raise CliError(f"{path} is not an ONNX model, it looks like {foreign}; "
                        f"give an .onnx file")
+    from reparam_fx.onnx_io import load_weightless
     try:
-        model = onnx.load_model(path, load_external_data=False)
+        model = load_weightless(path)
     except DecodeError as error:
         raise CliError(f"{path} is not a readable ONNX model: the file is corrupt, truncated "
                        f"or not ONNX ({_one_line(error)}); re-export or re-download it") from None
@@ -333,19 +341,49 @@ def _check_external_data(model, path: str) -> set[str]:
         except ValueError:
             raise CliError(f"{path}: tensor {tensor.name!r} has a malformed external data "
                            f"offset/length; re-export the model") from None
+        expected = _data_bytes(tensor)
+        if length is not None and expected is not None and length != expected:
+            raise CliError(f"{path}: tensor {tensor.name!r} claims {length} bytes of external "
+                           f"data but its shape and type need {expected}; re-export the model")
         end = offset + (length if length is not None else 0)
         if offset < 0 or (length is not None and length < 0) or end > sizes[real]:
             raise CliError(f"{path}: external data file {location!r} is shorter than tensor "
                            f"{tensor.name!r} needs (bytes {offset}..{end}, file has "
                            f"{sizes[real]}): it is truncated; copy it again")
-    return set(sizes)
+    return set(sizes) - {os.path.realpath(path)}  # not its own tensors, read in place
 
 
-def _check_model(onnx, path: str) -> None:
-    """onnx.checker on the file (it reads external data locations relative to the file, and
-    handles models of any size)."""
+def _data_bytes(tensor) -> int | None:
+    """The bytes a tensor of fixed-size elements holds (None for strings, 4-bit types)."""
+    import numpy as np
+    from onnx import helper
+    storage = helper.tensor_dtype_to_storage_tensor_dtype(tensor.data_type)
+    dtype = np.dtype(helper.tensor_dtype_to_np_dtype(tensor.data_type))
+    if storage != tensor.data_type or dtype.kind in "OSU":
+        return None
+    return math.prod(tensor.dims) * dtype.itemsize
+
+
+def _check_model(onnx, model, path: str) -> None:
+    """onnx.checker on the weightless model, its large initializers (whose bytes
+    :func:`_check_external_data` found in place) made graph inputs of the same type and
+    shape: the checker sees every node, name and type without reading the weights. (A
+    model with external data elsewhere, in a subgraph or an attribute, is checked from
+    its file.)"""
+    from reparam_fx.onnx_io import is_stored
+    top = [t for t in model.graph.initializer if is_stored(t)]
+    whole_file = sum(1 for tensor in _model_tensors(model) if is_stored(tensor)) > len(top)
+    checked = onnx.ModelProto()
+    if not whole_file:
+        checked.CopyFrom(model)
+        kept = [t for t in checked.graph.initializer if not is_stored(t)]
+        del checked.graph.initializer[:]
+        checked.graph.initializer.extend(kept)
+        declared = {value.name for value in checked.graph.input}
+        checked.graph.input.extend(onnx.helper.make_tensor_value_info(t.name, t.data_type, t.dims)
+                                   for t in top if t.name not in declared)
     try:
-        onnx.checker.check_model(path)
+        onnx.checker.check_model(path if whole_file else checked)
     except onnx.checker.ValidationError as error:
         raise CliError(f"{path} is not a valid ONNX model: {_one_line(error)}") from None
     except Exception as error:  # noqa: BLE001 - the checker raises a few unrelated types
@@ -353,10 +391,11 @@ def _check_model(onnx, path: str) -> None:
                        f"{_one_line(error)}") from None
 
 
-def _load_external_data(onnx, model, path: str) -> None:
-    from onnx.external_data_helper import load_external_data_for_model
+def _loaded(model, store, path: str):
+    """A copy of ``model`` with every tensor's data in it (for ONNX Runtime)."""
+    from reparam_fx.onnx_io import inline_all
     try:
-        load_external_data_for_model(model, os.path.dirname(os.path.abspath(path)))
+        return inline_all(model, store)
     except Exception as error:  # noqa: BLE001 - onnx raises ValidationError/OSError/ValueError
         raise CliError(f"{path}: cannot load its external data: {_one_line(error)}") from None
 
@@ -470,9 +509,10 @@ def _check_output_location(paths: _Paths, input_data_files: set[str]) -> tuple[s
 
 
 def _tensor_bytes(model) -> int:
+    from reparam_fx.onnx_io import is_stored, stored_bytes
     total = 0
     for tensor in _model_tensors(model):
-        total += len(tensor.raw_data)
+        total += stored_bytes(tensor) if is_stored(tensor) else len(tensor.raw_data)
         total += 8 * (len(tensor.float_data) + len(tensor.int32_data) + len(tensor.int64_data)
                       + len(tensor.double_data) + len(tensor.uint64_data))
         total += sum(len(s) for s in tensor.string_data)
@@ -484,30 +524,38 @@ def _fsync(path: str) -> None:
         os.fsync(f.fileno())
 
 
-def write_model_atomically(onnx, model, output: str, *, external_data: bool,
-                           data_name: str, mode_from: str | None = None) -> list[str]:
-    """Save ``model`` to ``output`` through a temporary folder next to it, then move the
-    files into place with ``os.replace``: the external-data file first, the model last (the
-    model's rename is the commit). If that fails, the data file is rolled back to what was
-    there before. Returns the paths written. ``model`` may be changed (onnx moves tensors
-    out of it when saving external data)."""
+def make_staging(output: str) -> str:
+    """A fresh temporary folder next to ``output`` (the caller removes it)."""
     folder = os.path.dirname(os.path.abspath(output))
-    name = os.path.basename(output)
     try:
-        staging = tempfile.mkdtemp(prefix=f".{name}.", suffix=".tmp", dir=folder)
+        return tempfile.mkdtemp(prefix=f".{os.path.basename(output)}.", suffix=".tmp",
+                                dir=folder)
     except OSError as error:
         raise CliError(f"cannot write {output}: {_one_line(error)}; choose another -o") from None
+
+
+def write_model_atomically(onnx, model, output: str, *, external_data: bool,
+                           data_name: str, mode_from: str | None = None,
+                           staging: str | None = None, store=None) -> list[str]:
+    """Save ``model`` to ``output`` through a temporary folder next to it (``staging``, or
+    a new one removed afterwards), then move the files into place with ``os.replace``: the
+    external-data file first, the model last (the model's rename is the commit). If that
+    fails, the data file is rolled back to what was there before. Returns the paths
+    written. ``model`` may be changed (tensors move out of it into the data file). Its
+    stubs' data are in ``store`` (default: files next to ``output``)."""
+    from reparam_fx.onnx_io import WeightStore, save_streaming
+    folder = os.path.dirname(os.path.abspath(output))
+    name = os.path.basename(output)
+    owned = staging is None
+    staging = make_staging(output) if owned else staging
     has_data = False
     try:
         staged_model = os.path.join(staging, name)
         staged_data = os.path.join(staging, data_name)
         try:
-            if external_data:
-                onnx.save_model(model, staged_model, save_as_external_data=True,
-                                all_tensors_to_one_file=True, location=data_name,
-                                size_threshold=EXTERNAL_DATA_SIZE_THRESHOLD)
-            else:
-                onnx.save_model(model, staged_model)
+            save_streaming(model, staged_model, store or WeightStore(folder),
+                           external_data=external_data, data_name=data_name,
+                           size_threshold=EXTERNAL_DATA_SIZE_THRESHOLD)
             if mode_from is not None:
                 shutil.copymode(mode_from, staged_model)
             has_data = os.path.exists(staged_data)
@@ -523,7 +571,8 @@ def write_model_atomically(onnx, model, output: str, *, external_data: bool,
             raise CliError(f"cannot write {output}: {_one_line(error)}") from None
         _fsync_folder(folder)
     finally:
-        shutil.rmtree(staging, ignore_errors=True)
+        if owned:
+            shutil.rmtree(staging, ignore_errors=True)
     if has_data:
         return [output, os.path.join(os.path.dirname(output), data_name)]
     return [output]
@@ -617,15 +666,41 @@ def run(args) -> int:
     model = _read_model(onnx, paths.input)
     _check_opset(model, paths.input)
     data_files = _check_external_data(model, paths.input)
-    _check_model(onnx, paths.input)
+    _check_model(onnx, model, paths.input)
     _, data_name = _check_output_location(paths, data_files)
     shapes = _verification_shapes(model, requested_shapes) if args.verify else None
-    _load_external_data(onnx, model, paths.input)
-
     frontend = _import_frontend()
+    staging = make_staging(paths.output)
+    try:
+        return _fuse_and_write(onnx, frontend, args, paths, model, data_files, data_name,
+                               shapes, staging)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+
+
+def _fuse_and_write(onnx, frontend, args, paths: _Paths, model, data_files: set[str],
+                    data_name: str, shapes, staging: str) -> int:
+    """Fuse, verify, write (fused weights go straight to ``staging``'s data file when
+    the output has external data)."""
+    from reparam_fx.onnx_io import WeightStore
+    # external data out: fused weights go straight into the staged data file (written
+    # once); else they stay in memory until the model is written (at most its size)
+    external = bool(data_files) or _tensor_bytes(model) > EXTERNAL_DATA_THRESHOLD
+    store = WeightStore(os.path.dirname(os.path.abspath(paths.input)),
+                        os.path.join(staging, data_name) if external else None)
+    try:
+        return _fuse_verify_write(frontend, args, paths, model, data_files, data_name,
+                                  shapes, staging, store, external)
+    finally:
+        store.close()
+
+
+def _fuse_verify_write(frontend, args, paths: _Paths, model, data_files: set[str],
+                       data_name: str, shapes, staging: str, store, external: bool) -> int:
+    import onnx
     unsupported = getattr(frontend, "OnnxFusionError", ())
     try:
-        fused, report = frontend.fuse_onnx_model(model)
+        fused, report = frontend.fuse_onnx_model(model, store=store)
     except unsupported as error:  # the model is outside what the frontend handles
         raise CliError(f"cannot fuse {paths.input}: {_one_line(error)}") from None
     except Exception as error:  # noqa: BLE001 - any failure is reported in one line
@@ -640,8 +715,9 @@ def run(args) -> int:
         from reparam_fx.verification import VerificationError
         _quiet_onnxruntime()
         try:
-            error = frontend.verify_onnx(model, fused, input_shapes=shapes or None,
-                                         rtol=math.inf)
+            error = frontend.verify_onnx(_loaded(model, store, paths.input),
+                                         _loaded(fused, store, paths.input),
+                                         input_shapes=shapes or None, rtol=math.inf)
         except ValueError as failure:
             raise CliError(f"--verify: {_one_line(failure)}; pass --input-shape "
                            f"NAME:d0,d1,...") from None
@@ -656,10 +732,10 @@ def run(args) -> int:
                            f"--rtol {args.rtol:g}; nothing written", EXIT_FAILED)
         print(f"verify: max relative error {error:.3g} (rtol {args.rtol:g}) ok")
 
-    external = bool(data_files) or _tensor_bytes(fused) > EXTERNAL_DATA_THRESHOLD
     written = write_model_atomically(onnx, fused, paths.output, external_data=external,
                                      data_name=data_name,
-                                     mode_from=paths.input if paths.in_place else None)
+                                     mode_from=paths.input if paths.in_place else None,
+                                     staging=staging, store=store)
     print(f"wrote {' and '.join(written)}")
     if paths.in_place:
         kept = sorted(f for f in data_files if f not in {os.path.realpath(w) for w in written})

@@ -470,14 +470,14 @@ def test_external_data_model_fuses_and_loads_back(exported, tmp_path):
 # ---- the atomic writer, in-process (failures are injected) ------------------------------
 
 def test_failed_save_leaves_no_partial_or_temporary_file(monkeypatch, tmp_path):
-    from reparam_fx import onnx_cli
+    from reparam_fx import onnx_cli, onnx_io
 
-    def save_then_fail(model, path, **kwargs):
+    def save_then_fail(model, path, store, **kwargs):
         Path(path).write_bytes(b"partial")
         raise OSError(28, "No space left on device")
 
     (tmp_path / "out.onnx").write_bytes(b"previous model")
-    monkeypatch.setattr(onnx, "save_model", save_then_fail)
+    monkeypatch.setattr(onnx_io, "save_streaming", save_then_fail)
     with pytest.raises(onnx_cli.CliError, match="No space left on device"):
         onnx_cli.write_model_atomically(onnx, conv_bn_residual_model(), str(tmp_path / "out.onnx"),
                                         external_data=False, data_name="out.onnx.data")
