@@ -6,7 +6,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test test-thorough bench bench-all bench-fuse corpus-table layout-targets clean
+.PHONY: demo test test-thorough bench bench-all bench-fuse bench-scale corpus-table layout-targets clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -34,6 +34,11 @@ bench-all: $(STAMP)
 # the engine against hand-written reparameterize() on the reference models; fuse() scaling
 bench-fuse: $(STAMP)
 	$(PY) tools/bench_fuse.py
+
+# time and peak memory of fuse() and the ONNX command line on the largest models (RepVGG-B3,
+# a RepVGG chain over 2 GB with external data) against hand-written code and onnx.load+save
+bench-scale: $(STAMP)
+	$(PY) tools/bench_scale.py
 
 # the third-party corpus: fuse() against each library's own re-parameterization
 corpus-table: $(STAMP)

@@ -27,6 +27,12 @@ terms) whose output keeps the original tensor's name, so graph inputs and output
 their names, shapes and dtypes. A region with moves in it has them written again around
 its one op (:func:`_write_region`), or not at all when they cancel. Weights are computed
 in float64 and cast to the model's weight dtype. The input model is never modified.
+
+Memory: the walk runs on a *weightless* copy of the model (its large initializers stubs
+of their name, type and shape; also what shape inference reads) and reads a weight only
+when a region using it is written (:class:`reparam_fx.affine.Weight`); tensors left as
+they were are the input's own TensorProtos, copied once into the result. The command
+line goes further (:mod:`reparam_fx.onnx_io`): it never holds the input's weights at all.
 """
 
 from __future__ import annotations
@@ -566,8 +572,8 @@ def _emit(graph: gs.Graph, output: gs.Variable, region: Region, source, index: i
 
 
 def _new_constant(graph: gs.Graph, name: str, values: np.ndarray) -> gs.Constant:
-    """A fused weight: a plain constant, or a stub of the graph's weight store (the
-    command line's: see :mod:`reparam_fx.onnx_io`), its bytes written out only once."""
+    """A fused weight: a stub of the graph's weight store (:mod:`reparam_fx.onnx_io`),
+    its bytes copied out once, into the result or the output file; small ones inline."""
     store = getattr(graph, "reparam_fx_store", None)
     if store is None or values.nbytes < STUB_BYTES:
         return gs.Constant(name, values)
@@ -871,7 +877,12 @@ def fuse_onnx_model(model: onnx.ModelProto, *, folder: str | None = None,
     :func:`reparam_fx.onnx_io.save_streaming`.
     """
     with gc_paused():
-        return _fuse_onnx_model(model, store or WeightStore(folder or ""), store is not None)
+        if store is not None:
+            return _fuse_onnx_model(model, store)
+        store = WeightStore(folder or "")  # fused weights held here until exported ...
+        fused, report = _fuse_onnx_model(model, store)
+        store.inline_fused(fused)  # ... then moved into the result one at a time
+        return fused, report
 
 
 def _copy_without(message, skipped: str):
@@ -921,8 +932,8 @@ def _with_inferred_shapes(model: onnx.ModelProto) -> onnx.ModelProto:
     return model
 
 
-def _fuse_onnx_model(model: onnx.ModelProto, store: WeightStore,
-                     stubs_out: bool) -> tuple[onnx.ModelProto, FusionReport]:
+def _fuse_onnx_model(model: onnx.ModelProto,
+                     store: WeightStore) -> tuple[onnx.ModelProto, FusionReport]:
     opset = model_opset(model)
     if opset is None or opset < MIN_OPSET:
         raise OnnxFusionError(f"opset {opset} is not supported: reparam_fx needs opset "
@@ -935,7 +946,7 @@ def _fuse_onnx_model(model: onnx.ModelProto, store: WeightStore,
             tensor._values = store.values(original) if is_stored(original) \
                 else LazyValues(original)
             tensor.data_location = None  # (exported as the original, or inline if loaded)
-    graph.reparam_fx_store = store if stubs_out else None
+    graph.reparam_fx_store = store
     graph.toposort()
     report = FusionReport(frontend="onnx")
     report.ops_before = _op_histogram(graph)

@@ -277,13 +277,23 @@ class WeightStore:
                 write(chunk)
                 remaining -= len(chunk)
 
-    def inline(self, tensor: onnx.TensorProto) -> None:
-        """Read a stub's data into it (it is a stub no more)."""
+    def inline(self, tensor: onnx.TensorProto, release: bool = False) -> None:
+        """Read a stub's data into it (it is a stub no more); ``release``: and let go of
+        a fused weight held in memory (no other stub may read it afterwards)."""
         chunks = []
         self.copy(tensor, lambda chunk: chunks.append(bytes(chunk)))
+        if release and self._in_memory(tensor) is not None:
+            self._arrays[int(_entries(tensor)["offset"])] = None
         del tensor.external_data[:]
         tensor.ClearField("data_location")
         tensor.raw_data = b"".join(chunks)
+
+    def inline_fused(self, model: onnx.ModelProto) -> None:
+        """Inline every fused weight held in memory, releasing each as it goes: the model
+        then holds them once, and this store none."""
+        for tensor in _all_tensors(model.graph):
+            if is_stored(tensor) and _entries(tensor).get("location") == FUSED:
+                self.inline(tensor, release=True)
 
 
 FUSED = "(reparam_fx: fused)"  # the location of fused weights' stubs
