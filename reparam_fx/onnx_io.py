@@ -13,10 +13,13 @@ Reading (:func:`load_weightless`)
     itself, ``offset``, ``length``). Tensors that already have external data are stubs as
     they are. The weightless model holds kilobytes.
 
-Values (:class:`StoredValues`)
+Values (:class:`WeightStore`, :class:`StoredValues`)
     A stub's values are read from disk when a rewrite asks for them, and not kept.
-    Fused weights go the other way (:class:`Spill`): appended to a file in the output's
-    staging folder as soon as they are computed, and referenced by stubs.
+    Fused weights go the other way: stubs too, their bytes appended to the output's
+    (staged) external-data file as soon as they are computed, so they are written once;
+    or, for an output without external data, held in memory until written (at most the
+    model's size), and for :func:`reparam_fx.onnx_.fuse_onnx_model`'s in-memory result
+    moved into it one at a time.
 
 Writing (:func:`save_streaming`)
     With external data, each tensor's bytes are copied into the data file one at a time
@@ -26,7 +29,8 @@ Writing (:func:`save_streaming`)
     (``tag = field number << 3 | wire type``, then for wire type 2 a varint length and
     that many bytes), and repeated fields are concatenated by the reader.
 
-Memory is then the weightless model, one region's weights and one copy buffer.
+Memory is then the weightless model, one region's weights, one copy buffer and (without
+external data) the fused weights.
 """
 
 from __future__ import annotations

@@ -215,3 +215,30 @@ def test_inline_output_matches_the_library_result(exported, tmp_path):
     for tensor in from_cli.graph.initializer:
         assert np.array_equal(onnx.numpy_helper.to_array(tensor), library[tensor.name])
     assert not os.path.exists(str(out) + ".data")
+
+
+def test_external_data_of_the_wrong_size_is_refused_before_reading(tmp_path):
+    path = tmp_path / "chain.onnx"
+    write_repvgg_chain(str(path), blocks=1, channels=8)
+    model = onnx.load(str(path), load_external_data=False)
+    entry = next(e for e in model.graph.initializer[0].external_data if e.key == "length")
+    entry.value = str(int(entry.value) - 4)
+    path.write_bytes(model.SerializeToString())
+    before = _snapshot(tmp_path)
+    result = run_cli(path, "-o", tmp_path / "fused.onnx")
+    assert result.returncode == 2 and result.stderr.count("\n") == 1
+    assert "claims 2300 bytes of external data but its shape and type need 2304" in result.stderr
+    assert _snapshot(tmp_path) == before
+
+
+def test_the_checker_still_sees_the_whole_graph_of_a_weightless_model(exported, tmp_path):
+    """Large initializers are graph inputs while onnx.checker runs, so a broken graph is
+    still refused: here a node reads a tensor nothing defines."""
+    model = onnx.load(str(exported))
+    model.graph.node[1].input[0] = "nowhere"
+    broken = tmp_path / "broken.onnx"
+    broken.write_bytes(model.SerializeToString())
+    result = run_cli(broken, "-o", tmp_path / "fused.onnx")
+    assert result.returncode == 2, result.stderr
+    assert "is not a valid ONNX model" in result.stderr and "nowhere" in result.stderr
+    assert not (tmp_path / "fused.onnx").exists()
