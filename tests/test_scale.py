@@ -242,3 +242,22 @@ def test_the_checker_still_sees_the_whole_graph_of_a_weightless_model(exported, 
     assert result.returncode == 2, result.stderr
     assert "is not a valid ONNX model" in result.stderr and "nowhere" in result.stderr
     assert not (tmp_path / "fused.onnx").exists()
+
+
+def test_bench_scale_quick_mode_measures_every_job(tmp_path):
+    result = subprocess.run([sys.executable, str(ROOT / "tools" / "bench_scale.py"), "--quick",
+                             "--repeats", "1", "--out", str(tmp_path)],
+                            capture_output=True, text=True, timeout=600, cwd=ROOT)
+    assert result.returncode == 0, result.stderr[-2000:]
+    import json
+    data = json.loads((tmp_path / "bench_scale.json").read_text())
+    jobs = {(row["model"], row["job"]) for row in data["torch"]}
+    assert jobs == {("repvgg_a0", "fuse"), ("repvgg_a0", "hand"),
+                    ("mobileone_s0", "fuse"), ("mobileone_s0", "hand")}
+    assert all(row["seconds"] > 0 and row["peak_above_model_mb"] > 0 for row in data["torch"])
+    assert [row["job"] for row in data["onnx"]] == ["onnx.load + onnx.save",
+                                                   "tools/fuse_onnx.py"] * 2
+    assert all(row["peak_rss_mb"] > 0 and row["size_mb"] > 0 for row in data["onnx"])
+    fused = onnx.load(str(tmp_path / "repvgg_chain_2x64.fused.onnx"))
+    assert {n.op_type for n in fused.graph.node} == {"Conv", "Relu"}
+    assert "| repvgg_a0 | fuse |" in (tmp_path / "bench_scale.md").read_text()

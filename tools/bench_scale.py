@@ -278,7 +278,7 @@ def table(torch_results: list[dict], onnx_results: list[dict], machine: str) -> 
     lines = [f"# reparam_fx at scale: {time.strftime('%Y-%m-%d')}, {machine}", "",
              "## torch: `reparam_fx.fuse(model)` and hand-written reparameterization", "",
              "Peak memory above the loaded model (each job in a fresh process; medians).", "",
-             "| model | job | state (MB) | time (s) | peak above model (MB) | x state |",
+             "| model | job | state (MiB) | time (s) | peak above model (MiB) | x state |",
              "|---|---|---:|---:|---:|---:|"]
     for row in torch_results:
         lines.append(f"| {row['model']} | {row['job']} | {row['state_mb']:.0f} | "
@@ -286,7 +286,7 @@ def table(torch_results: list[dict], onnx_results: list[dict], machine: str) -> 
                      f"{row['peak_above_model_mb'] / row['state_mb']:.2f} |")
     lines += ["", "## ONNX: the command line and `onnx.load` + `onnx.save`", "",
               "Whole-process wall time and peak resident memory (medians).", "",
-              "| model | job | on disk (MB) | time (s) | peak RSS (MB) | x size |",
+              "| model | job | on disk (MiB) | time (s) | peak RSS (MiB) | x size |",
               "|---|---|---:|---:|---:|---:|"]
     for row in onnx_results:
         lines.append(f"| {row['model']} | {row['job']} | {row['size_mb']:.0f} | "
