@@ -689,15 +689,14 @@ def _fuse_and_write(onnx, frontend, args, paths: _Paths, model, data_files: set[
     store = WeightStore(os.path.dirname(os.path.abspath(paths.input)),
                         os.path.join(staging, data_name) if external else None)
     try:
-        return _fuse_verify_write(frontend, args, paths, model, data_files, data_name,
+        return _fuse_verify_write(onnx, frontend, args, paths, model, data_files, data_name,
                                   shapes, staging, store, external)
     finally:
         store.close()
 
 
-def _fuse_verify_write(frontend, args, paths: _Paths, model, data_files: set[str],
+def _fuse_verify_write(onnx, frontend, args, paths: _Paths, model, data_files: set[str],
                        data_name: str, shapes, staging: str, store, external: bool) -> int:
-    import onnx
     unsupported = getattr(frontend, "OnnxFusionError", ())
     try:
         fused, report = frontend.fuse_onnx_model(model, store=store)
