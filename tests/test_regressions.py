@@ -369,3 +369,19 @@ def test_a_constant_of_another_dtype_is_not_folded():
     fused = reparam_fx.fuse(model)
     assert fused(x).dtype == torch.float64
     assert reparam_fx.op_counts(fused)["mul"] == 1
+
+
+def test_fusing_an_exported_program_prints_no_deprecation_warning():
+    """Copying an export graph copied its pytree specs, and torch 2.13 warns on every
+    LeafSpec made ("isinstance(treespec, LeafSpec) is deprecated"): the specs are now
+    shared (they are immutable)."""
+    import warnings
+    model = randomize_batchnorm_(ConvBN().eval(), seed=4)
+    x = torch.randn(1, 6, 9, 9)
+    program = torch.export.export(model, (x,))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # any warning fails the test
+        fused = reparam_fx.fuse(program)
+    assert reparam_fx.op_counts(fused)["batch_norm"] == 0
+    with torch.no_grad():
+        assert torch.allclose(fused(x), model(x), rtol=1e-5, atol=1e-6)

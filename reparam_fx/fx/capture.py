@@ -112,7 +112,7 @@ class Workspace:
 
     def make_private(self) -> None:
         if not self.private:
-            self.graph, self.private = copy.deepcopy(self.graph), True
+            self.graph, self.private = copy_sharing_specs(self.graph, self.graph), True
 
     def build(self) -> tuple[torch.fx.GraphModule, dict[str, str]]:
         """The result module and the renaming of attribute paths it applied.
@@ -151,6 +151,16 @@ class Workspace:
         # mode (a BatchNorm left alone because it is in training mode stays so).
         result.training = False
         return result, flat
+
+
+def copy_sharing_specs(value, graph: torch.fx.Graph):
+    """A deep copy of ``value`` (a graph, or its codegen) that shares ``graph``'s input and
+    output pytree specs: they are immutable, and copying one makes torch 2.13 warn that
+    ``LeafSpec`` is deprecated (``torch.export`` graphs carry them)."""
+    info = getattr(getattr(graph, "_codegen", None), "pytree_info", None)
+    memo = {id(spec): spec for spec in (getattr(info, "in_spec", None),
+                                         getattr(info, "out_spec", None)) if spec is not None}
+    return copy.deepcopy(value, memo)
 
 
 # ---- what a module computes ----------------------------------------------------------

@@ -28,7 +28,6 @@ has no conv (a pure per-channel affine), are left as they are, except a conv who
 
 from __future__ import annotations
 
-import copy
 import itertools
 import operator
 import re
@@ -40,6 +39,7 @@ import torch.nn as nn
 
 from reparam_fx import affine
 from reparam_fx.affine import ConvTerm, TransposedConvTerm
+from reparam_fx.fx.capture import copy_sharing_specs
 from reparam_fx.fx.counts import counts_as_parameter, module_tensors, node_category
 from reparam_fx.fx.facts import GraphFacts
 from reparam_fx.fx.values import metadata_read, schema_name, tensor_shape
@@ -336,7 +336,7 @@ def _rewrite(facts: GraphFacts, emit: list, partial_sums: list,
         for node, step in plan.steps(order):
             at.setdefault(node, []).append((plan, step))
     new = torch.fx.Graph()
-    new._codegen = copy.deepcopy(old._codegen)
+    new._codegen = copy_sharing_specs(old._codegen, old)
     env: dict = {}
     copies: dict = {}  # (source, move node) -> its copy on the source (shared by regions)
     for node in old.nodes:
