@@ -37,6 +37,7 @@ line goes further (:mod:`reparam_fx.onnx_io`): it never holds the input's weight
 
 from __future__ import annotations
 
+import os
 from collections import Counter
 
 import numpy as np
@@ -1003,20 +1004,24 @@ def random_inputs(model: onnx.ModelProto, input_shapes: dict | None = None,
     return feeds
 
 
-def verify_onnx(reference: onnx.ModelProto, candidate: onnx.ModelProto,
+def verify_onnx(reference: onnx.ModelProto | str, candidate: onnx.ModelProto | str,
                 input_shapes: dict | None = None, rtol: float = 1e-5, seed: int = 0) -> float:
     """Run both models in ONNX Runtime on the same random inputs; return
     ``max|a - b| / max|a|`` over all outputs (in float64), raise
-    :class:`~reparam_fx.VerificationError` above ``rtol``."""
+    :class:`~reparam_fx.VerificationError` above ``rtol``. A model may be given as its
+    file's path: ONNX Runtime then reads it (and its external data) itself."""
     import onnxruntime as ort
-    feeds = random_inputs(reference, input_shapes, seed)
+    from reparam_fx.onnx_io import load_weightless
+    is_path = lambda model: isinstance(model, (str, os.PathLike))
+    feeds = random_inputs(load_weightless(str(reference)) if is_path(reference) else reference,
+                          input_shapes, seed)
     options = ort.SessionOptions()
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
     options.log_severity_level = 3  # errors only
 
     def run(model):
-        session = ort.InferenceSession(model.SerializeToString(), options,
-                                       providers=["CPUExecutionProvider"])
+        session = ort.InferenceSession(str(model) if is_path(model) else model.SerializeToString(),
+                                       options, providers=["CPUExecutionProvider"])
         return session.run(None, feeds)
 
     worst, scale = 0.0, 0.0

@@ -35,8 +35,10 @@ Every check on the input runs before any work is done, and the output is written
    ``OUT.onnx``; the temporary folder is removed whatever happens. The output is written
    tensor by tensor (:func:`reparam_fx.onnx_io.save_streaming`).
 
-Memory: the weightless model, one region's weights and a copy buffer; ``onnx.checker``
-reads the file once on its own. ``--verify`` loads both models whole, for ONNX Runtime.
+Memory: the weightless model, one region's weights and a copy buffer (and the fused
+weights, for an output without external data). ``--verify`` runs the input file and the
+staged output in ONNX Runtime, which reads them itself, before the output is moved into
+place.
 
 A model that had external data, or whose tensors exceed the 2 GB protobuf limit, is saved
 with its tensors in ``OUT.onnx.data`` next to ``OUT.onnx``. The input (and its external
@@ -391,15 +393,6 @@ def _check_model(onnx, model, path: str) -> None:
                        f"{_one_line(error)}") from None
 
 
-def _loaded(model, store, path: str):
-    """A copy of ``model`` with every tensor's data in it (for ONNX Runtime)."""
-    from reparam_fx.onnx_io import inline_all
-    try:
-        return inline_all(model, store)
-    except Exception as error:  # noqa: BLE001 - onnx raises ValidationError/OSError/ValueError
-        raise CliError(f"{path}: cannot load its external data: {_one_line(error)}") from None
-
-
 # ---- graph interface -----------------------------------------------------------------
 
 def _value_signature(value_info) -> tuple:
@@ -536,13 +529,16 @@ def make_staging(output: str) -> str:
 
 def write_model_atomically(onnx, model, output: str, *, external_data: bool,
                            data_name: str, mode_from: str | None = None,
-                           staging: str | None = None, store=None) -> list[str]:
+                           staging: str | None = None, store=None,
+                           before_commit=None) -> list[str]:
     """Save ``model`` to ``output`` through a temporary folder next to it (``staging``, or
     a new one removed afterwards), then move the files into place with ``os.replace``: the
     external-data file first, the model last (the model's rename is the commit). If that
     fails, the data file is rolled back to what was there before. Returns the paths
     written. ``model`` may be changed (tensors move out of it into the data file). Its
-    stubs' data are in ``store`` (default: files next to ``output``)."""
+    stubs' data are in ``store`` (default: files next to ``output``).
+    ``before_commit(staged_model_path)`` runs once the files are staged (``--verify``);
+    an error from it leaves nothing written."""
     from reparam_fx.onnx_io import WeightStore, save_streaming
     folder = os.path.dirname(os.path.abspath(output))
     name = os.path.basename(output)
@@ -556,6 +552,8 @@ def write_model_atomically(onnx, model, output: str, *, external_data: bool,
             save_streaming(model, staged_model, store or WeightStore(folder),
                            external_data=external_data, data_name=data_name,
                            size_threshold=EXTERNAL_DATA_SIZE_THRESHOLD)
+            if before_commit is not None:
+                before_commit(staged_model)
             if mode_from is not None:
                 shutil.copymode(mode_from, staged_model)
             has_data = os.path.exists(staged_data)
@@ -710,31 +708,14 @@ def _fuse_verify_write(onnx, frontend, args, paths: _Paths, model, data_files: s
     _check_interface_kept(model, fused)
     print("\n".join([report.table()] if args.report else summary_lines(report, paths.input)))
 
-    if args.verify:
-        from reparam_fx.verification import VerificationError
-        _quiet_onnxruntime()
-        try:
-            error = frontend.verify_onnx(_loaded(model, store, paths.input),
-                                         _loaded(fused, store, paths.input),
-                                         input_shapes=shapes or None, rtol=math.inf)
-        except ValueError as failure:
-            raise CliError(f"--verify: {_one_line(failure)}; pass --input-shape "
-                           f"NAME:d0,d1,...") from None
-        except VerificationError as failure:
-            raise CliError(f"verification failed: {_one_line(failure)}; nothing written",
-                           EXIT_FAILED) from None
-        except Exception as failure:  # noqa: BLE001 - ONNX Runtime errors
-            raise CliError(f"verification could not run: {type(failure).__name__}: "
-                           f"{_one_line(failure)}; nothing written", EXIT_FAILED) from None
-        if not error <= args.rtol:  # also catches NaN
-            raise CliError(f"verification failed: max relative error {error:.3g} is above "
-                           f"--rtol {args.rtol:g}; nothing written", EXIT_FAILED)
-        print(f"verify: max relative error {error:.3g} (rtol {args.rtol:g}) ok")
+    def verify(staged: str) -> None:  # the staged output against the input, in ORT
+        _verify(frontend, paths.input, staged, shapes, args.rtol)
 
     written = write_model_atomically(onnx, fused, paths.output, external_data=external,
                                      data_name=data_name,
                                      mode_from=paths.input if paths.in_place else None,
-                                     staging=staging, store=store)
+                                     staging=staging, store=store,
+                                     before_commit=verify if args.verify else None)
     print(f"wrote {' and '.join(written)}")
     if paths.in_place:
         kept = sorted(f for f in data_files if f not in {os.path.realpath(w) for w in written})
@@ -742,6 +723,29 @@ def _fuse_verify_write(onnx, frontend, args, paths: _Paths, model, data_files: s
             print(f"note: {', '.join(kept)} held the input's external data and is no longer "
                   f"used by {paths.output}")
     return EXIT_OK
+
+
+def _verify(frontend, reference: str, candidate: str, shapes, rtol: float) -> None:
+    """``--verify``: both files run in ONNX Runtime (which reads them, external data and
+    all, itself) on the same random inputs; a CliError above ``rtol``."""
+    from reparam_fx.verification import VerificationError
+    _quiet_onnxruntime()
+    try:
+        error = frontend.verify_onnx(reference, candidate, input_shapes=shapes or None,
+                                     rtol=math.inf)
+    except ValueError as failure:
+        raise CliError(f"--verify: {_one_line(failure)}; pass --input-shape "
+                       f"NAME:d0,d1,...") from None
+    except VerificationError as failure:
+        raise CliError(f"verification failed: {_one_line(failure)}; nothing written",
+                       EXIT_FAILED) from None
+    except Exception as failure:  # noqa: BLE001 - ONNX Runtime errors
+        raise CliError(f"verification could not run: {type(failure).__name__}: "
+                       f"{_one_line(failure)}; nothing written", EXIT_FAILED) from None
+    if not error <= rtol:  # also catches NaN
+        raise CliError(f"verification failed: max relative error {error:.3g} is above "
+                       f"--rtol {rtol:g}; nothing written", EXIT_FAILED)
+    print(f"verify: max relative error {error:.3g} (rtol {rtol:g}) ok")
 
 
 def main(argv=None) -> int:

@@ -406,13 +406,3 @@ def save_streaming(model: onnx.ModelProto, path: str, store: WeightStore, *,
             if size:
                 store.copy(tensor, out.write)
 
-
-def inline_all(model: onnx.ModelProto, store: WeightStore) -> onnx.ModelProto:
-    """A copy of ``model`` with every stub's data read into it (the whole model in memory:
-    for ONNX Runtime, which takes a model as one message)."""
-    copy = onnx.ModelProto()
-    copy.CopyFrom(model)
-    for tensor in _all_tensors(copy.graph):
-        if is_stored(tensor):
-            store.inline(tensor)
-    return copy
