@@ -357,13 +357,9 @@ def _check_external_data(model, path: str) -> set[str]:
 
 def _data_bytes(tensor) -> int | None:
     """The bytes a tensor of fixed-size elements holds (None for strings, 4-bit types)."""
-    import numpy as np
-    from onnx import helper
-    storage = helper.tensor_dtype_to_storage_tensor_dtype(tensor.data_type)
-    dtype = np.dtype(helper.tensor_dtype_to_np_dtype(tensor.data_type))
-    if storage != tensor.data_type or dtype.kind in "OSU":
-        return None
-    return math.prod(tensor.dims) * dtype.itemsize
+    from reparam_fx.onnx_io import raw_itemsize
+    itemsize = raw_itemsize(tensor.data_type)
+    return None if itemsize is None else math.prod(tensor.dims) * itemsize
 
 
 def _check_model(onnx, model, path: str) -> None:

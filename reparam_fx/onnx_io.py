@@ -177,6 +177,18 @@ def _entries(tensor: onnx.TensorProto) -> dict[str, str]:
     return {entry.key: entry.value for entry in tensor.external_data}
 
 
+_PACKED = frozenset(getattr(onnx.TensorProto, name) for name in
+                    ("INT4", "UINT4", "FLOAT4E2M1", "INT2", "UINT2")
+                    if hasattr(onnx.TensorProto, name))  # several elements per byte
+
+
+def raw_itemsize(data_type: int) -> int | None:
+    """Bytes per element of a type whose ``raw_data`` is its little-endian array (float16,
+    bfloat16 and float8 too); None for strings and types packed below a byte."""
+    dtype = np.dtype(onnx.helper.tensor_dtype_to_np_dtype(data_type))
+    return None if data_type in _PACKED or dtype.kind in "OSU" else dtype.itemsize
+
+
 def stored_bytes(tensor: onnx.TensorProto) -> int:
     """The byte size of a stub's data (its ``length``, else its element count)."""
     entries = _entries(tensor)
@@ -253,10 +265,9 @@ class WeightStore:
         held = self._in_memory(tensor)
         if held is not None:
             return held
+        if raw_itemsize(tensor.data_type) is None:  # strings, packed 4-bit types
+            return np.array(onnx.numpy_helper.to_array(tensor, self.folder))
         dtype = np.dtype(onnx.helper.tensor_dtype_to_np_dtype(tensor.data_type))
-        if dtype.kind in "OSU" or onnx.helper.tensor_dtype_to_storage_tensor_dtype(
-                tensor.data_type) != tensor.data_type:  # strings, packed 4-bit types
-            return onnx.numpy_helper.to_array(tensor, self.folder)
         buffer = bytearray(stored_bytes(tensor))
         with open(self.path(tensor), "rb") as file:
             file.seek(int(_entries(tensor).get("offset", 0)))

@@ -261,3 +261,27 @@ def test_bench_scale_quick_mode_measures_every_job(tmp_path):
     fused = onnx.load(str(tmp_path / "repvgg_chain_2x64.fused.onnx"))
     assert {n.op_type for n in fused.graph.node} == {"Conv", "Relu"}
     assert "| repvgg_a0 | fuse |" in (tmp_path / "bench_scale.md").read_text()
+
+
+def test_float16_model_is_read_raw_and_fuses_quietly(tmp_path):
+    """float16 (like bfloat16 and float8) is stored as its little-endian array: read
+    straight from the file, no warning; its external-data size is checked too."""
+    model = randomize_batchnorm_(repvgg_tiny().eval(), seed=7).half()
+    path = tmp_path / "half.onnx"
+    import warnings
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.onnx.export(model, (torch.randn(1, 3, 32, 32).half(),), str(path), dynamo=False,
+                          opset_version=17)
+    out = tmp_path / "fused.onnx"
+    result = run_cli(path, "-o", out, "--verify", "--rtol", "1e-2")
+    assert result.returncode == 0, result.stderr
+    assert result.stderr == ""
+    fused = onnx.load(str(out))
+    assert "BatchNormalization" not in _ops(fused)
+    weights = [t for t in fused.graph.initializer if len(t.dims) == 4]
+    assert weights and all(t.data_type == onnx.TensorProto.FLOAT16 for t in weights)
+    from_library, _ = fuse_onnx_model(onnx.load(str(path)))
+    library = {t.name: onnx.numpy_helper.to_array(t) for t in from_library.graph.initializer}
+    for tensor in fused.graph.initializer:
+        assert np.array_equal(onnx.numpy_helper.to_array(tensor), library[tensor.name])
