@@ -193,10 +193,35 @@ class ConvTerm(_Kernel):
     padding_mode: str = "zeros"  # non-zero modes fold what follows them, never merge
     padded_grid: bool = False  # a 1x1 conv whose padding came after it: it now runs on
     #                            border positions the original did not compute (more MACs)
+    zero_taps: tuple = ()  # per spatial dim, (leading, trailing) kernel taps known to be 0
+    #     for every channel pair: an asymmetric window (an even kernel with
+    #     ``padding='same'``) held in a symmetric one (see :func:`asymmetric_conv`)
 
     @property
     def out_channels(self) -> int:
         return self.weight.shape[0]
+
+    @property
+    def taps(self) -> tuple[tuple[int, int], ...]:
+        """``(leading, trailing)`` zero taps per spatial dim (``(0, 0)`` if none known)."""
+        return self.zero_taps or ((0, 0),) * self.spatial
+
+    @property
+    def written_kernel(self) -> tuple[int, ...]:
+        """The kernel that is written: without its known zero taps."""
+        return tuple(k - a - b for k, (a, b) in zip(self.kernel, self.taps))
+
+    @property
+    def written_padding(self) -> tuple[tuple[int, int], ...]:
+        """``(before, after)`` padding per dim of the written kernel: symmetric unless
+        zero taps were trimmed from one side only."""
+        return tuple((p - a * d, p - b * d) for p, (a, b), d in
+                     zip(self.padding, self.taps, self.dilation))
+
+    @property
+    def written_macs(self) -> int:
+        """What the written conv costs per output position."""
+        return self.weight.shape[0] * self.weight.shape[1] * math.prod(self.written_kernel)
 
     @property
     def in_channels(self) -> int:
@@ -283,6 +308,37 @@ def conv(weight, bias, stride, padding, dilation, groups: int,
     return ConvTerm(weight, None if bias is None else _as_double(bias), expand(stride),
                     expand(padding), expand(dilation), int(groups), macs=float(weight.numel()),
                     padding_mode=padding_mode)
+
+
+def asymmetric_conv(weight, bias, stride, pads: tuple[tuple[int, int], ...], dilation,
+                    groups: int) -> ConvTerm:
+    """A conv padded by ``(before, after)`` per dim (``padding='same'`` with an even
+    kernel pads one more after than before) as a symmetric conv: the kernel is extended
+    with zero taps on the side that pads less, by ``|after - before| / dilation`` taps, so
+    that every output position reads the same inputs with the same weights, for every
+    input size. The zero taps are recorded (``zero_taps``) and trimmed again when the conv
+    is written; its cost stays the original kernel's."""
+    weight = weight if isinstance(weight, Weight) else Weight.of(weight)
+    spatial = weight.dim() - 2
+    dilation = tuple(int(d) for d in dilation)
+    padding, taps = [], []
+    for (before, after), d in zip(pads, dilation):
+        if (after - before) % d:
+            raise NotExact("an asymmetric padding that is no whole number of dilated taps")
+        padding.append(max(before, after))
+        taps.append(((max(before, after) - before) // d, (max(before, after) - after) // d))
+    kernel = [k + a + b for k, (a, b) in zip(weight.shape[2:], taps)]
+    shape = (*weight.shape[:2], *kernel)
+    if tuple(shape) == tuple(weight.shape):
+        return conv(weight, bias, stride, tuple(padding), dilation, groups)
+
+    def embedded():
+        full = torch.zeros(shape, dtype=DOUBLE)
+        window = (slice(None), slice(None), *(slice(a, k - b) for k, (a, b) in zip(kernel, taps)))
+        full[window] = weight.value()
+        return full
+    term = conv(Weight(shape, embedded), bias, stride, tuple(padding), dilation, groups)
+    return _with(term, macs=float(weight.numel()), zero_taps=tuple(taps))
 
 
 def conv_transpose(weight, bias, stride, padding, output_padding, dilation,
@@ -595,8 +651,24 @@ def adds_macs(term: Term) -> bool:
     """Whether one conv for ``term`` would cost more than the ops it stands for: more per
     output position, or on positions the original did not compute (``padded_grid``: a
     conv after it, or a sum, takes the padding back into a grid it computes anyway)."""
+    cost = term.written_macs if isinstance(term, ConvTerm) else term.weight.numel()
     return isinstance(term, (ConvTerm, TransposedConvTerm)) and (
-        term.weight.numel() > term.macs + 1e-9 or getattr(term, "padded_grid", False))
+        cost > term.macs + 1e-9 or getattr(term, "padded_grid", False))
+
+
+def _fewest_positions_per_output(stride: int, extent: int, fewest: int) -> float:
+    """Along one axis, the fewest positions a first op computes per output position of the
+    conv after it, over every input size: the composed conv must cost no more than the two
+    ops at *any* size, so its cost is compared with the original ops' at the size where the
+    first one is cheapest relative to the output.
+
+    With ``n`` outputs the second conv (stride ``s``, window ``extent = d(k-1)+1-2p``)
+    needs at least ``s(n-1) + extent`` positions of the first op's output, and the first
+    op computes at least ``fewest`` (its own padding). The ratio tends to ``s`` as ``n``
+    grows; below that it is smallest at some small ``n``."""
+    stride_fixed = max(1, math.ceil((fewest - extent + stride) / stride)) + 1
+    ratios = [max(stride * (n - 1) + extent, fewest) / n for n in range(1, stride_fixed + 1)]
+    return min(ratios + [float(stride)])
 
 
 def _conv_then_conv(first: ConvTerm, second: ConvTerm) -> ConvTerm:
@@ -613,8 +685,10 @@ def _conv_then_conv(first: ConvTerm, second: ConvTerm) -> ConvTerm:
 
 def _conv_then_pointwise(first: ConvTerm, second: ConvTerm) -> ConvTerm:
     groups = math.gcd(first.groups, second.groups)
-    original = first.macs * math.prod(second.stride) + second.macs
-    _check_macs(second.out_channels * (first.in_channels // groups) * math.prod(first.kernel),
+    # the 1x1 after it reads every s-th position of the first conv's output: at least one
+    # of them per output position, and at the smallest sizes exactly one
+    original = first.macs + second.macs
+    _check_macs(second.out_channels * (first.in_channels // groups) * math.prod(first.written_kernel),
                 original, "composing a conv with the 1x1 conv after it", COMPOSE_HEADROOM)
     a, b = regroup(second, groups), regroup(first, groups)
     shape = (second.out_channels, b.weight.shape[1], *first.kernel)
@@ -627,7 +701,8 @@ def _conv_then_pointwise(first: ConvTerm, second: ConvTerm) -> ConvTerm:
         bias = carried if bias is None else bias + carried
     return ConvTerm(weight, bias, tuple(s1 * s2 for s1, s2 in zip(first.stride, second.stride)),
                     first.padding, first.dilation, groups, macs=original,
-                    padding_mode=first.padding_mode, padded_grid=first.padded_grid)
+                    padding_mode=first.padding_mode, padded_grid=first.padded_grid,
+                    zero_taps=first.zero_taps)  # (a zero tap of W1 is one of W2 W1)
 
 
 def _pointwise_then_conv(first: ConvTerm, second: ConvTerm) -> ConvTerm:
@@ -642,8 +717,11 @@ def _pointwise_then_conv(first: ConvTerm, second: ConvTerm) -> ConvTerm:
         raise NotExact("a crop before a zero-padded conv: its border would see the "
                        "cropped-away values")
     groups = math.gcd(first.groups, second.groups)
-    original = first.macs * math.prod(second.stride) + second.macs
-    _check_macs(second.out_channels * (first.in_channels // groups) * math.prod(second.kernel),
+    original = first.macs * math.prod(
+        _fewest_positions_per_output(s, d * (k - 1) + 1 - 2 * p2, 1 + 2 * p1)
+        for s, d, k, p2, p1 in zip(second.stride, second.dilation, second.kernel,
+                                   second.padding, first.padding)) + second.macs
+    _check_macs(second.out_channels * (first.in_channels // groups) * math.prod(second.written_kernel),
                 original, "composing a 1x1 conv with the conv after it", COMPOSE_HEADROOM)
     a, b = regroup(second, groups), regroup(first, groups)
     shape = (second.out_channels, b.weight.shape[1], *second.kernel)
@@ -657,7 +735,8 @@ def _pointwise_then_conv(first: ConvTerm, second: ConvTerm) -> ConvTerm:
         carried = carried.reshape(-1)
         bias = carried if bias is None else bias + carried
     padding = tuple(p1 + p2 for p1, p2 in zip(first.padding, second.padding))
-    return ConvTerm(weight, bias, second.stride, padding, second.dilation, groups, macs=original)
+    return ConvTerm(weight, bias, second.stride, padding, second.dilation, groups, macs=original,
+                    zero_taps=second.zero_taps)
 
 
 # ---- sums of terms over one input ----------------------------------------------------
@@ -702,9 +781,11 @@ def merge(terms: list[Term], signs: list[float]) -> Term:
     dilation = tuple(dil for _, dil, _ in lattice)
     kernel = tuple(k for _, _, k in lattice)
     groups = reduce(math.gcd, (t.groups for t in convs))
+    zero_taps = _merged_zero_taps(terms, padding, dilation, kernel)
+    written = tuple(k - a - b for k, (a, b) in zip(kernel, zero_taps))
     # a padded-grid branch's cost per output position is below its macs: count it as 0
     original = sum(0.0 if t.padded_grid else t.macs for t in convs)
-    _check_macs(out * (cin // groups) * math.prod(kernel), original, "merging these branches")
+    _check_macs(out * (cin // groups) * math.prod(written), original, "merging these branches")
 
     centre = tuple(p // dil for p, dil in zip(padding, dilation))
     parts, bias = [], None  # (term with ``groups`` groups, sign, window); (affine, scale, None)
@@ -726,7 +807,28 @@ def merge(terms: list[Term], signs: list[float]) -> Term:
             bias = sign * term.bias if bias is None else bias + sign * term.bias
     shape = (out, cin // groups, *kernel)
     weight = Weight(shape, lambda: _summed_weights(parts, shape, centre))
-    return ConvTerm(weight, bias, stride, padding, dilation, groups, macs=original)
+    return ConvTerm(weight, bias, stride, padding, dilation, groups, macs=original,
+                    zero_taps=zero_taps if any(a or b for a, b in zero_taps) else ())
+
+
+def _merged_zero_taps(terms: list[Term], padding, dilation, kernel) -> tuple:
+    """``(leading, trailing)`` taps of the merged kernel that no branch reaches, per dim:
+    branches of asymmetric windows (2x2, 3x3 and 4x4 ``padding='same'``) nest in a
+    symmetric lattice whose outer taps may all stay zero."""
+    taps = []
+    for d in range(len(kernel)):
+        first, last = kernel[d], -1
+        for term in terms:
+            if isinstance(term, ChannelAffine):  # a dirac on the centre tap
+                start = stop = padding[d] // dilation[d]
+            else:
+                step = term.dilation[d] // dilation[d] if term.kernel[d] > 1 else 1
+                offset = (padding[d] - term.padding[d]) // dilation[d]
+                lead, trail = term.taps[d]
+                start, stop = offset + step * lead, offset + step * (term.kernel[d] - 1 - trail)
+            first, last = min(first, start), max(last, stop)
+        taps.append((first, kernel[d] - 1 - last))
+    return tuple(taps)
 
 
 def _summed_weights(parts: list, shape: tuple, centre: tuple) -> torch.Tensor:

@@ -12,6 +12,7 @@ A frontend (torch.fx in :mod:`reparam_fx.fx`, ONNX) supplies a *view* of its gra
                              conv may also take an unbatched tensor (torch: ``(C, H, W)``)
     view.mutated             values an in-place op changes while another op reads them
     view.inplace_target(v)   the value ``v``'s op writes into in place, or None
+    view.read_before_written(v, ops)  whether ``ops`` read ``v`` before it is written
     view.interpret(v)        ``Unary`` / ``Sum`` / ``Layout`` / ``Refused`` / None: what
                              ``v``'s op computes (``Layout``: it only moves values)
     view.rank(v), view.shape(v)   what the graph proves about ``v`` (or None)
@@ -131,6 +132,9 @@ class Refused:
     """The node looks foldable but is not; ``reason`` goes to the report."""
 
     reason: str
+    # an asymmetric zero pad ``(input, ((before, after), ...) per spatial dim)``: no term
+    # of its own, but a conv right after it takes it as its own padding
+    asymmetric_pad: tuple | None = None
 
 
 # ---- regions -------------------------------------------------------------------------
@@ -269,8 +273,16 @@ class RegionBuilder:
                 return False
         return True
 
-    def usable_source(self, region: Region) -> bool:
-        return region.source not in self.view.mutated
+    def usable_source(self, region, sum_nodes=()) -> bool:
+        """A source written in place while other ops read it is usable only when the
+        region's ops (and the ``sum_nodes`` that read its terms) all read it before the
+        write (and the region has no moves, so its op is written where its first op was)."""
+        if region.source not in self.view.mutated:
+            return True
+        parts = [part for part, _, _ in region.members] if isinstance(region, TermGroup) \
+            else [region]
+        return not any(part.layouts for part in parts) and self.view.read_before_written(
+            region.source, [node for part in parts for node in part.nodes] + list(sum_nodes))
 
     def walk(self):
         for node in self.view.values():
@@ -400,6 +412,9 @@ class RegionBuilder:
             return
         if not self.view.is_value(op.input):
             return
+        if op.input in self.sums and op.input not in self.regions \
+                and self._distribute_over_sum(node, op):
+            return
         base = self.operand(op.input, shared=True)
         pooled = self._pool_as_move(base, op, node)
         if pooled is not None:
@@ -426,6 +441,49 @@ class RegionBuilder:
         if affine.adds_macs(region.term):
             region.fallback = self._fallback(base, op, node)
         self.regions[node] = region
+
+    def _distribute_over_sum(self, node, op: Unary) -> bool:
+        """A channel affine after a sum whose terms do not merge into one (convs over
+        different inputs, or of windows that do not align) distributes over it::
+
+            s * (c1 A(x) + c2 B(y)) + t  ==  c1 (s A + t / c1)(x) + c2 (s B)(y)
+
+        each term's conv absorbs the scale and the first one the shift, at no cost: the
+        affine (BatchNorm after ``a + b + c``) is gone and the sum is rebuilt from the
+        scaled convs. Only when every term is a conv-shaped region (an identity term would
+        need an op of its own)."""
+        term = op.term
+        total = op.input
+        if not isinstance(term, ChannelAffine) or term.padding or term.border is not None \
+                or len(self.view.users(total)) != 1 or total in self.view.mutated \
+                or self.view.inplace_target(node) is not None \
+                or any(self.view.metadata_readers(n) for n in (total,)):
+            return False
+        partial = self.partial_sums.get(total)
+        if partial is not None:
+            inner = [*partial.inner, total]
+            summands = [(t if isinstance(t, Region) else self.operand(t), c) for t, c in partial.terms]
+        else:
+            leaves, inner = self._flatten(self.sums[total])
+            inner = [*inner, total]
+            summands = [(self.operand(leaf), c) for leaf, c in leaves]
+        if any(self.view.metadata_readers(n) for n in inner) or any(
+                not part.nodes or part.layouts or isinstance(part.term, ChannelAffine)
+                or not self.usable_source(part, inner) for part, _ in summands):
+            return False
+        terms = []
+        for index, (part, coeff) in enumerate(summands):
+            shift = None if index or term.shift is None else term.shift / coeff
+            scaled = replace(op, input=total, term=ChannelAffine(term.scale, shift))
+            try:
+                region = self._compose(part, scaled, node)
+            except NotExact:
+                return False
+            if index:  # the affine's node is reported once, with the first term
+                region.nodes.remove(node)
+            terms.append((region, coeff))
+        self.partial_sums[node] = PartialSum(node, inner, terms)
+        return True
 
     def _pool_as_move(self, base: Region, op: Unary, node) -> Layout | None:
         """Average pooling with no padding after a channel affine that moves carried (a
@@ -657,7 +715,7 @@ class RegionBuilder:
         if refusal:
             self.skip(node, refusal)
         merged = [g for g in groups if len(g.members) > 1 and isinstance(g.term, ConvTerm)]
-        if not merged or any(not self.usable_source(g) for g in merged):
+        if not merged or any(not self.usable_source(g, inner + [node]) for g in merged):
             return
         if any(self.view.metadata_readers(n) for n in inner):
             return  # the rebuilt sum exists only at its root, after those reads

@@ -81,7 +81,7 @@ try:
 except ImportError as error:  # pragma: no cover
     raise ImportError("reparam_fx.testing needs hypothesis: pip install 'reparam-fx[test]'") from error
 
-from reparam_fx.fx.counts import op_counts
+from reparam_fx.fx.counts import mac_count, op_counts
 from reparam_fx.verification import VerificationError, verify
 
 __all__ = [
@@ -195,14 +195,8 @@ def _changed_entries(before: dict, model: nn.Module) -> list[str]:
 
 
 def count_macs(model: nn.Module, example_inputs) -> int:
-    """Multiply-accumulates of the convs, linears and matmuls of one forward pass
-    (``torch.utils.flop_counter``, so module, functional and aten forms all count)."""
-    from torch.utils.flop_counter import FlopCounterMode
-
-    inputs = _as_inputs(example_inputs)
-    with torch.no_grad(), FlopCounterMode(display=False) as counter:
-        model(*inputs)
-    return counter.get_total_flops() // 2
+    """Multiply-accumulates of one forward pass, as :func:`reparam_fx.mac_count` counts them."""
+    return mac_count(model, _as_inputs(example_inputs))
 
 
 def conv_batchnorm_pairs(graph_module: torch.fx.GraphModule) -> list[str]:

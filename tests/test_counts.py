@@ -26,8 +26,22 @@ def test_mac_count_ignores_elementwise_ops_and_counts_matmuls():
             return nn.functional.relu(weights @ q)
     q = torch.randn(2, 6, 4)  # two (6 x 4) @ (4 x 6) and two (6 x 6) @ (6 x 4) products
     assert reparam_fx.mac_count(Attention(), (q,)) == 2 * (6 * 4 * 6 + 6 * 6 * 4)
-    bn = nn.Sequential(nn.BatchNorm2d(3), nn.ReLU(), nn.AvgPool2d(2)).eval()
+    bn = nn.Sequential(nn.BatchNorm2d(3), nn.ReLU()).eval()
     assert reparam_fx.mac_count(bn, torch.randn(1, 3, 8, 8)) == 0
+
+
+@pytest.mark.parametrize("pool, shape, expected", [
+    (nn.AvgPool2d(2), (1, 3, 8, 8), 3 * 4 * 4 * 4),               # each output adds 2x2 values
+    (nn.AvgPool2d(3, 1, 1), (2, 4, 5, 7), 2 * 4 * 5 * 7 * 9),
+    (nn.AvgPool1d(3, 2), (1, 4, 9), 4 * 4 * 3),
+    (nn.AvgPool3d(2), (1, 2, 4, 4, 4), 2 * 8 * 8),
+])
+def test_mac_count_counts_average_pools_as_their_additions(pool, shape, expected):
+    """A pool costs what the depthwise conv ``fuse`` may write in its place costs."""
+    assert reparam_fx.mac_count(pool, torch.randn(shape)) == expected
+    depthwise = nn.Conv2d(4, 4, 3, padding=1, groups=4, bias=False)
+    if isinstance(pool, nn.AvgPool2d) and pool.kernel_size == 3:
+        assert reparam_fx.mac_count(depthwise, torch.randn(shape)) == expected
 
 
 def test_fused_repvgg_block_has_fewer_macs():

@@ -31,6 +31,17 @@ only true when the module runs its class's standard forward. So the tracer:
 Subclasses of conv or BatchNorm with their own ``forward`` are traced through as fx always
 does (their module is not in ``torch.nn``).
 
+BatchNorm is read as a family (:func:`standard_batchnorm`): every ``_BatchNorm`` whose class
+runs torch's own ``forward`` is one op, a leaf, whatever its class: ``BatchNorm1d/2d/3d``,
+their lazy forms once initialised, ``SyncBatchNorm`` (in eval mode it never synchronises: it
+calls ``F.batch_norm`` with its running statistics exactly as ``BatchNorm2d`` does; in
+training it uses batch statistics and is refused like any BatchNorm), and subclasses that
+do not override ``forward`` (mmengine's ``_BatchNormXd``). A subclass whose own ``forward``
+calls ``super().forward(x)`` (detectron2's ``NaiveSyncBatchNorm`` in eval) is traced
+through: while tracing, torch's own input-rank checks (``_check_input_dim``: ``if
+input.dim() != 4: raise``, control flow on a traced value) are recorded as the
+``torch._assert`` they amount to, which also proves the rank.
+
 Which capture first
 -------------------
 Symbolic tracing, even when ``example_inputs`` are given. The fused model then works for
@@ -45,6 +56,7 @@ the same models to the same op counts (tested on the third-party corpus).
 from __future__ import annotations
 
 import collections
+import contextlib
 import copy
 import itertools
 import operator
@@ -182,15 +194,117 @@ def replaced_forward(module: nn.Module) -> bool:
 
 
 def runs_standard_forward(module) -> bool:
-    """A ``torch.nn`` class's own forward: no subclass, no replaced instance forward."""
-    return module is not None and type(module).__module__.startswith("torch.nn") and \
-        not replaced_forward(module)
+    """A ``torch.nn`` class's own forward: no subclass, no replaced instance forward (or a
+    BatchNorm of any class running torch's own forward, :func:`standard_batchnorm`)."""
+    return module is not None and (type(module).__module__.startswith("torch.nn") and
+                                   not replaced_forward(module) or standard_batchnorm(module))
 
 
 def is_op_module(module: nn.Module) -> bool:
-    """A ``torch.nn`` module that is one op (Conv2d, ReLU ...), not a container of others."""
-    return type(module).__module__.startswith("torch.nn") and not isinstance(
-        module, (nn.Sequential, nn.ModuleList, nn.ModuleDict))
+    """A ``torch.nn`` module that is one op (Conv2d, ReLU ...), not a container of others;
+    and a BatchNorm of any class that runs torch's own forward."""
+    return standard_batchnorm(module) or type(module).__module__.startswith("torch.nn") and \
+        not isinstance(module, (nn.Sequential, nn.ModuleList, nn.ModuleDict))
+
+
+# ---- the BatchNorm family -------------------------------------------------------------
+
+_BN = nn.modules.batchnorm
+# torch's two BatchNorm forwards. ``SyncBatchNorm.forward`` differs from ``_BatchNorm``'s
+# only where ``self.training`` is True (it synchronises batch statistics across processes);
+# in eval mode both return ``F.batch_norm(x, running_mean, running_var, weight, bias,
+# running_mean is None and running_var is None, momentum, eps)``.
+_STANDARD_BATCHNORM_FORWARDS = (_BN._BatchNorm.forward, _BN.SyncBatchNorm.forward)
+# the rank each class's own ``_check_input_dim`` requires (the others allow several)
+_BATCHNORM_INPUT_RANKS = ((_BN.BatchNorm2d, 4), (_BN.LazyBatchNorm2d, 4), (_BN.BatchNorm3d, 5),
+                          (_BN.LazyBatchNorm3d, 5))
+
+
+def standard_batchnorm(module) -> bool:
+    """Whether ``module`` is a BatchNorm (``_BatchNorm``: ``BatchNorm1d/2d/3d``, the lazy
+    ones, ``SyncBatchNorm``, any subclass) whose computation is torch's own ``forward``: its
+    class does not override it and the instance did not replace it."""
+    return isinstance(module, _BN._BatchNorm) and not replaced_forward(module) and \
+        type(module).forward in _STANDARD_BATCHNORM_FORWARDS
+
+
+def batchnorm_input_rank(module) -> int | None:
+    """The one rank a standard BatchNorm's own input check accepts (4 for ``BatchNorm2d``
+    and its subclasses that keep its check, 5 for ``BatchNorm3d``), else None
+    (``BatchNorm1d``: 2 or 3; ``SyncBatchNorm``: any from 2; a subclass with its own check,
+    like mmengine's ``_BatchNormXd``, which checks nothing)."""
+    if not standard_batchnorm(module):
+        return None
+    for cls, rank in _BATCHNORM_INPUT_RANKS:
+        if isinstance(module, cls) and type(module)._check_input_dim is cls._check_input_dim:
+            return rank
+    return None
+
+
+def uninitialised_modules(model: nn.Module) -> list[str]:
+    """The lazy modules (``LazyBatchNorm2d``, ``LazyConv2d`` ...) of ``model`` that have not
+    been run yet, as ``"name (class)"``: their parameters and statistics do not exist."""
+    from torch.nn.modules.lazy import LazyModuleMixin
+    return [f"{name or 'the model'} ({type(module).__name__})"
+            for name, module in model.named_modules()
+            if isinstance(module, LazyModuleMixin) and module.has_uninitialized_params()]
+
+
+def _traced_input_check(cls, original):
+    """``cls._check_input_dim`` that, given a traced tensor, records the check as the
+    ``torch._assert`` it amounts to instead of branching on it."""
+    def check(self, input):
+        if not isinstance(input, torch.fx.Proxy):
+            return original(self, input)
+        dims = input.dim()
+        if issubclass(cls, _BN.SyncBatchNorm):
+            condition, expected = dims >= 2, "at least 2D"
+        elif issubclass(cls, (_BN.BatchNorm1d, _BN.LazyBatchNorm1d)):
+            condition, expected = (dims == 2) | (dims == 3), "2D or 3D"
+        else:
+            rank = dict(_BATCHNORM_INPUT_RANKS)[cls]
+            condition, expected = dims == rank, f"{rank}D"
+        torch._assert(condition, f"expected {expected} input")
+    return check
+
+
+_INPUT_CHECKS = {cls: cls.__dict__["_check_input_dim"] for cls in (
+    _BN.BatchNorm1d, _BN.BatchNorm2d, _BN.BatchNorm3d, _BN.LazyBatchNorm1d,
+    _BN.LazyBatchNorm2d, _BN.LazyBatchNorm3d, _BN.SyncBatchNorm)}
+_traced_checks_depth = 0
+
+
+@contextlib.contextmanager
+def _traceable_batchnorm_checks():
+    """While tracing: torch's BatchNorm input checks on traced tensors become asserts in the
+    graph (``SyncBatchNorm``'s non-zero channel check, which reads no rank and guards no
+    value, is skipped). Only a ``forward`` that calls ``super().forward(x)`` reaches them:
+    standard BatchNorms are leaves."""
+    global _traced_checks_depth
+    if _traced_checks_depth == 0:
+        for cls, original in _INPUT_CHECKS.items():
+            cls._check_input_dim = _traced_input_check(cls, original)
+        _BN.SyncBatchNorm._check_non_zero_input_channels = _skip_on_proxies(
+            _SYNC_CHANNEL_CHECK)
+    _traced_checks_depth += 1
+    try:
+        yield
+    finally:
+        _traced_checks_depth -= 1
+        if _traced_checks_depth == 0:
+            for cls, original in _INPUT_CHECKS.items():
+                cls._check_input_dim = original
+            _BN.SyncBatchNorm._check_non_zero_input_channels = _SYNC_CHANNEL_CHECK
+
+
+_SYNC_CHANNEL_CHECK = _BN.SyncBatchNorm.__dict__["_check_non_zero_input_channels"]
+
+
+def _skip_on_proxies(original):
+    def check(self, input):
+        if not isinstance(input, torch.fx.Proxy):
+            original(self, input)
+    return check
 
 
 def _compiled_original(module: nn.Module) -> nn.Module | None:
@@ -219,6 +333,27 @@ class _Proxy(torch.fx.Proxy):
 
     def __setitem__(self, key, value):
         self.tracer.create_proxy("call_function", operator.setitem, (self, key, value), {})
+
+
+def _record_in_place(operator_function):
+    """``out += e`` on a traced tensor as the in-place op it is.
+
+    ``torch.fx.Proxy`` has no ``__iadd__``, so Python falls back to ``out = out + e`` and
+    the trace computes a new tensor where the program wrote into ``out``: every alias of
+    ``out`` (``nn.Identity``'s input, eval ``Dropout``'s, ``out = x``, a view) would keep its
+    old value in the graph while the model changes it. Recording ``operator.iadd`` keeps the
+    write (the graph runs ``out.__iadd__(e)``, as the model does), and the passes see it."""
+    def in_place(self, other):
+        return self.tracer.create_proxy("call_function", operator_function, (self, other), {})
+    in_place.__name__ = f"__{operator_function.__name__}__"
+    return in_place
+
+
+for _function in (operator.iadd, operator.isub, operator.imul, operator.itruediv,
+                  operator.ifloordiv, operator.imod, operator.ipow, operator.iand,
+                  operator.ior, operator.ixor, operator.ilshift, operator.irshift,
+                  operator.imatmul):
+    setattr(_Proxy, f"__{_function.__name__}__", _record_in_place(_function))
 
 
 class _WriteRefused(RuntimeError):
@@ -292,14 +427,18 @@ class FaithfulTracer(torch.fx.Tracer):
             return True
         if replaced_forward(m):
             return False  # trace what the instance computes, not what its class says
-        return super().is_leaf_module(m, module_qualified_name)
+        return standard_batchnorm(m) or super().is_leaf_module(m, module_qualified_name)
+
+    def trace(self, root, concrete_args=None):
+        with _traceable_batchnorm_checks():
+            return super().trace(root, concrete_args)
 
     def call_module(self, m, forward, args, kwargs):
         original = _compiled_original(m)
         if original is not None:
             return original(*args, **kwargs)  # traced through the patched Module.__call__
         if self._leaf_reason(m) is not None or (
-                not replaced_forward(m) and super().is_leaf_module(m, "")):
+                not replaced_forward(m) and (standard_batchnorm(m) or super().is_leaf_module(m, ""))):
             return super().call_module(m, forward, args, kwargs)
         try:
             return self._attempt(m, forward, args, kwargs)
@@ -335,14 +474,25 @@ class FaithfulTracer(torch.fx.Tracer):
 class _PythonState:
     """The plain Python state of every module of a model, restored after tracing: a
     forward may write to it (caches keyed by device, patched-then-deleted ``forward``s),
-    and tracing runs forward with proxies, which must not stay in the caller's model."""
+    and tracing runs forward with proxies, which must not stay in the caller's model.
+    Likewise the batch counters of BatchNorms in training mode."""
 
     def __init__(self, model: nn.Module):
         self._saved = [(module, dict(module.__dict__),
                         {key: _contents(value) for key, value in module.__dict__.items()})
                        for module in model.modules()]
+        # a BatchNorm subclass in training mode traced through (``super().forward(x)``)
+        # counts the batch for real: ``num_batches_tracked.add_(1)`` on a plain buffer
+        self._counters = [(module.num_batches_tracked, module.num_batches_tracked.clone())
+                          for module in model.modules()
+                          if isinstance(module, _BN._BatchNorm) and module.training
+                          and isinstance(module.num_batches_tracked, torch.Tensor)]
 
     def restore(self) -> None:
+        with torch.no_grad():
+            for counter, saved in self._counters:
+                if not torch.equal(counter, saved):
+                    counter.copy_(saved)
         for module, attributes, contents in self._saved:
             if module.__dict__ != attributes:
                 module.__dict__.clear()

@@ -9,6 +9,7 @@ itself are not seen).
 
 from __future__ import annotations
 
+import math
 import operator
 from collections import Counter
 
@@ -163,12 +164,23 @@ def parameter_count(model: nn.Module) -> int:
 
 def mac_count(model: nn.Module, example_inputs) -> int:
     """Multiply-accumulates of one forward pass on ``example_inputs``: convolutions,
-    linear layers and matrix products (half of ``torch.utils.flop_counter``'s FLOPs).
-    Element-wise ops, BatchNorm, pooling and softmax are not counted, as papers count MACs.
-    """
+    linear layers and matrix products (half of ``torch.utils.flop_counter``'s FLOPs), and
+    average pooling, which adds ``prod(kernel)`` values for each output element - what the
+    depthwise conv that ``fuse`` may write in its place costs, so the count compares the
+    two honestly. Other element-wise ops, BatchNorm and softmax are not counted, as papers
+    count MACs."""
     from torch.utils.flop_counter import FlopCounterMode
     inputs = (example_inputs,) if isinstance(example_inputs, torch.Tensor) else tuple(example_inputs)
-    counter = FlopCounterMode(display=False)
+    pools = {torch.ops.aten.avg_pool1d: _pool_flops, torch.ops.aten.avg_pool2d: _pool_flops,
+             torch.ops.aten.avg_pool3d: _pool_flops}
+    counter = FlopCounterMode(display=False, custom_mapping=pools)
     with counter, torch.no_grad():
         model(*inputs)
     return counter.get_total_flops() // 2
+
+
+def _pool_flops(x_shape, kernel_size, *args, out_shape=None, **kwargs) -> int:
+    """Twice (the counter's FLOPs are two per MAC) the additions of an average pool."""
+    spatial = len(x_shape) - 2 if len(x_shape) > 2 else len(x_shape) - 1
+    kernel = list(kernel_size) * (spatial if len(kernel_size) == 1 else 1)
+    return 2 * math.prod(out_shape) * math.prod(kernel)

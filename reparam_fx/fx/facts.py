@@ -329,16 +329,30 @@ class GraphFacts:
     def _find_written(self, exclude=frozenset()) -> set[torch.fx.Node]:
         """Every node an in-place op writes to, directly or through views and aliases
         (``y[:, :2].mul_(2)`` writes ``y``), but by the ops in ``exclude`` (the border
-        writes of :meth:`_find_border_fills`, part of their padding)."""
-        written = set()
-        for node in self.ws.graph.nodes:
+        writes of :meth:`_find_border_fills`, part of their padding). ``first_write`` maps
+        each to the position of the first op that writes it."""
+        written, self.first_write = set(), {}
+        for position, node in enumerate(self.ws.graph.nodes):
             if node in exclude or not self.is_inplace(node) or not node.args:
                 continue
             target = node.args[0]
             while isinstance(target, torch.fx.Node) and target not in written:
                 written.add(target)
+                self.first_write[target] = position
                 target = view_base(target, self.modules)
         return written
+
+    def read_before_written(self, source: torch.fx.Node, nodes) -> bool:
+        """Whether every op of ``nodes`` that reads ``source`` runs before any op writes
+        into ``source`` (directly or through an alias), and none of them writes: one op put
+        in the place of the first of them reads the same values they read."""
+        if source not in self.first_write:
+            return True
+        if any(self.is_inplace(node) for node in nodes):
+            return False
+        positions = {node: i for i, node in enumerate(self.ws.graph.nodes)}
+        return all(positions[node] < self.first_write[source]
+                   for node in nodes if source in node.all_input_nodes)
 
     def _find_mutated(self) -> set[torch.fx.Node]:
         """Nodes whose value an in-place op changes (directly, or through a view or an

@@ -28,12 +28,13 @@ import torch.fx
 import torch.nn as nn
 
 from reparam_fx.fx.capture import runs_standard_forward
-from reparam_fx.fx.values import schema_name, tensor_shape
+from reparam_fx.fx.values import is_size_int, schema_name, tensor_shape, whole_shape_of
 from reparam_fx.regions import Layout, average_maps, permutation_maps
 
 _PERMUTES = {"permute", "transpose", "swapaxes", "swapdims", "movedim", "moveaxis", "t"}
 _RESHAPES = {"view", "reshape", "_unsafe_view", "view_as", "reshape_as", "flatten",
              "unflatten", "squeeze", "unsqueeze"}
+_COPIES = {"clone", "contiguous"}
 _REDUCTIONS = {"mean", "adaptive_avg_pool1d", "adaptive_avg_pool2d", "adaptive_avg_pool3d"}
 
 
@@ -46,6 +47,10 @@ def interpret_move(node: torch.fx.Node, facts) -> Layout | None:
     x = args[0]
     if x in facts.scalars:
         return None
+    if name in _COPIES and set(kwargs) <= {"memory_format"} and len(args) <= 2:
+        # the values unchanged, in a new (contiguous) memory layout that a ``view`` after it
+        # may need: written again with the moves around it, never dropped
+        return Layout(x, lambda axis: axis, lambda axis: axis)
     rank = _rank(x, facts)
     out_rank = facts.rank(node)
     if name not in _PERMUTES and name not in _REDUCTIONS and name not in _RESHAPES:
@@ -381,6 +386,13 @@ def _by_read_sizes(x, sizes, rank, facts) -> Layout | None:
     size 1 (after an average to 1) do not count: ``x.view(x.size(0), -1)`` of a pooled
     ``(B, C, 1, 1)`` keeps C whole."""
     if rank is None or not sizes:
+        return None
+    if len(sizes) == 1 and isinstance(sizes[0], torch.fx.Node) and not is_size_int(sizes[0]):
+        # one value holding every size: ``x.reshape(t.shape)`` of a ``t`` shaped like ``x``
+        # changes nothing; any other (``y.shape[:2] + (-1,)``, a tuple built at run time)
+        # is unproven
+        if whole_shape_of(sizes[0]) in _same_shape(x, facts):
+            return Layout(x, lambda axis: axis, lambda axis: axis)
         return None
     out_rank = len(sizes)
     same, unit = _same_shape(x, facts), _unit_axes(x, rank, facts)

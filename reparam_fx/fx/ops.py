@@ -17,7 +17,9 @@ forms (``aten.conv2d``, ``aten.convolution``, ``aten.batch_norm`` (export's trai
 ``_native_batch_norm_legit_no_training`` (core ATen), ``aten.add_.Tensor``, ``aten.addmm``
 ...) map to the same terms. A module is read by its class only when it runs its class's
 standard ``forward``: not a subclass that overrides it, not an instance whose ``forward``
-was replaced, not one with hooks. Weights may be computed in ``forward`` from parameters
+was replaced, not one with hooks. BatchNorm is read as a family: every ``_BatchNorm`` that
+runs torch's own forward (``SyncBatchNorm`` too: in eval mode it is ``F.batch_norm`` on its
+running statistics, like ``BatchNorm2d``; see :func:`.capture.standard_batchnorm`). Weights may be computed in ``forward`` from parameters
 alone (:meth:`GraphFacts.constant`).
 """
 
@@ -31,7 +33,9 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from reparam_fx import affine
-from reparam_fx.fx.capture import has_global_hooks, has_hooks, replaced_forward
+from reparam_fx.affine import NotExact
+from reparam_fx.fx.capture import (has_global_hooks, has_hooks, replaced_forward,
+                                   standard_batchnorm)
 from reparam_fx.fx.facts import GraphFacts
 from reparam_fx.fx.moves import interpret_move
 from reparam_fx.fx.values import hashable_in, tensor_shape
@@ -171,13 +175,50 @@ def _conv_op(facts, input_node, weight, bias, stride, padding, dilation, groups,
     kernel = tuple(weight.shape[2:])
     dilation = _tuple(dilation, spatial)
     groups = _tuple(groups, 1)[0]
+    pads = None  # (before, after) per dim where they differ
     if isinstance(padding, str):
         padding = _same_padding(padding, kernel, dilation)
-        if padding is None:
-            return Refused("padding='same' with an even kernel is asymmetric")
-    term = affine.conv(weight, bias, _tuple(stride, spatial), _tuple(padding, spatial),
-                       dilation, groups, padding_mode)
-    return Unary(input_node, term, "conv", -(spatial + 1), dtype=weight.dtype)
+        if padding is None:  # an even kernel: PyTorch pads d(k-1) // 2 before, the rest after
+            pads = tuple((d * (k - 1) // 2, d * (k - 1) - d * (k - 1) // 2)
+                         for k, d in zip(kernel, dilation))
+    if pads is None:
+        pads = tuple((p, p) for p in _tuple(padding, spatial))
+    extra_nodes = ()
+    pad = _asymmetric_pad_before(facts, input_node, spatial)
+    if pad is not None and padding_mode == "zeros":  # F.pad(x, (0, 1, 0, 1)) then conv
+        input_node, extra_nodes = pad[0], (input_node,)
+        pads = tuple((a + c, b + d) for (a, b), (c, d) in zip(pads, pad[1]))
+    if any(before != after for before, after in pads):
+        if padding_mode != "zeros":
+            return Refused(f"an asymmetric padding with padding_mode={padding_mode!r}")
+        try:
+            term = affine.asymmetric_conv(weight, bias, _tuple(stride, spatial), pads,
+                                          dilation, groups)
+        except NotExact as reason:
+            return Refused(str(reason))
+    else:
+        term = affine.conv(weight, bias, _tuple(stride, spatial),
+                           tuple(before for before, _ in pads), dilation, groups, padding_mode)
+    return Unary(input_node, term, "conv", -(spatial + 1), dtype=weight.dtype,
+                 extra_nodes=extra_nodes)
+
+
+def _asymmetric_pad_before(facts, node, spatial: int):
+    """``(input, ((before, after), ...))`` if ``node`` is an asymmetric zero pad of the
+    last ``spatial`` dims (``F.pad(x, (0, 1, 0, 1))``, TF-"same" padding with static sizes,
+    core ATen's form of an even-kernel ``padding='same'``) whose only reader is the conv
+    after it, which then pads its input itself."""
+    if not isinstance(node, torch.fx.Node) or node.op == "placeholder" \
+            or len(facts.value_users.get(node, ())) != 1 or node in facts.mutated \
+            or node in facts.metadata_users:
+        return None
+    op = interpret(node, facts)
+    if not isinstance(op, Refused) or op.asymmetric_pad is None:
+        return None
+    source, pairs = op.asymmetric_pad
+    if len(pairs) > spatial:
+        return None
+    return source, ((0, 0),) * (spatial - len(pairs)) + tuple(pairs)
 
 
 def _conv_transpose_op(input_node, weight, bias, stride, padding, output_padding, dilation,
@@ -206,6 +247,21 @@ def _batchnorm_op(facts, input_node, mean, var, weight, bias, eps, training, ext
                   extra_nodes=extra_nodes)
 
 
+def _batchnorm_module_op(facts, input_node, module):
+    """A BatchNorm module of any class (``BatchNorm1d/2d/3d``, lazy, ``SyncBatchNorm``, a
+    subclass): read as one when it runs torch's own forward, which in eval mode is
+    ``F.batch_norm`` on its running statistics for every one of them."""
+    if not standard_batchnorm(module):
+        where = "its instance replaces" if replaced_forward(module) else "its class overrides"
+        return Refused(f"{type(module).__name__}: {where} BatchNorm's forward, so what it "
+                       "computes is not read from its class")
+    if any(isinstance(t, torch.nn.parameter.UninitializedTensorMixin)
+           for t in (module.weight, module.running_mean)):
+        return Refused(f"{type(module).__name__} is not initialised: run the model once")
+    return _batchnorm_op(facts, input_node, module.running_mean, module.running_var,
+                         module.weight, module.bias, module.eps, module.training)
+
+
 def _pool_op(input_node, kernel, stride, padding, ceil_mode, count_include_pad, divisor,
              spatial):
     kernel = _tuple(kernel, spatial)
@@ -229,8 +285,11 @@ def _pad_op(input_node, pad, mode, value):
     if len(pad) % 2:
         return None
     pairs = [(pad[i], pad[i + 1]) for i in range(0, len(pad), 2)][::-1]  # outermost first
-    if any(a != b or a < 0 for a, b in pairs):
-        return Refused("asymmetric or negative zero padding has no conv equivalent")
+    if any(a < 0 or b < 0 for a, b in pairs):
+        return Refused("negative zero padding has no conv equivalent")
+    if any(a != b for a, b in pairs):
+        return Refused("an asymmetric zero padding is a conv's padding only right before it",
+                       asymmetric_pad=(input_node, tuple(pairs)))
     return Unary(input_node, affine.zero_pad(tuple(a for a, _ in pairs)), "pad",
                   -(len(pairs) + 1))
 
@@ -397,10 +456,8 @@ def _interpret_module(node, facts):
         if _own_forward(module, base):
             return _conv_op(facts, x, module.weight, module.bias, module.stride, module.padding,
                             module.dilation, module.groups, spatial, module.padding_mode)
-    for base in (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d):
-        if _own_forward(module, base):
-            return _batchnorm_op(facts, x, module.running_mean, module.running_var,
-                                 module.weight, module.bias, module.eps, module.training)
+    if isinstance(module, nn.modules.batchnorm._BatchNorm):
+        return _batchnorm_module_op(facts, x, module)
     if _own_forward(module, nn.Linear):
         return Unary(x, affine.linear(module.weight, module.bias), "linear", -1,
                      dtype=module.weight.dtype)

@@ -4,7 +4,9 @@ A rank is *proven* by shape metadata (export graphs, ``example_inputs``), by a
 ``BatchNorm2d``/``3d`` module's class (its input is 4-/5-D; also for a subclass whose
 ``forward`` is traced through, read from ``meta['nn_module_stack']``), by a
 ``torch._assert(x.ndim == k)`` or ``x.dim() == k`` in the graph, and by the arguments of
-``flatten`` / ``view`` / ``reshape`` / ``permute`` / ``unsqueeze`` / ``mean``. Ops that keep
+``flatten`` / ``view`` / ``reshape`` / ``permute`` / ``unsqueeze`` / ``mean``, and by a
+classifier head ``linear(flatten(adaptive_avg_pool2d(x, 1), 1))`` (3-D input would reach the
+Linear with the wrong width: the model only runs on batched input). Ops that keep
 the rank (conv: ``(C, H, W)`` stays 3-D and ``(N, C, H, W)`` 4-D; BatchNorm; linear;
 pooling; activations; dropout; scalar arithmetic; ``cat``) join their input and output
 into one class (a union-find), so one proof holds for the whole class. A conv bounds its
@@ -14,6 +16,7 @@ conflicting proofs prove nothing.
 
 from __future__ import annotations
 
+import math
 import operator
 
 import torch
@@ -22,8 +25,9 @@ import torch.nn as nn
 import torch.nn.functional as F
 from networkx.utils import UnionFind
 
-from reparam_fx.fx.capture import runs_standard_forward
-from reparam_fx.fx.values import schema_name, tensor_shape
+from reparam_fx.fx.capture import batchnorm_input_rank, runs_standard_forward
+from reparam_fx.fx.values import (hashable_in, is_size_int, schema_name, tensor_shape,
+                                  whole_shape_of)
 
 
 # ---- ops that keep the rank (for rank classes) ---------------------------------------
@@ -50,6 +54,8 @@ _RANK_KEEPING_NAMES = {
     "_native_batch_norm_legit_no_training", "alias", "identity",
 }
 _BATCHNORM_RANKS = ((nn.BatchNorm2d, 4), (nn.BatchNorm3d, 5))
+_IN_PLACE_ARITHMETIC = {"iadd", "isub", "imul", "itruediv", "add_", "sub_", "mul_", "div_"}
+_BINARY_ARITHMETIC = {"add", "sub", "mul", "truediv", "div"}
 
 
 class RankFacts:
@@ -68,6 +74,7 @@ class RankFacts:
         for node in nodes:
             for keeper in self._rank_keeping_inputs(node):
                 self._classes.union(node, keeper)
+        self._join_same_rank_arithmetic(nodes)
         for node in nodes:
             self._prove_from_node(node)
             bound = self._conv_rank_bound(node)
@@ -77,6 +84,25 @@ class RankFacts:
         for _ in range(self.MAX_SWEEPS):  # ranks derived from other ranks, to a fixpoint
             if not any([self._derive(node) for node in self._derived]):
                 break
+
+    def _join_same_rank_arithmetic(self, nodes) -> None:
+        """``a + b`` (``-``, ``*``, ``/``) of two tensors of one class has their rank:
+        broadcasting equal ranks keeps it (the residual ``x + f(x)``). Joining may put the
+        operands of a later op in one class, so this runs to a fixpoint."""
+        pending = [node for node in nodes if self._name(node) in _BINARY_ARITHMETIC
+                   and len(node.args) == 2 and not node.kwargs
+                   and all(isinstance(a, torch.fx.Node) for a in node.args)]
+        for _ in range(self.MAX_SWEEPS):
+            waiting = []
+            for node in pending:
+                a, b = node.args
+                if self._classes[a] == self._classes[b]:
+                    self._classes.union(node, a)
+                else:
+                    waiting.append(node)
+            if len(waiting) == len(pending):
+                break
+            pending = waiting
 
     def rank(self, node) -> int | None:
         if not isinstance(node, torch.fx.Node):
@@ -143,6 +169,8 @@ class RankFacts:
                 return first  # in-place: the tensor keeps its shape
         elif node.op == "call_function":
             name = schema_name(node.target) or getattr(node.target, "__name__", "")
+            if name in _IN_PLACE_ARITHMETIC:
+                return first  # ``out += e`` writes into ``out``: ``e`` broadcasts to its shape
             if name.endswith("_") and not name.startswith("__") and name != "_assert":
                 name = name[:-1]
         else:
@@ -167,13 +195,14 @@ class RankFacts:
         first = node.args[0] if node.args else None
         if node.op == "call_module":
             module = self._modules.get(node.target)
-            for cls, rank in _BATCHNORM_RANKS:
-                if isinstance(module, cls) and runs_standard_forward(module) and isinstance(first, torch.fx.Node):
-                    self._prove(first, rank)
+            rank = batchnorm_input_rank(module)  # its class checks it (BatchNorm2d: 4-D)
+            if rank is not None and isinstance(first, torch.fx.Node):
+                self._prove(first, rank)
         elif node.op == "call_function" and node.target is F.batch_norm:
             self._prove_batchnorm_subclass_input(node)
         elif node.op == "call_function" and node.target is torch._assert:
             self._prove_from_assert(node)
+        self._prove_from_classifier_head(node)
         if self._derivable(node):
             self._derived.append(node)
 
@@ -193,6 +222,41 @@ class RankFacts:
         for base, rank in _BATCHNORM_RANKS:
             if issubclass(cls, base):
                 self._prove(x, rank)
+
+    def _prove_from_classifier_head(self, node: torch.fx.Node) -> None:
+        """``linear(flatten(adaptive_pool(x, (oh, ow)), 1))``, the classifier head of most
+        CNNs, proves ``x`` batched: an adaptive 2-D pool takes a 3-D or 4-D tensor, and
+        ``flatten(1)`` makes ``(B, C*oh*ow)`` of a 4-D one but ``(C, oh*ow)`` of a 3-D one,
+        which a Linear with ``in_features != oh*ow`` rejects. So on every input the model
+        accepts, the pool's input is 4-D (1-D and 3-D pools alike: spatial dims + 2)."""
+        features = self._linear_in_features(node)
+        if features is None or not node.args or not isinstance(node.args[0], torch.fx.Node):
+            return
+        flat = node.args[0]
+        while flat.op == "call_module" and isinstance(self._modules.get(flat.target), (
+                nn.Identity, nn.modules.dropout._DropoutNd)) and \
+                runs_standard_forward(self._modules.get(flat.target)) and \
+                isinstance(flat.args[0] if flat.args else None, torch.fx.Node):
+            flat = flat.args[0]  # (a classifier's dropout keeps the shape)
+        pooled = _flattened_from_dim_one(flat, self._modules)
+        found = _adaptive_pool(pooled, self._modules) if pooled is not None else None
+        if found is None:
+            return
+        spatial, sizes = found
+        if len(sizes) == spatial and all(isinstance(s, int) for s in sizes) and \
+                math.prod(sizes) != features:
+            self._prove(pooled, spatial + 2)
+
+    def _linear_in_features(self, node: torch.fx.Node) -> int | None:
+        if node.op == "call_module":
+            module = self._modules.get(node.target)
+            if isinstance(module, nn.Linear) and runs_standard_forward(module):
+                return module.in_features
+        elif node.op == "call_function" and node.target is F.linear and len(node.args) > 1:
+            weight = self._constant(node.args[1])
+            if weight is not None and weight.dim() == 2:
+                return weight.shape[1]
+        return None
 
     def _prove_from_assert(self, node: torch.fx.Node) -> None:
         """``torch._assert(x.ndim == k)`` / ``x.dim() == k`` proves ``rank(x) == k``."""
@@ -247,6 +311,8 @@ class RankFacts:
                 sizes = sizes[0]
             if name == "view" and len(sizes) == 1 and not isinstance(sizes[0], (int, torch.fx.Node)):
                 return None  # view(dtype)
+            if len(sizes) == 1 and isinstance(sizes[0], torch.fx.Node):
+                return self._sizes_in(sizes[0])
             return len(sizes) if sizes else None
         if name == "unsqueeze":
             rank = self.rank(first)
@@ -263,6 +329,20 @@ class RankFacts:
         if len(args) == 2:  # broadcasting arithmetic: the larger rank
             return self._broadcast_rank(args)
         return None
+
+    def _sizes_in(self, value: torch.fx.Node) -> int | None:
+        """How many sizes one graph value passed to ``reshape``/``view``/``permute`` holds:
+        one for an int (``x.size(0)``, ``h * w``), the rank of ``y`` for a whole shape
+        (``y.shape``, ``y.size()``), else unknown (a slice ``y.shape[:2]``, a tuple built at
+        run time)."""
+        meta = value.meta.get("val")
+        if isinstance(meta, (int, torch.SymInt)) and not isinstance(meta, bool):
+            return 1
+        if isinstance(meta, (tuple, list, torch.Size)):
+            return len(meta)
+        if whole_shape_of(value) is not None:
+            return self.rank(whole_shape_of(value))
+        return 1 if is_size_int(value) else None
 
     def _reduced(self, node: torch.fx.Node) -> int | None:
         """``x.mean(dims, keepdim)`` and the like."""
@@ -300,10 +380,52 @@ class RankFacts:
     def _flattened(self, x, start, end) -> int | None:
         if not (isinstance(start, int) and isinstance(end, int)):
             return None
-        if start >= 0 and end == -1:
-            return start + 1
+        if start >= 0 and end < 0:  # axes start..end-from-the-back become one
+            return start - end
         rank = self.rank(x)
         if rank is None:
             return None
         start, end = start % rank, end % rank
         return rank - (end - start) if end >= start else None
+
+
+_ADAPTIVE_POOL_FUNCTIONS = {F.adaptive_avg_pool1d: 1, F.adaptive_avg_pool2d: 2,
+                            F.adaptive_avg_pool3d: 3, F.adaptive_max_pool1d: 1,
+                            F.adaptive_max_pool2d: 2, F.adaptive_max_pool3d: 3}
+
+
+def _flattened_from_dim_one(node: torch.fx.Node, modules):
+    """``x`` if ``node`` is ``torch.flatten(x, 1)``, ``x.flatten(1)`` or ``nn.Flatten()``
+    (every dim from 1 to the last), else None."""
+    x = node.args[0] if node.args else node.kwargs.get("input")
+    if not isinstance(x, torch.fx.Node):
+        return None
+    if node.op == "call_module":
+        module = modules.get(node.target)
+        if type(module) is nn.Flatten and (module.start_dim, module.end_dim) == (1, -1):
+            return x
+        return None
+    if (node.op == "call_function" and node.target is torch.flatten) or \
+            (node.op == "call_method" and node.target == "flatten"):
+        start = node.args[1] if len(node.args) > 1 else node.kwargs.get("start_dim", 0)
+        end = node.args[2] if len(node.args) > 2 else node.kwargs.get("end_dim", -1)
+        return x if (start, end) == (1, -1) else None
+    return None
+
+
+def _adaptive_pool(node: torch.fx.Node, modules):
+    """``(spatial dims, output sizes)`` of an adaptive average or max pool, else None."""
+    if node.op == "call_module":
+        module = modules.get(node.target)
+        if not isinstance(module, (nn.modules.pooling._AdaptiveAvgPoolNd,
+                                   nn.modules.pooling._AdaptiveMaxPoolNd)) \
+                or not runs_standard_forward(module):
+            return None
+        spatial, size = int(type(module).__name__[-2]), module.output_size
+    elif node.op == "call_function" and hashable_in(node.target, _ADAPTIVE_POOL_FUNCTIONS):
+        spatial = _ADAPTIVE_POOL_FUNCTIONS[node.target]
+        size = node.args[1] if len(node.args) > 1 else node.kwargs.get("output_size")
+    else:
+        return None
+    sizes = tuple(size) if isinstance(size, (tuple, list)) else (size,) * spatial
+    return spatial, sizes

@@ -36,6 +36,7 @@ from collections import Counter
 import torch
 import torch.fx
 import torch.nn as nn
+import torch.nn.functional as F
 
 from reparam_fx import affine
 from reparam_fx.affine import ConvTerm, TransposedConvTerm
@@ -74,6 +75,9 @@ class FxView:
 
     def inplace_target(self, node):
         return node.args[0] if self.facts.is_inplace(node) else None
+
+    def read_before_written(self, source, nodes) -> bool:
+        return self.facts.read_before_written(source, nodes)
 
     def interpret(self, node):
         if node not in self._ops:
@@ -244,6 +248,9 @@ def _make_module(term: ConvTerm | TransposedConvTerm, like: torch.Tensor) -> nn.
     Large modules are built on the meta device, so no random initialisation is computed
     and thrown away; small ones on the CPU, where that is cheaper than meta dispatch."""
     weight, bias = term.weights_as(like)
+    padding = term.padding
+    if isinstance(term, ConvTerm) and term.zero_taps:
+        weight, padding = _trimmed(term, weight)
     device = "meta" if weight.numel() > _META_INIT_ABOVE else "cpu"
     if isinstance(term, TransposedConvTerm):
         conv_cls = (nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d)[term.spatial - 1]
@@ -254,12 +261,46 @@ def _make_module(term: ConvTerm | TransposedConvTerm, like: torch.Tensor) -> nn.
         module = nn.Linear(term.in_channels, term.out_channels, bias=False, device=device)
     else:
         conv_cls = (nn.Conv1d, nn.Conv2d, nn.Conv3d)[term.spatial - 1]
-        module = conv_cls(term.in_channels, term.out_channels, term.kernel, term.stride,
-                          term.padding, term.dilation, term.groups, bias=False,
+        module = conv_cls(term.in_channels, term.out_channels, tuple(weight.shape[2:]),
+                          term.stride, padding, term.dilation, term.groups, bias=False,
                           padding_mode=term.padding_mode, device=device)
     module.weight = nn.Parameter(weight.contiguous())
     module.bias = None if bias is None else nn.Parameter(bias.contiguous())
     return module.eval()
+
+
+def _trimmed(term: ConvTerm, weight: torch.Tensor):
+    """The weight without its known zero taps, and the padding of the trimmed kernel:
+    symmetric ints, ``"same"`` where PyTorch's rule for it gives the same sides (stride 1:
+    ``d*(k-1) // 2`` before, the rest after), else zeros (an explicit pad goes first:
+    :func:`_explicit_pad`)."""
+    window = (slice(None), slice(None), *(slice(a, k - b) for k, (a, b) in
+                                          zip(term.kernel, term.taps)))
+    weight = weight[window]
+    pads = term.written_padding
+    if all(before == after for before, after in pads):
+        return weight, tuple(before for before, _ in pads)
+    same = tuple((d * (k - 1) // 2, d * (k - 1) - d * (k - 1) // 2)
+                 for k, d in zip(weight.shape[2:], term.dilation))
+    if pads == same and all(s == 1 for s in term.stride):
+        return weight, "same"
+    return weight, (0,) * term.spatial
+
+
+def _explicit_pad(term) -> list[int] | None:
+    """``F.pad``'s argument (last dim first) for a trimmed kernel whose padding no conv
+    module expresses, else None."""
+    if not isinstance(term, ConvTerm) or not term.zero_taps:
+        return None
+    pads = term.written_padding
+    if all(before == after for before, after in pads):
+        return None
+    weight_shape = term.written_kernel
+    same = tuple((d * (k - 1) // 2, d * (k - 1) - d * (k - 1) // 2)
+                 for k, d in zip(weight_shape, term.dilation))
+    if pads == same and all(s == 1 for s in term.stride):
+        return None
+    return [side for before, after in reversed(pads) for side in (before, after)]
 
 
 def _emit(graph: torch.fx.Graph, region: Region, output: torch.fx.Node, source,
@@ -272,6 +313,16 @@ def _emit(graph: torch.fx.Graph, region: Region, output: torch.fx.Node, source,
     like = _reference_tensor(region, facts)
     name = _new_name(region, facts)
     module = _make_module(term, like)
+    explicit_pad = _explicit_pad(term)
+    if explicit_pad is not None:
+        pad = (aten.constant_pad_nd.default, (source, explicit_pad, 0.0)) \
+            if ws.frontend == "aten" else (F.pad, (source, tuple(explicit_pad)))
+        source = graph.create_node("call_function", *pad)
+    if ws.frontend == "aten" and getattr(module, "padding", None) == "same":
+        total = [d * (k - 1) for k, d in zip(module.kernel_size, module.dilation)]
+        source = graph.create_node("call_function", aten.constant_pad_nd.default, (
+            source, [side for t in reversed(total) for side in (t // 2, t - t // 2)], 0.0))
+        module.padding = (0,) * len(total)
     if ws.frontend == "aten" and getattr(term, "padding_mode", "zeros") == "zeros":
         ws.add(f"{name}.weight", module.weight)
         w = graph.create_node("get_attr", f"{name}.weight")
@@ -284,7 +335,7 @@ def _emit(graph: torch.fx.Graph, region: Region, output: torch.fx.Node, source,
             target, args = aten.linear.default, (source, w, b)
         else:
             target, args = aten.convolution.default, (
-                source, w, b, list(term.stride), list(term.padding), list(term.dilation),
+                source, w, b, list(term.stride), list(module.padding), list(term.dilation),
                 transposed, list(term.output_padding) if transposed else [0] * term.spatial,
                 term.groups)
         new = graph.create_node("call_function", target, args, name=name.replace(".", "_"))
@@ -498,8 +549,9 @@ def _moves_cancel(moves: list, region: Region, facts: GraphFacts) -> bool:
 
 
 _RESHAPE_KINDS = {"flatten", "view", "reshape", "view_as", "reshape_as", "squeeze", "unsqueeze",
-                  "unflatten"}
-_PERMUTE_KINDS = {"permute", "transpose", "swapaxes", "swapdims", "movedim", "moveaxis", "t"}
+                  "unflatten", "clone", "contiguous"}
+_PERMUTE_KINDS = {"permute", "transpose", "swapaxes", "swapdims", "movedim", "moveaxis", "t",
+                  "clone", "contiguous"}
 
 
 def _move_kind(node, facts) -> str:

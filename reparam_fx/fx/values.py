@@ -75,6 +75,40 @@ def shape_values(graph: torch.fx.Graph) -> set[torch.fx.Node]:
     return scalars
 
 
+def whole_shape_of(value: torch.fx.Node) -> torch.fx.Node | None:
+    """``y`` if ``value`` is ``y.shape`` or ``y.size()`` (every size of ``y``), else None."""
+    args = value.args
+    if value.op == "call_function" and value.target is getattr and len(args) == 2 \
+            and args[1] == "shape" and isinstance(args[0], torch.fx.Node):
+        return args[0]
+    if value.op == "call_method" and value.target == "size" and len(args) == 1 \
+            and "dim" not in value.kwargs and isinstance(args[0], torch.fx.Node):
+        return args[0]
+    return None
+
+
+def is_size_int(value) -> bool:
+    """Whether ``value`` is proven to be one int: ``y.shape[i]``, ``y.size(i)``, ``y.numel()``,
+    ``aten.sym_size``, or arithmetic on those and literals."""
+    if isinstance(value, int) and not isinstance(value, bool):
+        return True
+    if not isinstance(value, torch.fx.Node):
+        return False
+    args = value.args
+    if value.target is operator.getitem and len(args) == 2 and isinstance(args[1], int) \
+            and isinstance(args[0], torch.fx.Node) and whole_shape_of(args[0]) is not None:
+        return True
+    if value.op == "call_method" and value.target in ("size", "numel", "dim") and \
+            (value.target != "size" or len(args) == 2 or "dim" in value.kwargs):
+        return True
+    if (schema_name(value.target) or "") in ("sym_size", "sym_numel"):
+        return True
+    if value.target in (operator.add, operator.sub, operator.mul, operator.floordiv,
+                        operator.mod, operator.neg):
+        return all(is_size_int(a) for a in args)
+    return False
+
+
 # ---- metadata reads ------------------------------------------------------------------
 
 _ATTRIBUTE_READS = {"shape": "shape", "ndim": "rank", "dtype": "type", "device": "type",
@@ -190,6 +224,13 @@ VIEW_NAMES = {"view", "view_as", "reshape", "reshape_as", "transpose", "permute"
               "slice", "chunk", "split", "unbind", "__getitem__", "getitem", "real", "imag",
               "view_as_real", "view_as_complex", "_reshape_alias", "T", "mT"}
 
+# ops that return their input itself in some mode or for some arguments: dropout outside
+# training, ``.to``/``.type``/``.float()`` to the dtype and device it has, ``.data``
+MAYBE_SELF_NAMES = {"dropout", "dropout1d", "dropout2d", "dropout3d", "feature_dropout",
+                    "alpha_dropout", "feature_alpha_dropout", "native_dropout", "to", "type",
+                    "type_as", "float", "double", "half", "bfloat16", "cpu", "cuda", "data",
+                    "lift_fresh", "requires_grad_"}
+
 
 def view_base(node: torch.fx.Node, modules) -> torch.fx.Node | None:
     """The tensor ``node`` may be a view or an alias of (writing to ``node`` in place
@@ -210,11 +251,11 @@ def view_base(node: torch.fx.Node, modules) -> torch.fx.Node | None:
         name = node.target
     elif node.op == "call_function":
         if node.target is getattr:
-            return first if node.args[1] in VIEW_NAMES else None
+            return first if node.args[1] in VIEW_NAMES or node.args[1] in MAYBE_SELF_NAMES else None
         name = schema_name(node.target) or getattr(node.target, "__name__", "")
         if node.kwargs.get("inplace") is True:
             return first
     else:
         return None
     in_place = name.endswith("_") and not name.startswith("__")
-    return first if name in VIEW_NAMES or in_place else None
+    return first if name in VIEW_NAMES or name in MAYBE_SELF_NAMES or in_place else None

@@ -1,0 +1,278 @@
+"""Exact or untouched, by class: programs that fusion once got silently wrong or crashed on.
+
+Each test is parametrised over the members of its class (every way a name can alias
+another, every in-place operator, every capture) rather than one example, and checks the
+fused program against the program it was given, in float64, at two input sizes where the
+capture allows it, and that the folds that are still exact did happen.
+"""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+import reparam_fx
+from reparam_fx.testing import randomize_batchnorm_
+
+RTOL64 = 1e-12
+SIZES = ((2, 4, 6, 6), (2, 4, 5, 7))
+
+
+def _error(reference, candidate, x) -> float:
+    reference, candidate = copy.deepcopy(reference).double(), copy.deepcopy(candidate).double()
+    with torch.no_grad():
+        # (clones: a program that writes through an alias of its input changes it)
+        a, b = reference(x.double().clone()), candidate(x.double().clone())
+    assert a.shape == b.shape
+    return ((a - b).abs().max() / a.abs().max()).item()
+
+
+def _fused_ways(model, x):
+    """``(name, program given, fused)`` for each capture of ``model`` at ``x``."""
+    program = torch.export.export(model, (x,))
+    core = torch.export.export(model, (x,)).run_decompositions()
+    return [("fx", model, reparam_fx.fuse(model)),
+            ("fx+inputs", model, reparam_fx.fuse(model, (x,))),
+            ("export", program.module(), reparam_fx.fuse(program)),
+            ("core aten", core.module(), reparam_fx.fuse(core))]
+
+
+def _assert_exact_everywhere(model, sizes=SIZES):
+    model = randomize_batchnorm_(model.eval().double(), seed=5)
+    before = copy.deepcopy(model.state_dict())
+    x = torch.randn(sizes[0], dtype=torch.float64)
+    results = {}
+    for name, given, fused in _fused_ways(model, x):
+        # symbolic captures hold for every size; export programs for the size they saw
+        for size in (sizes if name.startswith("fx") else sizes[:1]):
+            xs = torch.randn(size, dtype=torch.float64)
+            assert _error(given, fused, xs) <= RTOL64, (name, size)
+        results[name] = fused
+    for key, value in model.state_dict().items():
+        assert torch.equal(value, before[key]), key
+    return results
+
+
+# ---- in-place arithmetic through an alias ---------------------------------------------
+
+class _ReturnsInput(nn.Module):
+    def forward(self, x):
+        return x
+
+
+ALIASES = {
+    "nn.Identity": lambda m, x: m.identity(x),
+    "eval Dropout": lambda m, x: m.dropout(x),
+    "F.dropout(training=False)": lambda m, x: F.dropout(x, 0.5, training=False),
+    "name bound twice": lambda m, x: x,
+    "module returning its input": lambda m, x: m.passthrough(x),
+    "view": lambda m, x: x.view(x.shape),
+    "contiguous": lambda m, x: x.contiguous(),
+    "to(its own dtype)": lambda m, x: x.to(x.dtype),
+}
+IN_PLACE = {"+=": lambda a, b: a.__iadd__(b), "-=": lambda a, b: a.__isub__(b),
+            "*=": lambda a, b: a.__imul__(b), "/=": lambda a, b: a.__itruediv__(b)}
+
+
+class AliasWrittenInPlace(nn.Module):
+    """``out = alias(x); out op= bn(conv(x)); return out + x``: the write changes ``x`` too."""
+
+    def __init__(self, alias, operator_name):
+        super().__init__()
+        self.alias, self.operator_name = alias, operator_name
+        self.identity, self.dropout, self.passthrough = nn.Identity(), nn.Dropout(), _ReturnsInput()
+        self.conv, self.bn = nn.Conv2d(4, 4, 3, padding=1), nn.BatchNorm2d(4)
+
+    def forward(self, x):
+        out = ALIASES[self.alias](self, x)
+        branch = self.bn(self.conv(x))
+        if self.operator_name == "+=":
+            out += branch
+        elif self.operator_name == "-=":
+            out -= branch
+        elif self.operator_name == "*=":
+            out *= branch
+        else:
+            out /= branch.abs() + 1
+        return out + x
+
+
+@pytest.mark.parametrize("operator_name", IN_PLACE)
+@pytest.mark.parametrize("alias", ALIASES)
+def test_in_place_arithmetic_through_an_alias_is_exact(alias, operator_name):
+    results = _assert_exact_everywhere(AliasWrittenInPlace(alias, operator_name))
+    # the conv+BN pair itself does not touch the alias: it still folds
+    assert reparam_fx.op_counts(results["fx"])["batch_norm"] == 0
+
+
+def test_in_place_operators_are_traced_as_in_place():
+    """Symbolic tracing records ``out += e`` as ``operator.iadd``, not as ``out + e``."""
+    fused = reparam_fx.fuse(AliasWrittenInPlace("nn.Identity", "+=").eval())
+    assert any(n.target.__name__ == "iadd" for n in fused.graph.nodes if n.op == "call_function")
+
+
+class FreshSumInPlace(nn.Module):
+    """``out = bn0(x); out += bn(conv(x)); out += conv1(x)``: no alias, so the sum merges."""
+
+    def __init__(self):
+        super().__init__()
+        self.bn0, self.bn = nn.BatchNorm2d(4), nn.BatchNorm2d(4)
+        self.conv, self.conv1 = nn.Conv2d(4, 4, 3, padding=1), nn.Conv2d(4, 4, 1)
+
+    def forward(self, x):
+        out = self.bn0(x)
+        out += self.bn(self.conv(x))
+        out += self.conv1(x)
+        return out
+
+
+def test_in_place_sum_of_fresh_tensors_still_merges():
+    for name, fused in _assert_exact_everywhere(FreshSumInPlace()).items():
+        counts = reparam_fx.op_counts(fused)
+        assert counts["conv"] == 1 and counts["batch_norm"] == 0 and counts["add"] == 0, name
+
+
+class ExportAlias(nn.Module):
+    """Issue example B: eval Dropout returns ``y`` itself, so ``out.add_(y)`` doubles ``y``
+    and the conv after it reads ``2y`` (the training IR keeps ``aten.dropout``)."""
+
+    def __init__(self, alias):
+        super().__init__()
+        self.alias = alias
+        self.drop, self.identity = nn.Dropout(), nn.Identity()
+        self.conv, self.bn = nn.Conv2d(4, 4, 3, padding=1), nn.BatchNorm2d(4)
+
+    def forward(self, x):
+        y = self.bn(x)
+        out = self.drop(y) if self.alias == "dropout" else y.to(y.dtype) \
+            if self.alias == "to" else y.contiguous()
+        out.add_(y)
+        return out + self.conv(y)
+
+
+@pytest.mark.parametrize("alias", ["dropout", "to", "contiguous"])
+def test_in_place_write_through_an_exported_alias_is_exact(alias):
+    model = randomize_batchnorm_(ExportAlias(alias).eval().double(), seed=2)
+    x = torch.randn(2, 4, 6, 6, dtype=torch.float64)
+    program = torch.export.export(model, (x,))
+    assert _error(program.module(), reparam_fx.fuse(program), x) <= RTOL64
+    assert _error(model, reparam_fx.fuse(model), x) <= RTOL64
+
+
+# ---- reshapes to a whole shape ----------------------------------------------------------
+
+SHAPE_ARGUMENTS = {
+    "reshape(t.shape)": lambda t: t.reshape(t.shape),
+    "view(t.size())": lambda t: t.view(t.size()),
+    "reshape(t.shape[:-1] + t.shape[-1:])": lambda t: t.reshape(t.shape[:-1] + t.shape[-1:]),
+}
+
+
+class ChannelsLastLinear(nn.Module):
+    """Issue example E: a trailing move after a Linear on a tensor reshaped to a shape."""
+
+    def __init__(self, shape_argument):
+        super().__init__()
+        self.shape_argument = shape_argument
+        self.fc = nn.Linear(4, 4)
+
+    def forward(self, x):
+        t = x.movedim(1, -1)
+        return (self.fc(SHAPE_ARGUMENTS[self.shape_argument](t)) * 2.0).movedim(-1, 1)
+
+
+@pytest.mark.parametrize("shape_argument", SHAPE_ARGUMENTS)
+def test_reshape_to_a_whole_shape_is_no_rank_proof(shape_argument):
+    results = _assert_exact_everywhere(ChannelsLastLinear(shape_argument), ((2, 4, 4, 4), (2, 4, 3, 5)))
+    for name, fused in results.items():  # the scale folds into the Linear; the moves stay
+        assert reparam_fx.op_counts(fused)["mul"] == 0, name
+
+
+def test_a_whole_shape_proves_its_tensors_rank():
+    from reparam_fx.fx.capture import FaithfulTracer, Workspace
+    from reparam_fx.fx.facts import GraphFacts
+
+    class Model(nn.Module):
+        def forward(self, x):
+            torch._assert(x.ndim == 4, "4-D")
+            return x.reshape(x.shape) + 1, x.reshape(x.size(0)), x.reshape(x.shape[1:])
+
+    model = Model()
+    graph = FaithfulTracer().trace(model)
+    facts = GraphFacts(Workspace(model, graph, "fx", "Model"))
+    ranks = {n.name: facts.rank(n) for n in graph.nodes if n.target == "reshape"}
+    assert ranks == {"reshape": 4, "reshape_1": 1, "reshape_2": None}
+
+
+# ---- copies that make a view legal ----------------------------------------------------
+
+class TokensBatchNorm(nn.Module):
+    """Issue example C: BatchNorm1d over flattened channels-last tokens, in core ATen a
+    ``clone`` (contiguous) makes the ``view`` after the permute legal."""
+
+    def __init__(self, style):
+        super().__init__()
+        self.style = style
+        self.conv, self.bn = nn.Conv2d(4, 4, 3, padding=1), nn.BatchNorm1d(4)
+
+    def forward(self, x):
+        t = self.conv(x).movedim(1, -1)
+        if self.style == "flatten":
+            tokens = t.flatten(0, -2)
+        else:
+            tokens = t.contiguous().view(-1, t.shape[-1])
+        return self.bn(tokens).reshape_as(t).movedim(-1, 1)
+
+
+@pytest.mark.parametrize("style", ["flatten", "contiguous view"])
+def test_copies_between_moves_are_written_again(style):
+    results = _assert_exact_everywhere(TokensBatchNorm(style))
+    # without shapes the conv may take unbatched (C, H, W) input, where the BatchNorm's
+    # axis is not the channel axis: only captures with shapes fold it
+    assert reparam_fx.op_counts(results["fx"])["batch_norm"] == 1
+    for name in ("fx+inputs", "export", "core aten"):
+        assert reparam_fx.op_counts(results[name])["batch_norm"] == 0, name
+
+
+# ---- the no-more-MACs contract, as mac_count counts -------------------------------------
+
+def test_pool_turned_depthwise_conv_costs_what_the_pool_did():
+    model = randomize_batchnorm_(nn.Sequential(nn.AvgPool2d(3, 1, 1), nn.BatchNorm2d(4)).eval(), 1)
+    x = torch.randn(1, 4, 8, 8)
+    fused = reparam_fx.fuse(model, (x,))
+    assert reparam_fx.op_counts(fused)["conv"] == 1 and reparam_fx.op_counts(fused)["avg_pool"] == 0
+    for size in (3, 8, 11):
+        x = torch.randn(1, 4, size, size)
+        assert reparam_fx.mac_count(fused, x) <= reparam_fx.mac_count(model, x)
+
+
+@pytest.mark.parametrize("stride", [1, 2, 3])
+def test_composition_never_adds_macs_at_any_size(stride):
+    """A conv then a strided 1x1: the first conv runs at s(n-1)+1 positions for n outputs,
+    not s*n; at the smallest sizes at one per output."""
+    model = randomize_batchnorm_(nn.Sequential(
+        nn.Conv1d(4, 4, 3), nn.BatchNorm1d(4), nn.Conv1d(4, 8, 1, stride=stride, groups=4)
+    ).eval().double(), 1)
+    fused = reparam_fx.fuse(model, (torch.randn(1, 4, 9, dtype=torch.float64),))
+    for length in range(3, 24):
+        x = torch.randn(1, 4, length, dtype=torch.float64)
+        assert reparam_fx.mac_count(fused, x) <= reparam_fx.mac_count(model, x), length
+        assert _error(model, fused, x) <= RTOL64
+
+
+def test_cheap_composition_still_happens():
+    """A 3x3 conv, BN, then a 1x1 reducing 16 channels to 2: composing costs 2*16*9 per
+    position, less than 16*16*9 + 2*16 - so it folds."""
+    model = randomize_batchnorm_(nn.Sequential(
+        nn.Conv2d(16, 16, 3, padding=1), nn.BatchNorm2d(16), nn.Conv2d(16, 2, 1, stride=2)
+    ).eval().double(), 1)
+    fused = reparam_fx.fuse(model, (torch.randn(1, 16, 8, 8, dtype=torch.float64),))
+    assert reparam_fx.op_counts(fused)["conv"] == 1
+    for size in (1, 2, 5, 8):
+        x = torch.randn(1, 16, size, size, dtype=torch.float64)
+        assert reparam_fx.mac_count(fused, x) <= reparam_fx.mac_count(model, x)
+        assert _error(model, fused, x) <= RTOL64
