@@ -651,9 +651,10 @@ def adds_macs(term: Term) -> bool:
     """Whether one conv for ``term`` would cost more than the ops it stands for: more per
     output position, or on positions the original did not compute (``padded_grid``: a
     conv after it, or a sum, takes the padding back into a grid it computes anyway)."""
+    if not isinstance(term, (ConvTerm, TransposedConvTerm)):
+        return False
     cost = term.written_macs if isinstance(term, ConvTerm) else term.weight.numel()
-    return isinstance(term, (ConvTerm, TransposedConvTerm)) and (
-        cost > term.macs + 1e-9 or getattr(term, "padded_grid", False))
+    return cost > term.macs + 1e-9 or getattr(term, "padded_grid", False)
 
 
 def _fewest_positions_per_output(stride: int, extent: int, fewest: int) -> float:

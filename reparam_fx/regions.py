@@ -412,8 +412,8 @@ class RegionBuilder:
             return
         if not self.view.is_value(op.input):
             return
-        if op.input in self.sums and op.input not in self.regions \
-                and self._distribute_over_sum(node, op):
+        if (op.input in self.sums or op.input in self.partial_sums) \
+                and op.input not in self.regions and self._distribute_over_sum(node, op):
             return
         base = self.operand(op.input, shared=True)
         pooled = self._pool_as_move(base, op, node)

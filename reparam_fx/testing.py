@@ -657,8 +657,9 @@ class BlockSpec:
 
         Whole sum merges: one conv absorbing the post BN and layer scale, plus the residual
         add if the residual does not merge. Otherwise the merged prefix (if it holds a conv)
-        is one conv, every other conv folds its own BN, BN-only branches, the post BN, the
-        layer scale, the residual and the adds joining the unmerged branches stay.
+        is one conv, every other conv folds its own BN, BN-only branches, the residual and
+        the adds joining the unmerged branches stay; the post BN and the layer scale stay
+        unless every term of the rewritten sum is a conv, which then absorbs them.
         """
         groups, refusal = self.merged_groups()
         if refusal is None:
@@ -670,6 +671,12 @@ class BlockSpec:
                "mul": int(self.layer_scale)}
         is_conv = lambda i: summands[i].is_conv
         conv_groups = [g for g in groups if len(g) > 1 and any(is_conv(i) for i in g)]
+        # the post BN and layer scale distribute over the sum when every term of it is
+        # then a conv (a merged group, or one conv branch with no nonlinearity)
+        if all(g in conv_groups or (len(g) == 1 and is_conv(g[0]) and not summands[g[0]].act)
+               for g in groups):
+            ops["batch_norm"] -= int(self.post_bn)
+            ops["mul"] -= int(self.layer_scale)
         if not conv_groups:  # no partial rewrite: every conv folds its own BN, adds stay
             ops["conv"] += sum(b.is_conv for b in summands)
             ops["batch_norm"] += sum(b.kind == "bn" for b in summands)

@@ -12,6 +12,8 @@ import copy
 
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 import torch.nn as nn
 import torch.nn.functional as F
 
@@ -276,3 +278,158 @@ def test_cheap_composition_still_happens():
         x = torch.randn(1, 16, size, size, dtype=torch.float64)
         assert reparam_fx.mac_count(fused, x) <= reparam_fx.mac_count(model, x)
         assert _error(model, fused, x) <= RTOL64
+
+
+# ---- a channel affine after a sum whose branches do not merge ---------------------------
+
+class BatchNormAfterSum(nn.Module):
+    """``bn(a(x) + b(y) - c(x))``: convs over two inputs (or of windows that do not merge)
+    - the BatchNorm distributes over the sum, into every conv."""
+
+    def __init__(self, kind):
+        super().__init__()
+        self.kind = kind
+        self.a = nn.Conv2d(4, 4, 3, padding=1)
+        self.b = nn.Conv2d(4, 4, 1, bias=False)
+        self.c = nn.Conv2d(4, 4, 3, padding=3, dilation=3)
+        self.bn = nn.BatchNorm2d(4)
+
+    def forward(self, x):
+        y = torch.relu(x)
+        if self.kind == "two inputs":
+            return self.bn(self.a(x) - self.b(y))
+        if self.kind == "unmergeable windows":  # merging a with c would cost a 7x7 kernel
+            return self.bn(self.a(x) + self.c(x) + self.b(x))
+        return self.bn(self.a(x) + x)  # an identity term has no conv to absorb it
+
+
+@pytest.mark.parametrize("kind, convs", [("two inputs", 2), ("unmergeable windows", 2),
+                                         ("identity term", 1)])
+def test_batchnorm_after_a_sum_distributes_over_its_convs(kind, convs):
+    results = _assert_exact_everywhere(BatchNormAfterSum(kind))
+    for name, fused in results.items():
+        counts = reparam_fx.op_counts(fused)
+        assert counts["conv"] == convs, name
+        # a + x merges into one conv (the BN with it); two convs each absorb the BN
+        assert counts["batch_norm"] == 0, name
+        x = torch.randn(SIZES[0], dtype=torch.float64)
+        model = BatchNormAfterSum(kind).eval().double()
+        assert reparam_fx.mac_count(fused, x) <= reparam_fx.mac_count(model, x)
+
+
+def test_batchnorm_after_a_sum_with_an_identity_of_another_input_stays():
+    """``bn(conv(x) + y)``: y would need an op of its own to take the scale."""
+    class Model(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv, self.bn = nn.Conv2d(4, 4, 3, padding=1), nn.BatchNorm2d(4)
+
+        def forward(self, x):
+            return self.bn(self.conv(x) + torch.relu(x))
+    for name, fused in _assert_exact_everywhere(Model()).items():
+        assert reparam_fx.op_counts(fused)["batch_norm"] == 1, name
+
+
+# ---- asymmetric windows: even kernels with padding='same', explicit pads ---------------
+
+class SameKernels(nn.Module):
+    """2x2, 3x3 (padding 1) and 4x4 convs, all "same": the 2x2 and 4x4 pad one more after
+    than before, so their windows nest in the 4x4's and the three are one 4x4 conv."""
+
+    def __init__(self, kernels, explicit_pad=False):
+        super().__init__()
+        self.explicit_pad = explicit_pad
+        self.branches = nn.ModuleList(
+            nn.Conv2d(4, 4, k, padding=0 if explicit_pad and k % 2 == 0 else "same")
+            for k in kernels)
+        self.bn = nn.BatchNorm2d(4)
+
+    def forward(self, x):
+        out = 0
+        for conv in self.branches:
+            k = conv.kernel_size[0]
+            if self.explicit_pad and k % 2 == 0:  # the TF-"same" idiom with static sizes
+                before = (k - 1) // 2
+                out = out + conv(F.pad(x, (before, k - 1 - before, before, k - 1 - before)))
+            else:
+                out = out + conv(x)
+        return self.bn(out)
+
+
+@pytest.mark.parametrize("explicit_pad", [False, True], ids=["padding='same'", "F.pad"])
+@pytest.mark.parametrize("kernels, written", [((2, 3, 4), 4), ((2,), 2), ((2, 3), 3),
+                                              ((4, 1), 4)])
+def test_even_same_kernels_fold_and_nest(kernels, written, explicit_pad):
+    results = _assert_exact_everywhere(SameKernels(kernels, explicit_pad))
+    model = SameKernels(kernels, explicit_pad).eval().double()
+    for name, fused in results.items():
+        counts = reparam_fx.op_counts(fused)
+        assert counts["conv"] == 1 and counts["batch_norm"] == 0, name
+        convs = [m for m in fused.modules() if isinstance(m, nn.Conv2d)]
+        shapes = [tuple(t.shape[2:]) for n, t in fused.named_parameters() if t.dim() == 4]
+        assert shapes == [(written, written)], (name, shapes, convs)
+        for size in (SIZES if name.startswith("fx") else SIZES[:1]):
+            x = torch.randn(size, dtype=torch.float64)
+            assert reparam_fx.mac_count(fused, x) <= reparam_fx.mac_count(model, x), name
+
+
+def test_asymmetric_pad_read_elsewhere_is_not_absorbed():
+    class Model(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv, self.bn = nn.Conv2d(4, 4, 2), nn.BatchNorm2d(4)
+
+        def forward(self, x):
+            padded = F.pad(x, (0, 1, 0, 1))
+            return self.bn(self.conv(padded)) + padded[..., 1:, 1:]
+    results = _assert_exact_everywhere(Model())
+    counts = reparam_fx.op_counts(results["fx"])
+    assert counts["batch_norm"] == 0 and counts["pad"] == 1  # conv+bn folds, the pad stays
+
+
+@settings(max_examples=25, deadline=None)
+@given(kernel=st.integers(1, 5), dilation=st.integers(1, 3), before=st.integers(0, 3),
+       after=st.integers(0, 3), stride=st.integers(1, 2),
+       size=st.tuples(st.integers(1, 9), st.integers(1, 9)))
+def test_asymmetric_conv_equals_padded_conv(kernel, dilation, before, after, stride, size):
+    """The algebra's asymmetric window: the zero-tap kernel with symmetric padding equals
+    pad-then-conv at every size, and trims back to the original kernel."""
+    from reparam_fx import affine
+    weight = torch.randn(3, 2, kernel, kernel, dtype=torch.float64)
+    pads = ((before, after), (after, before))
+    try:
+        term = affine.asymmetric_conv(weight, None, (stride, stride), pads, (dilation,) * 2, 1)
+    except affine.NotExact:
+        assert (after - before) % dilation
+        return
+    assert term.written_kernel == (kernel, kernel) and term.macs == weight.numel()
+    x = torch.randn(1, 2, *size, dtype=torch.float64)
+    padded = F.pad(x, (after, before, before, after))
+    if any(s < dilation * (kernel - 1) + 1 for s in padded.shape[2:]):
+        return
+    expected = F.conv2d(padded, weight, stride=stride, dilation=dilation)
+    got = F.conv2d(x, term.weight.value(), stride=stride, padding=term.padding, dilation=dilation)
+    assert got.shape == expected.shape
+    assert torch.allclose(got, expected, rtol=0, atol=1e-12)
+
+
+def test_functional_even_same_conv_folds_its_batchnorm():
+    """``F.conv2d(x, w, padding='same')`` with a 2x2 ``w`` (once refused as asymmetric)."""
+    class Model(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.weight = nn.Parameter(torch.randn(4, 4, 2, 2))
+            self.bn = nn.BatchNorm2d(4)
+
+        def forward(self, x):
+            return self.bn(F.conv2d(x, self.weight, padding="same"))
+    for name, fused in _assert_exact_everywhere(Model()).items():
+        assert reparam_fx.op_counts(fused)["batch_norm"] == 0, name
+
+
+def test_even_same_conv_with_reflect_padding_is_refused():
+    model = nn.Sequential(nn.Conv2d(4, 4, 2, padding="same", padding_mode="reflect"),
+                          nn.BatchNorm2d(4))
+    fused = _assert_exact_everywhere(model)["fx"]
+    assert reparam_fx.op_counts(fused)["batch_norm"] == 1
+    assert any("padding_mode='reflect'" in r for r in fused.fusion_report.skip_reasons())

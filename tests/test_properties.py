@@ -77,8 +77,11 @@ NAMED_BLOCKS = {
     "conv3d": (BlockSpec(3, 2, 2, (conv(3), conv(1))), True, 1, 0),
     # negatives
     "dense+depthwise": (BlockSpec(2, 4, 4, (conv(3, groups=4), conv(1))), False, 2, 0),
+    # (the post BN distributes over the two convs that do not merge)
     "reflect branch": (BlockSpec(2, 4, 4, (conv(3, padding_mode="reflect"), conv(1)), post_bn=True),
-                       False, 2, 1),
+                       False, 2, 0),
+    "relu branch, post BN": (BlockSpec(2, 4, 4, (conv(3, act="relu"), conv(1)), post_bn=True),
+                             False, 2, 1),
     "dilation mix": (BlockSpec(2, 4, 4, (conv(3, dilation=2), conv(3))), False, 2, 0),
     "relu inside a branch": (BlockSpec(2, 4, 4, (conv(3, act="relu"), conv(1), batchnorm())), False, 2, 0),
     "stride 2, centres differ": (BlockSpec(2, 4, 4, (conv(2, padding=0), conv(1)), stride=2, size=(6, 6)),

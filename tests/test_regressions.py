@@ -318,8 +318,7 @@ def test_transposed_convolution_folds_its_batchnorm_in_core_aten():
     _exact_on(model, fused, x)
 
 
-@pytest.mark.parametrize("case", ["divisor_override", "same_even_kernel", "floor_division",
-                                  "negative_pad"])
+@pytest.mark.parametrize("case", ["divisor_override", "floor_division", "negative_pad"])
 def test_functional_guards(case):
     class M(nn.Module):
         def __init__(self):
@@ -332,8 +331,6 @@ def test_functional_guards(case):
             y = self.conv(x)
             if case == "divisor_override":
                 y = F.avg_pool2d(y, 2, divisor_override=3)
-            elif case == "same_even_kernel":
-                y = F.conv2d(x, self.weight2, padding="same")
             elif case == "floor_division":
                 y = torch.div(y, 2, rounding_mode="floor")
             else:
