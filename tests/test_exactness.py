@@ -433,3 +433,23 @@ def test_even_same_conv_with_reflect_padding_is_refused():
     fused = _assert_exact_everywhere(model)["fx"]
     assert reparam_fx.op_counts(fused)["batch_norm"] == 1
     assert any("padding_mode='reflect'" in r for r in fused.fusion_report.skip_reasons())
+
+
+def test_out_argument_is_a_write():
+    """``torch.add(y, e, out=y)`` writes ``y`` (and ``x``, which ``y`` aliases)."""
+    class Model(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv, self.bn, self.identity = nn.Conv2d(4, 4, 3, padding=1), nn.BatchNorm2d(4), nn.Identity()
+
+        def forward(self, x):
+            y = self.identity(x)
+            z = torch.add(y, self.bn(self.conv(x)), out=y)
+            return z + x
+    model = randomize_batchnorm_(Model().eval().double(), seed=1)
+    fused = reparam_fx.fuse(model)
+    x = torch.randn(2, 4, 6, 6, dtype=torch.float64)
+    with torch.no_grad():  # (out= arguments do not take part in autograd)
+        expected, got = model(x.clone()), fused(x.clone())
+    assert ((expected - got).abs().max() / expected.abs().max()).item() <= RTOL64
+    assert reparam_fx.op_counts(fused)["batch_norm"] == 0

@@ -204,6 +204,8 @@ class GraphFacts:
 
     # in-place ops --------------------------------------------------------------------
     def is_inplace(self, node: torch.fx.Node) -> bool:
+        if node.kwargs.get("out") is not None:  # torch.add(a, b, out=a)
+            return True
         if node.op == "call_method":
             return node.target.endswith("_") and not node.target.startswith("__")
         if node.op == "call_function":
@@ -331,11 +333,12 @@ class GraphFacts:
         (``y[:, :2].mul_(2)`` writes ``y``), but by the ops in ``exclude`` (the border
         writes of :meth:`_find_border_fills`, part of their padding). ``first_write`` maps
         each to the position of the first op that writes it."""
-        written, self.first_write = set(), {}
+        written, self.first_write, self.positions = set(), {}, {}
         for position, node in enumerate(self.ws.graph.nodes):
+            self.positions[node] = position
             if node in exclude or not self.is_inplace(node) or not node.args:
                 continue
-            target = node.args[0]
+            target = node.kwargs.get("out", node.args[0])
             while isinstance(target, torch.fx.Node) and target not in written:
                 written.add(target)
                 self.first_write[target] = position
@@ -350,8 +353,7 @@ class GraphFacts:
             return True
         if any(self.is_inplace(node) for node in nodes):
             return False
-        positions = {node: i for i, node in enumerate(self.ws.graph.nodes)}
-        return all(positions[node] < self.first_write[source]
+        return all(self.positions[node] < self.first_write[source]
                    for node in nodes if source in node.all_input_nodes)
 
     def _find_mutated(self) -> set[torch.fx.Node]:

@@ -415,6 +415,8 @@ def interpret(node: torch.fx.Node, facts: GraphFacts):
     """What ``node`` computes, as an affine op of its tensor input(s), or None/Refused."""
     if node in facts.scalars or node in facts.fill_writers or facts.constant(node) is not None:
         return None  # shape arithmetic, a border write, a value computed from parameters
+    if node.kwargs.get("out") is not None:
+        return None  # writes its result into another tensor
     move = interpret_move(node, facts)
     if move is not None:
         return move
