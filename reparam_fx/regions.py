@@ -446,7 +446,7 @@ class RegionBuilder:
         """A channel affine after a sum whose terms do not merge into one (convs over
         different inputs, or of windows that do not align) distributes over it::
 
-            s * (c1 A(x) + c2 B(y)) + t  ==  c1 (s A + t / c1)(x) + c2 (s B)(y)
+            s * (c1 A(x) + c2 B(y)) + t  ==  (c1 s A + t)(x) + (c2 s B)(y)
 
         each term's conv absorbs the scale and the first one the shift, at no cost: the
         affine (BatchNorm after ``a + b + c``) is gone and the sum is rebuilt from the
@@ -473,15 +473,16 @@ class RegionBuilder:
             return False
         terms = []
         for index, (part, coeff) in enumerate(summands):
-            shift = None if index or term.shift is None else term.shift / coeff
-            scaled = replace(op, input=total, term=ChannelAffine(term.scale, shift))
+            # (the term's sign goes into its weights: a merged term is always added)
+            shift = None if index else term.shift
+            scaled = replace(op, input=total, term=ChannelAffine(coeff * term.scale, shift))
             try:
                 region = self._compose(part, scaled, node)
             except NotExact:
                 return False
             if index:  # the affine's node is reported once, with the first term
                 region.nodes.remove(node)
-            terms.append((region, coeff))
+            terms.append((region, 1.0))
         self.partial_sums[node] = PartialSum(node, inner, terms)
         return True
 
@@ -849,7 +850,7 @@ class PartialSum:
 
     root: object
     inner: list  # inner add/sub nodes of the flattened tree
-    terms: list  # [(Region | leaf node, coeff)]
+    terms: list  # [(Region | leaf node, coeff)]; a Region's coeff is 1 (its sign is in its term)
 
 
 def select_rewrites(view, builder: RegionBuilder, worth_writing=None) -> tuple[list, list]:

@@ -453,3 +453,24 @@ def test_out_argument_is_a_write():
         expected, got = model(x.clone()), fused(x.clone())
     assert ((expected - got).abs().max() / expected.abs().max()).item() <= RTOL64
     assert reparam_fx.op_counts(fused)["batch_norm"] == 0
+
+
+@pytest.mark.parametrize("kind", ["two inputs", "unmergeable windows"])
+def test_batchnorm_distributes_over_a_sum_in_onnx(kind):
+    """The same distribution through the ONNX frontend, checked in ONNX Runtime (a
+    subtracted term keeps its sign in its weights)."""
+    onnx = pytest.importorskip("onnx")
+    ort = pytest.importorskip("onnxruntime")
+    import io
+    model = randomize_batchnorm_(BatchNormAfterSum(kind).eval(), seed=2)
+    x = torch.randn(2, 4, 8, 8)
+    buffer = io.BytesIO()
+    torch.onnx.export(model, (x,), buffer, dynamo=False, opset_version=17)
+    original = onnx.load_from_string(buffer.getvalue())
+    fused, _ = reparam_fx.fuse_onnx_model(original)
+    assert [n.op_type for n in fused.graph.node].count("BatchNormalization") == 0
+    assert [n.op_type for n in fused.graph.node].count("Conv") == 2
+    run = lambda m: ort.InferenceSession(m.SerializeToString()).run(
+        None, {m.graph.input[0].name: x.numpy()})[0]
+    expected, got = run(original), run(fused)
+    assert abs(expected - got).max() / abs(expected).max() <= 1e-5
