@@ -270,37 +270,33 @@ def _make_module(term: ConvTerm | TransposedConvTerm, like: torch.Tensor) -> nn.
 
 
 def _trimmed(term: ConvTerm, weight: torch.Tensor):
-    """The weight without its known zero taps, and the padding of the trimmed kernel:
-    symmetric ints, ``"same"`` where PyTorch's rule for it gives the same sides (stride 1:
-    ``d*(k-1) // 2`` before, the rest after), else zeros (an explicit pad goes first:
-    :func:`_explicit_pad`)."""
+    """The weight without its known zero taps, and the padding its conv module takes."""
     window = (slice(None), slice(None), *(slice(a, k - b) for k, (a, b) in
                                           zip(term.kernel, term.taps)))
-    weight = weight[window]
+    return weight[window], _written_padding(term)[0]
+
+
+def _written_padding(term: ConvTerm):
+    """``(padding argument, explicit pad)`` of the conv written for ``term`` once its zero
+    taps are trimmed: symmetric ints; ``"same"`` where PyTorch's rule for it gives the
+    same sides (stride 1, ``d*(k-1) // 2`` before, the rest after); else zeros and
+    ``F.pad``'s argument (last dim first) for a pad written before the conv."""
     pads = term.written_padding
     if all(before == after for before, after in pads):
-        return weight, tuple(before for before, _ in pads)
+        return tuple(before for before, _ in pads), None
     same = tuple((d * (k - 1) // 2, d * (k - 1) - d * (k - 1) // 2)
-                 for k, d in zip(weight.shape[2:], term.dilation))
+                 for k, d in zip(term.written_kernel, term.dilation))
     if pads == same and all(s == 1 for s in term.stride):
-        return weight, "same"
-    return weight, (0,) * term.spatial
+        return "same", None
+    return (0,) * term.spatial, [side for before, after in reversed(pads)
+                                 for side in (before, after)]
 
 
 def _explicit_pad(term) -> list[int] | None:
-    """``F.pad``'s argument (last dim first) for a trimmed kernel whose padding no conv
-    module expresses, else None."""
+    """``F.pad``'s argument for a term whose written padding no conv module expresses."""
     if not isinstance(term, ConvTerm) or not term.zero_taps:
         return None
-    pads = term.written_padding
-    if all(before == after for before, after in pads):
-        return None
-    weight_shape = term.written_kernel
-    same = tuple((d * (k - 1) // 2, d * (k - 1) - d * (k - 1) // 2)
-                 for k, d in zip(weight_shape, term.dilation))
-    if pads == same and all(s == 1 for s in term.stride):
-        return None
-    return [side for before, after in reversed(pads) for side in (before, after)]
+    return _written_padding(term)[1]
 
 
 def _emit(graph: torch.fx.Graph, region: Region, output: torch.fx.Node, source,
