@@ -6,7 +6,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test test-thorough bench bench-all bench-fuse bench-scale corpus-table layout-targets clean
+.PHONY: demo test test-thorough fuzz bench bench-all bench-fuse bench-scale corpus-table layout-targets clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -23,6 +23,11 @@ test: $(STAMP)
 
 test-thorough: $(STAMP)
 	HYPOTHESIS_PROFILE=thorough $(PY) -m pytest tests
+
+# seeded differential fuzzing of fuse / fuse_onnx_model, every capture, 30 minutes at most
+# (tests/fuzzing.py; a short run is part of make test: tests/test_fuzz.py)
+fuzz: $(STAMP)
+	$(PY) tools/fuzz.py --seeds 0:2000 --time-budget 1800
 
 # the zoo before/after fusion: latency (eager, ONNX Runtime), MACs, ONNX nodes, MIL ops
 bench: $(STAMP)
