@@ -456,8 +456,7 @@ class RegionBuilder:
         total = op.input
         if not isinstance(term, ChannelAffine) or term.padding or term.border is not None \
                 or len(self.view.users(total)) != 1 or total in self.view.mutated \
-                or self.view.inplace_target(node) is not None \
-                or any(self.view.metadata_readers(n) for n in (total,)):
+                or self.view.inplace_target(node) is not None:
             return False
         partial = self.partial_sums.get(total)
         if partial is not None:
@@ -467,7 +466,9 @@ class RegionBuilder:
             leaves, inner = self._flatten(self.sums[total])
             inner = [*inner, total]
             summands = [(self.operand(leaf), c) for leaf, c in leaves]
-        if any(self.view.metadata_readers(n) for n in inner) or any(
+        # (the sum goes: reads of its rank or dtype read a term's source instead, which
+        # has both; reads of its sizes would need the sum itself)
+        if any(self.view.reads_shape(n) for n in inner) or any(
                 not part.nodes or part.layouts or isinstance(part.term, ChannelAffine)
                 or not self.usable_source(part, inner) for part, _ in summands):
             return False

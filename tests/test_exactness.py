@@ -300,11 +300,15 @@ class BatchNormAfterSum(nn.Module):
             return self.bn(self.a(x) - self.b(y))
         if self.kind == "unmergeable windows":  # merging a with c would cost a 7x7 kernel
             return self.bn(self.a(x) + self.c(x) + self.b(x))
+        if self.kind == "rank asserted":  # timm's BatchNormAct2d reads the sum's ndim
+            total = self.a(x) + self.b(y)
+            torch._assert(total.ndim == 4, f"wants a 4D input, got {total.ndim}D")
+            return self.bn(total)
         return self.bn(self.a(x) + x)  # an identity term has no conv to absorb it
 
 
 @pytest.mark.parametrize("kind, convs", [("two inputs", 2), ("unmergeable windows", 2),
-                                         ("identity term", 1)])
+                                         ("rank asserted", 2), ("identity term", 1)])
 def test_batchnorm_after_a_sum_distributes_over_its_convs(kind, convs):
     results = _assert_exact_everywhere(BatchNormAfterSum(kind))
     for name, fused in results.items():

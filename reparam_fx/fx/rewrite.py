@@ -386,9 +386,15 @@ def _rewrite(facts: GraphFacts, emit: list, partial_sums: list,
     new._codegen = copy_sharing_specs(old._codegen, old)
     env: dict = {}
     copies: dict = {}  # (source, move node) -> its copy on the source (shared by regions)
+    # a partial sum's inner sums go; their rank and dtype reads read a source of its terms
+    rank_read = {inner: next(term.source for term, _ in partial.terms if isinstance(term, Region))
+                 for partial in partial_sums for inner in (*partial.inner, partial.root)
+                 if inner in facts.metadata_users}
     for node in old.nodes:
         for plan, step in at.get(node, ()):
             plan.write(step, new, env, copies, dead, report)
+        if node in rank_read and node in dead:
+            env[node] = env[rank_read[node]]
         if node in roots:
             partial = roots[node]
             values = [(env[(node, i)] if isinstance(term, Region) else env[term], coeff)
