@@ -13,6 +13,8 @@ import pytest
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from hypothesis import given
+from hypothesis import strategies as st
 
 import reparam_fx
 from fx_checks import (RTOL, assert_ops, assert_reason, fuse_exactly, fuse_refused, randomized,
@@ -570,3 +572,200 @@ def test_children_read_through_properties_or_called_without_optional_args():
     assert isinstance(fused.other, ConvBN)  # read as an object (property, bound method)
     assert isinstance(fused.inner, torch.fx.GraphModule)  # traced with scale=None
     reparam_fx.verify(model, fused, (image().double(),), rtol=RTOL)
+
+
+# ---- a leaf's children read for plain attributes ---------------------------------------
+# (an untraceable block -- shape control flow, as EfficientViT's window attention -- that
+# reads an int, a tuple, a flag or a string of a child still gets that child fused)
+
+class AttentionUnit(nn.Module):
+    """A child with hyperparameters (as an attention block holds its window and heads)."""
+
+    fused_attn = False  # a class-level flag
+
+    def __init__(self, channels=4, resolution=7):
+        super().__init__()
+        self.proj = ConvBN(channels, channels, 3)
+        self.resolution = resolution
+        self.num_heads = 2
+        self.window = (4, (2, 2))
+        self.mode = "window"
+        self.scale = None
+        self.calls = 0  # state: written in forward
+
+    @property
+    def out_channels(self):
+        return self.proj.conv.out_channels
+
+    def describe(self):
+        return self.mode
+
+    def forward(self, x):
+        return torch.relu(self.proj(x))
+
+
+class CountingUnit(AttentionUnit):
+    def forward(self, x):
+        self.calls = self.calls + 1
+        return super().forward(x)
+
+
+def _name():
+    return "resolution"
+
+
+class WindowBlock(nn.Module):
+    def __init__(self, read: str):
+        super().__init__()
+        self.attn = AttentionUnit()
+        self.read = read
+
+    def forward(self, x):
+        B, C, H, W = x.shape
+        if self.read == "int":
+            ws = self.attn.resolution
+        elif self.read == "nested tuple":
+            ws = self.attn.window[1][0] + 5
+        elif self.read == "str":
+            ws = 7 if self.attn.mode == "window" else 0
+        elif self.read == "None":
+            ws = 7 if self.attn.scale is None else 0
+        elif self.read == "flag":
+            ws = 0 if self.attn.training else 7
+        elif self.read == "class flag":
+            ws = 0 if self.attn.fused_attn else 7
+        elif self.read == "literal getattr":
+            ws = getattr(self.attn, "resolution")
+        else:  # "forward": called through its forward, and its head count read
+            ws = self.attn.num_heads + 5
+            if H <= ws:
+                return self.attn.forward(x)
+            return self.attn.forward(x) * 2
+        if H <= ws and W <= ws:  # shape control flow: the block is a leaf
+            return self.attn(x)
+        return self.attn(x[:, :, :ws, :ws]) * 2
+
+
+@pytest.mark.parametrize("read", ["int", "nested tuple", "str", "None", "flag", "class flag",
+                                  "literal getattr", "forward"])
+def test_a_child_read_for_plain_attributes_is_fused(read):
+    import copy
+    model = randomized(nn.Sequential(ConvBN(4, 4, 1), WindowBlock(read))).double()
+    fused = reparam_fx.fuse(model)
+    assert any(leaf.module == "1" and "does not trace" in leaf.reason
+               for leaf in fused.fusion_report.leaves)
+    block = fused.get_submodule("1")
+    assert isinstance(block.attn, torch.fx.GraphModule), fused.fusion_report.leaves
+    assert_ops(fused, {"batch_norm": 0, "conv": 2})
+    for size in (6, 9):  # both branches, and a deep copy (GraphModule copies rebuild)
+        x = image(size=size).double()
+        assert reparam_fx.verify(model, fused, (x,), rtol=RTOL) <= RTOL
+        assert reparam_fx.verify(model, copy.deepcopy(fused), (x,), rtol=RTOL) <= RTOL
+    original = model[1].attn
+    assert block.attn.resolution == original.resolution and block.attn.window == original.window
+    assert isinstance(original.proj.bn, nn.BatchNorm2d)  # the input is untouched
+
+
+class ReadsTheChildAsAnObject(nn.Module):
+    """Each form uses ``self.attn`` as an object: it must stay the object it is."""
+
+    def __init__(self, form: str, unit=AttentionUnit):
+        super().__init__()
+        self.attn = unit()
+        self.form = form
+
+    def forward(self, x):
+        B, C, H, W = x.shape
+        if self.form == "submodule":
+            scale = self.attn.proj.bn.weight.mean().detach()
+        elif self.form == "parameter path":
+            scale = self.attn.proj.conv.weight.abs().mean().detach()
+        elif self.form == "dynamic getattr":
+            scale = float(getattr(self.attn, _name()))
+        elif self.form == "passed on":
+            scale = float(len(repr(self.attn)) > 0)
+        elif self.form == "method":
+            scale = float(self.attn.describe() == "window")
+        elif self.form == "property":
+            scale = float(self.attn.out_channels)
+        elif self.form == "state":  # written by the child's own forward
+            scale = float(self.attn.calls >= 0)
+        elif self.form == "written":
+            self.attn.resolution = 7
+            scale = 1.0
+        else:  # "isinstance"
+            scale = float(isinstance(self.attn, AttentionUnit))
+        if H > 4:  # shape control flow: the block is a leaf
+            return self.attn(x) * scale
+        return self.attn(x)
+
+
+@pytest.mark.parametrize("form, unit", [
+    ("submodule", AttentionUnit), ("parameter path", AttentionUnit),
+    ("dynamic getattr", AttentionUnit), ("passed on", AttentionUnit), ("method", AttentionUnit),
+    ("property", AttentionUnit), ("state", CountingUnit), ("written", AttentionUnit),
+    ("isinstance", AttentionUnit)])
+def test_a_child_read_as_an_object_stays_itself(form, unit):
+    model = randomized(ReadsTheChildAsAnObject(form, unit)).double()
+    fused = reparam_fx.fuse(model)
+    assert isinstance(fused.attn, unit), form
+    assert_ops(fused, {"batch_norm": 1})
+    assert any(leaf.module == "attn" and "left as it is" in leaf.reason
+               and "as an object" in leaf.reason for leaf in fused.fusion_report.leaves), \
+        fused.fusion_report.leaves
+    for size in (4, 8):
+        x = image(size=size).double()
+        assert reparam_fx.verify(model, fused, (x,), rtol=RTOL) <= RTOL
+
+
+class GraphNamedAttribute(nn.Module):
+    """A child whose plain attribute has a name its fused GraphModule already uses for
+    something else (``graph``): the fused form would answer differently, so it stays."""
+
+    def __init__(self):
+        super().__init__()
+        self.unit = AttentionUnit()
+        self.unit.graph = 3  # (an unusual, but plain, hyperparameter name)
+
+    def forward(self, x):
+        if x.shape[-1] > self.unit.graph:
+            return self.unit(x)
+        return -self.unit(x)
+
+
+def test_a_plain_read_the_fused_child_would_answer_differently_keeps_it():
+    model = randomized(GraphNamedAttribute()).double()
+    fused = reparam_fx.fuse(model)
+    assert isinstance(fused.unit, AttentionUnit)
+    assert any("would not give" in leaf.reason for leaf in fused.fusion_report.leaves)
+    assert not fused.fusion_report.fused  # nothing reported fused that was not put in place
+    assert reparam_fx.verify(model, fused, (image().double(),), rtol=RTOL) <= RTOL
+
+
+@given(value=st.recursive(st.one_of(st.integers(-3, 9), st.booleans(), st.none(),
+                                    st.text(max_size=3), st.floats(allow_nan=False)),
+                          lambda inner: st.tuples(inner, inner), max_leaves=4),
+       subscript=st.booleans(), size=st.integers(3, 9))
+def test_plain_attribute_reads_property(value, subscript, size):
+    """Any plain value, read directly or indexed, leaves the child fusable; the fused child
+    answers the read with the same value."""
+
+    class Holder(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.unit = AttentionUnit()
+            self.unit.setting = value
+
+        def forward(self, x):
+            read = self.unit.setting[0] if subscript else self.unit.setting
+            if x.shape[-1] > 5 and read == value:
+                return self.unit(x)
+            return -self.unit(x)
+
+    subscript = subscript and isinstance(value, tuple)
+    model = randomized(Holder()).double()
+    fused = reparam_fx.fuse(model)
+    assert isinstance(fused.unit, torch.fx.GraphModule)
+    assert fused.unit.setting == value and type(fused.unit.setting) is type(value)
+    assert_ops(fused, {"batch_norm": 0, "conv": 1})
+    assert reparam_fx.verify(model, fused, (image(size=size).double(),), rtol=RTOL) <= RTOL

@@ -271,3 +271,213 @@ def test_a_fixed_slice_in_a_dynamic_export_is_no_crop():
     x = torch.randn(2, 4, 8, 12, dtype=torch.float64)
     assert fused(x).shape == model(x).shape == (2, 4, 8, 6)
     reparam_fx.verify(model, fused, (x,), rtol=1e-10)
+
+
+# ---- the BatchNorm family: SyncBatchNorm, lazy, frozen-in-place subclasses --------------
+# A BatchNorm of any class that runs torch's own forward is one op: in eval mode every one
+# of them is ``F.batch_norm`` on its running statistics (SyncBatchNorm synchronises only in
+# training). A subclass whose forward calls ``super().forward(x)`` is traced through.
+
+def _world_size() -> int:
+    """detectron2 ``comm.get_world_size()``: 1 without an initialised process group."""
+    dist = torch.distributed
+    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+
+
+class NaiveSyncBatchNorm(nn.BatchNorm2d):
+    """facebookresearch/detectron2 detectron2/layers/batch_norm.py: NaiveSyncBatchNorm — its
+    own forward returns ``super().forward(input)`` with one process or in eval mode."""
+
+    def __init__(self, *args, stats_mode="", **kwargs):
+        super().__init__(*args, **kwargs)
+        assert stats_mode in ("", "N")
+        self._stats_mode = stats_mode
+
+    def forward(self, input):
+        if _world_size() == 1 or not self.training:
+            return super().forward(input)
+        raise NotImplementedError("all-reduce of the batch statistics across processes")
+
+
+class RegisteredBatchNorm(nn.BatchNorm2d):
+    """A subclass that adds nothing (as registries wrap norms)."""
+
+
+class RegisteredSyncBatchNorm(nn.SyncBatchNorm):
+    pass
+
+
+class BatchNormXd(nn.modules.batchnorm._BatchNorm):
+    """open-mmlab/mmengine mmengine/model/utils.py: _BatchNormXd — what
+    ``revert_sync_batchnorm`` puts in place of a SyncBatchNorm: no input check at all."""
+
+    def _check_input_dim(self, input):
+        return
+
+
+class AnyRankBatchNorm2d(nn.BatchNorm2d):
+    """A BatchNorm2d whose own check accepts 3-D input too: its class proves no rank."""
+
+    def _check_input_dim(self, input):
+        if input.dim() not in (3, 4):
+            raise ValueError("expected 3D or 4D input")
+
+
+class SuperForwardBatchNorm(nn.BatchNorm2d):
+    def forward(self, x):
+        return super().forward(x)
+
+
+class ScaledBatchNorm(nn.BatchNorm2d):
+    """A forward of its own that does not trace (control flow on a size): not read as a
+    BatchNorm, whatever its class."""
+
+    def forward(self, x):
+        if x.shape[1] != self.num_features:
+            raise ValueError("channels")
+        return super().forward(x) * 2.0
+
+
+def _lazy(channels):
+    return nn.LazyBatchNorm2d()
+
+
+BATCHNORMS = {
+    "BatchNorm2d": nn.BatchNorm2d, "SyncBatchNorm": nn.SyncBatchNorm,
+    "LazyBatchNorm2d (run once)": _lazy, "subclass": RegisteredBatchNorm,
+    "SyncBatchNorm subclass": RegisteredSyncBatchNorm, "NaiveSyncBatchNorm": NaiveSyncBatchNorm,
+    "super().forward": SuperForwardBatchNorm, "_BatchNormXd": BatchNormXd,
+}
+
+
+class ConvNormClassifier(nn.Module):
+    """conv -> norm -> ReLU -> AdaptiveAvgPool2d(1) -> flatten(1) -> Linear (the classifier
+    head proves the conv's input batched, whatever the norm's class proves)."""
+
+    def __init__(self, norm, cin=3, cout=8, kernel=3, stride=1, groups=1, bias=False,
+                 classes=5, head=True):
+        super().__init__()
+        self.conv = nn.Conv2d(cin, cout, kernel, stride, kernel // 2, groups=groups, bias=bias)
+        self.bn = norm(cout)
+        self.head = head
+        self.pool = nn.AdaptiveAvgPool2d(1)
+        self.fc = nn.Linear(cout, classes)
+
+    def forward(self, x):
+        x = torch.relu(self.bn(self.conv(x)))
+        if not self.head:
+            return x
+        return self.fc(torch.flatten(self.pool(x), 1))
+
+
+def _materialised(model, x):
+    """Lazy modules take their shapes from their first input."""
+    with torch.no_grad():
+        model(x)
+    return model
+
+
+@pytest.mark.parametrize("norm", list(BATCHNORMS), ids=list(BATCHNORMS))
+def test_every_batchnorm_class_folds_into_the_conv_before_it(norm):
+    x = image(3, 8)
+    model = _materialised(ConvNormClassifier(BATCHNORMS[norm]), x)
+    fused = fuse_exactly(model, x, ops={"conv": 1, "batch_norm": 0, "linear": 1},
+                         patterns={"conv+bn": 1})
+    assert not fused.fusion_report.skipped, fused.fusion_report.table()
+    program = torch.export.export(model.double().eval(), (x.double(),))
+    exported = reparam_fx.fuse(program)
+    assert_ops(exported, {"conv": 1, "batch_norm": 0, "linear": 1})
+    assert reparam_fx.verify(model, exported, (x.double(),), rtol=1e-10) <= 1e-10
+
+
+@pytest.mark.parametrize("norm", ["BatchNorm2d", "subclass", "NaiveSyncBatchNorm",
+                                  "super().forward"])
+def test_a_batchnorm2d_class_proves_its_input_rank(norm):
+    # no head: BatchNorm2d's own check (4-D, kept by subclasses, traced as an assert
+    # through super().forward) is the proof
+    fuse_exactly(ConvNormClassifier(BATCHNORMS[norm], head=False), image(3, 8),
+                 ops={"conv": 1, "batch_norm": 0})
+
+
+@pytest.mark.parametrize("norm", [nn.SyncBatchNorm, BatchNormXd, AnyRankBatchNorm2d],
+                         ids=["SyncBatchNorm", "_BatchNormXd", "own 3-D/4-D check"])
+def test_a_batchnorm_that_takes_several_ranks_needs_a_proof(norm):
+    # after a conv, which also takes unbatched (C, H, W) input, axis 1 may be H
+    model = ConvNormClassifier(norm, head=False)
+    fuse_refused(model, image(3, 8), unchanged=("batch_norm",), reason="pass example_inputs")
+    fuse_exactly(model, image(3, 8), pass_inputs=True, ops={"conv": 1, "batch_norm": 0})
+
+
+class NormLinearHead(nn.Module):
+    """conv -> SyncBatchNorm, then timm's EfficientViT/LeViT head written functionally:
+    ``adaptive_avg_pool2d(x, 1).flatten(1)`` -> BatchNorm1d -> Dropout -> Linear."""
+
+    def __init__(self, pooled=1):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 8, 3, padding=1, bias=False)
+        self.bn = nn.SyncBatchNorm(8)
+        self.pooled = pooled
+        self.head = nn.Sequential(nn.BatchNorm1d(8 * pooled * pooled), nn.Dropout(0.1),
+                                  nn.Linear(8 * pooled * pooled, 5))
+
+    def forward(self, x):
+        x = F.adaptive_avg_pool2d(self.bn(self.conv(x)), self.pooled).flatten(1)
+        return self.head(x)
+
+
+@pytest.mark.parametrize("pooled", [1, 2])
+def test_a_functional_head_through_batchnorm1d_proves_the_rank(pooled):
+    # a 3-D input would give flatten(1) a (C, pooled**2) tensor: the head rejects it
+    fuse_exactly(NormLinearHead(pooled), image(3, 8), ops={"conv": 1, "batch_norm": 0})
+
+
+def test_a_head_whose_width_matches_the_pooled_size_proves_nothing():
+    # Linear(1, k) after flatten(pool(x, 1), 1): a 3-D (1, H, W) input would reach it as
+    # (1, 1) too, so the head does not prove the input batched
+    model = ConvNormClassifier(nn.SyncBatchNorm, cout=1)
+    fuse_refused(model, image(3, 8), unchanged=("batch_norm",), reason="pass example_inputs")
+
+
+@pytest.mark.parametrize("norm", ["SyncBatchNorm", "NaiveSyncBatchNorm", "subclass",
+                                  "super().forward"])
+def test_a_batchnorm_in_training_mode_is_refused(norm):
+    from fx_checks import randomized, snapshot, assert_state_unchanged
+    model = randomized(ConvNormClassifier(BATCHNORMS[norm])).double()
+    model.bn.train()  # the rest of the model in eval mode
+    before = snapshot(model)
+    fused = reparam_fx.fuse(model)
+    assert_state_unchanged(before, model)  # tracing super().forward counts no batch
+    assert_ops(fused, {"batch_norm": 1})
+    assert any("training mode" in s.reason for s in fused.fusion_report.skipped)
+    if hasattr(fused, "bn"):  # (a leaf; a subclass traced through is F.batch_norm)
+        assert fused.bn.training
+    assert reparam_fx.verify(model, fused, (image(3, 8).double(),), rtol=1e-10) <= 1e-10
+
+
+def test_a_batchnorm_without_running_statistics_is_refused():
+    model = ConvNormClassifier(lambda c: nn.SyncBatchNorm(c, track_running_stats=False))
+    fuse_refused(model, image(3, 8), unchanged=("batch_norm",),
+                 reason="without running statistics")
+
+
+def test_a_batchnorm_subclass_with_a_forward_of_its_own_is_not_read_as_one():
+    model = ConvNormClassifier(ScaledBatchNorm)
+    fuse_refused(model, image(3, 8), unchanged=("batch_norm",),
+                 reason="overrides BatchNorm's forward")
+
+
+def test_an_uninitialised_lazy_batchnorm_is_a_clear_error():
+    model = ConvNormClassifier(_lazy).eval()
+    with pytest.raises(reparam_fx.FusionError, match="not yet initialised.*LazyBatchNorm2d"):
+        reparam_fx.fuse(model)
+    assert isinstance(model.bn, nn.LazyBatchNorm2d)  # nor did fuse initialise it
+
+
+@given(kernel=st.sampled_from([1, 3, 5]), stride=st.integers(1, 2),
+       groups=st.sampled_from([1, 2, 4]), bias=st.booleans(), channels=st.sampled_from([4, 8]),
+       norm=st.sampled_from(sorted(BATCHNORMS)), size=st.integers(5, 9))
+def test_batchnorm_family_property(kernel, stride, groups, bias, channels, norm, size):
+    x = image(4, size)
+    model = _materialised(ConvNormClassifier(BATCHNORMS[norm], 4, channels, kernel, stride,
+                                             groups, bias), x)
+    fuse_exactly(model, x, ops={"conv": 1, "batch_norm": 0, "linear": 1})

@@ -17,7 +17,8 @@ import torch.fx
 import torch.nn as nn
 
 from reparam_fx.fx.capture import (FusionError, Workspace, export, first_line, has_hooks,
-                                   is_aten_graph, is_op_module, propagate_shapes, trace)
+                                   is_aten_graph, is_op_module, propagate_shapes, trace,
+                                   uninitialised_modules)
 from reparam_fx.fx.counts import graph_op_counts, node_category, op_counts, parameter_count
 from reparam_fx.fx.facts import GraphFacts, ModuleLookup
 from reparam_fx.fx.values import shape_values
@@ -57,6 +58,12 @@ def fuse(model, example_inputs=None, *, capture: str = "auto") -> nn.Module:
         raise FusionError(
             f"{type(model).__name__} is in training mode: BatchNorm would use batch "
             "statistics, which cannot be folded. Call model.eval() before fuse().")
+    lazy = uninitialised_modules(model) if isinstance(model, nn.Module) else []
+    if lazy:
+        raise FusionError(
+            f"{type(model).__name__} has lazy modules not yet initialised: "
+            f"{', '.join(lazy[:3])}{' ...' if len(lazy) > 3 else ''} (a lazy module takes its "
+            "shapes from its first input): run the model once on an example input before fuse()")
     with gc_paused():  # collections would traverse the growing graph again and again
         return _fuse(model, example_inputs, capture)
 

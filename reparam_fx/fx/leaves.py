@@ -9,14 +9,23 @@ in the result's private copy of the leaf, each child that fuses is replaced by i
 Replacing a child is safe only if the leaf's code uses it as a function. So the leaf's
 class source is read (``ast``), from ``forward`` and the methods and properties it reaches
 through ``self``: a child may be replaced when every use is a call (``self.conv(x)``,
-``self.blocks[i](x)``, ``for blk in self.blocks: x = blk(x)``), a ``len``, a truth test or
-a comparison with ``None``, and every call passes the same arguments (the child is traced
-with the others at their defaults: ``forward(x, scale=None)`` called as ``self.block(x)``
-is traced with ``scale=None``). Anything else (``self.conv.weight``,
-``isinstance(self.attn, ...)``, ``getattr(self.proj, ...)``, keeping it in a variable,
-calls with different arguments) leaves that child's subtree as it is, with a reason. The
-replacement carries the child's plain attributes (numbers, strings, tuples:
-hyperparameters a parent may read). TorchScript modules are never changed.
+``self.attn.forward(x)``, ``self.blocks[i](x)``, ``for blk in self.blocks: x = blk(x)``), a
+``len``, a truth test, a comparison with ``None`` or a read of one of its *plain
+attributes*, and every call passes the same arguments (the child is traced with the others
+at their defaults: ``forward(x, scale=None)`` called as ``self.block(x)`` is traced with
+``scale=None``).
+
+A plain attribute (``self.attn.resolution``, ``self.attn.num_heads``, ``self.conv.stride[0]``,
+``self.attn.training``, ``getattr(self.attn, "key_dim")``) is a number, string, ``None`` or a
+tuple of those, held by the child object itself (not a parameter, buffer, submodule,
+method or property) and assigned by its class in ``__init__`` only (or, ``training``, by
+``train()``): a hyperparameter, which no parameter of the child changes. The fused child is
+given the same value (copied onto it when it lacks one) and is put in place only if it then
+reads the same; otherwise the child stays. Anything else (``self.conv.weight``,
+``self.attn.qkv``, ``self.attn.some_method(x)``, ``isinstance(self.attn, ...)``,
+``getattr(self.proj, name)``, ``fn(self.attn)``, keeping it in a variable, calls with
+different arguments) leaves that child's subtree as it is, with a reason. The replacement
+carries the child's plain attributes. TorchScript modules are never changed.
 """
 
 from __future__ import annotations
@@ -45,9 +54,9 @@ def fuse_inside(module: nn.Module, path: str, fuse_child: Callable, report: Fusi
     if isinstance(module, torch.jit.ScriptModule):
         return
     if calls is None:
-        blocked, calls = _children_uses(module)
+        blocked, calls, reads = _children_uses(module)
     else:  # the items of a container: called the way the container's owner calls them
-        blocked, calls = {}, {name: calls for name in module._modules}
+        blocked, calls, reads = {}, {name: calls for name in module._modules}, {}
     for name, child in list(module.named_children()):
         where = f"{path}.{name}" if path else name
         if name in blocked:
@@ -63,10 +72,17 @@ def fuse_inside(module: nn.Module, path: str, fuse_child: Callable, report: Fusi
                                              "different or unknown arguments"))
             continue
         fused, child_report = fuse_child(child, next(iter(calls[name])))
+        if fused is not None:
+            _carry_plain_attributes(child, fused, reads.get(name, ()))
+            lost = [a for a in sorted(reads.get(name, ())) if not _reads_the_same(child, fused, a)]
+            if lost:
+                report.leaves.append(Leaf(where, f"left as it is: {type(module).__name__} reads "
+                                                 f"self.{name}.{lost[0]}, which its fused form "
+                                                 "would not give"))
+                continue
         if child_report is not None:
             merge_report(report, child_report, where)
         if fused is not None:
-            _carry_plain_attributes(child, fused)
             setattr(module, name, fused)
 
 
@@ -85,30 +101,56 @@ def merge_report(report: FusionReport, inner: FusionReport, path: str) -> None:
         report.nodes_after += inner.nodes_after
 
 
-def _carry_plain_attributes(original: nn.Module, fused: nn.Module) -> None:
-    for key, value in vars(original).items():
-        if key.startswith("_") or key == "training" or hasattr(fused, key):
-            continue
-        if isinstance(value, _PLAIN) or (isinstance(value, tuple)
-                                         and all(isinstance(v, _PLAIN) for v in value)):
-            setattr(fused, key, value)
+def _carry_plain_attributes(original: nn.Module, fused: nn.Module, read=()) -> None:
+    """Copy ``original``'s plain attributes onto ``fused`` where it has none of that name:
+    those it holds itself, and the ones in ``read`` (its parent reads them) wherever
+    they are defined (a class-level constant too)."""
+    carried = {key: value for key, value in vars(original).items()
+               if not key.startswith("_") and key != "training" and not hasattr(fused, key)
+               and _is_plain(value)}
+    carried.update({key: inspect.getattr_static(original, key) for key in read
+                    if not hasattr(fused, key)})
+    for key, value in carried.items():
+        setattr(fused, key, value)
+    # ``copy.deepcopy`` of a GraphModule rebuilds it from its graph: it keeps only the
+    # attributes named in its meta (``torch.fx.graph_module._USER_PRESERVED_ATTRIBUTES_KEY``)
+    key = getattr(torch.fx.graph_module, "_USER_PRESERVED_ATTRIBUTES_KEY", None)
+    if carried and key is not None and isinstance(fused, torch.fx.GraphModule):
+        fused.meta.setdefault(key, {}).update(carried)
+
+
+def _is_plain(value) -> bool:
+    """A number, string, bool, None, or a tuple of those (nested too): an immutable value
+    that cannot hold or alias a tensor."""
+    return isinstance(value, _PLAIN) or (isinstance(value, tuple)
+                                         and all(_is_plain(v) for v in value))
+
+
+def _reads_the_same(original: nn.Module, fused: nn.Module, name: str) -> bool:
+    before, after = getattr(original, name), getattr(fused, name, _MISSING)
+    return type(before) is type(after) and before == after
+
+
+_MISSING = object()
 
 
 # ---- how a module's own code uses its children ---------------------------------------
 
-def _children_uses(module: nn.Module) -> tuple[dict[str, str], dict[str, set]]:
-    """``(blocked, calls)``: ``{child: reason}`` for the children ``module``'s code uses
-    other than as functions (they must stay the objects they are), and ``{child: {call
+def _children_uses(module: nn.Module) -> tuple[dict[str, str], dict[str, set], dict[str, set]]:
+    """``(blocked, calls, reads)``: ``{child: reason}`` for the children ``module``'s code
+    uses other than as functions (they must stay the objects they are), ``{child: {call
     shape}}`` for the others, a shape being ``(positional count, keywords)`` of a call, or
-    None for a call with ``*args`` / ``**kwargs``."""
+    None for a call with ``*args`` / ``**kwargs``, and ``{child: {attribute}}`` for the
+    plain attributes read of them (:func:`_plain_attribute`)."""
     names = set(module._modules)
     if not names:
-        return {}, {}
+        return {}, {}, {}
     methods = _reachable_methods(type(module))
     if methods is None:
-        return {name: "the source code of its parent is not available" for name in names}, {}
+        return {name: "the source code of its parent is not available" for name in names}, {}, {}
     blocked: dict[str, str] = {}
     calls: dict[str, set] = {name: set() for name in names}
+    reads: dict[str, set] = {name: set() for name in names}
     for method in methods:
         parents = {child: node for node in ast.walk(method) for child in ast.iter_child_nodes(node)}
         for node in ast.walk(method):
@@ -117,13 +159,77 @@ def _children_uses(module: nn.Module) -> tuple[dict[str, str], dict[str, set]]:
                     and isinstance(node.ctx, ast.Load)):
                 continue
             found = _calls_of(node, parents)
-            if found is None:
-                blocked.setdefault(node.attr, f"{type(module).__name__}.{method.name} reads "
-                                              f"self.{node.attr} as an object, not only by "
-                                              "calling it")
-            else:
+            if found is not None:
                 calls[node.attr].update(_shape(call) for call in found)
-    return blocked, calls
+                continue
+            attribute = _attribute_read(node, parents)
+            child = module._modules[node.attr]
+            if attribute is not None and _plain_attribute(child, attribute):
+                reads[node.attr].add(attribute)
+                continue
+            what = f" (self.{node.attr}.{attribute} is no plain attribute)" \
+                if attribute is not None else ""
+            blocked.setdefault(node.attr, f"{type(module).__name__}.{method.name} reads "
+                                          f"self.{node.attr} as an object{what}, not only by "
+                                          "calling it")
+    return blocked, calls, reads
+
+
+def _attribute_read(expr: ast.expr, parents: dict) -> str | None:
+    """``name`` if this use of ``self.<child>`` reads ``self.<child>.name`` (or
+    ``getattr(self.<child>, "name")``, a literal name), else None."""
+    parent = parents.get(expr)
+    if isinstance(parent, ast.Attribute) and parent.value is expr and isinstance(parent.ctx, ast.Load):
+        return parent.attr
+    if isinstance(parent, ast.Call) and isinstance(parent.func, ast.Name) and \
+            parent.func.id == "getattr" and len(parent.args) == 2 and not parent.keywords and \
+            parent.args[0] is expr and isinstance(parent.args[1], ast.Constant) and \
+            isinstance(parent.args[1].value, str):
+        return parent.args[1].value
+    return None
+
+
+def _plain_attribute(child: nn.Module, name: str) -> bool:
+    """Whether ``child.name`` is a hyperparameter: a plain value (:func:`_is_plain`) found
+    on the object or its class without running any code (not a parameter, buffer or
+    submodule, which live in ``_parameters``/``_buffers``/``_modules``; not a property or a
+    method), that its class's code assigns in ``__init__`` only. ``training`` is one."""
+    if name == "training":
+        return True
+    if name.startswith("__") or isinstance(child, torch.jit.ScriptModule):
+        return False
+    try:
+        value = inspect.getattr_static(child, name)
+    except AttributeError:
+        return False
+    return _is_plain(value) and not _assigned_after_init(type(child), name)
+
+
+def _assigned_after_init(cls: type, name: str) -> bool:
+    """Whether a method of ``cls`` (or of its non-torch bases) other than ``__init__``
+    assigns or deletes ``self.<name>`` (state, not a hyperparameter); True when a source
+    is not available."""
+    for klass in cls.__mro__:
+        if klass is object or klass.__module__.startswith("torch."):
+            continue
+        try:
+            tree = ast.parse(textwrap.dedent(inspect.getsource(klass)))
+        except (OSError, TypeError, SyntaxError, IndentationError):
+            return True
+        for method in ast.walk(tree):
+            if not isinstance(method, (ast.FunctionDef, ast.AsyncFunctionDef)) or \
+                    method.name == "__init__":
+                continue
+            for node in ast.walk(method):
+                if isinstance(node, ast.Attribute) and node.attr == name and \
+                        isinstance(node.ctx, (ast.Store, ast.Del)) and \
+                        isinstance(node.value, ast.Name) and node.value.id == "self":
+                    return True
+                if isinstance(node, ast.Call) and isinstance(node.func, ast.Name) and \
+                        node.func.id in ("setattr", "delattr") and len(node.args) >= 2 and \
+                        isinstance(node.args[1], ast.Constant) and node.args[1].value == name:
+                    return True
+    return False
 
 
 def _shape(call: ast.Call):
@@ -169,6 +275,10 @@ def _calls_of(expr: ast.expr, parents: dict) -> list[ast.Call] | None:
     """The calls this use of ``self.<child>`` makes of it (or of its items) if it only
     calls it, counts it, tests it or iterates it to call its items; None otherwise."""
     parent = parents.get(expr)
+    if isinstance(parent, ast.Attribute) and parent.value is expr and \
+            parent.attr in ("forward", "__call__"):  # self.attn.forward(x)
+        call = parents.get(parent)
+        return [call] if isinstance(call, ast.Call) and call.func is parent else None
     if isinstance(parent, ast.Call):
         if parent.func is expr:
             return [parent]

@@ -234,10 +234,10 @@ class RankFacts:
             return
         flat = node.args[0]
         while flat.op == "call_module" and isinstance(self._modules.get(flat.target), (
-                nn.Identity, nn.modules.dropout._DropoutNd)) and \
-                runs_standard_forward(self._modules.get(flat.target)) and \
+                nn.Identity, nn.modules.dropout._DropoutNd, nn.modules.batchnorm._BatchNorm)) \
+                and runs_standard_forward(self._modules.get(flat.target)) and \
                 isinstance(flat.args[0] if flat.args else None, torch.fx.Node):
-            flat = flat.args[0]  # (a classifier's dropout keeps the shape)
+            flat = flat.args[0]  # (a head's dropout or BatchNorm1d keeps the shape)
         pooled = _flattened_from_dim_one(flat, self._modules)
         found = _adaptive_pool(pooled, self._modules) if pooled is not None else None
         if found is None:
