@@ -478,3 +478,23 @@ def test_batchnorm_distributes_over_a_sum_in_onnx(kind):
         None, {m.graph.input[0].name: x.numpy()})[0]
     expected, got = run(original), run(fused)
     assert abs(expected - got).max() / abs(expected).max() <= 1e-5
+
+
+class CropScaleTokensLinear(nn.Module):
+    """Found by the fuzzer (seed 1008, core ATen): ``x * 2`` on a cropped, permuted tensor
+    keeps its permuted layout dense, so core ATen's ``view`` after the next permute was
+    legal; with the scale folded into the Linear the ``view`` reads the crop itself."""
+
+    def __init__(self):
+        super().__init__()
+        self.bn, self.fc = nn.BatchNorm1d(4), nn.Linear(4, 4, bias=False)
+
+    def forward(self, x):
+        t = x.movedim(1, -1)
+        v = self.bn(t.flatten(0, -2)).reshape_as(t).movedim(-1, 1)
+        return self.fc((v[:, :, :, 1:] * 2.0).movedim(1, -1)).movedim(-1, 1)
+
+
+def test_views_after_absorbed_ops_are_written_as_reshapes():
+    results = _assert_exact_everywhere(CropScaleTokensLinear(), ((2, 4, 8, 8), (2, 4, 7, 9)))
+    assert reparam_fx.op_counts(results["core aten"])["mul"] == 0

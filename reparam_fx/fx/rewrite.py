@@ -402,7 +402,33 @@ def _rewrite(facts: GraphFacts, emit: list, partial_sums: list,
             env[node] = _emit_sum(new, values, node, facts.ws.frontend)
         elif node not in dead:
             env[node] = new.node_copy(node, env.__getitem__)
+            if _view_after_rewritten_values(node, dead.__contains__):
+                env[node].target = aten.reshape.default if node.op == "call_function" else "reshape"
     return new
+
+
+_VIEWS_OF_INPUT = {"permute", "transpose", "slice", "select", "expand", "unsqueeze", "squeeze",
+                   "alias", "t", "narrow", "movedim", "getitem", "view", "_unsafe_view"}
+
+
+def _view_after_rewritten_values(node: torch.fx.Node, rewritten) -> bool:
+    """A ``view`` whose input is a view of values a rewrite replaced: the ``view`` was legal
+    for the memory layout the replaced op made (an element-wise op keeps a permuted
+    layout dense), which the new op need not make. Written as ``reshape``, which views
+    where it can and copies where it must: the same values."""
+    name = node.target if node.op == "call_method" else schema_name(node.target)
+    if name not in ("view", "_unsafe_view") or not node.args:
+        return False
+    value = node.args[0]
+    while isinstance(value, torch.fx.Node):
+        if rewritten(value):
+            return True
+        kind = value.target if value.op == "call_method" else (
+            schema_name(value.target) or getattr(value.target, "__name__", ""))
+        if kind not in _VIEWS_OF_INPUT or not value.args:
+            return False
+        value = value.args[0]
+    return False
 
 
 def _keep_what_live_ops_read(dead: set, replaced: set) -> None:
@@ -474,23 +500,26 @@ class _Plan:
                 if (region.source, move) not in copies:
                     copies[(region.source, move)] = self._copy(
                         graph, move, env, copies[(region.source, previous)] if index else
-                        env[region.source], keep_meta=True)
+                        env[region.source], True, dead)
                 value = copies[(region.source, move)]
             else:
                 previous = env[("op", self.key)] if index == 0 else \
                     env[("move", self.key, index - 1)]
-                value = self._copy(graph, move, env, previous, keep_meta=region.post_kept)
+                value = self._copy(graph, move, env, previous, region.post_kept, dead)
                 env[("move", self.key, index)] = value
                 if index == len(self.moves) - 1:
                     env[self.key] = value
         self._twins(step, env, copies, dead)
 
-    @staticmethod
-    def _copy(graph, move, env, input_value, keep_meta):
+    def _copy(self, graph, move, env, input_value, keep_meta, dead):
         """The move written again on ``input_value`` (its other arguments, such as sizes
-        read from ``x.shape``, as they are)."""
+        read from ``x.shape``, as they are); a ``view`` that followed an absorbed op as a
+        ``reshape`` (see :func:`_view_after_rewritten_values`)."""
         first = move.args[0]
         value = graph.node_copy(move, lambda n: input_value if n is first else env[n])
+        moves = self.moves
+        if _view_after_rewritten_values(move, lambda n: n in dead and n not in moves):
+            value.target = aten.reshape.default if move.op == "call_function" else "reshape"
         if not keep_meta:
             value.meta.pop("val", None)
             value.meta.pop("tensor_meta", None)
