@@ -2,46 +2,54 @@
 
 The method
 ----------
-1. **Programs.** A seed picks a small program: a list of :class:`Statement` s (an IR) over
-   tensors that keep ``C`` channels, each statement one op written in one of several *code
-   styles* — the shapes other people's code takes: ``nn.Conv2d`` or ``F.conv2d`` on raw
-   parameters, ``nn.BatchNorm2d`` or ``F.batch_norm`` on buffers or a timm-style
-   ``BatchNormAct2d`` subclass, a layer scale as ``x * self.gamma.view(1, -1, 1, 1)`` or as
-   an in-place ``x.mul_(...)``, sums as ``a + b``, ``out = 0; out += ...``, ``sum([...])``,
-   ``out = self.id(x); out += ...`` (an in-place add through an *alias*), ``Linear`` over
-   channels-last tensors reached by ``movedim`` / ``permute``, shape reads, and so on
-   (:data:`OPS`). The program is rendered to the Python source of an ``nn.Module`` subclass
-   (:meth:`Program.source`) and executed, so every program is also a printable
-   reproducer.
+1. **Programs.** A seed picks a small program: a list of :class:`Statement` s (an IR), each
+   one op written in one of several *code styles* — the shapes other people's code takes:
+   ``nn.Conv2d`` or ``F.conv2d`` on raw parameters (or on weights computed in ``forward``,
+   timm's ``StdConv2d``, a conv with a forward hook), ``nn.BatchNorm2d``, ``F.batch_norm``
+   on buffers, a timm-style ``BatchNormAct2d`` subclass, ``SyncBatchNorm``, a
+   ``BatchNorm1d`` over flattened channels-last tokens; a layer scale as
+   ``x * self.gamma.view(1, -1, 1, 1)`` or an in-place ``x.mul_(...)``; sums as ``a + b``,
+   ``out = 0; out += ...``, ``sum([...])``, ``out = self.id(x); out += ...`` (an in-place
+   add through an *alias*); ``Linear`` over channels-last tensors reached by ``movedim`` /
+   ``permute``; average pools, zero pads, crops, shape reads, MobileOne-style branch
+   lists, shared modules (:data:`OPS`). Tensors keep their channel count, except that
+   convs and linears now and then double or halve it. Some statements are moved into a
+   child module (:class:`Block`), sometimes one that symbolic tracing cannot read. The
+   program is rendered to the Python source of an ``nn.Module`` subclass
+   (:meth:`Program.source`) and executed, so every program is also a printable reproducer.
 2. **Captures.** Each program is handed to ``fuse`` in each capture (:data:`CAPTURES`):
    symbolic tracing without and with example inputs, ``torch.export`` (training IR and
-   core ATen) and ONNX (``torch.onnx.export(dynamo=False)`` with a random opset, constant
-   folding, dynamic spatial axes, sometimes ``TrainingMode.TRAINING``). Each fused result
-   is compared with *the program it was given* — the eager model, ``program.module()``,
-   or the exported ONNX run in ONNX Runtime — in float64 for torch (relative error
-   ``<= 1e-9``) and float32 for ONNX (``<= 1e-5``), at two input sizes where the capture
-   allows. Also checked: ``fuse`` leaves its argument (and the example inputs) unchanged,
-   and the result costs no more MACs.
+   core ATen; spatial dims sometimes dynamic) and ONNX (``torch.onnx.export(dynamo=False)``
+   with a random opset, constant folding, dynamic spatial axes, sometimes
+   ``TrainingMode.TRAINING``). Each fused result is compared with *the program it was
+   given* — the eager model, ``program.module()``, or the exported ONNX run in ONNX
+   Runtime — in float64 for torch (relative error ``<= 1e-9``) and float32 for ONNX
+   (``<= 1e-5``), at two input sizes where the capture allows (and, for ``fuse(model)``,
+   which saw no input, on an unbatched ``(C, *S)`` input when the program accepts one).
+   Also checked: ``fuse`` leaves its argument (and the example inputs) unchanged, and the
+   result costs no more MACs (``reparam_fx.mac_count``; :func:`onnx_mac_count`).
 3. **Shrinking.** A failure (:class:`Failure`: wrong-values, wrong-shape, crash-fuse,
-   crash-fused, mac-increase, mutated-input) is shrunk by delta debugging: delete a
-   statement (its uses rewired to an earlier tensor of the same shape), simplify a
-   statement's style and options, drop outputs, simplify the capture's options — keeping
-   each change while the same kind of failure still reproduces. The result is printed as a
-   self-contained script (:func:`reproducer`) that raises while the bug is there.
+   crash-fused, mac-increase, mutated-input; crash-process when native code kills the
+   process) is shrunk by delta debugging: delete a statement (its uses rewired to an
+   earlier tensor of the same type), simplify a statement's style and options, unwrap
+   blocks, drop outputs, simplify the capture's options — keeping each change while the
+   same kind of failure still reproduces. The result is printed as a self-contained script
+   (:func:`reproducer`) that raises while the bug is there.
 
-Everything is a function of the seed: ``random.Random(seed)`` picks the structure,
-``torch.manual_seed(seed)`` the weights (the reproducer does the same), and BatchNorm
-statistics and layer scales are randomised (:func:`reparam_fx.testing.randomize_batchnorm_`,
+Everything is a function of the seed: ``random.Random`` seeded from it picks the
+structure, ``torch.manual_seed(seed)`` the weights and inputs (the reproducer does the
+same), and BatchNorm statistics and layer scales are randomised
+(:func:`reparam_fx.testing.randomize_batchnorm_`,
 :func:`~reparam_fx.testing.randomize_parameters_`) so that none is the identity or ~0.
 
 Entry points: :func:`generate_program`, :func:`check_capture`, :func:`shrink`,
-:func:`fuzz` (the loop), ``tools/fuzz.py`` (the command line), ``tests/test_fuzz.py``.
+:func:`reproducer`, :func:`fuzz` (the loop), ``tools/fuzz.py`` (the command line),
+``tests/test_fuzz.py`` (a bounded run and tests of the fuzzer itself).
 """
 
 from __future__ import annotations
 
 import contextlib
-import copy
 import functools
 import hashlib
 import inspect
@@ -266,13 +274,20 @@ class SourceWriter:
         return f"{expression}.movedim(-1, 1)"
 
     def permute_last(self) -> str:
-        return "permute(0, 2, 3, 1)" if self.dims == 2 else "transpose(1, 2)"
+        if self.dims == 1:
+            return "transpose(1, 2)"
+        return f"permute(0, {', '.join(str(d) for d in range(2, self.dims + 2))}, 1)"
 
     def permute_first(self) -> str:
-        return "permute(0, 3, 1, 2)" if self.dims == 2 else "transpose(1, 2)"
+        if self.dims == 1:
+            return "transpose(1, 2)"
+        return f"permute(0, {self.dims + 1}, {', '.join(str(d) for d in range(1, self.dims + 1))})"
 
     def shape_names(self) -> str:
-        return "B, C, H, W" if self.dims == 2 else "B, C, L"
+        return {1: "B, C, L", 2: "B, C, H, W", 3: "B, C, D, H, W"}[self.dims]
+
+    def spatial_axes(self) -> str:
+        return "2" if self.dims == 1 else f"({', '.join(str(d) for d in range(2, self.dims + 2))})"
 
 
 HELPER_SOURCES = {
@@ -832,7 +847,10 @@ class Pad(Op):
     def random_options(self, gen, inputs):
         rng = gen.rng
         mode = gen.weighted([(12, "constant"), (1, "reflect"), (1, "replicate")])
-        count = 2 if gen.dims == 1 or (mode == "constant" and rng.random() < 0.4) else 4
+        if mode == "constant":  # F.pad reads pads from the last dim backwards: any prefix will do
+            count = 2 * rng.randint(1, gen.dims)
+        else:
+            count = 2 * gen.dims
         low = -1 if mode == "constant" and rng.random() < 0.15 else 0
         pads = tuple(rng.randint(low, 2) for _ in range(count))
         value = 0.0 if mode != "constant" or rng.random() < 0.85 else 0.5
@@ -1168,7 +1186,7 @@ class PoolHead(Op):
 
     def render(self, s, out):
         n, a = s.number, s.inputs[0]
-        axes = "(2, 3)" if out.dims == 2 else "2"
+        axes = out.spatial_axes()
         if s.style == "mean":
             out.forward(f"{s.output} = {a}.mean({axes})")
         elif s.style == "mean-keepdim-flatten":
@@ -1323,6 +1341,140 @@ class MultiBranch(Op):
                                     padding=k // 2))
 
 
+class ConvTranspose(Op):
+    """``nn.ConvTranspose2d`` / ``F.conv_transpose2d`` (ultralytics, decoder heads)."""
+
+    name, weight, default_style = "conv-transpose", 1.0, "module"
+
+    def styles(self, layout, dims):
+        return [(3, "module"), (1, "functional"), (1, "sequential-bn")]
+
+    def random_options(self, gen, inputs):
+        rng, channels = gen.rng, gen.types[inputs[0]].channels
+        kernel = rng.choice((1, 2, 2, 3, 3))
+        stride = rng.choice((1, 1, 2))
+        out_channels = _random_out_channels(gen, inputs[0])
+        groups = gen.weighted([(4, 1)] + ([(1, channels)] if out_channels % channels == 0 else []))
+        padding = rng.randint(0, (kernel - 1) // 2 + (1 if kernel > 1 and rng.random() < 0.3 else 0))
+        return options(kernel=kernel, stride=stride, padding=padding, groups=groups, bias=rng.random() < 0.4,
+                       output_padding=1 if stride == 2 and rng.random() < 0.3 else 0, out_channels=out_channels)
+
+    def output_type(self, s, inputs, program):
+        k, stride, p, extra = s.get("kernel"), s.get("stride"), s.get("padding"), s.get("output_padding")
+        sizes = [[(n - 1) * stride - 2 * p + k + extra for n in size] for size in inputs[0].spatial()]
+        if any(n > 24 for size in sizes for n in size):
+            raise InvalidProgram("too large")
+        return tensor_type(FIRST, s.get("out_channels"), checked_sizes(sizes))
+
+    def render(self, s, out):
+        n, a = s.number, s.inputs[0]
+        cin, cout = out.c(a), s.get("out_channels")
+        k, stride, p, g, extra = (s.get(o) for o in ("kernel", "stride", "padding", "groups", "output_padding"))
+        if s.style == "functional":
+            shape = ", ".join(map(str, (cin, cout // g) + (k,) * out.dims))
+            out.init(f"deconv{n}", f"self.deconv{n}_weight = nn.Parameter(torch.randn({shape}) * 0.3)",
+                     f"self.deconv{n}_bias = nn.Parameter(torch.randn({cout}) * 0.1)" if s.get("bias")
+                     else f"self.deconv{n}_bias = None")
+            out.forward(f"{s.output} = F.conv_transpose{out.nd}({a}, self.deconv{n}_weight, self.deconv{n}_bias, "
+                        f"{stride}, {p}, {extra}, {g})")
+            return
+        arguments = f"{cin}, {cout}, {k}, stride={stride}, padding={p}"
+        if extra:
+            arguments += f", output_padding={extra}"
+        if g != 1:
+            arguments += f", groups={g}"
+        if not s.get("bias"):
+            arguments += ", bias=False"
+        deconv = f"nn.ConvTranspose{out.nd}({arguments})"
+        if s.style == "sequential-bn":
+            deconv = f"nn.Sequential({deconv}, nn.BatchNorm{out.nd}({cout}))"
+        out.init(f"deconv{n}", f"self.deconv{n} = {deconv}")
+        out.forward(f"{s.output} = self.deconv{n}({a})")
+
+    def simpler(self, s, program):
+        yield from super().simpler(s, program)
+        if s.get("bias"):
+            yield s.with_options(bias=False)
+        if s.get("groups") != 1:
+            yield s.with_options(groups=1)
+
+
+class Upsample(Op):
+    """Nearest-neighbour upsampling by 2: linear, but no convolution."""
+
+    name, weight, default_style = "upsample", 0.6, "functional"
+
+    def styles(self, layout, dims):
+        return [(2, "functional"), (1, "module")]
+
+    def output_type(self, s, inputs, program):
+        sizes = [[2 * n for n in size] for size in inputs[0].spatial()]
+        if any(n > 24 for size in sizes for n in size):
+            raise InvalidProgram("too large")
+        return tensor_type(FIRST, inputs[0].channels, sizes)
+
+    def render(self, s, out):
+        if s.style == "module":
+            out.init(f"up{s.number}", f'self.up{s.number} = nn.Upsample(scale_factor=2, mode="nearest")')
+            out.forward(f"{s.output} = self.up{s.number}({s.inputs[0]})")
+        else:
+            out.forward(f'{s.output} = F.interpolate({s.inputs[0]}, scale_factor=2, mode="nearest")')
+
+
+class Concat(Op):
+    """Two tensors joined along the channels (CSP, GhostNet)."""
+
+    name, weight, default_style, arity = "concat", 1.0, "cat-list", 2
+
+    def styles(self, layout, dims):
+        return [(2, "cat-list"), (1, "cat-tuple")]
+
+    def output_type(self, s, inputs, program):
+        a, b = inputs
+        if a.layout != b.layout or a.spatial() != b.spatial():
+            raise InvalidProgram("concat of different spatial shapes")
+        if a.channels + b.channels > 16:
+            raise InvalidProgram("too many channels")
+        return tensor_type(FIRST, a.channels + b.channels, a.spatial())
+
+    def render(self, s, out):
+        a, b = s.inputs
+        text = f"torch.cat([{a}, {b}], dim=1)" if s.style == "cat-list" else f"torch.cat(({a}, {b}), 1)"
+        out.forward(f"{s.output} = {text}")
+
+
+class ChannelSlice(Op):
+    """Some of the channels: ``x[:, :k]``, ``x.chunk(2, dim=1)[1]``, ``x.narrow(1, i, k)``."""
+
+    name, weight, default_style = "channel-slice", 0.8, "index"
+
+    def styles(self, layout, dims):
+        return [(2, "index"), (2, "chunk"), (1, "narrow"), (1, "split")]
+
+    def random_options(self, gen, inputs):
+        channels = gen.types[inputs[0]].channels
+        if channels < 2 or channels % 2:
+            return options(start=0, length=channels)
+        return options(start=gen.rng.choice((0, channels // 2)), length=channels // 2)
+
+    def output_type(self, s, inputs, program):
+        start, length, channels = s.get("start"), s.get("length"), inputs[0].channels
+        if start + length > channels or length < 1:
+            raise InvalidProgram("channels out of range")
+        if s.style in ("chunk", "split") and (2 * length != channels or start % length):
+            raise InvalidProgram("not a half")
+        return tensor_type(FIRST, length, inputs[0].spatial())
+
+    def render(self, s, out):
+        a, start, length = s.inputs[0], s.get("start"), s.get("length")
+        channels = out.c(a)
+        text = {"index": f"{a}[:, {start or ''}:{start + length}]",
+                "chunk": f"{a}.chunk(2, dim=1)[{start // max(length, 1)}]",
+                "narrow": f"{a}.narrow(1, {start}, {length})",
+                "split": f"torch.split({a}, [{length}, {channels - length}], dim=1)[{start // max(length, 1)}]"}[s.style]
+        out.forward(f"{s.output} = {text}")
+
+
 class Gate(Op):
     """A product of two tensors (not linear: must never be folded)."""
 
@@ -1386,7 +1538,8 @@ class Reuse(Op):
 OPS: dict[str, Op] = {op.name: op for op in (
     Conv(), BatchNorm(), Identity(), Scale(), AvgPool(), Pad(), Crop(), LinearChannels(), ToLast(),
     ToFirst(), Linear(), BatchNorm1d(), Activation(), ShapeRead(), PoolHead(), Add(), Sub(),
-    InplaceAdd(), Sum(), MultiBranch(), Gate(), Reuse())}
+    InplaceAdd(), Sum(), MultiBranch(), Gate(), Reuse(), ConvTranspose(), Upsample(), Concat(),
+    ChannelSlice())}
 
 _ALIASING_KINDS = {"identity", "inplace-add"}
 
@@ -1434,6 +1587,12 @@ class Generator:
         same = [n for n in self.order if self.types[n] == self.types[name] and n not in exclude]
         return self._prefer_unused(same) if same else name
 
+    def pick_same_spatial(self, name: str) -> str:
+        kind = self.types[name]
+        same = [n for n in self.order if self.types[n].layout == kind.layout
+                and self.types[n].spatial() == kind.spatial()]
+        return self._prefer_unused(same)
+
     def unused(self) -> list[str]:
         return [n for n in self.order[1:] if n not in self.used]
 
@@ -1447,7 +1606,8 @@ class Generator:
         return self.weighted(weights)
 
 
-SIZES = {2: (((8, 8), (7, 9)), ((8, 8), (7, 9)), ((10, 10), (9, 11)), ((6, 6), (7, 5))),
+SIZES = {3: (((5, 5, 5), (4, 6, 5)), ((6, 6, 6), (5, 7, 6))),
+         2: (((8, 8), (7, 9)), ((8, 8), (7, 9)), ((10, 10), (9, 11)), ((6, 6), (7, 5))),
          1: (((10,), (9,)), ((12,), (11,)))}
 
 
@@ -1463,7 +1623,8 @@ def generate_program(seed: int) -> Program:
 
 def _generate(seed: int, attempt: int) -> Program:
     rng = random.Random(f"program:{seed}:{attempt}")
-    dims = 1 if rng.random() < 0.12 else 2
+    draw = rng.random()
+    dims = 1 if draw < 0.12 else 3 if draw < 0.18 else 2
     channels = rng.choice((4, 4, 4, 4, 2, 6, 8))
     sizes = rng.choice(SIZES[dims])
     gen = Generator(rng.getrandbits(64), dims, channels, sizes)
@@ -1506,6 +1667,11 @@ def _generate_statement(gen: Generator, statements: list) -> Statement | None:
     if op.arity == 1:
         first = gen.pick(op.layouts)
         inputs = (first,)
+    elif op.name == "concat":
+        first = gen.pick(op.layouts)
+        if first is None:
+            return None
+        inputs = (first, gen.pick_same_spatial(first))
     elif op.name == "inplace-add":
         first = gen.pick_inplace_target(op.layouts)
         if first is None:
@@ -1807,6 +1973,10 @@ def _check_torch(program: Program, capture: str, capture_opts: dict) -> Finding 
 def export_onnx(program: Program, capture_opts: dict) -> bytes:
     """The program exported by ``torch.onnx.export(dynamo=False)`` with ``capture_opts``
     (raises :class:`Skip` when the exporter fails)."""
+    if "movedim(-1" in program.source():
+        # the TorchScript exporter writes movedim(-1, 1) as a Transpose whose perm holds -1
+        # or uninitialised memory; ONNX Runtime and onnx's checker then fail or crash the process
+        raise Skip("torch.onnx.export(dynamo=False) does not export movedim(-1, ...)")
     model, inputs = build(program, "float32")
     kwargs = dict(dynamo=False, opset_version=capture_opts["opset"],
                   do_constant_folding=capture_opts["constant_folding"], input_names=["x"],
@@ -1854,6 +2024,7 @@ def _onnx_session(model_bytes: bytes):
 
 
 def _check_onnx(program: Program, capture_opts: dict) -> Finding | None:
+    import numpy as np
     import onnx
     exported = export_onnx(program, capture_opts)
     _, inputs = build(program, "float32")
@@ -1889,9 +2060,11 @@ def _check_onnx(program: Program, capture_opts: dict) -> Finding | None:
         try:
             expected = reference.run(None, feeds)
             again = reference.run(None, feeds)
-        except Exception as error:  # noqa: BLE001
-            raise Skip(f"the exported model does not run at {where}: {_error_text(error)}") from None
-        if any(not (a == b).all() for a, b in zip(expected, again)):
+        except Exception as error:  # noqa: BLE001 - shapes the exporter hard-coded
+            if x is sizes[0]:
+                raise Skip(f"the exported model does not run at {where}: {_error_text(error)}") from None
+            continue
+        if any(not np.array_equal(a, b, equal_nan=True) for a, b in zip(expected, again)):
             raise Skip("the exported model is not deterministic (training-mode dropout)")
         try:
             actual = candidate.run(None, feeds)
@@ -2374,7 +2547,7 @@ def _fuzz_in_workers(seeds, captures, jobs, shrink_failures, total, done, out_of
             pool.shutdown(wait=False, cancel_futures=True)
             pool = _process_pool(jobs)
     finally:
-        pool.shutdown(wait=False, cancel_futures=True)
+        pool.shutdown(wait=True, cancel_futures=True)
 
 
 def _seed_in_fresh_processes(seed: int, captures) -> FuzzResult:
