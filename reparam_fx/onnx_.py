@@ -7,7 +7,8 @@ term of its tensor input(s) (:func:`_interpret`):
 
     Conv (constant W, B)             conv term; ``pads`` must be symmetric; ``auto_pad``
                                      SAME_* only where it is symmetric for every size
-    BatchNormalization (inference)   channel affine on axis 1
+    BatchNormalization (inference)   channel affine on axis 1; the mode is read by the
+                                     opset's semantics (:func:`_batchnorm_not_inference`)
     Add / Sub of two tensors         a sum;  with a constant: a per-channel shift
     Mul / Div by a constant          a per-channel scale
     Identity, Dropout (inference)    identity
@@ -20,6 +21,19 @@ term of its tensor input(s) (:func:`_interpret`):
 
 A ``Shape`` node reading a tensor of static shape reads no values: it does not keep that
 tensor out of a region, and once the tensor is folded away it becomes a constant.
+
+Symbolic dimensions (a ``dim_param`` name, or unknown) are never read as numbers: a size
+is a number only where the graph proves it (its shape, the sizes the ops before it prove,
+:meth:`OnnxView.channels`); otherwise the node is left alone with a reason. Shapes come
+from ONNX shape inference on the input's declared shapes; the fused graph keeps the
+input's declarations of its inputs and outputs (a symbolic dim stays, under its name).
+
+Around the passes, three exact cleanups (no values change, fewer nodes):
+:func:`_fold_constants` (``Constant`` nodes and shape arithmetic on proven sizes become
+initializers, then shapes are inferred again where that proves more),
+:func:`_drop_no_ops` (zero ``Pad``, whole ``Slice``, identity ``Transpose``, ``Cast`` to
+the same type, a reshape to the sizes it had, ``Identity``) and :func:`_merge_slices`
+(slices that cut an axis into pieces become one ``Split``).
 
 :mod:`reparam_fx.regions` then finds the regions, exactly as for torch.fx graphs, and each
 region is written back as one ``Conv`` (or ``Gemm`` / ``MatMul`` + ``Add`` for linear
@@ -37,6 +51,7 @@ line goes further (:mod:`reparam_fx.onnx_io`): it never holds the input's weight
 
 from __future__ import annotations
 
+import math
 import os
 from collections import Counter
 
@@ -73,7 +88,10 @@ class OnnxFusionError(ValueError):
 # ---- constants ------------------------------------------------------------------------
 
 _FOLDED_OPS = frozenset({"Identity", "Cast", "CastLike", "Expand", "Reshape", "Concat",
-                         "Gather", "Slice", "Unsqueeze", "Squeeze"})
+                         "Gather", "Slice", "Unsqueeze", "Squeeze", "ConstantOfShape",
+                         "Transpose", "Add", "Sub", "Mul", "Div"})
+_FOLD_LIMIT = 1 << 16  # elements: the largest constant a subgraph is folded into
+_FOLD_ROUNDS = 3  # constants folded, then shapes inferred again, at most this many times
 
 
 def constant_value(tensor, _depth: int = 0) -> np.ndarray | None:
@@ -83,7 +101,7 @@ def constant_value(tensor, _depth: int = 0) -> np.ndarray | None:
     if isinstance(tensor, gs.Constant):  # a large initializer's values are read, not kept
         lazy = tensor._values
         if isinstance(lazy, LazyValues) and lazy.nbytes >= STUB_BYTES:
-            return np.asarray(lazy.load())
+            return None if _is_stub(lazy.tensor) else np.asarray(lazy.load())
         return np.asarray(tensor.values)
     if not isinstance(tensor, gs.Variable) or len(tensor.inputs) != 1 or _depth > 8:
         return None
@@ -91,19 +109,33 @@ def constant_value(tensor, _depth: int = 0) -> np.ndarray | None:
     if node.op == "Constant":
         return _constant_attribute(node)
     if node.op == "Shape":
-        shape = getattr(node.inputs[0], "shape", None)
-        if shape is None or not all(isinstance(d, int) for d in shape):
-            return None
-        start, end = node.attrs.get("start", 0), node.attrs.get("end", None)
-        return np.asarray(shape, dtype=np.int64)[start:end]
+        return _static_dims(node, slice(None))
     if node.op not in _FOLDED_OPS or not node.inputs or not node.inputs[0].name:
         return None
     first = constant_value(node.inputs[0], _depth + 1)  # (before the others: usually None)
     if first is None:
+        if node.op == "Gather" and node.inputs[0].inputs and len(node.inputs) > 1 \
+                and node.inputs[0].inputs[0].op == "Shape":  # static dims of a shape
+            index = constant_value(node.inputs[1], _depth + 1)
+            if index is not None and index.ndim <= 1 and int(node.attrs.get("axis", 0)) == 0:
+                return _static_dims(node.inputs[0].inputs[0], index.astype(np.int64))
         return None
     args = [first] + [constant_value(t, _depth + 1) if t.name else None for t in node.inputs[1:]]
     if node.op == "Identity":
         return args[0]
+    if node.op in _INTEGER_ARITHMETIC:
+        return _integer_arithmetic(node.op, *args[:2]) if len(args) == 2 else None
+    if node.op == "ConstantOfShape":  # (TorchScript's F.pad builds its pads with it)
+        fill = node.attrs.get("value")
+        fill = np.zeros(1, np.float32) if fill is None else np.asarray(
+            fill.values if isinstance(fill, gs.Constant) else fill).reshape(-1)
+        if fill.size != 1 or args[0].ndim != 1 or np.any(args[0] < 0) \
+                or np.prod(args[0]) > _FOLD_LIMIT:
+            return None
+        return np.full(tuple(int(d) for d in args[0]), fill[0], dtype=fill.dtype)
+    if node.op == "Transpose":
+        perm = node.attrs.get("perm", range(args[0].ndim - 1, -1, -1))
+        return np.transpose(args[0], [int(p) for p in perm])
     if node.op == "Cast":
         return args[0].astype(onnx.helper.tensor_dtype_to_np_dtype(node.attrs["to"]))
     if node.op == "CastLike":
@@ -111,7 +143,8 @@ def constant_value(tensor, _depth: int = 0) -> np.ndarray | None:
         dtype = getattr(like, "dtype", None) if args[1] is None else args[1].dtype
         return None if dtype is None else args[0].astype(np.dtype(dtype))
     if node.op == "Expand" and len(args) > 1 and args[1] is not None:
-        return np.broadcast_to(args[0], np.broadcast_shapes(args[0].shape, tuple(args[1])))
+        shape = np.broadcast_shapes(args[0].shape, tuple(int(d) for d in args[1]))
+        return np.broadcast_to(args[0], shape) if math.prod(shape) <= _FOLD_LIMIT else None
     if node.op == "Reshape" and len(args) > 1 and args[1] is not None and not np.any(args[1] == 0):
         return args[0].reshape(tuple(int(d) for d in args[1]))
     if node.op == "Concat" and all(a is not None for a in args):  # shape arithmetic
@@ -137,6 +170,44 @@ def constant_value(tensor, _depth: int = 0) -> np.ndarray | None:
             result = np.expand_dims(result, axis)
         return result
     return None
+
+
+def _static_dims(shape_node, index) -> np.ndarray | None:
+    """``Shape(x)[start:end][index]`` if those dims of ``x`` are numbers, else None."""
+    shape = getattr(shape_node.inputs[0], "shape", None) if shape_node.inputs else None
+    if shape is None:
+        return None
+    start, end = shape_node.attrs.get("start", 0), shape_node.attrs.get("end", None)
+    dims = list(shape)[start:end]
+    try:
+        picked = np.asarray(dims, dtype=object)[index]
+    except IndexError:
+        return None
+    if not all(_is_size(d) for d in np.atleast_1d(picked).tolist()):
+        return None
+    return np.asarray(picked.tolist() if isinstance(picked, np.ndarray) else picked,
+                      dtype=np.int64)
+
+
+_INTEGER_ARITHMETIC = frozenset({"Add", "Sub", "Mul", "Div"})
+
+
+def _integer_arithmetic(op: str, a, b) -> np.ndarray | None:
+    """Shape arithmetic (``B * nH * nW``, ``pH // window``) on integer constants, as ONNX
+    defines it (``Div`` truncates towards zero); None for other dtypes."""
+    if a is None or b is None or a.dtype != b.dtype or a.dtype.kind not in "iu" \
+            or a.size > _FOLD_LIMIT or b.size > _FOLD_LIMIT:
+        return None
+    if op == "Add":
+        return a + b
+    if op == "Sub":
+        return a - b
+    if op == "Mul":
+        return a * b
+    if np.any(b == 0):
+        return None
+    quotient = np.abs(a) // np.abs(b)
+    return np.where((a < 0) != (b < 0), -quotient, quotient).astype(a.dtype)
 
 
 def _stored_weight(tensor) -> tuple[affine.Weight, np.dtype] | None:
@@ -195,12 +266,14 @@ class OnnxView:
 
     def __init__(self, graph: gs.Graph):
         self.graph = graph
+        self.opset = getattr(graph, "opset", None)  # the default domain's (onnx_graphsurgeon)
         self.mutated: set = set()  # ONNX is functional
         self._handles: dict[int, Tensor] = {}
         self._users: dict[Tensor, list] = {}
         self._shape_reads: dict[Tensor, list] = {}
         self._sizes: dict[int, tuple | None] = {}
         outputs = {id(tensor) for tensor in graph.outputs}
+        self._graph_outputs = outputs
         for node in graph.nodes:
             if node.op == "Shape" and node.inputs and _static(node.inputs[0]) \
                     and id(node.outputs[0]) not in outputs:  # reads no values
@@ -213,6 +286,10 @@ class OnnxView:
         for tensor in graph.outputs:
             self._users.setdefault(self.handle(tensor), []).append(_OUTPUT)
         self._ops: dict = {}
+
+    def is_read(self, var) -> bool:
+        """Whether a node or a graph output reads ``var``."""
+        return bool(var.outputs) or id(var) in self._graph_outputs
 
     def handle(self, var: gs.Variable) -> Tensor:
         if id(var) not in self._handles:
@@ -239,9 +316,28 @@ class OnnxView:
     def reads_shape(value) -> bool:
         return False
 
-    @staticmethod
-    def channels(value, axis: int):
-        return None  # only from shapes (checked before this is asked)
+    def channels(self, value, axis: int) -> int | None:
+        """The size of ``value``'s axis ``axis`` if the graph proves it: an integer dim of
+        its shape or sizes, or of the tensor before ops that keep that axis (shape inference
+        knows no dim after TorchScript's ``F.pad``, whose pads it cannot read), or the
+        ``in_channels`` of a Conv that reads it (a model where they differ is invalid). A
+        symbolic dim (a name, or unknown) proves nothing."""
+        start = var = value.var if isinstance(value, Tensor) else value
+        for _ in range(64):
+            sizes = self.sizes(var)
+            for shape in (getattr(var, "shape", None), sizes and as_dims(sizes)):
+                if shape and len(shape) >= -axis and _is_size(shape[axis]):
+                    return int(shape[axis])
+            var = _axis_kept(var, axis)
+            if var is None:
+                break
+        for node in start.outputs:
+            weight = node.inputs[1] if node.op == "Conv" and len(node.inputs) > 1 \
+                and node.inputs[0] is start else None
+            shape = getattr(weight, "shape", None) if isinstance(weight, gs.Constant) else None
+            if shape and len(shape) == 1 - axis and _is_size(shape[1]):
+                return int(shape[1]) * int(node.attrs.get("group", 1))
+        return None
 
     @staticmethod
     def inplace_target(value):
@@ -326,9 +422,38 @@ def _auto_pads(node, kernel, dilations, strides, spatial):
     return tuple(t // 2 for t in totals)
 
 
+_POOLS = frozenset({"AveragePool", "MaxPool", "LpPool"})  # (N, C, *spatial) -> same N, C
+
+
+def _axis_kept(var, axis: int):
+    """The input of ``var``'s producer if it has ``var``'s size on ``axis``: ops that keep
+    their input's shape, pools (on the channel axis, ``-(spatial + 1)``), a Pad that adds
+    nothing on that axis; else None."""
+    node = var.inputs[0] if isinstance(var, gs.Variable) and len(var.inputs) == 1 else None
+    if node is None or not node.inputs or node.outputs[0] is not var \
+            or not isinstance(node.inputs[0], gs.Variable):
+        return None
+    if node.op in _SHAPE_KEEPING:
+        return node.inputs[0]
+    if node.op in _POOLS and axis == -(len(node.attrs.get("kernel_shape", ())) + 1):
+        return node.inputs[0]
+    if node.op == "Pad" and not (len(node.inputs) > 3 and node.inputs[3].name):
+        pads = constant_value(node.inputs[1]) if len(node.inputs) > 1 else node.attrs.get("pads")
+        pads = None if pads is None else [int(p) for p in np.asarray(pads).reshape(-1)]
+        rank = len(pads) // 2 if pads else 0
+        if rank and rank >= -axis and pads[rank + axis] == 0 and pads[2 * rank + axis] == 0:
+            return node.inputs[0]
+    return None
+
+
+def _is_size(dim) -> bool:
+    """Whether a graph dim is a number (not a dim_param name, not unknown)."""
+    return isinstance(dim, (int, np.integer)) and not isinstance(dim, bool) and dim >= 0
+
+
 def _static(tensor) -> bool:
     shape = getattr(tensor, "shape", None)
-    return shape is not None and all(isinstance(d, int) and d >= 0 for d in shape)
+    return shape is not None and all(_is_size(d) for d in shape)
 
 
 def _interpret(node: gs.Node, view: OnnxView):
@@ -355,8 +480,9 @@ def _interpret(node: gs.Node, view: OnnxView):
                            strides, pads, dilations, int(node.attrs.get("group", 1)))
         return Unary(inputs[0], term, "conv", -(spatial + 1))
     if op == "BatchNormalization":
-        if node.attrs.get("training_mode", 0) or any(o.outputs for o in node.outputs[1:]):
-            return Refused("BatchNormalization in training mode uses batch statistics")
+        training = _batchnorm_not_inference(node, view)
+        if training is not None:
+            return Refused(training)
         values = [constant_value(t) for t in inputs[1:5]]
         if any(v is None for v in values) or not _is_tensor(inputs[0]):
             return None
@@ -366,7 +492,7 @@ def _interpret(node: gs.Node, view: OnnxView):
         return Unary(inputs[0], affine.batchnorm(mean, var, scale, bias,
                                                  float(node.attrs.get("epsilon", 1e-5))),
                      "bn", axis)
-    if op in ("Identity",) or (op == "Dropout" and _inference_dropout(node)):
+    if op in ("Identity",) or (op == "Dropout" and _inference_dropout(node, view)):
         return Unary(inputs[0], affine.identity(), "identity", None) if _is_tensor(inputs[0]) else None
     if op == "Dropout":
         return Refused("Dropout in training mode")
@@ -375,7 +501,7 @@ def _interpret(node: gs.Node, view: OnnxView):
     if op == "Neg" and _is_tensor(inputs[0]):
         return Unary(inputs[0], affine.channel_affine(-1.0), "scale", None)
     if op == "AveragePool":
-        return _average_pool(node)
+        return _average_pool(node, view)
     if op == "Pad":
         return _pad(node)
     if op == "Gemm":
@@ -390,12 +516,49 @@ def _interpret(node: gs.Node, view: OnnxView):
     return None
 
 
-def _inference_dropout(node) -> bool:
-    if len(node.inputs) > 2:
+_BATCHNORM_ATTRIBUTES = frozenset({"epsilon", "momentum", "training_mode"})
+
+
+def _batchnorm_not_inference(node, view) -> str | None:
+    """Why a BatchNormalization is not in inference mode (normalising by its running
+    statistics), by the semantics of the graph's opset (default domain); None if it is.
+
+    * BatchNormalization-9 (opsets 9 to 13) has no mode attribute: "Output case #1: Y, mean,
+      var, saved_mean, saved_var (training mode); Output case #2: Y (test mode)". Any of the
+      optional outputs makes it a training node, read or not: TorchScript's
+      ``TrainingMode.TRAINING`` export at opset 13 writes five outputs and no attribute.
+    * BatchNormalization-14 / -15: ``training_mode`` (default 0); the running-statistics
+      outputs exist only in training mode ("extra outputs are invalid" otherwise).
+    * Older versions' ``spatial`` (statistics per position when 0) and ``is_test``, and any
+      other attribute, are not this op's: the node is refused rather than guessed at."""
+    unknown = sorted(set(node.attrs) - _BATCHNORM_ATTRIBUTES)
+    if view.opset is not None and view.opset < 14 and "training_mode" in node.attrs:
+        unknown.append("training_mode")  # (not an attribute of BatchNormalization-9)
+    if unknown:
+        return (f"BatchNormalization with attribute(s) {', '.join(unknown)} that "
+                f"BatchNormalization of opset {view.opset} does not have: not read as inference")
+    extra = [o.name for o in node.outputs[1:] if o.name]
+    if view.opset is not None and view.opset < 14:
+        if extra:
+            return (f"BatchNormalization in training mode uses batch statistics (opset "
+                    f"{view.opset}: it has the optional outputs only training mode computes)")
+        return None
+    if node.attrs.get("training_mode", 0):
+        return "BatchNormalization in training mode uses batch statistics (training_mode=1)"
+    if extra:
+        return ("BatchNormalization with running-statistics outputs, which only training "
+                "mode computes: not read as inference")
+    return None
+
+
+def _inference_dropout(node, view) -> bool:
+    """A Dropout that is the identity: training_mode (opset 12+) a constant 0 and no mask
+    that anything reads (a node or a graph output)."""
+    if len(node.inputs) > 2 and node.inputs[2].name:
         training = constant_value(node.inputs[2])
         if training is None or bool(training):
             return False
-    return not any(o.outputs for o in node.outputs[1:])
+    return not any(view.is_read(o) for o in node.outputs[1:])
 
 
 def _arithmetic(node, view):
@@ -448,7 +611,7 @@ def _channel_constant(tensor, constant: np.ndarray, shift: bool = False):
     return Unary(tensor, term, "scale", axis, const_rank=value.dim())
 
 
-def _average_pool(node):
+def _average_pool(node, view):
     x = node.inputs[0]
     if not _is_tensor(x):
         return None
@@ -465,8 +628,16 @@ def _average_pool(node):
     if any(pads) and not node.attrs.get("count_include_pad", 0):
         return Refused("average pooling with count_include_pad=0 divides the border by fewer "
                        "taps: not a conv")
-    return Unary(x, lambda channels: affine.avg_pool(channels, kernel, strides, pads),
-                 "avgpool", -(spatial + 1))
+    axis = -(spatial + 1)
+
+    def term(channels):  # (regions pass the graph's dim, which may be a name)
+        if not _is_size(channels):
+            channels = view.channels(view.handle(x), axis)
+        if channels is None:
+            raise NotExact("average pooling over a channel count the graph does not prove "
+                           "(a symbolic dimension): its depthwise kernel has no size")
+        return affine.avg_pool(int(channels), kernel, strides, pads)
+    return Unary(x, term, "avgpool", axis)
 
 
 def _pad(node):
@@ -830,6 +1001,219 @@ def _fusion_pass(graph: gs.Graph, report: FusionReport) -> int:
     return len(emit) + len(partial_sums)
 
 
+def _fold_constants(graph: gs.Graph, reads_unknown_sizes: bool = False) -> int:
+    """Nodes that compute constants become initializers: ``Constant`` nodes, and shape
+    arithmetic on static shapes (``Shape`` of a tensor whose sizes the graph proves, then
+    ``Gather`` / ``Concat`` / ``Mul`` ... as :func:`constant_value` evaluates them; a
+    symbolic dim is never read). Values above ``_FOLD_LIMIT`` elements are left as they
+    are, as are graph outputs. Returns how many nodes were folded; with
+    ``reads_unknown_sizes``, only how many of them a node reads whose output sizes the
+    graph does not know (shape inference may know them now)."""
+    outputs = {id(tensor) for tensor in graph.outputs}
+    folded = informative = 0
+    for node in graph.nodes:  # (in topological order: a folded value is then one Constant)
+        if node.op not in _FOLDED_OPS and node.op not in ("Constant", "Shape") \
+                or len(node.outputs) != 1 or id(node.outputs[0]) in outputs \
+                or (node.op != "Shape" and not all(map(_small_constant, node.inputs))):
+            continue
+        tensor = node.outputs[0]
+        value = constant_value(tensor)
+        if value is None or value.size > _FOLD_LIMIT or not _fits(tensor, value):
+            continue
+        informative += reads_unknown_sizes and any(
+            not _static(out) for reader in tensor.outputs for out in reader.outputs)
+        node.outputs.clear()
+        tensor.to_constant(np.array(value))  # (a copy: never a view of another constant)
+        folded += 1
+    if folded:
+        graph.cleanup(remove_unused_graph_inputs=False).toposort()
+    return informative if reads_unknown_sizes else folded
+
+
+def _small_constant(tensor) -> bool:
+    """Whether ``tensor`` is an omitted input, a constant whose values are in memory and
+    small (a large initializer is read only where a region needs it, and never copied), or
+    a ``Shape``'s output (its static dims can be read)."""
+    if isinstance(tensor, gs.Constant):
+        lazy = tensor._values
+        return not (isinstance(lazy, LazyValues) and lazy.nbytes >= STUB_BYTES)
+    return not tensor.name or (len(tensor.inputs) == 1 and tensor.inputs[0].op == "Shape")
+
+
+def _numpy_dtype(dtype) -> np.dtype | None:
+    """A graph tensor's dtype as numpy's, None if it has none numpy knows."""
+    try:
+        return None if dtype is None else np.dtype(dtype)
+    except TypeError:
+        return None
+
+
+def _fits(tensor: gs.Variable, value: np.ndarray) -> bool:
+    """Whether ``value`` has the dtype and the (known) sizes the graph gives ``tensor``."""
+    dtype, shape = getattr(tensor, "dtype", None), getattr(tensor, "shape", None)
+    if dtype is not None and _numpy_dtype(dtype) != value.dtype:
+        return False
+    return shape is None or (len(shape) == value.ndim and all(
+        not _is_size(d) or d == n for d, n in zip(shape, value.shape)))
+
+
+_INT64_MAX_ISH = 2**62  # a Slice end at least this large reaches the end of any axis
+
+
+def _no_op(node: gs.Node, view: OnnxView) -> bool:
+    """Whether ``node`` returns its first input unchanged, for every input the graph
+    admits: ``Identity``, inference ``Dropout``, a ``Pad`` of zeros, a ``Slice`` over whole
+    axes, a ``Transpose`` by the identity permutation, a reshape-like move to the sizes it
+    was given (``view(B, -1, H, W)`` of a ``(B, C, H, W)`` tensor, proven by
+    :mod:`reparam_fx.onnx_moves`' size algebra)."""
+    if len(node.outputs) != 1 or not node.inputs:
+        return False
+    op, x = node.op, node.inputs[0]
+    if op == "Identity":  # (also of a constant: TorchScript's shared weights)
+        return True
+    if not isinstance(x, gs.Variable):
+        return False
+    if op == "Dropout" and _inference_dropout(node, view):
+        return True
+    if op in ("Cast", "CastLike"):  # to the dtype it has (``q.float()`` of a float32 tensor)
+        if op == "Cast":
+            to = node.attrs.get("to")
+            to = None if to is None else onnx.helper.tensor_dtype_to_np_dtype(int(to))
+        else:
+            to = getattr(node.inputs[1], "dtype", None) if len(node.inputs) > 1 else None
+        return to is not None and _numpy_dtype(to) is not None \
+            and _numpy_dtype(to) == _numpy_dtype(x.dtype)
+    if op == "Pad":
+        pads = constant_value(node.inputs[1]) if len(node.inputs) > 1 else node.attrs.get("pads")
+        return pads is not None and not np.any(np.asarray(pads) != 0)
+    if op == "Transpose":
+        perm = node.attrs.get("perm")
+        return perm is not None and list(perm) == list(range(len(perm)))
+    if op == "Slice":
+        return _whole_slice(node, view)
+    if op in ("Reshape", "Flatten", "Squeeze", "Unsqueeze"):
+        move = interpret_move(node, view.sizes, constant_value)
+        return move is not None and move.in_sizes == move.out_sizes
+    return False
+
+
+def _whole_slice(node: gs.Node, view: OnnxView) -> bool:
+    """A ``Slice`` (opset >= 10: starts, ends, axes, steps inputs) that keeps every element."""
+    args = [constant_value(t) if t.name else None for t in node.inputs[1:5]]
+    if len(args) < 2 or args[0] is None or args[1] is None \
+            or any(a is None and t.name for a, t in zip(args[2:], node.inputs[3:5])):
+        return False
+    sizes = view.sizes(node.inputs[0])
+    if sizes is None:
+        return False
+    rank = len(sizes)
+    starts, ends = args[0].reshape(-1), args[1].reshape(-1)
+    axes = args[2].reshape(-1) if len(args) > 2 and args[2] is not None else range(len(starts))
+    steps = args[3].reshape(-1) if len(args) > 3 and args[3] is not None else [1] * len(starts)
+    for start, end, axis, step in zip(starts, ends, axes, steps):
+        if not -rank <= int(axis) < rank or int(step) != 1:
+            return False
+        size = as_dims([sizes[int(axis)]])[0]
+        known = _is_size(size)
+        if not (int(start) == 0 or (known and int(start) <= -size)):
+            return False
+        if not (int(end) >= _INT64_MAX_ISH or (known and int(end) >= size)):
+            return False
+    return True
+
+
+def _drop_no_ops(graph: gs.Graph) -> int:
+    """Remove the nodes that return their input unchanged (:func:`_no_op`): their readers
+    read the input instead. One whose output is a graph output hands that name to the node
+    before it if nothing else reads its input. Returns how many were removed."""
+    view = OnnxView(graph)
+    outputs = {id(tensor) for tensor in graph.outputs}
+    inputs = {id(tensor) for tensor in graph.inputs}
+    dropped = 0
+    for node in list(graph.nodes):
+        if not node.outputs or not _no_op(node, view):
+            continue
+        x, y = node.inputs[0], node.outputs[0]
+        if any(o.outputs or id(o) in outputs for o in node.outputs[1:]):
+            continue  # (a Dropout's mask is read)
+        if id(y) in outputs:
+            producer = x.inputs[0] if isinstance(x, gs.Variable) and len(x.inputs) == 1 \
+                else None
+            if producer is None or id(x) in outputs or id(x) in inputs or len(x.outputs) != 1:
+                continue
+            y.dtype, y.shape = y.dtype or x.dtype, y.shape if y.shape is not None else x.shape
+            node.outputs.clear()
+            producer.outputs[producer.outputs.index(x)] = y
+        else:
+            for reader in list(y.outputs):
+                for i, tensor in enumerate(reader.inputs):
+                    if tensor is y:
+                        reader.inputs[i] = x
+            node.outputs.clear()
+        node.inputs.clear()
+        dropped += 1
+    if dropped:
+        graph.cleanup(remove_unused_graph_inputs=False).toposort()
+    return dropped
+
+
+def _slice_range(node: gs.Node, view: OnnxView):
+    """``(input, axis, start, end)`` of a Slice along one axis of static size with step 1
+    (start and end clamped into ``[0, size]``), else None."""
+    args = [constant_value(t) if t.name else None for t in node.inputs[1:5]]
+    if len(args) < 2 or any(a is None or a.size != 1 for a in args[:2]) \
+            or any(a is None and t.name for a, t in zip(args[2:], node.inputs[3:5])) \
+            or any(a is not None and a.size != 1 for a in args[2:]) \
+            or not isinstance(node.inputs[0], gs.Variable):
+        return None
+    sizes = view.sizes(node.inputs[0])
+    axis = int(args[2].reshape(-1)[0]) if len(args) > 2 and args[2] is not None else 0
+    step = int(args[3].reshape(-1)[0]) if len(args) > 3 and args[3] is not None else 1
+    if sizes is None or not -len(sizes) <= axis < len(sizes) or step != 1:
+        return None
+    axis %= len(sizes)
+    size = as_dims([sizes[axis]])[0]
+    if not _is_size(size):
+        return None
+    start, end = (int(a.reshape(-1)[0]) for a in args[:2])
+    start, end = (min(max(v + size if v < 0 else v, 0), size) for v in (start, end))
+    return node.inputs[0], axis, start, end
+
+
+def _merge_slices(graph: gs.Graph) -> int:
+    """Slices that together cut one axis of a tensor into consecutive pieces (TorchScript's
+    ``chunk``, ``out[..., :-1]`` with ``out[..., -1:]``) become one ``Split`` whose outputs
+    are the slices' tensors. Returns how many nodes this removed."""
+    view = OnnxView(graph)
+    groups: dict = {}
+    for node in graph.nodes:
+        if node.op == "Slice" and len(node.outputs) == 1:
+            found = _slice_range(node, view)
+            if found is not None:
+                x, axis, start, end = found
+                groups.setdefault((id(x), axis), (x, []))[1].append((start, end, node))
+    names, removed = _Names(graph), 0
+    for (_, axis), (x, pieces) in groups.items():
+        pieces.sort(key=lambda piece: piece[:2])
+        size = as_dims([view.sizes(x)[axis]])[0]
+        bounds = [0] + [end for _, end, _ in pieces]
+        if len(pieces) < 2 or [start for start, _, _ in pieces] != bounds[:-1] \
+                or bounds[-1] != size or any(end <= start for start, end, _ in pieces):
+            continue
+        outputs = [node.outputs[0] for _, _, node in pieces]
+        for _, _, node in pieces:
+            node.outputs.clear()
+            node.inputs.clear()
+        split = gs.Constant(names(f"{outputs[0].name}_split_sizes"),
+                            np.asarray([end - start for start, end, _ in pieces], np.int64))
+        graph.nodes.append(gs.Node("Split", names(f"{pieces[0][2].name or outputs[0].name}_split"),
+                                   attrs={"axis": axis}, inputs=[x, split], outputs=outputs))
+        removed += len(pieces) - 1
+    if removed:
+        graph.cleanup(remove_unused_graph_inputs=False).toposort()
+    return removed
+
+
 def _freeze_shape_reads(view: OnnxView, values) -> None:
     """``Shape`` nodes reading the static sizes of folded values become constants, so they
     keep nothing of the folded ops alive."""
@@ -853,8 +1237,8 @@ def model_opset(model: onnx.ModelProto) -> int | None:
     return None
 
 
-def _op_histogram(graph: gs.Graph) -> Counter:
-    return Counter(c for c in (_CATEGORIES.get(n.op) for n in graph.nodes) if c)
+def _op_histogram(ops) -> Counter:
+    return Counter(c for c in map(_CATEGORIES.get, ops) if c)
 
 
 def _initializer_params(model: onnx.ModelProto) -> int:
@@ -912,12 +1296,38 @@ def _weightless(model: onnx.ModelProto) -> tuple[onnx.ModelProto, dict]:
             stub = graph.initializer.add(name=tensor.name, dims=tensor.dims,
                                          data_type=tensor.data_type)
             stub.data_location = onnx.TensorProto.EXTERNAL
-            stub.external_data.add(key="location", value="(not read)")
+            stub.external_data.add(key="location", value=_STUB_LOCATION)
         else:
             graph.initializer.append(tensor)
     skeleton = _copy_without(model, "graph")
     skeleton.graph.CopyFrom(graph)
     return skeleton, large
+
+
+_STUB_LOCATION = "(not read)"
+
+
+def _is_stub(tensor: onnx.TensorProto) -> bool:
+    """Whether ``tensor`` is one of :func:`_weightless`'s stubs (its values are elsewhere)."""
+    return tensor.data_location == onnx.TensorProto.EXTERNAL and any(
+        entry.key == "location" and entry.value == _STUB_LOCATION
+        for entry in tensor.external_data)
+
+
+def _imported_with_shapes(skeleton: onnx.ModelProto) -> gs.Graph:
+    """The weightless ``skeleton`` as a graph with inferred shapes and its constants
+    folded (:func:`_fold_constants`). Folding can prove sizes shape inference could not
+    (TorchScript's ``chunk`` slices up to ``Shape(x)[1] // n * (i + 1)``): while it folds
+    something, shapes are inferred again (a few rounds at most)."""
+    model = _with_inferred_shapes(skeleton)
+    for _ in range(_FOLD_ROUNDS):
+        graph = gs.import_onnx(model)
+        if not _fold_constants(graph, reads_unknown_sizes=True):
+            return graph
+        model = gs.export_onnx(graph, do_type_check=False)
+        model.ir_version = skeleton.ir_version
+        model = _with_inferred_shapes(model)
+    return gs.import_onnx(model)
 
 
 def _with_inferred_shapes(model: onnx.ModelProto) -> onnx.ModelProto:
@@ -933,6 +1343,20 @@ def _with_inferred_shapes(model: onnx.ModelProto) -> onnx.ModelProto:
     return model
 
 
+def _keep_signature(fused: onnx.GraphProto, original: onnx.GraphProto) -> None:
+    """Give the fused graph's inputs and outputs the original's declarations (types,
+    shapes, dim_param names). The walk runs on shapes inference refined (with the input
+    ``[1, 3, 224, 224]`` an output the exporter declared ``[Gemm_dim_0, 1000]`` is inferred
+    ``[1, 1000]``); those are facts for the walk, but the fused model must keep the
+    signature it was given: a symbolic dim stays symbolic, under its name."""
+    for fused_values, original_values in ((fused.input, original.input),
+                                          (fused.output, original.output)):
+        declared = {value.name: value for value in original_values}
+        for value in fused_values:
+            if value.name in declared:
+                value.CopyFrom(declared[value.name])
+
+
 def _fuse_onnx_model(model: onnx.ModelProto,
                      store: WeightStore) -> tuple[onnx.ModelProto, FusionReport]:
     opset = model_opset(model)
@@ -940,7 +1364,7 @@ def _fuse_onnx_model(model: onnx.ModelProto,
         raise OnnxFusionError(f"opset {opset} is not supported: reparam_fx needs opset "
                               f">= {MIN_OPSET} (re-export with opset_version={MIN_OPSET} or later)")
     skeleton, large = _weightless(model)
-    graph = gs.import_onnx(_with_inferred_shapes(skeleton))
+    graph = _imported_with_shapes(skeleton)
     for tensor in graph.tensors().values():  # the stubs' values: the originals, read lazily
         original = large.get(tensor.name)
         if original is not None and isinstance(tensor, gs.Constant):
@@ -950,17 +1374,23 @@ def _fuse_onnx_model(model: onnx.ModelProto,
     graph.reparam_fx_store = store
     graph.toposort()
     report = FusionReport(frontend="onnx")
-    report.ops_before = _op_histogram(graph)
-    report.nodes_before = len(graph.nodes)
+    report.ops_before = _op_histogram(node.op_type for node in model.graph.node)
+    report.nodes_before = len(model.graph.node)  # (the input's: constants are folded now)
     report.params_before = _initializer_params(model)
+    _fold_constants(graph)
+    _drop_no_ops(graph)
     for _ in range(MAX_PASSES):
         if not _fusion_pass(graph, report):
             break
+        if _fold_constants(graph):  # (shapes of folded values are constants now)
+            _drop_no_ops(graph)
+    _merge_slices(graph)
     graph.cleanup(remove_unused_graph_inputs=False).toposort()
     fused = gs.export_onnx(graph)
     fused.ir_version = model.ir_version
     del fused.graph.value_info[:]  # stale intermediate shapes; inputs/outputs are kept
-    report.ops_after = _op_histogram(graph)
+    _keep_signature(fused.graph, model.graph)
+    report.ops_after = _op_histogram(node.op for node in graph.nodes)
     report.nodes_after = len(graph.nodes)
     report.params_after = _initializer_params(fused)
     report.skipped.extend(Skipped(n.name, n.op, "no conv or linear next to it to fold into")

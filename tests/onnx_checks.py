@@ -21,7 +21,9 @@ Conv(11)"):
 * float32 graphs: :func:`reparam_fx.onnx_.verify_onnx` (ONNX Runtime), ``rtol=1e-5``;
 * float64 graphs: ``onnx.reference.ReferenceEvaluator`` (numpy, float64 throughout) on the
   same seeded inputs, ``rtol=1e-10``, and additionally ``verify_onnx`` at ``1e-10`` when
-  neither graph uses an op ONNX Runtime cannot run in float64.
+  neither graph uses an op ONNX Runtime cannot run in float64. (Its BatchNormalization-9,
+  opsets below 14, updates the statistics with the batch's whatever the outputs: build
+  float64 graphs with a BatchNormalization at opset 14 or later.)
 """
 
 from __future__ import annotations

@@ -7,12 +7,15 @@ Runtime through ``verify_onnx`` at ``rtol=1e-5``). Positive: the fold happened (
 counts by op type, ``report.pattern_counts()``), outputs equal. Negative: the fold was
 refused (the relevant nodes are still there), outputs equal, the report says why. Every
 check also asserts that the input model is unchanged and that graph inputs / outputs keep
-their names, shapes and element types (``onnx_checks.fuse_checked``). Last, a hypothesis
-property over random multi-branch graphs.
+their names, shapes and element types (``onnx_checks.fuse_checked``). Then a hypothesis
+property over random multi-branch graphs; last, BatchNormalization's mode by the opset's
+rules, symbolic dimensions (read only where proven), and the exact cleanups around the
+passes (constants folded, no-ops dropped, slices made one Split).
 """
 
 from __future__ import annotations
 
+from collections import Counter
 from dataclasses import dataclass
 
 import numpy as np
@@ -21,10 +24,10 @@ import pytest
 from hypothesis import event, given, note
 from hypothesis import strategies as st
 
-from onnx_checks import (GraphBuilder, RTOL64, assert_reason, assert_same_outputs, attribute,
-                         conv_batchnorm_pairs, fuse_checked, fuse_exactly, fuse_refused,
-                         initializer, nodes_of, op_counts)
-from reparam_fx.onnx_ import OnnxFusionError, fuse_onnx_model
+from onnx_checks import (GraphBuilder, RTOL64, assert_ops, assert_reason, assert_same_outputs,
+                         attribute, conv_batchnorm_pairs, fuse_checked, fuse_exactly,
+                         fuse_refused, initializer, nodes_of, op_counts)
+from reparam_fx.onnx_ import OnnxFusionError, fuse_onnx_model, verify_onnx
 
 DTYPES = pytest.mark.parametrize("dtype", [np.float64, np.float32], ids=["f64", "f32"])
 FOLDED = {"Conv": 1, "BatchNormalization": 0, "Add": 0, "Sub": 0, "Mul": 0}
@@ -800,3 +803,244 @@ def test_dilated_average_pool_left_alone(dtype):
                     count_include_pad=1)
     y = g.binary("Mul", pooled, g.constant(g.uniform((4, 1, 1), 0.5, 1.5), "scale"))
     fuse_refused(g.build(y, opset=19), unchanged=("AveragePool", "Mul"), reason="dilated")
+
+
+# ---- 17. BatchNormalization's mode, by the graph's opset ------------------------------------
+#
+# BatchNormalization-9 (opsets 9 to 13) has no mode attribute: its optional outputs (mean,
+# var, saved_mean, saved_var) make it a training node. From opset 14 ``training_mode`` says
+# so, and the running-statistics outputs exist only in training mode. The torch exports of a
+# training-mode model (``TrainingMode.TRAINING``) are in ``test_onnx_exports.py``.
+
+def bn_with_outputs(opset: int, outputs: list[str], with_opset_of=(), dtype=np.float32,
+                    **attrs) -> onnx.ModelProto:
+    """conv -> BatchNormalization with ``outputs`` (names; "" for an omitted one), the BN's
+    first output the graph output; ``with_opset_of``: other domains imported first."""
+    g = GraphBuilder(dtype)
+    conv = g.conv(g.input([2, 4, 6, 6]), 4, 4, 3)
+    scale, bias, mean, var = (g.constant(g.uniform(4, 0.5, 1.5), p) for p in "sbmv")
+    g.nodes.append(onnx.helper.make_node("BatchNormalization", [conv, scale, bias, mean, var],
+                                         ["y", *outputs], name="bn", **attrs))
+    model = g.build(["y"], opset=opset)
+    for domain, version in with_opset_of:
+        entry = onnx.helper.make_opsetid(domain, version)
+        model.opset_import.insert(0, entry)
+    return model
+
+
+@pytest.mark.parametrize("others", [(), (("com.example", 20),), (("ai.onnx.ml", 3),)],
+                         ids=["default-only", "custom-domain-first", "ml-domain-first"])
+def test_opset_13_batchnorm_with_optional_outputs_is_training(others):
+    """Opset 13, five outputs, no attribute: what ``torch.onnx.export(opset_version=13,
+    training=TrainingMode.TRAINING)`` writes. ONNX Runtime runs it with batch statistics;
+    folding the running ones would be wrong (43% off). Other domains' opset versions
+    (listed first) do not decide it."""
+    model = bn_with_outputs(13, ["mean", "var", "saved_mean", "saved_var"], others)
+    fused, report = fuse_refused(model, unchanged=("Conv", "BatchNormalization"),
+                                 reason="training mode")
+    assert "opset 13" in " ".join(r.reason for r in report.skipped)
+    assert not report.fused
+
+
+def test_opset_13_batchnorm_with_omitted_optional_outputs_folds():
+    """Optional outputs given as "" are omitted: test mode (BatchNormalization-9's case 2).
+    Compared with the same graph written with one output: ONNX Runtime 1.32 crashes
+    (segmentation fault) running the graph with the empty names, and the ONNX reference
+    evaluator runs every BatchNormalization-9 that has a ``momentum`` in training mode."""
+    fused, report = fuse_checked(bn_with_outputs(13, ["", "", "", ""]))
+    assert_ops(fused, report, {"Conv": 1, "BatchNormalization": 0})
+    assert report.pattern_counts() == Counter({"conv+bn": 1})
+    verify_onnx(bn_with_outputs(13, []), fused, rtol=1e-5)
+
+
+@pytest.mark.parametrize("opset", [13, 14, 15, 21])
+def test_single_output_batchnorm_folds_in_every_opset(opset):
+    fuse_exactly(bn_with_outputs(opset, [], (("com.example", 1),)),
+                 ops={"Conv": 1, "BatchNormalization": 0}, patterns={"conv+bn": 1})
+
+
+@pytest.mark.parametrize("opset", [14, 15])
+def test_opset_14_running_statistics_outputs_refused(opset):
+    """training_mode=1 with its running-statistics outputs (which nothing reads)."""
+    model = bn_with_outputs(opset, ["running_mean", "running_var"], training_mode=1)
+    fuse_refused(model, unchanged=("Conv", "BatchNormalization"), reason="training_mode=1")
+
+
+# ---- 18. symbolic dimensions: read exactly where proven, else refused with a reason -------------
+
+def fuse_symbolic(model: onnx.ModelProto, shape) -> tuple:
+    """``fuse_checked`` (names, types and dim_param names of inputs and outputs kept), then
+    ONNX Runtime on ``shape`` (the symbolic dims given), rtol 1e-5."""
+    fused, report = fuse_checked(model)
+    verify_onnx(model, fused, input_shapes={"x": shape}, rtol=1e-5)
+    return fused, report
+
+
+def test_average_pool_over_a_symbolic_channel_count_is_refused_not_a_crash():
+    """The pool's depthwise kernel needs the channel count, and ``C`` proves none."""
+    g = GraphBuilder(np.float32)
+    x = g.input(["N", "C", "H", "W"])
+    y = g.node("AveragePool", [x], kernel_shape=[3, 3], pads=[1, 1, 1, 1], count_include_pad=1)
+    fused, report = fuse_symbolic(g.build(y), (2, 3, 7, 5))
+    assert op_counts(fused) == op_counts(g.build(y))
+    assert_reason(report, "symbolic dimension")
+
+
+def test_average_pool_channels_proven_through_a_pad_and_by_the_conv_after_it():
+    """``Pad -> AveragePool`` whose output shape inference leaves unknown (the pads come
+    through ``ConstantOfShape``, as TorchScript writes ``F.pad``): the channel count is read
+    through the Pad (zero on the channel axis) back to the input; conv + BN after the pool
+    fold, the pool and the pad fold into one depthwise conv (no more MACs)."""
+    g = GraphBuilder(np.float32)
+    x = g.input(["N", 4, "H", "W"])
+    zeros = g.node("ConstantOfShape", [g.constant(np.array([3], np.int64), "n")],
+                   value=onnx.helper.make_tensor("v", onnx.TensorProto.INT64, [1], [0]))
+    pads = g.node("Concat", [g.constant(np.array([0, 0, 0, 2], np.int64), "p"), zeros,
+                             g.constant(np.array([2], np.int64), "p")], axis=0)
+    padded = g.node("Pad", [x, pads])
+    pooled = g.node("AveragePool", [padded], kernel_shape=[2, 2], count_include_pad=1)
+    y = g.batchnorm(pooled, 4)
+    model = g.build(y)
+    fused, report = fuse_symbolic(model, (3, 4, 7, 6))
+    assert op_counts(fused) == Counter({"Conv": 1}), report.table()
+    conv = only(fused, "Conv")
+    assert attribute(conv, "group") == 4 and attribute(conv, "pads") == [0, 2, 0, 2]
+
+
+def test_output_dims_the_exporter_left_symbolic_stay_symbolic():
+    """The input is static, the exporter could not infer the batch of the output
+    (``[Gemm_dim_0, 5]``, timm's EfficientViT-M0): shape inference proves ``[1, 5]`` for the
+    walk, but the fused graph keeps the declared dim and its name (``fuse_checked``). (The
+    Gemm goes into the conv before the pool: BN, pool and flatten commute with it.)"""
+    g = GraphBuilder(np.float32)
+    x = g.input([1, 4, 6, 6])
+    pooled = g.node("Flatten", [g.node("GlobalAveragePool", [g.conv_bn(x, 4, 8, 3)])])
+    y = g.gemm(g.batchnorm(pooled, 8), 8, 5)
+    model = g.build(y)
+    model.graph.output[0].type.tensor_type.shape.dim[0].dim_param = "Gemm_dim_0"
+    fused, report = fuse_exactly(model, ops={"BatchNormalization": 0, "Conv": 1, "Gemm": 0})
+    dims = fused.graph.output[0].type.tensor_type.shape.dim
+    assert [d.dim_param or d.dim_value for d in dims] == ["Gemm_dim_0", 5]
+
+
+# ---- 19. graph cleanups: constants, no-ops, slices (exact, fewer nodes) -------------------------
+
+def test_shape_arithmetic_on_static_shapes_becomes_constants():
+    """``x.view(B, -1, H * W)`` as TorchScript writes it (Shape, Gather, Mul, Unsqueeze,
+    Concat): with a static input every piece is a constant; Constant nodes become
+    initializers; the Reshape stays and the BN after it folds into the conv before it."""
+    g = GraphBuilder(np.float32, constant_nodes=True)
+    x = g.input([2, 4, 3, 5])
+    y = g.conv(x, 4, 6, 1)
+    shape = g.node("Shape", [y])
+    dims = [g.node("Gather", [shape, g.constant(np.array(i, np.int64), "i")], axis=0)
+            for i in range(4)]
+    spatial = g.binary("Mul", dims[2], dims[3])
+    target = g.node("Concat", [g.node("Unsqueeze", [d, g.constant(np.array([0]), "a")])
+                               for d in (dims[0], g.constant(np.array(-1), "m"), spatial)], axis=0)
+    z = g.node("Reshape", [g.batchnorm(y, 6), target])
+    fused, _ = fuse_exactly(g.build(z), ops={"Conv": 1, "BatchNormalization": 0, "Reshape": 1})
+    assert len(fused.graph.node) == 2, op_counts(fused)
+
+
+def test_symbolic_dims_are_never_folded_static_ones_are():
+    """With a symbolic batch, ``Shape(x)[0]`` stays computed; ``Shape(x)[1]`` is 6."""
+    g = GraphBuilder(np.float32)
+    x = g.input(["N", 4, 3, 5])
+    y = g.conv(x, 4, 6, 1)
+    shape = g.node("Shape", [y])
+    batch, channels = (g.node("Gather", [shape, g.constant(np.array([i], np.int64), "i")], axis=0)
+                       for i in (0, 1))
+    target = g.node("Concat", [batch, channels, g.constant(np.array([-1], np.int64), "m")], axis=0)
+    z = g.node("Reshape", [y, target])
+    fused, _ = fuse_symbolic(g.build(z), (3, 4, 3, 5))
+    assert op_counts(fused) == Counter({"Conv": 1, "Shape": 1, "Gather": 1, "Concat": 1,
+                                        "Reshape": 1}), op_counts(fused)
+
+
+@pytest.mark.parametrize("op, inputs, attrs", [
+    ("Pad", [np.zeros(8, np.int64)], {}),
+    ("Transpose", [], {"perm": [0, 1, 2, 3]}),
+    ("Cast", [], {"to": onnx.TensorProto.FLOAT}),
+    ("Slice", [np.array([0]), np.array([2**63 - 1]), np.array([1])], {}),
+    ("Slice", [np.array([-9]), np.array([9]), np.array([-1])], {}),
+    ("Reshape", [np.array([0, -1, 6, 5])], {}),
+    ("Identity", [], {}),
+], ids=["zero-pad", "identity-perm", "cast-to-same", "slice-to-end", "slice-clamped",
+        "reshape-to-same", "identity"])
+@pytest.mark.parametrize("batch", [2, "N"], ids=["static", "symbolic"])
+def test_no_op_is_removed(op, inputs, attrs, batch):
+    """An op that returns its input unchanged goes, between two convs and as the last node
+    (where the graph output's name moves to the node before it)."""
+    g = GraphBuilder(np.float32)
+    x = g.input([batch, 4, 6, 5])
+    first = g.node(op, [g.conv(x, 4, 6, 3, bias=True), *(g.constant(v) for v in inputs)],
+                   **attrs)
+    second = g.node(op, [g.conv(g.node("Relu", [first]), 6, 6, 3, bias=True),
+                         *(g.constant(v) for v in inputs)], **attrs)
+    fused, _ = fuse_symbolic(g.build(second), (3 if batch == "N" else batch, 4, 6, 5))
+    assert op_counts(fused) == Counter({"Conv": 2, "Relu": 1}), op_counts(fused)
+
+
+@pytest.mark.parametrize("op, inputs, attrs", [
+    ("Pad", [np.array([0, 0, 1, 0, 0, 0, 1, 0], np.int64)], {}),
+    ("Transpose", [], {"perm": [0, 1, 3, 2]}),
+    ("Cast", [], {"to": onnx.TensorProto.DOUBLE}),
+    ("Slice", [np.array([1]), np.array([2**63 - 1]), np.array([1])], {}),
+    ("Slice", [np.array([0]), np.array([5]), np.array([2])], {}),
+    ("Reshape", [np.array([0, 6, 36])], {}),
+], ids=["pad", "perm", "cast-to-other", "slice-from-1", "slice-short", "reshape"])
+def test_op_that_changes_its_input_stays(op, inputs, attrs):
+    g = GraphBuilder(np.float32)
+    x = g.input(["N", 4, 6, 6])
+    y = g.node(op, [g.conv(x, 4, 6, 3, bias=True), *(g.constant(v) for v in inputs)], **attrs)
+    if op == "Cast":  # (and back: the graph's output is float32)
+        y = g.node("Cast", [y], to=onnx.TensorProto.FLOAT)
+    fused, _ = fuse_symbolic(g.build(y), (3, 4, 6, 6))
+    assert op_counts(fused)[op] == (2 if op == "Cast" else 1)
+
+
+def slices(g: GraphBuilder, x: str, bounds, axis: int = -1) -> list[str]:
+    return [g.node("Slice", [x, g.constant(np.array([a])), g.constant(np.array([b])),
+                             g.constant(np.array([axis]))]) for a, b in bounds]
+
+
+@pytest.mark.parametrize("bounds", [
+    [(0, 2), (2, 4), (4, 6)],  # TorchScript's chunk(3, -1)
+    [(0, -1), (-1, 2**63 - 1)],  # out[..., :-1], out[..., -1:]
+    [(4, 9), (0, 4)],  # in any order, the last one clamped
+], ids=["chunk", "all-but-last", "unordered"])
+def test_slices_cutting_an_axis_into_pieces_become_one_split(bounds):
+    g = GraphBuilder(np.float32)
+    x = g.conv(g.input(["N", 4, 5, 6]), 4, 4, 3, bias=True)
+    pieces = slices(g, x, bounds)
+    fused, _ = fuse_symbolic(g.build([g.node("Relu", [p]) for p in pieces]), (2, 4, 5, 6))
+    assert op_counts(fused) == Counter({"Conv": 1, "Split": 1, "Relu": len(bounds)})
+
+
+@pytest.mark.parametrize("bounds, axis, shape", [
+    ([(0, 2), (3, 6)], -1, ["N", 4, 5, 6]),  # a gap
+    ([(0, 4), (2, 6)], -1, ["N", 4, 5, 6]),  # overlapping
+    ([(0, 2), (2, 4)], -1, ["N", 4, 5, 6]),  # not to the end
+    ([(0, 1), (1, 2**63 - 1)], 0, ["N", 4, 5, 6]),  # a symbolic axis
+], ids=["gap", "overlap", "short", "symbolic"])
+def test_slices_that_do_not_partition_an_axis_stay(bounds, axis, shape):
+    g = GraphBuilder(np.float32)
+    x = g.conv(g.input(shape), 4, 4, 3, bias=True)
+    pieces = slices(g, x, bounds, axis)
+    fused, _ = fuse_symbolic(g.build([g.node("Relu", [p]) for p in pieces]), (2, 4, 5, 6))
+    assert op_counts(fused)["Slice"] == len(bounds) and op_counts(fused)["Split"] == 0
+
+
+def test_identity_of_a_large_weight_is_dropped_without_a_copy():
+    """TorchScript routes shared weights through ``Identity``: the reader gets the weight
+    itself (a large initializer is never read or copied to fold a node that moves it)."""
+    g = GraphBuilder(np.float32)
+    x = g.input([1, 16, 6, 6])
+    weight = g.constant(g.uniform((16, 16, 3, 3)), "W")
+    y = g.node("Relu", [g.node("Conv", [x, g.node("Identity", [weight])], kernel_shape=[3, 3],
+                                pads=[1, 1, 1, 1])])
+    model = g.build(y)
+    fused, _ = fuse_exactly(model, ops={"Conv": 1, "Relu": 1, "Identity": 0})
+    assert [t.name for t in fused.graph.initializer] == [weight]
+    assert only(fused, "Conv").input[1] == weight

@@ -1,6 +1,6 @@
 """timm hybrid / ViT-side re-parameterizable models, in the code shapes of
-huggingface/pytorch-image-models (``timm``): FastViT, RepViT, EfficientViT (MSRA), TinyViT and
-MobileViT.
+huggingface/pytorch-image-models (``timm``): FastViT, RepViT, EfficientViT (MSRA and MIT),
+TinyViT and MobileViT.
 
 Read from the public files named in each class docstring and re-written here in our own words,
 using torch only. The deploy conversions are the library's own: the per-block
@@ -1482,6 +1482,310 @@ def _msra_window_pad():
 
 
 # --------------------------------------------------------------------------------------------
+# EfficientViT (MIT) (timm/models/efficientvit_mit.py)
+# --------------------------------------------------------------------------------------------
+
+
+def _pair(value, length):
+    """timm's ``val2tuple``: a value, or a list/tuple padded by repeating its last entry."""
+    values = list(value) if isinstance(value, (list, tuple)) else [value]
+    while len(values) < length:
+        values.append(values[-1])
+    return tuple(values)
+
+
+class MitConvNormAct(nn.Module):
+    """huggingface/pytorch-image-models timm/models/efficientvit_mit.py: ConvNormAct.
+
+    Idiom: ``Dropout`` (p=0) before the conv, then ``norm`` and ``act``, each an
+    ``nn.Identity`` when its layer is None; the conv from ``create_conv2d`` (symmetric
+    padding), optionally with a bias that a BatchNorm then follows or not."""
+
+    def __init__(self, in_chs, out_chs, kernel_size=3, stride=1, dilation=1, groups=1,
+                 bias=False, dropout=0.0, norm_layer=nn.BatchNorm2d, act_layer=nn.ReLU):
+        super().__init__()
+        self.dropout = nn.Dropout(dropout, inplace=False)
+        self.conv = _create_conv2d(in_chs, out_chs, kernel_size, stride=stride,
+                                   dilation=dilation, groups=groups, bias=bias)
+        self.norm = norm_layer(num_features=out_chs) if norm_layer else nn.Identity()
+        self.act = _make_act(act_layer, True) if act_layer is not None else nn.Identity()
+
+    def forward(self, x):
+        return self.act(self.norm(self.conv(self.dropout(x))))
+
+
+class MitDSConv(nn.Module):
+    """huggingface/pytorch-image-models timm/models/efficientvit_mit.py: DSConv —
+    depthwise ConvNormAct then pointwise ConvNormAct (no activation after the second)."""
+
+    def __init__(self, in_chs, out_chs, kernel_size=3, stride=1, use_bias=False,
+                 norm_layer=(nn.BatchNorm2d, nn.BatchNorm2d), act_layer=(nn.ReLU6, None)):
+        super().__init__()
+        use_bias, norm_layer, act_layer = (_pair(v, 2) for v in (use_bias, norm_layer,
+                                                                 act_layer))
+        self.depth_conv = MitConvNormAct(in_chs, in_chs, kernel_size, stride, groups=in_chs,
+                                         norm_layer=norm_layer[0], act_layer=act_layer[0],
+                                         bias=use_bias[0])
+        self.point_conv = MitConvNormAct(in_chs, out_chs, 1, norm_layer=norm_layer[1],
+                                         act_layer=act_layer[1], bias=use_bias[1])
+
+    def forward(self, x):
+        return self.point_conv(self.depth_conv(x))
+
+
+class MitMBConv(nn.Module):
+    """huggingface/pytorch-image-models timm/models/efficientvit_mit.py: MBConv —
+    1x1 expand, depthwise kxk (the stride), 1x1 project; in the ViT stages ("fewer norm")
+    the first two are biased convs without BatchNorm and only the projection keeps one."""
+
+    def __init__(self, in_chs, out_chs, kernel_size=3, stride=1, mid_chs=None, expand_ratio=6,
+                 use_bias=False, norm_layer=(nn.BatchNorm2d,) * 3,
+                 act_layer=(nn.ReLU6, nn.ReLU6, None)):
+        super().__init__()
+        use_bias, norm_layer, act_layer = (_pair(v, 3) for v in (use_bias, norm_layer,
+                                                                 act_layer))
+        mid_chs = mid_chs or round(in_chs * expand_ratio)
+        self.inverted_conv = MitConvNormAct(in_chs, mid_chs, 1, stride=1,
+                                            norm_layer=norm_layer[0], act_layer=act_layer[0],
+                                            bias=use_bias[0])
+        self.depth_conv = MitConvNormAct(mid_chs, mid_chs, kernel_size, stride=stride,
+                                         groups=mid_chs, norm_layer=norm_layer[1],
+                                         act_layer=act_layer[1], bias=use_bias[1])
+        self.point_conv = MitConvNormAct(mid_chs, out_chs, 1, norm_layer=norm_layer[2],
+                                         act_layer=act_layer[2], bias=use_bias[2])
+
+    def forward(self, x):
+        return self.point_conv(self.depth_conv(self.inverted_conv(x)))
+
+
+class LiteMLA(nn.Module):
+    """huggingface/pytorch-image-models timm/models/efficientvit_mit.py: LiteMLA
+    (lightweight multi-scale linear attention).
+
+    Idiom: ``B, _, H, W = x.shape``; a bias-free, norm-free 1x1 ``qkv`` ConvNormAct; per
+    scale an ``aggreg`` ``Sequential`` of a depthwise 5x5 conv and a grouped 1x1 conv (groups
+    ``3 * heads``), both bare ``nn.Conv2d``s without bias; ``torch.cat`` of qkv and its
+    aggregates, ``reshape(B, -1, 3 * dim, H * W).transpose(-1, -2)``, ``chunk(3, -1)``;
+    ReLU kernel on q and k; ``F.pad(v, (0, 1), value=1.)`` (a pad with ones: the
+    normaliser); attention in float32 under ``torch.autocast(..., enabled=False)``;
+    ``out[..., :-1] / (out[..., -1:] + eps)``; back with ``transpose.reshape(B, -1, H, W)``;
+    proj ConvNormAct (1x1 conv + BN). timm registers it as a no-trace module: symbolic tracing
+    stops at ``v.device.type``."""
+
+    def __init__(self, in_chs, out_chs, heads=None, heads_ratio=1.0, dim=8, use_bias=False,
+                 norm_layer=(None, nn.BatchNorm2d), act_layer=(None, None),
+                 kernel_func=nn.ReLU, scales=(5,), eps=1e-5):
+        super().__init__()
+        self.eps = eps
+        heads = heads or int(in_chs // dim * heads_ratio)
+        total_dim = heads * dim
+        use_bias, norm_layer, act_layer = (_pair(v, 2) for v in (use_bias, norm_layer,
+                                                                 act_layer))
+        self.dim = dim
+        self.qkv = MitConvNormAct(in_chs, 3 * total_dim, 1, bias=use_bias[0],
+                                  norm_layer=norm_layer[0], act_layer=act_layer[0])
+        self.aggreg = nn.ModuleList([
+            nn.Sequential(
+                nn.Conv2d(3 * total_dim, 3 * total_dim, scale, padding=scale // 2,
+                          groups=3 * total_dim, bias=use_bias[0]),
+                nn.Conv2d(3 * total_dim, 3 * total_dim, 1, groups=3 * heads, bias=use_bias[0]),
+            )
+            for scale in scales
+        ])
+        self.kernel_func = kernel_func(inplace=False)
+        self.proj = MitConvNormAct(total_dim * (1 + len(scales)), out_chs, 1, bias=use_bias[1],
+                                   norm_layer=norm_layer[1], act_layer=act_layer[1])
+
+    def _attn(self, q, k, v):
+        dtype = v.dtype
+        q, k, v = q.float(), k.float(), v.float()
+        kv = k.transpose(-1, -2) @ v
+        out = q @ kv
+        out = out[..., :-1] / (out[..., -1:] + self.eps)
+        return out.to(dtype)
+
+    def forward(self, x):
+        B, _, H, W = x.shape
+        qkv = self.qkv(x)
+        scales = [qkv]
+        for op in self.aggreg:
+            scales.append(op(qkv))
+        qkv = torch.cat(scales, dim=1)
+        qkv = qkv.reshape(B, -1, 3 * self.dim, H * W).transpose(-1, -2)
+        q, k, v = qkv.chunk(3, dim=-1)
+        q = self.kernel_func(q)
+        k = self.kernel_func(k)
+        v = F.pad(v, (0, 1), mode="constant", value=1.0)
+        if not torch.jit.is_scripting():
+            with torch.autocast(device_type=v.device.type, enabled=False):
+                out = self._attn(q, k, v)
+        else:
+            out = self._attn(q, k, v)
+        out = out.transpose(-1, -2).reshape(B, -1, H, W)
+        return self.proj(out)
+
+
+class MitResidualBlock(nn.Module):
+    """huggingface/pytorch-image-models timm/models/efficientvit_mit.py: ResidualBlock —
+    ``main(pre_norm(x)) + shortcut(x)``; the shortcut an ``nn.Identity`` (or None: no
+    residual, the downsampling blocks), the pre-norm an ``nn.Identity``."""
+
+    def __init__(self, main, shortcut=None, pre_norm=None):
+        super().__init__()
+        self.pre_norm = pre_norm if pre_norm is not None else nn.Identity()
+        self.main = main
+        self.shortcut = shortcut
+
+    def forward(self, x):
+        res = self.main(self.pre_norm(x))
+        if self.shortcut is not None:
+            res = res + self.shortcut(x)
+        return res
+
+
+class MitEfficientVitBlock(nn.Module):
+    """huggingface/pytorch-image-models timm/models/efficientvit_mit.py: EfficientVitBlock —
+    a LiteMLA residual (context) then an MBConv residual (local) whose first two convs are
+    biased, norm-free and Hardswish-activated."""
+
+    def __init__(self, in_chs, heads_ratio=1.0, head_dim=32, expand_ratio=4,
+                 norm_layer=nn.BatchNorm2d, act_layer=nn.Hardswish):
+        super().__init__()
+        self.context_module = MitResidualBlock(
+            LiteMLA(in_chs, in_chs, heads_ratio=heads_ratio, dim=head_dim,
+                    norm_layer=(None, norm_layer)),
+            nn.Identity())
+        self.local_module = MitResidualBlock(
+            MitMBConv(in_chs, in_chs, expand_ratio=expand_ratio, use_bias=(True, True, False),
+                      norm_layer=(None, None, norm_layer), act_layer=(act_layer, act_layer, None)),
+            nn.Identity())
+
+    def forward(self, x):
+        return self.local_module(self.context_module(x))
+
+
+def _mit_local_block(in_chs, out_chs, stride, expand_ratio, norm_layer, act_layer,
+                     fewer_norm=False):
+    """timm's ``build_local_block`` (``block_type='default'``): a DSConv when the expand
+    ratio is 1, else an MBConv; "fewer norm" drops the BatchNorms of all but the last conv
+    and gives those convs a bias."""
+    if expand_ratio == 1:
+        return MitDSConv(in_chs, out_chs, stride=stride,
+                         use_bias=(True, False) if fewer_norm else False,
+                         norm_layer=(None, norm_layer) if fewer_norm else norm_layer,
+                         act_layer=(act_layer, None))
+    return MitMBConv(in_chs, out_chs, stride=stride, expand_ratio=expand_ratio,
+                     use_bias=(True, True, False) if fewer_norm else False,
+                     norm_layer=(None, None, norm_layer) if fewer_norm else norm_layer,
+                     act_layer=(act_layer, act_layer, None))
+
+
+class MitStem(nn.Sequential):
+    """huggingface/pytorch-image-models timm/models/efficientvit_mit.py: Stem — a 3x3 s2
+    ConvNormAct, then ``depth`` DSConv residuals named ``res0``, ``res1`` ..."""
+
+    def __init__(self, in_chs, out_chs, depth, norm_layer, act_layer):
+        super().__init__()
+        self.stride = 2
+        self.add_module("in_conv", MitConvNormAct(in_chs, out_chs, 3, stride=2,
+                                                  norm_layer=norm_layer, act_layer=act_layer))
+        for index in range(depth):
+            self.add_module(f"res{index}", MitResidualBlock(
+                _mit_local_block(out_chs, out_chs, 1, 1, norm_layer, act_layer), nn.Identity()))
+
+
+class MitEfficientVitStage(nn.Module):
+    """huggingface/pytorch-image-models timm/models/efficientvit_mit.py: EfficientVitStage —
+    a strided MBConv without residual (shortcut None), then MBConv residuals (stages 1-2)
+    or EfficientVitBlocks (the ViT stages 3-4, whose downsampling MBConv has fewer norms)."""
+
+    def __init__(self, in_chs, out_chs, depth, norm_layer, act_layer, expand_ratio, head_dim,
+                 vit_stage=False):
+        super().__init__()
+        blocks = [MitResidualBlock(
+            _mit_local_block(in_chs, out_chs, 2, expand_ratio, norm_layer, act_layer,
+                             fewer_norm=vit_stage),
+            None)]
+        if vit_stage:
+            blocks += [MitEfficientVitBlock(out_chs, head_dim=head_dim, expand_ratio=expand_ratio,
+                                            norm_layer=norm_layer, act_layer=act_layer)
+                       for _ in range(depth)]
+        else:
+            blocks += [MitResidualBlock(
+                _mit_local_block(out_chs, out_chs, 1, expand_ratio, norm_layer, act_layer),
+                nn.Identity()) for _ in range(1, depth)]
+        self.blocks = nn.Sequential(*blocks)
+
+    def forward(self, x):
+        return self.blocks(x)
+
+
+class MitClassifierHead(nn.Module):
+    """huggingface/pytorch-image-models timm/models/efficientvit_mit.py: ClassifierHead —
+    1x1 ConvNormAct (Hardswish), global average pool with flatten, then ``Sequential(Linear
+    without bias, LayerNorm, Hardswish, Dropout, Linear)``; ``pre_logits`` runs the first
+    four by index."""
+
+    def __init__(self, in_chs, widths, num_classes=1000, dropout=0.0,
+                 norm_layer=nn.BatchNorm2d, act_layer=nn.Hardswish, norm_eps=1e-5):
+        super().__init__()
+        self.in_conv = MitConvNormAct(in_chs, widths[0], 1, norm_layer=norm_layer,
+                                      act_layer=act_layer)
+        self.global_pool = SelectAdaptivePool2d(flatten=True)
+        self.classifier = nn.Sequential(
+            nn.Linear(widths[0], widths[1], bias=False),
+            nn.LayerNorm(widths[1], eps=norm_eps),
+            _make_act(act_layer, True) if act_layer is not None else nn.Identity(),
+            nn.Dropout(dropout, inplace=False),
+            nn.Linear(widths[1], num_classes, bias=True) if num_classes > 0 else nn.Identity(),
+        )
+
+    def forward(self, x, pre_logits: bool = False):
+        x = self.global_pool(self.in_conv(x))
+        if pre_logits:
+            for index in range(4):
+                x = self.classifier[index](x)
+            return x
+        return self.classifier(x)
+
+
+class EfficientVitMit(nn.Module):
+    """huggingface/pytorch-image-models timm/models/efficientvit_mit.py: EfficientVit.
+
+    Idiom: EfficientViT-B0's configuration (``widths=(8, 16, 32, 64, 128)``,
+    ``depths=(1, 2, 2, 2, 2)``, ``head_dim=16``, Hardswish, BatchNorm2d) with the head
+    shrunk (``head_widths`` (1024, 1280) -> (64, 80), 10 classes), on 64x64 inputs: stem
+    with a DSConv residual, two MBConv stages, two ViT stages (LiteMLA + MBConv blocks,
+    "fewer norm" downsampling). timm has no deploy conversion for it (no ``fuse`` /
+    ``reparameterize``): only Conv+BN pairs fold, and BatchNorm-free biased convs stay."""
+
+    def __init__(self, in_chans=3, widths=(8, 16, 32, 64, 128), depths=(1, 2, 2, 2, 2),
+                 head_dim=16, expand_ratio=4, norm_layer=nn.BatchNorm2d, act_layer=nn.Hardswish,
+                 head_widths=(64, 80), drop_rate=0.0, num_classes=10):
+        super().__init__()
+        self.stem = MitStem(in_chans, widths[0], depths[0], norm_layer, act_layer)
+        self.stages = nn.Sequential()
+        in_chs = widths[0]
+        for index, (width, depth) in enumerate(zip(widths[1:], depths[1:])):
+            self.stages.append(MitEfficientVitStage(
+                in_chs, width, depth=depth, norm_layer=norm_layer, act_layer=act_layer,
+                expand_ratio=expand_ratio, head_dim=head_dim, vit_stage=index >= 2))
+            in_chs = width
+        self.num_features = in_chs
+        self.head = MitClassifierHead(in_chs, head_widths, num_classes=num_classes,
+                                      dropout=drop_rate)
+
+    def forward_features(self, x):
+        return self.stages(self.stem(x))
+
+    def forward_head(self, x, pre_logits: bool = False):
+        return self.head(x, pre_logits=pre_logits) if pre_logits else self.head(x)
+
+    def forward(self, x):
+        return self.forward_head(self.forward_features(x))
+
+
+# --------------------------------------------------------------------------------------------
 # TinyViT (timm/models/tiny_vit.py)
 # --------------------------------------------------------------------------------------------
 
@@ -2211,6 +2515,24 @@ IDIOMS: list[Idiom] = [
         notes="whole EfficientViT-M0-like model at 64x64: stride-16 ConvNorm patch embed, a "
               "window-partitioned stage (4x4 map, window 2), a subsample stage with PatchMerging "
               "(SE), BN1d+Linear head; _assert(H == H_) against int resolutions",
+    ),
+    # EfficientViT (MIT)
+    Idiom(
+        name="timm.efficientvit_mit_b0_tiny",
+        library="timm",
+        source=_src("timm/models/efficientvit_mit.py", "EfficientVit", "Stem",
+                    "EfficientVitStage", "EfficientVitBlock", "LiteMLA", "MBConv", "DSConv",
+                    "ConvNormAct", "ResidualBlock", "ClassifierHead"),
+        build=EfficientVitMit,
+        input_shape=(2, 3, 64, 64),
+        reparameterize=None,
+        traceable=False,
+        notes="whole EfficientViT-B0 (widths, depths, head_dim 16) with a shrunk head at "
+              "64x64: DSConv/MBConv residuals with nn.Identity shortcuts, 'fewer norm' biased "
+              "convs without BN, LiteMLA (B, _, H, W = x.shape, cat of qkv and its dw5x5 -> "
+              "grouped-1x1 aggregate, reshape/transpose/chunk, F.pad(v, (0, 1), value=1), "
+              "float attention under autocast(enabled=False)), Linear/LayerNorm head. "
+              "symbolic_trace stops at v.device.type; timm has no deploy conversion",
     ),
     # TinyViT
     Idiom(
