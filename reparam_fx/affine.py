@@ -784,8 +784,9 @@ def merge(terms: list[Term], signs: list[float]) -> Term:
     groups = reduce(math.gcd, (t.groups for t in convs))
     zero_taps = _merged_zero_taps(terms, padding, dilation, kernel)
     written = tuple(k - a - b for k, (a, b) in zip(kernel, zero_taps))
-    # a padded-grid branch's cost per output position is below its macs: count it as 0
-    original = sum(0.0 if t.padded_grid else t.macs for t in convs)
+    # a padded-grid branch's cost per output position is below its macs: count it as 0;
+    # a term summed twice (``y + y``) was computed once
+    original = sum(0.0 if t.padded_grid else t.macs for t in {id(t): t for t in convs}.values())
     _check_macs(out * (cin // groups) * math.prod(written), original, "merging these branches")
 
     centre = tuple(p // dil for p, dil in zip(padding, dilation))

@@ -5,8 +5,9 @@
 Each single-output node the frontend understands is mapped to an :mod:`reparam_fx.affine`
 term of its tensor input(s) (:func:`_interpret`):
 
-    Conv (constant W, B)             conv term; ``pads`` must be symmetric; ``auto_pad``
-                                     SAME_* only where it is symmetric for every size
+    Conv (constant W, B)             conv term; asymmetric ``pads`` (and a zero Pad right
+                                     before it) as a kernel with zero taps; ``auto_pad``
+                                     SAME_* with stride 1 (size-independent)
     BatchNormalization (inference)   channel affine on axis 1; the mode is read by the
                                      opset's semantics (:func:`_batchnorm_not_inference`)
     Add / Sub of two tensors         a sum;  with a constant: a per-channel shift
@@ -401,25 +402,47 @@ class OnnxView:
 
 # ---- what one node computes ------------------------------------------------------------
 
-def _symmetric_pads(pads, spatial: int):
-    pads = list(pads or [0] * (2 * spatial))
-    begin, end = pads[:spatial], pads[spatial:]
-    return tuple(begin) if begin == end else None
-
-
 def _auto_pads(node, kernel, dilations, strides, spatial):
+    """Symmetric padding per dim (pools), or why there is none."""
+    pairs = _pad_pairs(node, kernel, dilations, strides, spatial)
+    if isinstance(pairs, str):
+        return pairs
+    if any(before != after for before, after in pairs):
+        return "asymmetric pads have no pooling equivalent here"
+    return tuple(before for before, _ in pairs)
+
+
+def _pad_pairs(node, kernel, dilations, strides, spatial):
+    """``(before, after)`` padding per spatial dim, or why it is not known: ``pads``, or
+    ``auto_pad`` SAME_UPPER / SAME_LOWER with stride 1 (then ``d(k-1)`` in all, the odd one
+    after / before, whatever the input size)."""
     mode = node.attrs.get("auto_pad", "NOTSET")
     if isinstance(mode, bytes):
         mode = mode.decode()
     if mode in ("NOTSET", ""):
-        pads = _symmetric_pads(node.attrs.get("pads"), spatial)
-        return pads if pads is not None else "asymmetric pads have no conv equivalent"
+        pads = list(node.attrs.get("pads") or [0] * (2 * spatial))
+        return tuple(zip(pads[:spatial], pads[spatial:]))
     if mode == "VALID":
-        return (0,) * spatial
-    totals = [d * (k - 1) for k, d in zip(kernel, dilations)]
-    if any(s != 1 for s in strides) or any(t % 2 for t in totals):
+        return ((0, 0),) * spatial
+    if any(s != 1 for s in strides):
         return f"auto_pad={mode} pads depend on the input size here"
-    return tuple(t // 2 for t in totals)
+    totals = [d * (k - 1) for k, d in zip(kernel, dilations)]
+    small = [t // 2 for t in totals]
+    return tuple((t - a, a) if mode == "SAME_LOWER" else (a, t - a) for t, a in zip(totals, small))
+
+
+def _asymmetric_pad_before(x, view, spatial: int):
+    """``(input, pairs)`` if ``x`` is made by an asymmetric zero Pad of the spatial dims
+    that only this Conv reads (it then pads its input itself)."""
+    pad = x.inputs[0] if x.inputs else None
+    if pad is None or pad.op != "Pad" or len(view.users(view.handle(x))) != 1 \
+            or id(x) in view._graph_outputs:
+        return None
+    op = _pad(pad)
+    if not isinstance(op, Refused) or op.asymmetric_pad is None:
+        return None
+    source, pairs = op.asymmetric_pad
+    return (source, pairs) if len(pairs) == spatial else None
 
 
 _POOLS = frozenset({"AveragePool", "MaxPool", "LpPool"})  # (N, C, *spatial) -> same N, C
@@ -473,12 +496,24 @@ def _interpret(node: gs.Node, view: OnnxView):
         kernel = tuple(weight.shape[2:])
         strides = tuple(node.attrs.get("strides", [1] * spatial))
         dilations = tuple(node.attrs.get("dilations", [1] * spatial))
-        pads = _auto_pads(node, kernel, dilations, strides, spatial)
-        if isinstance(pads, str):
-            return Refused(pads)
-        term = affine.conv(weight, None if bias is None else torch.from_numpy(bias.copy()),
-                           strides, pads, dilations, int(node.attrs.get("group", 1)))
-        return Unary(inputs[0], term, "conv", -(spatial + 1))
+        pairs = _pad_pairs(node, kernel, dilations, strides, spatial)
+        if isinstance(pairs, str):
+            return Refused(pairs)
+        source, extra = inputs[0], ()
+        padded = _asymmetric_pad_before(inputs[0], view, spatial)
+        if padded is not None:  # Pad(x, (0, 0, 0, 1, ...)) then Conv: the conv's padding
+            source, extra = padded[0], (view.handle(inputs[0]),)
+            pairs = tuple((a + c, b + d) for (a, b), (c, d) in zip(pairs, padded[1]))
+        bias = None if bias is None else torch.from_numpy(bias.copy())
+        group = int(node.attrs.get("group", 1))
+        if all(before == after for before, after in pairs):
+            term = affine.conv(weight, bias, strides, tuple(a for a, _ in pairs), dilations, group)
+        else:
+            try:
+                term = affine.asymmetric_conv(weight, bias, strides, pairs, dilations, group)
+            except affine.NotExact as reason:
+                return Refused(str(reason))
+        return Unary(source, term, "conv", -(spatial + 1), extra_nodes=extra)
     if op == "BatchNormalization":
         training = _batchnorm_not_inference(node, view)
         if training is not None:
@@ -655,8 +690,11 @@ def _pad(node):
     begin, end = pads[:rank], pads[rank:]
     if rank < 3 or any(begin[:2]) or any(end[:2]):
         return None
-    if begin != end or any(p < 0 for p in begin):
-        return Refused("asymmetric or negative zero padding has no conv equivalent")
+    if any(p < 0 for p in begin + end):
+        return Refused("negative zero padding has no conv equivalent")
+    if begin != end:
+        return Refused("an asymmetric zero padding is a conv's padding only right before it",
+                       asymmetric_pad=(x, tuple(zip(begin[2:], end[2:]))))
     return Unary(x, affine.zero_pad(tuple(begin[2:])), "pad", -(rank - 1))
 
 
@@ -713,14 +751,18 @@ def _emit(graph: gs.Graph, output: gs.Variable, region: Region, source, index: i
     base = f"{output.name}_fused{index}"
     like = torch.from_numpy(np.empty(0, dtype))  # (torch casts on every core)
     values = term.weights_as(like)[0].numpy()  # computed once, here
-    weight = _new_constant(graph, f"{base}_W", values)
+    pads = list(term.padding) * 2 if term.spatial > 0 else []
+    if isinstance(term, ConvTerm) and term.zero_taps:  # trimmed, padded asymmetrically
+        values = values[(slice(None), slice(None), *(slice(a, k - b) for k, (a, b) in
+                                                      zip(term.kernel, term.taps)))]
+        pads = [p for p, _ in term.written_padding] + [p for _, p in term.written_padding]
+    weight = _new_constant(graph, f"{base}_W", np.ascontiguousarray(values))
     bias = None if term.bias is None else gs.Constant(f"{base}_B", term.bias.numpy().astype(dtype))
     for node in list(output.inputs):
         node.outputs = [o for o in node.outputs if o is not output]
     if term.spatial > 0:
-        attrs = {"kernel_shape": list(term.kernel), "strides": list(term.stride),
-                 "pads": list(term.padding) * 2, "dilations": list(term.dilation),
-                 "group": term.groups}
+        attrs = {"kernel_shape": list(values.shape[2:]), "strides": list(term.stride),
+                 "pads": pads, "dilations": list(term.dilation), "group": term.groups}
         inputs = [source, weight] + ([bias] if bias is not None else [])
         node = gs.Node("Conv", base, attrs=attrs, inputs=inputs, outputs=[output])
         graph.nodes.append(node)

@@ -288,7 +288,8 @@ class RegionBuilder:
         for node in self.view.values():
             op = self.view.interpret(node)
             if isinstance(op, Refused):
-                self.skip(node, op.reason)
+                if op.asymmetric_pad is None:  # (a conv after such a pad takes it)
+                    self.skip(node, op.reason)
             elif isinstance(op, Unary):
                 self.extend(node, op)
             elif isinstance(op, Sum):

@@ -498,3 +498,61 @@ class CropScaleTokensLinear(nn.Module):
 def test_views_after_absorbed_ops_are_written_as_reshapes():
     results = _assert_exact_everywhere(CropScaleTokensLinear(), ((2, 4, 8, 8), (2, 4, 7, 9)))
     assert reparam_fx.op_counts(results["core aten"])["mul"] == 0
+
+
+@pytest.mark.parametrize("dynamo", [False, True], ids=["torchscript", "dynamo"])
+@pytest.mark.parametrize("explicit_pad", [False, True], ids=["padding='same'", "F.pad"])
+def test_even_same_kernels_nest_in_onnx(explicit_pad, dynamo):
+    """ONNX Conv ``pads`` with unequal sides (and a zero Pad right before a Conv) read as
+    zero-tap kernels; the merged conv is written trimmed, with asymmetric ``pads``."""
+    onnx = pytest.importorskip("onnx")
+    ort = pytest.importorskip("onnxruntime")
+    import io
+    model = randomize_batchnorm_(SameKernels((2, 3, 4), explicit_pad).eval(), seed=2)
+    x = torch.randn(2, 4, 8, 8)
+    buffer = io.BytesIO()
+    if dynamo:
+        torch.onnx.export(model, (x,), buffer, dynamo=True, verbose=False)
+    else:
+        torch.onnx.export(model, (x,), buffer, dynamo=False, opset_version=17)
+    original = onnx.load_from_string(buffer.getvalue())
+    fused, _ = reparam_fx.fuse_onnx_model(original)
+    convs = [n for n in fused.graph.node if n.op_type == "Conv"]
+    assert len(convs) == 1 and not any(n.op_type in ("Pad", "BatchNormalization", "Add")
+                                       for n in fused.graph.node)
+    pads = next(a.ints for a in convs[0].attribute if a.name == "pads")
+    assert list(pads) == [1, 1, 2, 2]  # one 4x4 "same" conv
+    run = lambda m: ort.InferenceSession(m.SerializeToString()).run(
+        None, {m.graph.input[0].name: x.numpy()})[0]
+    expected, got = run(original), run(fused)
+    assert abs(expected - got).max() / abs(expected).max() <= 1e-5
+
+
+class SummedTwice(nn.Module):
+    """Found by the fuzzer (seed 3611): ``v += v`` (or ``v + v``) of a depthwise conv, then
+    a Linear: the sum's MAC gate counted the conv twice, which paid for composing it with
+    the Linear into a dense conv."""
+
+    def __init__(self, in_place):
+        super().__init__()
+        self.in_place = in_place
+        self.conv = nn.Conv1d(4, 4, 2, stride=2, padding=1, groups=4, bias=False)
+        self.fc = nn.Linear(4, 4, bias=False)
+
+    def forward(self, x):
+        v = self.conv(x)
+        if self.in_place:
+            w = v
+            w += v
+        else:
+            w = v + v
+        return self.fc(w.movedim(1, -1)).movedim(-1, 1)
+
+
+@pytest.mark.parametrize("in_place", [False, True])
+def test_a_term_summed_twice_pays_once(in_place):
+    model = SummedTwice(in_place)
+    results = _assert_exact_everywhere(model, ((2, 4, 12), (2, 4, 11)))
+    for name, fused in results.items():
+        x = torch.randn(2, 4, 12, dtype=torch.float64)
+        assert reparam_fx.mac_count(fused, (x,)) <= reparam_fx.mac_count(model.double(), (x,)), name
