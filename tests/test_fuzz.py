@@ -45,6 +45,8 @@ def test_bounded_fuzz(seed, capture):
         finding = fuzzing.check_capture(program, capture, opts)
     except fuzzing.Skip as skip:
         pytest.skip(str(skip))
+    if finding is not None and (seed, capture) in KNOWN_FAILURES:
+        pytest.fail(f"{finding.kind}: {finding.message} (known)", pytrace=False)
     if finding is not None:
         small, small_opts, small_finding, _ = fuzzing.shrink(program, capture, opts, finding,
                                                              max_checks=60, time_limit=20.0)
