@@ -201,13 +201,26 @@ def test_cpe_merges(dtype, tail):
 
 @DTYPES
 @TAILS
-def test_cpe_with_asymmetric_conv_pads_refused(dtype, tail):
-    """An even 4x4 kernel with pads (1, 1, 2, 2) keeps the size but has no symmetric form."""
+def test_cpe_with_asymmetric_conv_pads_merges(dtype, tail):
+    """An even 4x4 kernel with pads (1, 1, 2, 2) keeps the size: a 5x5 symmetric window
+    whose first row and column are zero taps holds it, the identity on its centre tap; the
+    merged conv is written trimmed, as a 4x4 with the same pads."""
     g = GraphBuilder(dtype)
     x = g.input([2, 4, 8, 8])
     y = g.binary("Add", x, g.conv(x, 4, 4, 4, group=4, bias=True, pads=[1, 1, 2, 2]))
-    _, report = fuse_refused(finish(g, y, tail), unchanged=("Conv", "Add"), reason="asymmetric")
-    assert not report.fused
+    fused, _ = fuse_exactly(finish(g, y, tail), ops={"Conv": 1, "Add": 0}, patterns={"cpe": 1})
+    conv = only(fused, "Conv")
+    assert attribute(conv, "kernel_shape") == [4, 4] and attribute(conv, "pads") == [1, 1, 2, 2]
+
+
+@DTYPES
+def test_asymmetric_pads_off_the_dilation_lattice_refused(dtype):
+    """Pads (0, 1) on a dilation-2 kernel: one more padded position after than before is
+    no whole number of dilated taps, so no symmetric window holds it."""
+    g = GraphBuilder(dtype)
+    x = g.input([2, 4, 7, 7])
+    y = g.batchnorm(g.conv(x, 4, 4, 2, dilation=2, pads=[0, 0, 1, 1]), 4)
+    fuse_refused(g.build(y), unchanged=("Conv", "BatchNormalization"), reason="dilated taps")
 
 
 # ---- 5. RepMixer: x + gamma * (mixer(x) - BN(x)) ----------------------------------------------
@@ -370,10 +383,24 @@ def test_zero_pad_folds_into_conv(dtype):
 
 
 @DTYPES
-def test_asymmetric_zero_pad_refused(dtype):
+def test_asymmetric_zero_pad_folds_into_the_conv_after_it(dtype):
     g = GraphBuilder(dtype)
     y = pad_conv(g, g.input([2, 4, 6, 6]), [0, 0, 0, 0, 0, 0, 1, 1])
-    fuse_refused(g.build(y), unchanged=("Conv", "Pad"), reason="asymmetric")
+    fused, _ = fuse_exactly(g.build(y), ops={"Conv": 1, "Pad": 0})
+    assert attribute(only(fused, "Conv"), "pads") == [0, 0, 1, 1]
+
+
+@DTYPES
+def test_asymmetric_zero_pad_read_elsewhere_stays(dtype):
+    g = GraphBuilder(dtype)
+    x = g.input([2, 4, 6, 6])
+    inputs = [x, g.constant(np.array([0, 0, 0, 0, 0, 0, 1, 1], dtype=np.int64), "pads"),
+              g.constant(np.array(0.0), "pad_value")]
+    padded = g.node("Pad", inputs)
+    y = g.batchnorm(g.conv(padded, 4, 4, 3, pads=0, bias=True), 4)
+    fused, _ = fuse_exactly(g.build([y, padded]), ops={"Pad": 1, "Conv": 1,
+                                                       "BatchNormalization": 0})
+    assert attribute(only(fused, "Conv"), "pads") == [0, 0, 0, 0]
 
 
 @DTYPES
@@ -387,13 +414,14 @@ def test_reflect_pad_not_folded(dtype):
 # ---- 10. Conv padding attributes -------------------------------------------------------------
 
 @DTYPES
-def test_conv_with_asymmetric_pads_left_alone(dtype):
+def test_conv_with_asymmetric_pads_folds_its_batchnorm(dtype):
     g = GraphBuilder(dtype)
     x = g.input([2, 4, 6, 6])
     y = g.batchnorm(g.conv(x, 4, 4, 3, pads=[0, 0, 1, 1]), 4)
-    _, report = fuse_refused(g.build(y), unchanged=("Conv", "BatchNormalization"),
-                             reason="asymmetric")
-    assert not report.fused
+    fused, _ = fuse_exactly(g.build(y), ops={"Conv": 1, "BatchNormalization": 0},
+                            patterns={"conv+bn": 1})
+    conv = only(fused, "Conv")
+    assert attribute(conv, "kernel_shape") == [3, 3] and attribute(conv, "pads") == [0, 0, 1, 1]
 
 
 @DTYPES
@@ -762,12 +790,23 @@ def test_pad_with_a_nonzero_value_is_not_a_zero_pad(dtype):
 
 
 @DTYPES
-@pytest.mark.parametrize("mode", ["SAME_UPPER", "SAME_LOWER"])
-def test_auto_pad_same_with_an_even_kernel_left_alone(dtype, mode):
+@pytest.mark.parametrize("mode, pads", [("SAME_UPPER", [0, 0, 1, 1]), ("SAME_LOWER", [1, 1, 0, 0])])
+def test_auto_pad_same_with_an_even_kernel_folds(dtype, mode, pads):
+    """At stride 1 SAME pads d(k-1) in all whatever the size: the odd one after (UPPER) or
+    before (LOWER)."""
     g = GraphBuilder(dtype)
     x = g.input([2, 4, 6, 6])
     y = g.batchnorm(g.conv(x, 4, 4, 2, auto_pad=mode), 4)
-    fuse_refused(g.build(y), unchanged=("Conv", "BatchNormalization"), reason=None)
+    fused, _ = fuse_exactly(g.build(y), ops={"Conv": 1, "BatchNormalization": 0})
+    assert attribute(only(fused, "Conv"), "pads") == pads
+
+
+@DTYPES
+def test_auto_pad_same_with_stride_2_left_alone(dtype):
+    g = GraphBuilder(dtype)
+    x = g.input([2, 4, 6, 6])
+    y = g.batchnorm(g.conv(x, 4, 4, 2, stride=2, auto_pad="SAME_UPPER"), 4)
+    fuse_refused(g.build(y), unchanged=("Conv", "BatchNormalization"), reason="input size")
 
 
 @DTYPES
