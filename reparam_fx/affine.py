@@ -433,6 +433,12 @@ def is_pointwise(term: Term) -> bool:
         all(s == 1 for s in term.stride) and not any(term.padding)
 
 
+def pointwise_fits(term: Term, spatial: int) -> bool:
+    """Whether :func:`as_pointwise` can write ``term`` for ``spatial`` trailing axes."""
+    return isinstance(term, ChannelAffine) or term.spatial == spatial or spatial != 0 \
+        or term.groups == 1
+
+
 def as_pointwise(term: Term, spatial: int) -> Term:
     """A pointwise term written for a tensor with ``spatial`` axes after its channel axis:
     a linear (0) or a 1x1 conv. A grouped 1x1 conv is no linear."""

@@ -345,6 +345,14 @@ class OnnxView:
         return None
 
     @staticmethod
+    def writes_shared(value) -> bool:
+        return False  # (ONNX is functional)
+
+    @staticmethod
+    def read_before_written(value, nodes) -> bool:
+        return True
+
+    @staticmethod
     def is_value(value) -> bool:
         return isinstance(value, Tensor)
 

@@ -13,6 +13,7 @@ A frontend (torch.fx in :mod:`reparam_fx.fx`, ONNX) supplies a *view* of its gra
     view.mutated             values an in-place op changes while another op reads them
     view.inplace_target(v)   the value ``v``'s op writes into in place, or None
     view.read_before_written(v, ops)  whether ``ops`` read ``v`` before it is written
+    view.writes_shared(v)    whether ``v``'s op writes in place into a tensor others read
     view.interpret(v)        ``Unary`` / ``Sum`` / ``Layout`` / ``Refused`` / None: what
                              ``v``'s op computes (``Layout``: it only moves values)
     view.rank(v), view.shape(v)   what the graph proves about ``v`` (or None)
@@ -201,7 +202,8 @@ class Region:
         before the last move that changes the shape, and the op expressible where the
         channel axis now is)."""
         after = self.moves_see_source and affine.is_pointwise(self.term) \
-            and self.now_spatial is not None
+            and self.now_spatial is not None \
+            and affine.pointwise_fits(self.term, self.now_spatial)
         if self.merged:
             return "after" if after and not self.merge_pending else None
         before = self.post_kept or (
@@ -412,6 +414,9 @@ class RegionBuilder:
         if node in self.view.mutated:
             return
         if not self.view.is_value(op.input):
+            return
+        if self.view.writes_shared(node):
+            self.skip(node, "it writes in place into a tensor that other ops read")
             return
         if (op.input in self.sums or op.input in self.partial_sums) \
                 and op.input not in self.regions and self._distribute_over_sum(node, op):
@@ -692,7 +697,8 @@ class RegionBuilder:
         if node in self.view.mutated:
             return
         target = self.view.inplace_target(node)
-        if target is not None and len(self.view.users(target)) > 1:
+        if target is not None and (len(self.view.users(target)) > 1
+                                   or self.view.writes_shared(node)):
             self.skip(node, "in-place add on a tensor that is read elsewhere")
             return
         self.sums[node] = op

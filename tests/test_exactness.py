@@ -556,3 +556,74 @@ def test_a_term_summed_twice_pays_once(in_place):
     for name, fused in results.items():
         x = torch.randn(2, 4, 12, dtype=torch.float64)
         assert reparam_fx.mac_count(fused, (x,)) <= reparam_fx.mac_count(model.double(), (x,)), name
+
+
+# ---- found by the fuzzer ----------------------------------------------------------------
+
+class WriteThroughAViewOfTheInput(nn.Module):
+    """``v = x.movedim(1, -1); v *= g`` writes ``x``, which is returned: the scale is a
+    write, not a value the Linear may absorb."""
+
+    def __init__(self, view):
+        super().__init__()
+        self.view = view
+        self.gamma = nn.Parameter(torch.rand(4) + 0.5)
+        self.fc = nn.Linear(4, 4, bias=False)
+
+    def forward(self, x):
+        if self.view == "movedim":
+            v = x.movedim(1, -1)
+            v *= self.gamma
+            y = self.fc(v)
+        else:
+            v = x[:, :, :, 1:-1]
+            v *= 2.0
+            y = self.fc(v.movedim(1, -1))
+        return x, y
+
+
+@pytest.mark.parametrize("view", ["movedim", "crop"])
+def test_a_write_through_a_view_of_a_value_read_later_is_kept(view):
+    model = WriteThroughAViewOfTheInput(view).eval().double()
+    x = torch.randn(2, 4, 6, 6, dtype=torch.float64)
+    for fused in (reparam_fx.fuse(model), reparam_fx.fuse(model, (x,)),
+                  reparam_fx.fuse(torch.export.export(model, (x.clone(),)))):
+        with torch.no_grad():
+            expected, got = model(x.clone()), fused(x.clone())
+        for a, b in zip(expected, got):
+            assert torch.allclose(a, b, rtol=0, atol=1e-12)
+
+
+class GroupedConvTwiceThenMean(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(4, 4, 1, groups=2, bias=False)
+
+    def forward(self, x):
+        return self.conv(self.conv(x)).mean((2, 3))
+
+
+def test_grouped_pointwise_is_not_written_after_a_mean():
+    """A grouped 1x1 conv is no Linear: it is written before the mean, not after it."""
+    results = _assert_exact_everywhere(GroupedConvTwiceThenMean())
+    for name, fused in results.items():
+        assert reparam_fx.op_counts(fused)["conv"] == 1, name
+
+
+class CancellingPermutesBeforeAnAssertingBatchNorm(nn.Module):
+    """conv, BN, two permutes that cancel, a BatchNorm subclass asserting ``x.ndim``."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv, self.bn = nn.Conv2d(4, 4, 1, bias=False), nn.BatchNorm2d(4)
+        self.bn_act = nn.BatchNorm2d(4)
+
+    def forward(self, x):
+        v = self.bn(self.conv(x)).permute(0, 2, 3, 1).permute(0, 3, 1, 2)
+        torch._assert(v.ndim == 4, "expected 4D input")
+        return F.interpolate(self.bn_act(v), scale_factor=2, mode="nearest")
+
+
+def test_rank_read_after_cancelling_moves():
+    for name, fused in _assert_exact_everywhere(CancellingPermutesBeforeAnAssertingBatchNorm()).items():
+        assert reparam_fx.op_counts(fused)["batch_norm"] == 0, name

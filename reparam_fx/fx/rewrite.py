@@ -79,6 +79,9 @@ class FxView:
     def read_before_written(self, source, nodes) -> bool:
         return self.facts.read_before_written(source, nodes)
 
+    def writes_shared(self, node) -> bool:
+        return self.facts.writes_shared(node)
+
     def interpret(self, node):
         if node not in self._ops:
             self._ops[node] = interpret(node, self.facts)
@@ -528,11 +531,13 @@ class _Plan:
     def _twins(self, step, env, copies, dead) -> None:
         """Point absorbed values whose metadata is read at a written value of their shape."""
         region, placement = self.region, self.placement
+        # moves that cancel are not written: every value read here has the op's shape
+        moved = bool(region.layouts) and bool(self.moves)
         for node in region.nodes:
             if node not in self.facts.metadata_users or node not in dead:
                 continue
-            phase = region.phases.get(node, 0) if region.layouts else 0
-            if not region.layouts or (placement == "before" and phase == 0):
+            phase = region.phases.get(node, 0) if moved else 0
+            if not moved or (placement == "before" and phase == 0):
                 target = ("op", self.key)
             elif placement == "after" and phase == 0:
                 target = region.source
