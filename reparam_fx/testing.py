@@ -185,7 +185,11 @@ def _snapshot(model: nn.Module) -> dict[str, torch.Tensor]:
 
 
 def _changed_entries(before: dict, model: nn.Module) -> list[str]:
-    after = model.state_dict()
+    return changed_entries(before, model.state_dict())
+
+
+def changed_entries(before: dict, after: dict) -> list[str]:
+    """The keys of two state dicts whose tensors differ (or that only one has)."""
     changed = sorted(set(before) ^ set(after))
     for key in set(before) & set(after):
         a, b = before[key], after[key]

@@ -68,7 +68,7 @@ from typing import Callable, Iterator
 import torch
 
 import reparam_fx
-from reparam_fx.testing import randomize_batchnorm_, randomize_parameters_
+from reparam_fx.testing import changed_entries, randomize_batchnorm_, randomize_parameters_
 
 CAPTURES = ("fx", "fx-inputs", "export", "core", "onnx")
 FAILURE_KINDS = ("wrong-values", "wrong-shape", "crash-fuse", "crash-fused", "mac-increase",
@@ -1853,15 +1853,6 @@ def _snapshot(state: dict) -> dict:
     return {key: value.detach().clone() for key, value in state.items()}
 
 
-def _changed(before: dict, after: dict) -> list[str]:
-    changed = sorted(set(before) ^ set(after))
-    for key in set(before) & set(after):
-        a, b = before[key], after[key]
-        if a.dtype != b.dtype or a.shape != b.shape or not torch.equal(a, b.detach()):
-            changed.append(key)
-    return sorted(changed)
-
-
 def _compare(reference_outputs, candidate_outputs, rtol: float, where: str) -> Finding | None:
     reference_outputs, candidate_outputs = _as_list(reference_outputs), _as_list(candidate_outputs)
     if len(reference_outputs) != len(candidate_outputs):
@@ -1939,7 +1930,7 @@ def _check_torch(program: Program, capture: str, capture_opts: dict) -> Finding 
             fused = reparam_fx.fuse(given)
     except Exception as error:  # noqa: BLE001 - the model is in eval mode: any error is a failure
         return Finding("crash-fuse", _error_text(error), type(error).__name__)
-    changed = _changed(before, _state(given))
+    changed = changed_entries(before, _state(given))
     if changed:
         return Finding("mutated-input", f"fuse changed its argument: {', '.join(changed[:5])}")
     if capture == "fx-inputs" and not torch.equal(example[0], example_before):
