@@ -205,17 +205,28 @@ def _plain_attribute(child: nn.Module, name: str) -> bool:
     return _is_plain(value) and not _assigned_after_init(type(child), name)
 
 
-def _assigned_after_init(cls: type, name: str) -> bool:
-    """Whether a method of ``cls`` (or of its non-torch bases) other than ``__init__``
-    assigns or deletes ``self.<name>`` (state, not a hyperparameter); True when a source
-    is not available."""
+def _class_trees(cls: type) -> list | None:
+    """The parsed source of ``cls`` and of its non-torch bases; None when a source is not
+    available."""
+    trees = []
     for klass in cls.__mro__:
         if klass is object or klass.__module__.startswith("torch."):
             continue
         try:
-            tree = ast.parse(textwrap.dedent(inspect.getsource(klass)))
+            trees.append(ast.parse(textwrap.dedent(inspect.getsource(klass))))
         except (OSError, TypeError, SyntaxError, IndentationError):
-            return True
+            return None
+    return trees
+
+
+def _assigned_after_init(cls: type, name: str) -> bool:
+    """Whether a method of ``cls`` (or of its non-torch bases) other than ``__init__``
+    assigns or deletes ``self.<name>`` (state, not a hyperparameter); True when a source
+    is not available."""
+    trees = _class_trees(cls)
+    if trees is None:
+        return True
+    for tree in trees:
         for method in ast.walk(tree):
             if not isinstance(method, (ast.FunctionDef, ast.AsyncFunctionDef)) or \
                     method.name == "__init__":
@@ -243,13 +254,10 @@ def _reachable_methods(cls: type) -> list[ast.FunctionDef] | None:
     not: ``f = self._head`` counts), over the class and its non-torch bases; None when a
     source is not available."""
     definitions: dict[str, list[ast.FunctionDef]] = {}
-    for klass in cls.__mro__:
-        if klass is object or klass.__module__.startswith("torch."):
-            continue
-        try:
-            tree = ast.parse(textwrap.dedent(inspect.getsource(klass)))
-        except (OSError, TypeError, SyntaxError, IndentationError):
-            return None
+    trees = _class_trees(cls)
+    if trees is None:
+        return None
+    for tree in trees:
         body = tree.body[0].body if tree.body and isinstance(tree.body[0], ast.ClassDef) else []
         for item in body:
             if isinstance(item, (ast.FunctionDef, ast.AsyncFunctionDef)):
