@@ -547,9 +547,13 @@ def test_zero_pad_folds_into_conv(pad):
     assert conv.padding == (1, 1) and conv.padding_mode == "zeros"
 
 
-def test_asymmetric_zero_pad_refused():
-    fuse_refused(PadConv("asymmetric"), image(4, 6), unchanged=("conv", "pad"),
-                 reason="asymmetric")
+def test_asymmetric_zero_pad_alone_is_not_rewritten():
+    """A pad with unequal sides and the conv after it, nothing else: the conv would be
+    written again with the same pad before it (no conv module pads unequally unless it is
+    PyTorch's "same"), so the graph stays as it was."""
+    fused = fuse_refused(PadConv("asymmetric"), image(4, 6), unchanged=("conv", "pad"),
+                         reason=None)
+    assert not fused.fusion_report.fused
 
 
 def test_reflect_pad_not_folded():

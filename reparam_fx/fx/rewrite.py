@@ -295,6 +295,14 @@ def _written_padding(term: ConvTerm):
                                  for side in (before, after)]
 
 
+def _worth_writing(region: Region) -> bool:
+    """An emittable region, unless it is a zero pad and the conv after it only, written
+    again as a pad and a conv (no conv module expresses its padding)."""
+    return region.emittable and not (
+        _explicit_pad(region.term) is not None
+        and len(region.nodes) - region.kinds["identity"] - len(region.layouts) <= 2)
+
+
 def _explicit_pad(term) -> list[int] | None:
     """``F.pad``'s argument for a term whose written padding no conv module expresses."""
     if not isinstance(term, ConvTerm) or not term.zero_taps:
@@ -637,7 +645,7 @@ def fusion_pass(facts: GraphFacts, report: FusionReport) -> bool:
     view = FxView(facts)
     builder = RegionBuilder(view, report)
     builder.walk()
-    emit, partial_sums = select_rewrites(view, builder)
+    emit, partial_sums = select_rewrites(view, builder, _worth_writing)
     if not emit and not partial_sums:
         return False
     facts.ws.graph = _rewrite(facts, emit, partial_sums, report)
