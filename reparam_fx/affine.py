@@ -60,6 +60,15 @@ kernels wider than 1 and ``P`` the largest padding, each kernel is zero-embedded
 common tap lattice of size ``K = 2*(P - c)/D + 1``; groups become the gcd of the
 terms' groups (an identity is a grouped dirac kernel); weights and biases add.
 
+Asymmetric windows (``asymmetric_conv``): a conv padded ``(before, after)`` with
+``before != after`` (an even kernel with ``padding='same'``, a zero pad with unequal sides
+right before a conv) is the symmetric conv with padding ``P = max(before, after)`` whose
+kernel has ``(P - before) / d`` zero taps in front and ``(P - after) / d`` behind: every
+output reads the same inputs with the same weights, for every size. The zero taps
+(``zero_taps``) survive scaling, regrouping, composition with a 1x1 and merging (a merged
+kernel keeps the taps no branch reaches), and are trimmed when the conv is written, which
+the MAC gates count (``written_kernel``).
+
 Everything is computed in float64; :meth:`ConvTerm.weights_as` casts back.
 
 Weights are recipes (:class:`Weight`): a term's weight is known by its shape at once and
