@@ -466,12 +466,18 @@ class RegionBuilder:
             return False
         partial = self.partial_sums.get(total)
         if partial is not None:
-            inner = [*partial.inner, total]
-            summands = [(t if isinstance(t, Region) else self.operand(t), c) for t, c in partial.terms]
+            inner, terms = [*partial.inner, total], partial.terms
         else:
-            leaves, inner = self._flatten(self.sums[total])
+            terms, inner = self._flatten(self.sums[total])
             inner = [*inner, total]
-            summands = [(self.operand(leaf), c) for leaf, c in leaves]
+        coefficients: dict = {}  # a value summed twice (y + y) is one term, its conv once
+        for value, coeff in terms:
+            key = id(value) if isinstance(value, Region) else value
+            coefficients[key] = (value, coefficients.get(key, (value, 0))[1] + coeff)
+        if any(coeff == 0 for _, coeff in coefficients.values()):
+            return False
+        summands = [(value if isinstance(value, Region) else self.operand(value), coeff)
+                    for value, coeff in coefficients.values()]
         # (the sum goes: reads of its rank or dtype read a term's source instead, which
         # has both; reads of its sizes would need the sum itself)
         if any(self.view.reads_shape(n) for n in inner) or any(

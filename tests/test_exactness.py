@@ -627,3 +627,28 @@ class CancellingPermutesBeforeAnAssertingBatchNorm(nn.Module):
 def test_rank_read_after_cancelling_moves():
     for name, fused in _assert_exact_everywhere(CancellingPermutesBeforeAnAssertingBatchNorm()).items():
         assert reparam_fx.op_counts(fused)["batch_norm"] == 0, name
+
+
+class TransposedSummedTwiceThenBatchNorm(nn.Module):
+    """Found by the fuzzer (seeds 10481, 10564): ``w = v; w += v`` of a transposed conv
+    (which merges with nothing), then a BatchNorm: distributing the BN over ``v + v`` wrote
+    the transposed conv twice. A value summed twice is one term, twice the coefficient."""
+
+    def __init__(self):
+        super().__init__()
+        self.up, self.bn = nn.ConvTranspose2d(4, 4, 2, stride=2), nn.BatchNorm2d(4)
+
+    def forward(self, x):
+        v = self.up(x)
+        w = v
+        w += v
+        return self.bn(w)
+
+
+def test_a_value_summed_twice_is_distributed_over_once():
+    results = _assert_exact_everywhere(TransposedSummedTwiceThenBatchNorm())
+    model = TransposedSummedTwiceThenBatchNorm().eval().double()
+    for name, fused in results.items():
+        x = torch.randn(SIZES[0], dtype=torch.float64)
+        assert reparam_fx.mac_count(fused, (x,)) <= reparam_fx.mac_count(model, (x,)), name
+        assert reparam_fx.op_counts(fused)["conv"] == 1, name
