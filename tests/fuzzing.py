@@ -490,6 +490,8 @@ class Op:
         default = self.default_style
         if default and statement.style != default:
             yield replace(statement, style=default)
+        if statement.get("bias"):
+            yield statement.with_options(bias=False)
 
 
 def _spatial_out(size, kernel, stride, padding_total, dilation=1):
@@ -606,8 +608,6 @@ class Conv(Op):
         yield from super().simpler(s, program)
         if s.get("padding_mode", "zeros") != "zeros":
             yield s.with_options(padding_mode="zeros")
-        if s.get("bias"):
-            yield s.with_options(bias=False)
         if s.get("groups") != 1:
             yield s.with_options(groups=1)
         if s.get("dilation") != 1:
@@ -967,10 +967,6 @@ class LinearChannels(Op):
         else:
             raise ValueError(s.style)
 
-    def simpler(self, s, program):
-        yield from super().simpler(s, program)
-        if s.get("bias"):
-            yield s.with_options(bias=False)
 
 
 class ToLast(Op):
@@ -1042,10 +1038,6 @@ class Linear(Op):
         else:
             raise ValueError(s.style)
 
-    def simpler(self, s, program):
-        yield from super().simpler(s, program)
-        if s.get("bias"):
-            yield s.with_options(bias=False)
 
 
 class BatchNorm1d(Op):
@@ -1393,8 +1385,6 @@ class ConvTranspose(Op):
 
     def simpler(self, s, program):
         yield from super().simpler(s, program)
-        if s.get("bias"):
-            yield s.with_options(bias=False)
         if s.get("groups") != 1:
             yield s.with_options(groups=1)
 

@@ -592,6 +592,7 @@ def test_a_write_through_a_view_of_a_value_read_later_is_kept(view):
             expected, got = model(x.clone()), fused(x.clone())
         for a, b in zip(expected, got):
             assert torch.allclose(a, b, rtol=0, atol=1e-12)
+        assert reparam_fx.op_counts(fused)["mul"] == 1  # the write stays a write
 
 
 class GroupedConvTwiceThenMean(nn.Module):
