@@ -38,7 +38,7 @@ from reparam_fx.fx.capture import (has_global_hooks, has_hooks, replaced_forward
                                    standard_batchnorm)
 from reparam_fx.fx.facts import GraphFacts
 from reparam_fx.fx.moves import interpret_move
-from reparam_fx.fx.values import hashable_in, tensor_shape
+from reparam_fx.fx.values import hashable_in, schema_name, tensor_shape
 from reparam_fx.regions import Refused, Sum, Unary
 
 aten = torch.ops.aten
@@ -203,6 +203,16 @@ def _conv_op(facts, input_node, weight, bias, stride, padding, dilation, groups,
                  extra_nodes=extra_nodes)
 
 
+def _may_pad(node: torch.fx.Node, facts) -> bool:
+    """A cheap first look before reading ``node`` as a pad: ``F.pad``, ``aten.pad`` /
+    ``constant_pad_nd``, a padding method or a constant-padding module."""
+    if node.op == "call_module":
+        return isinstance(facts.modules.get(node.target), nn.modules.padding._ConstantPadNd)
+    name = node.target if node.op == "call_method" else \
+        schema_name(node.target) or getattr(node.target, "__name__", "")
+    return name in ("pad", "constant_pad_nd")
+
+
 def _asymmetric_pad_before(facts, node, spatial: int):
     """``(input, ((before, after), ...))`` if ``node`` is an asymmetric zero pad of the
     last ``spatial`` dims (``F.pad(x, (0, 1, 0, 1))``, TF-"same" padding with static sizes,
@@ -210,7 +220,7 @@ def _asymmetric_pad_before(facts, node, spatial: int):
     after it, which then pads its input itself."""
     if not isinstance(node, torch.fx.Node) or node.op == "placeholder" \
             or len(facts.value_users.get(node, ())) != 1 or node in facts.mutated \
-            or node in facts.metadata_users:
+            or node in facts.metadata_users or not _may_pad(node, facts):
         return None
     op = interpret(node, facts)
     if not isinstance(op, Refused) or op.asymmetric_pad is None:
