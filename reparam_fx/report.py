@@ -119,7 +119,26 @@ class FusionReport:
             lines.append(f"  kept {len(self.leaves)} module(s) whole (fused inside where they trace):")
             for leaf in self.leaves:
                 lines.append(f"    {leaf.module}: {leaf.reason}")
+        hint = self.example_inputs_hint()
+        if hint:
+            lines.append(f"  {hint}")
         return "\n".join(lines)
+
+    def example_inputs_hint(self) -> str:
+        """What passing ``example_inputs`` would add, for a symbolically traced model that
+        kept blocks whole because their code does not trace (empty otherwise)."""
+        untraced = [leaf for leaf in self.leaves if "does not trace" in leaf.reason]
+        if self.frontend != "fx" or not untraced:
+            return ""
+        unproven = sum(1 for item in self.skipped if "example_inputs" in item.reason)
+        norms = self.ops_after.get("batch_norm", 0)
+        left = [f"{norms} BatchNorm(s)"] if norms else []
+        left += [f"{unproven} node(s) left alone for lack of a proven shape"] if unproven else []
+        gain = (f"{' and '.join(left)} might then fold" if left else
+                "nothing left above would fold further")
+        return (f"with example_inputs: {len(untraced)} module(s) whose code does not trace could "
+                f"be captured whole by torch.export (the result then holds for those input "
+                f"sizes only); {gain}")
 
     __str__ = table
 

@@ -58,6 +58,7 @@ from __future__ import annotations
 import collections
 import contextlib
 import copy
+import inspect
 import itertools
 import operator
 import sys
@@ -429,9 +430,48 @@ class FaithfulTracer(torch.fx.Tracer):
             return False  # trace what the instance computes, not what its class says
         return standard_batchnorm(m) or super().is_leaf_module(m, module_qualified_name)
 
-    def trace(self, root, concrete_args=None):
+    def trace(self, root, concrete_args=None, call: tuple | None = None):
+        """``call`` (``(positional count, keyword names)``): how ``root`` is called; the
+        arguments it does not pass are bound to their defaults (:meth:`create_args_for_root`)."""
+        self._call = call
         with _traceable_batchnorm_checks():
             return super().trace(root, concrete_args)
+
+    def create_args_for_root(self, root_fn, is_module, concrete_args=None):
+        """The graph's inputs when ``root`` is called as ``self._call`` says.
+
+        A parameter it passes, or one without a default, is an input (a placeholder).
+        Every other parameter has a known value, its default: the trace runs with that
+        value (so ``if augment:`` and ``predict(x, *args, **kwargs)`` trace), and an
+        empty ``*args`` / ``**kwargs`` is empty. The result takes only the inputs: passing
+        anything else is a ``TypeError``, never silently ignored. (A guarded parameter, as
+        ``concrete_args`` makes, would stop the TorchScript ONNX exporter, which passes
+        every default as a tensor.)"""
+        call = getattr(self, "_call", None)
+        if call is None or not is_module or concrete_args is not None:
+            return super().create_args_for_root(root_fn, is_module, concrete_args)
+        function = inspect.unwrap(root_fn)
+        parameters = list(inspect.signature(function).parameters.values())[1:]  # self
+        positional, keywords = call
+        kinds = inspect.Parameter
+        args, kwargs = [self.root], {}
+        for index, parameter in enumerate(parameters):
+            if parameter.kind in (kinds.VAR_POSITIONAL, kinds.VAR_KEYWORD):
+                continue
+            passed = parameter.name in keywords or (
+                index < positional and parameter.kind != kinds.KEYWORD_ONLY)
+            if passed or parameter.default is parameter.empty:
+                value = self.create_proxy("placeholder", parameter.name, (), {})
+            else:
+                value = parameter.default
+            if parameter.kind == kinds.KEYWORD_ONLY:
+                kwargs[parameter.name] = value
+            else:
+                args.append(value)
+
+        def bound_forward(*inputs):
+            return root_fn(*inputs, **kwargs)
+        return bound_forward, args
 
     def call_module(self, m, forward, args, kwargs):
         original = _compiled_original(m)
@@ -526,8 +566,11 @@ class _Same:
         return isinstance(other, _Same) and other.value is self.value
 
 
-def trace(model: nn.Module, concrete_args: dict | None = None) -> tuple[torch.fx.GraphModule, list[Leaf]]:
+def trace(model: nn.Module, call: tuple | None = None) -> tuple[torch.fx.GraphModule, list[Leaf]]:
     """``model`` traced by :class:`FaithfulTracer`, and the modules it kept as leaves.
+    ``call`` is how the model is called, ``(positional count, keyword names)``: the
+    arguments it does not pass are bound to their defaults (None: every argument is an
+    input, as fx does).
 
     Raises whatever symbolic tracing raises when ``model``'s own forward does not trace.
     The result shares (never copies) the model's submodules and tensors; the model's
@@ -538,7 +581,7 @@ def trace(model: nn.Module, concrete_args: dict | None = None) -> tuple[torch.fx
     for _ in range(4):  # the second trace normally finds no new failure
         tracer = FaithfulTracer(failed)
         try:
-            graph = tracer.trace(model, concrete_args)
+            graph = tracer.trace(model, call=call)
             done = tracer.failed.keys() == failed.keys()
             if done:  # before the restore: it takes the constants tracing set on the root
                 traced = torch.fx.GraphModule(tracer.root, graph, type(model).__name__)
@@ -563,12 +606,18 @@ def is_aten_graph(graph: torch.fx.Graph) -> bool:
 
 
 def export(model: nn.Module, example_inputs) -> torch.fx.GraphModule:
-    """``model`` captured by ``torch.export`` at ``example_inputs``, as an aten GraphModule."""
+    """``model`` captured by ``torch.export`` at ``example_inputs``, as an aten GraphModule.
+    The model's Python state is as it was before: ``torch.export`` runs ``forward`` with
+    fake tensors, and a forward that caches tensors on ``self`` (a detection head's anchors
+    keyed by the input shape) would otherwise keep them, and fail on its next real call."""
+    state = _PythonState(model)
     try:
         program = torch.export.export(model, as_tuple(example_inputs))
     except Exception as error:  # noqa: BLE001
         raise FusionError(f"torch.export could not capture {type(model).__name__}: "
                           f"{first_line(error, 300)}") from error
+    finally:
+        state.restore()
     return program.module()
 
 

@@ -9,14 +9,13 @@ copies of what the final graph still uses.
 
 from __future__ import annotations
 
-import inspect
 from dataclasses import replace
 
 import torch
 import torch.fx
 import torch.nn as nn
 
-from reparam_fx.fx.capture import (FusionError, Workspace, export, first_line, has_hooks,
+from reparam_fx.fx.capture import (FusionError, Workspace, as_tuple, export, first_line, has_hooks,
                                    is_aten_graph, is_op_module, propagate_shapes, trace,
                                    uninitialised_modules)
 from reparam_fx.fx.counts import graph_op_counts, node_category, op_counts, parameter_count
@@ -68,7 +67,9 @@ def fuse(model, example_inputs=None, *, capture: str = "auto") -> nn.Module:
         return _fuse(model, example_inputs, capture)
 
 
-def _fuse(model, example_inputs, capture: str, concrete_args: dict | None = None) -> nn.Module:
+def _fuse(model, example_inputs, capture: str, call: tuple | None = None) -> nn.Module:
+    """``call``: how the model is called (``(positional count, keyword names)``); by default,
+    with its required arguments, or as many positional ones as ``example_inputs`` holds."""
     if isinstance(model, torch.export.ExportedProgram):
         gm = model.module()  # a new module, but its graph may share nodes' meta: copied later
         return _fuse_workspace(Workspace(gm, gm.graph, "aten", "FusedExportedProgram"), gm)
@@ -86,9 +87,11 @@ def _fuse(model, example_inputs, capture: str, concrete_args: dict | None = None
         gm = export(model, example_inputs)
         return _fuse_workspace(Workspace(gm, gm.graph, "aten", name), model)
     if has_hooks(model):  # kept whole like any hooked module: its hooks keep running
-        return _fuse_children(model, "it has forward hooks or pre-hooks, which keep running on it")
+        return _fuse_children(model, "it has forward hooks or pre-hooks, which keep running on it",
+                              _default_call(example_inputs, call))
     try:
-        traced, leaves = trace(model, concrete_args)
+        call = _default_call(example_inputs, call)
+        traced, leaves = trace(model, call)
     except Exception as error:  # noqa: BLE001 - the model's own forward does not trace
         reason = f"its own forward does not trace ({first_line(error)})"
         if capture == "auto" and example_inputs is not None:
@@ -98,7 +101,7 @@ def _fuse(model, example_inputs, capture: str, concrete_args: dict | None = None
                 reason += f"; {export_error}"
             else:
                 return _fuse_workspace(Workspace(gm, gm.graph, "aten", name), model)
-        return _fuse_children(model, reason)
+        return _fuse_children(model, reason, call)
     return _fuse_workspace(Workspace(traced, traced.graph, "fx", name, leaves), model,
                            example_inputs)
 
@@ -112,6 +115,7 @@ def _fuse_workspace(ws: Workspace, original: nn.Module, example_inputs=None) -> 
     report.ops_before = graph_op_counts(ws.graph, lookup)
     report.params_before = parameter_count(original)
     report.nodes_before = _count_ops(ws.graph)
+    leaf_ranks = _leaf_argument_ranks(ws)  # (before the passes: BatchNorms still prove ranks)
     redirect_reads_after_inplace(ws)
     for _ in range(MAX_PASSES):  # to a fixpoint; one pass usually finds everything
         if not fusion_pass(GraphFacts(ws), report):
@@ -129,19 +133,39 @@ def _fuse_workspace(ws: Workspace, original: nn.Module, example_inputs=None) -> 
     report.nodes_after = _count_ops(result.graph)
     leaves = {renamed.get(leaf.module, leaf.module): leaf for leaf in ws.leaves}
     report.skipped = _dedupe(report.skipped + _unfolded_batchnorms(result, report, leaves))
-    _fuse_leaves(result, ws, renamed, report)
+    _fuse_leaves(result, ws, renamed, report, leaf_ranks)
     report.ops_after = op_counts(result)
     report.params_after = parameter_count(result)
     result.fusion_report = report
     return result
 
 
+def _leaf_argument_ranks(ws: Workspace) -> dict[str, dict[int, int]]:
+    """``{leaf: {position: rank}}`` for the arguments of kept-whole modules that are lists of
+    tensors all of one rank the graph proves (a detection head's list of feature maps)."""
+    kept = {leaf.module for leaf in ws.leaves}
+    nodes = [n for n in ws.graph.nodes if n.op == "call_module" and n.target in kept]
+    if not nodes:
+        return {}
+    facts = GraphFacts(ws)
+    found: dict[str, dict[int, int]] = {}
+    for node in nodes:
+        for position, argument in enumerate(node.args):
+            if isinstance(argument, (list, tuple)) and argument and \
+                    all(isinstance(a, torch.fx.Node) for a in argument):
+                ranks = {facts.rank(a) for a in argument}
+                if len(ranks) == 1 and None not in ranks:
+                    found.setdefault(node.target, {})[position] = ranks.pop()
+    return found
+
+
 def _fuse_leaves(result: torch.fx.GraphModule, ws: Workspace, renamed: dict,
-                 report: FusionReport) -> None:
+                 report: FusionReport, leaf_ranks: dict) -> None:
     """Fuse inside every module the result keeps whole (its private copies): the children
     of one that does not trace, has hooks or is TorchScript; a leaf of a graph the caller
     traced with a custom tracer (timm's FX helpers keep blocks whole) as a whole."""
     reasons = {renamed.get(leaf.module, leaf.module): leaf for leaf in ws.leaves}
+    _pass_lists_as_new_lists(result, reasons)
     done = set()
     for node in result.graph.nodes:
         if node.op != "call_module":
@@ -153,54 +177,72 @@ def _fuse_leaves(result: torch.fx.GraphModule, ws: Workspace, renamed: dict,
         leaf = reasons.get(node.target)
         if leaf is not None:  # it does not trace, has hooks, or is TorchScript
             report.leaves.append(leaf)
-            fuse_inside(module, leaf.module, _fuse_child, report)
+            ranks = {renamed.get(name, name): value for name, value in leaf_ranks.items()}
+            fuse_inside(module, leaf.module, _fuse_child, report, _call_of(node),
+                        argument_ranks=ranks.get(node.target))
             continue
         if not any(True for _ in module.children()):
             continue  # nothing inside to fuse: a custom op of the graph it came in
         # a leaf of the graph it came in (a custom tracer's): fused as a whole
         report.leaves.append(Leaf(node.target, "kept whole by the graph it came in"))
-        fused, inner = _fuse_child(module)
+        fused, inner = _fuse_child(module, _call_of(node))
         merge_report(report, inner, node.target)
         if fused is not None:
             setattr(result, node.target, fused)
 
 
+def _call_of(node: torch.fx.Node) -> tuple:
+    """How a graph calls a module: ``(positional count, keyword names)``."""
+    return len(node.args), frozenset(node.kwargs)
+
+
+def _pass_lists_as_new_lists(result: torch.fx.GraphModule, kept) -> None:
+    """A kept-whole module called with a list (a detection head's feature maps) gets a
+    new ``list`` of them, as the model's own code gave it: it may write into it
+    (``x[i] = ...``), and ``torch.fx.Interpreter`` (which ``torch.export`` runs a
+    ``GraphModule`` with) would hand it the node's read-only argument list instead."""
+    changed = False
+    for node in list(result.graph.nodes):
+        if node.op != "call_module" or node.target not in kept:
+            continue
+        args = list(node.args)
+        for position, argument in enumerate(args):
+            if isinstance(argument, list):
+                with result.graph.inserting_before(node):
+                    args[position] = result.graph.call_function(list, (argument,))
+                changed = True
+        node.args = tuple(args)
+    if changed:
+        result.recompile()
+
+
 def _fuse_child(child: nn.Module, call=None):
     """A child of a leaf, fused on its own: ``(fused module or None, report)``. ``call``
     (``(positional count, keywords)``) is how its parent calls it: the arguments it does not
-    pass are traced at their defaults (fx then checks them at run time)."""
+    pass are bound to their defaults (the result checks them at run time)."""
     try:
-        fused = _fuse(child, None, "fx", _defaults_not_passed(child, call))
+        fused = _fuse(child, None, "fx", call)
     except FusionError as error:
         return None, FusionReport(leaves=[Leaf("", f"not fused: {error}")])
     report = fused.fusion_report
     return (fused if report.fused else None), report
 
 
-def _defaults_not_passed(module: nn.Module, call) -> dict | None:
-    if call is None:
-        return None
-    positional, keywords = call
-    try:
-        parameters = list(inspect.signature(module.forward).parameters.values())
-    except (TypeError, ValueError):
-        return None
-    concrete = {}
-    for index, parameter in enumerate(parameters):
-        if parameter.kind in (parameter.VAR_POSITIONAL, parameter.VAR_KEYWORD):
-            continue
-        passed = index < positional or parameter.name in keywords
-        if not passed and parameter.default is not parameter.empty:
-            concrete[parameter.name] = parameter.default
-    return concrete or None
+def _default_call(example_inputs, call):
+    """How the model is called: as given, else with as many positional arguments as
+    ``example_inputs`` holds (none: its required ones only)."""
+    if call is not None:
+        return call
+    return (len(as_tuple(example_inputs)) if example_inputs is not None else 0, frozenset())
 
 
-def _fuse_children(model: nn.Module, reason: str) -> nn.Module:
-    """A copy of ``model`` (whose own forward does not trace) with its children fused."""
+def _fuse_children(model: nn.Module, reason: str, call=None) -> nn.Module:
+    """A copy of ``model`` (whose own forward does not trace) with its children fused;
+    ``call``: how it is called."""
     result = _private_copy(model)
     report = FusionReport(frontend="fx", leaves=[Leaf("", reason)])
     report.ops_before, report.params_before = op_counts(model), parameter_count(model)
-    fuse_inside(result, "", _fuse_child, report)
+    fuse_inside(result, "", _fuse_child, report, call)
     report.ops_after, report.params_after = op_counts(result), parameter_count(result)
     result.fusion_report = report
     return result

@@ -43,6 +43,10 @@ class Idiom:
     code proves (LeViT's blocks on ``(B, N, C)`` tokens): without ``example_inputs`` its
     BatchNorm1d may normalise another axis, so it is refused ("pass example_inputs"); the
     targets then hold for ``fuse(model, example_inputs)``.
+    ``whole_program``: a whole detector (backbone, neck, head, the library's own ``forward``
+    signature and routing loop): ``fuse(model)`` with no example inputs must reach at most
+    the library's own deploy op counts, and the fused model must export (``torch.export``,
+    ONNX).
     """
 
     name: str
@@ -56,6 +60,7 @@ class Idiom:
     must_remain: dict = field(default_factory=dict)
     reason: str | None = None
     proves_rank: bool = True
+    whole_program: bool = False
     notes: str = ""
 
 

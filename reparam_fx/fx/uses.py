@@ -1,0 +1,685 @@
+"""How a module's own code uses its children: may a child be replaced by its fused form?
+
+A module kept whole (its ``forward`` does not trace) is fused inside by replacing children
+(:mod:`reparam_fx.fx.leaves`). That is exact only if the module's code uses each replaced
+child as a function. This module reads the class source (``ast``) of the module and its
+non-torch bases, from ``forward`` and the methods and properties it reaches through
+``self``, and tells, per child, how it is used:
+
+* called: ``self.conv(x)``, ``self.attn.forward(x)``, and the call's shape (positional
+  count, keywords), or None for ``*args`` / ``**kwargs``;
+* its *items* called (a container): ``self.blocks[i](x)``, ``for m in self.model: x = m(x)``,
+  ``head = self.model[-1]; head(x)``, ``for i, blk in enumerate(self.blocks)``;
+* counted, tested for truth or against ``None``;
+* a *plain attribute* read of it or of its items (``m.f``, ``m.i``, ``self.attn.num_heads``,
+  ``getattr(self.attn, "key_dim")``): a hyperparameter its fused form is given;
+* tested with ``isinstance`` (of it or of its items): a fused form may replace it only if the
+  test gives the same answer for both;
+* handed out by a property and passed on by name: ``dict(box_head=self.cv2, ...)`` returned
+  by ``one2many``, called as ``self.forward_head(x, **self.one2many)``, whose parameter
+  ``box_head`` is then only indexed and called (ultralytics ``Detect``).
+
+Any other use (passing it to a function, storing it, reading its parameters or methods)
+*blocks* it: it stays the object it is, with the reason.
+
+Code that cannot run is not read. A parameter whose value is known (the caller does not
+pass it: its default, and what every call in the class passes on for it) and falsy makes
+``if profile:`` and ``if visualize and ...:`` dead; their bodies (``thop.profile(m, ...)``,
+``self._profile_one_layer(m, x, dt)``) are skipped, and so are methods only they reach.
+
+*Chains* are children called one after another, each one's result the next one's only
+input: ``self.m[i](self.ia[i](x[i]))`` then ``x[i] = self.im[i](x[i])`` (YOLOv7's
+``IDetect``), or ``x = self.conv(x)`` then ``x = self.bn(x)``. A chain whose members are used
+nowhere else may be fused as one function (a conv with the implicit add and multiply
+folded in), the others replaced by identities.
+"""
+
+from __future__ import annotations
+
+import ast
+import builtins
+import inspect
+import sys
+import textwrap
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn as nn
+
+_ITERATING = {"enumerate", "zip", "reversed", "list", "tuple", "iter"}
+_PLAIN = (int, float, str, bool, type(None))
+
+
+@dataclass
+class ChildUse:
+    """How the parent's code uses one child (module docstring). ``calls``, ``reads`` and
+    ``classes`` are of the child itself; ``item_*`` of its items (a container's)."""
+
+    calls: set = field(default_factory=set)
+    reads: set = field(default_factory=set)
+    classes: list = field(default_factory=list)
+    item_calls: set = field(default_factory=set)
+    item_reads: set = field(default_factory=set)
+    item_classes: list = field(default_factory=list)
+    items: bool = False  # indexed or iterated: its items are what is called
+    sites: int = 0  # uses counted (a chain needs its members used at one site only)
+    blocked: str | None = None
+
+    def block(self, reason: str) -> None:
+        if self.blocked is None:
+            self.blocked = reason
+
+
+@dataclass(frozen=True)
+class Chain:
+    """Children called in a row, innermost first: ``members`` are child names; ``indexed``
+    when each is a container indexed by the same expression (one chain per index)."""
+
+    members: tuple[str, ...]
+    indexed: bool
+    # the position of ``forward``'s argument whose items the chain's input provably is
+    # (``for i in range(n): x[i] = chain(x[i])``, with ``x`` written nowhere else), or None
+    argument: int | None = None
+
+
+def is_plain(value) -> bool:
+    """A number, string, bool, None, or a tuple or list of those (nested too): a value that
+    cannot hold or alias a tensor."""
+    return isinstance(value, _PLAIN) or (isinstance(value, (tuple, list))
+                                         and all(is_plain(v) for v in value))
+
+
+def children_uses(module: nn.Module, call=None) -> tuple[dict[str, ChildUse], list[Chain]]:
+    """``({child name: ChildUse}, [Chain])`` for ``module``'s code. ``call``: how the module
+    is called (``(positional count, keyword names)``), which fixes the arguments it does not
+    pass at their defaults; None when unknown."""
+    names = set(module._modules)
+    uses = {name: ChildUse() for name in names}
+    if not names:
+        return uses, []
+    source = _ClassSource.of(type(module))
+    if source is None:
+        for use in uses.values():
+            use.block("the source code of its parent is not available")
+        return uses, []
+    reader = _Reader(module, source, names, uses, call)
+    reader.read()
+    return uses, [chain for chain in reader.chains if reader.chain_ok(chain)]
+
+
+# ---- the class's source ---------------------------------------------------------------
+
+@dataclass
+class _Method:
+    node: ast.FunctionDef
+    globals: dict
+    is_property: bool
+
+
+class _ClassSource:
+    """The methods of a class and its non-torch bases, by name (most derived first)."""
+
+    def __init__(self, methods: dict[str, list[_Method]]):
+        self.methods = methods
+
+    @classmethod
+    def of(cls, klass: type) -> _ClassSource | None:
+        methods: dict[str, list[_Method]] = {}
+        for base in klass.__mro__:
+            if base is object or base.__module__.startswith("torch."):
+                continue
+            try:
+                tree = ast.parse(textwrap.dedent(inspect.getsource(base)))
+            except (OSError, TypeError, SyntaxError, IndentationError):
+                return None
+            body = tree.body[0].body if tree.body and isinstance(tree.body[0], ast.ClassDef) else []
+            module_globals = vars(sys.modules[base.__module__]) \
+                if base.__module__ in sys.modules else {}
+            for item in body:
+                if isinstance(item, (ast.FunctionDef, ast.AsyncFunctionDef)):
+                    is_property = any(isinstance(d, ast.Name) and d.id == "property"
+                                      for d in item.decorator_list)
+                    methods.setdefault(item.name, []).append(
+                        _Method(item, module_globals, is_property))
+        return cls(methods)
+
+
+def class_trees(klass: type) -> list | None:
+    """The parsed source of ``klass`` and of its non-torch bases; None when a source is not
+    available."""
+    trees = []
+    for base in klass.__mro__:
+        if base is object or base.__module__.startswith("torch."):
+            continue
+        try:
+            trees.append(ast.parse(textwrap.dedent(inspect.getsource(base))))
+        except (OSError, TypeError, SyntaxError, IndentationError):
+            return None
+    return trees
+
+
+# ---- reading ----------------------------------------------------------------------------
+
+def _falsy_constant(value) -> bool:
+    return value is None or value is False or (type(value) in (int, float, str) and not value)
+
+
+class _Reader:
+    """One pass over the live code of a parent's reachable methods (module docstring)."""
+
+    def __init__(self, module, source: _ClassSource, names: set, uses: dict, call):
+        self.module, self.source, self.names, self.uses, self.call = \
+            module, source, names, uses, call
+        self.chains: list[Chain] = []
+        self.chain_sites: dict[str, int] = {}
+
+    # which methods run, and which of their parameters are known to be falsy
+    def read(self) -> None:
+        known: dict[str, set] = self._known_parameters()
+        methods = self._reachable(known)
+        for _ in range(3):  # known parameters depend on the calls in reachable code
+            known = self._known_parameters(methods)
+            again = self._reachable(known)
+            if again == methods:
+                break
+            methods = again
+        self.known = known
+        for name, method in methods:
+            self._read_method(method, known.get(name, set()))
+
+    def _definitions(self, name):
+        return self.source.methods.get(name, ())
+
+    def _reachable(self, known) -> list[tuple[str, _Method]]:
+        found, todo, seen = [], ["forward"], set()
+        while todo:
+            name = todo.pop()
+            if name in seen:
+                continue
+            seen.add(name)
+            for method in self._definitions(name):
+                found.append((name, method))
+                for node in _live_nodes(method.node, known.get(name, set())):
+                    if isinstance(node, ast.Attribute) and node.attr in self.source.methods and (
+                            _is_self(node.value) or isinstance(node.value, ast.Call)):
+                        todo.append(node.attr)  # self.f, super().f
+        return found
+
+    def _known_parameters(self, methods=None) -> dict[str, set]:
+        """``{method: {parameter}}``: parameters with a falsy default that no live call
+        passes a value to (or only a known falsy one)."""
+        candidates: dict[str, set] = {}
+        for name, definitions in self.source.methods.items():
+            method = definitions[0].node
+            args = method.args
+            positional = args.posonlyargs + args.args
+            defaults = dict(zip([a.arg for a in positional[len(positional) - len(args.defaults):]],
+                                args.defaults))
+            defaults.update({a.arg: d for a, d in zip(args.kwonlyargs, args.kw_defaults) if d})
+            assigned = {n.id for n in ast.walk(method) if isinstance(n, ast.Name)
+                        and isinstance(n.ctx, (ast.Store, ast.Del))}
+            candidates[name] = {arg for arg, default in defaults.items()
+                                if isinstance(default, ast.Constant) and arg not in assigned
+                                and _falsy_constant(default.value)}
+            if args.vararg:
+                candidates[name].add("*" + args.vararg.arg)
+            if args.kwarg:
+                candidates[name].add("**" + args.kwarg.arg)
+        if self.call is None:
+            candidates["forward"] = set()
+        else:
+            positional, keywords = self.call
+            forward = self.source.methods.get("forward")
+            if forward:
+                arguments = forward[0].node.args
+                passed = [a.arg for a in (arguments.posonlyargs + arguments.args)[1:1 + positional]]
+                candidates["forward"] -= set(passed) | set(keywords)
+                if positional > len(arguments.posonlyargs + arguments.args) - 1 and arguments.vararg:
+                    candidates["forward"].discard("*" + arguments.vararg.arg)
+                if arguments.kwarg and keywords - {a.arg for a in arguments.args + arguments.kwonlyargs}:
+                    candidates["forward"].discard("**" + arguments.kwarg.arg)
+        if methods is None:
+            return candidates
+        changed = True
+        while changed:
+            changed = False
+            for caller, method in methods:
+                live = list(_live_nodes(method.node, candidates.get(caller, set())))
+                called = {id(n.func) for n in live if isinstance(n, ast.Call)}
+                for node in live:  # a method used as a value (``f = self.predict``): unknown
+                    if isinstance(node, ast.Attribute) and node.attr in candidates and \
+                            id(node) not in called and candidates[node.attr] and \
+                            (_is_self(node.value) or isinstance(node.value, ast.Call)):
+                        candidates[node.attr] = set()
+                        changed = True
+                for node in live:
+                    if not (isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute)
+                            and (_is_self(node.func.value) or isinstance(node.func.value, ast.Call))
+                            and node.func.attr in candidates):
+                        continue
+                    callee = node.func.attr
+                    passed = self._passed_parameters(callee, node, candidates.get(caller, set()))
+                    before = len(candidates[callee])
+                    candidates[callee] -= passed
+                    changed |= len(candidates[callee]) != before
+        return candidates
+
+    def _passed_parameters(self, callee: str, call: ast.Call, caller_known: set) -> set:
+        """The callee's parameters this call may pass a value (not known falsy) to."""
+        arguments = self.source.methods[callee][0].node.args
+        positional = [a.arg for a in (arguments.posonlyargs + arguments.args)[1:]]
+        everything = set(positional) | {a.arg for a in arguments.kwonlyargs} | {
+            "*" + arguments.vararg.arg if arguments.vararg else "", "**" + arguments.kwarg.arg
+            if arguments.kwarg else ""}
+        passed: set = set()
+        index = 0
+        for argument in call.args:
+            if isinstance(argument, ast.Starred):
+                if isinstance(argument.value, ast.Name) and "*" + argument.value.id in caller_known:
+                    continue  # an empty *args passes nothing
+                return everything
+            if not _known_falsy(argument, caller_known):
+                passed.add(positional[index] if index < len(positional)
+                           else "*" + (arguments.vararg.arg if arguments.vararg else ""))
+            index += 1
+        for keyword in call.keywords:
+            if keyword.arg is None:
+                if isinstance(keyword.value, ast.Name) and "**" + keyword.value.id in caller_known:
+                    continue
+                return everything
+            if not _known_falsy(keyword.value, caller_known):
+                passed.add(keyword.arg if keyword.arg in everything
+                           else "**" + (arguments.kwarg.arg if arguments.kwarg else ""))
+        return passed
+
+    # uses of children in one method
+    def _read_method(self, method: _Method, known: set) -> None:
+        live = list(_live_nodes(method.node, known))
+        parents = {child: node for node in live for child in ast.iter_child_nodes(node)}
+        scope = _Scope(method, parents, live)
+        for node in live:
+            if isinstance(node, ast.Attribute) and _is_self(node.value) and \
+                    node.attr in self.names and isinstance(node.ctx, ast.Load):
+                self.uses[node.attr].sites += 1
+                self._use(node.attr, node, scope, items=False, how=f"{method.node.name}")
+            elif isinstance(node, ast.Attribute) and _is_self(node.value) and \
+                    isinstance(node.ctx, (ast.Store, ast.Del)) and node.attr in self.names:
+                self.uses[node.attr].block(f"{type(self.module).__name__}.{method.node.name} "
+                                           f"assigns self.{node.attr}")
+        self._find_chains(method, live)
+
+    def _use(self, child: str, expr: ast.expr, scope: "_Scope", items: bool, how: str) -> None:
+        """Record one use of ``child`` (``expr`` evaluates to it, or to one of its items when
+        ``items``)."""
+        use = self.uses[child]
+        parent = scope.parents.get(expr)
+        where = f"{type(self.module).__name__}.{how}"
+
+        def blocked(what: str = "") -> None:
+            use.block(f"{where} uses self.{child} as an object{what}, not only by calling it")
+
+        if isinstance(parent, ast.Attribute) and parent.value is expr and isinstance(parent.ctx, ast.Load):
+            if parent.attr in ("forward", "__call__"):
+                call = scope.parents.get(parent)
+                if isinstance(call, ast.Call) and call.func is parent:
+                    (use.item_calls if items else use.calls).add(_shape(call))
+                    return
+                return blocked()
+            (use.item_reads if items else use.reads).add(parent.attr)
+            return
+        if isinstance(parent, ast.Call):
+            if parent.func is expr:
+                (use.item_calls if items else use.calls).add(_shape(parent))
+                return
+            function = parent.func.id if isinstance(parent.func, ast.Name) else None
+            if function == "len" and not items:
+                return
+            if function == "getattr" and parent.args[0] is expr and len(parent.args) == 2 and \
+                    isinstance(parent.args[1], ast.Constant) and isinstance(parent.args[1].value, str):
+                (use.item_reads if items else use.reads).add(parent.args[1].value)
+                return
+            if function == "isinstance" and len(parent.args) == 2 and parent.args[0] is expr:
+                classes = _evaluate_classes(parent.args[1], scope.method.globals)
+                if classes is None:
+                    return blocked(" (isinstance of a class it cannot resolve)")
+                (use.item_classes if items else use.classes).append(classes)
+                return
+            if function in _ITERATING and not items:
+                return self._loop(child, parent, scope, how)
+            return blocked()
+        if isinstance(parent, ast.Subscript) and parent.value is expr and not items:
+            use.items = True
+            if isinstance(parent.slice, ast.Slice):  # self.model[:-1]: still the container's items
+                grand = scope.parents.get(parent)
+                if isinstance(grand, (ast.For, ast.comprehension)) and grand.iter is parent:
+                    return self._loop(child, parent, scope, how)
+                return blocked()
+            return self._use(child, parent, scope, True, how)
+        if isinstance(parent, ast.Compare):
+            others = [parent.left, *parent.comparators]
+            if all(isinstance(op, (ast.Is, ast.IsNot)) for op in parent.ops) and all(
+                    other is expr or (isinstance(other, ast.Constant) and other.value is None)
+                    for other in others):
+                return
+            return blocked()
+        if isinstance(parent, (ast.If, ast.IfExp, ast.While, ast.Assert)) and parent.test is expr:
+            return
+        if isinstance(parent, ast.BoolOp) or (isinstance(parent, ast.UnaryOp)
+                                              and isinstance(parent.op, ast.Not)):
+            return
+        if isinstance(parent, (ast.For, ast.comprehension)) and parent.iter is expr and not items:
+            return self._loop(child, expr, scope, how)
+        if isinstance(parent, ast.Assign) and parent.value is expr and len(parent.targets) == 1 \
+                and isinstance(parent.targets[0], ast.Name):
+            return self._names(child, {parent.targets[0].id}, scope, items, how, parent)
+        if scope.method.is_property and isinstance(parent, (ast.Return, ast.keyword, ast.Dict)):
+            return self._handed_out(child, expr, scope, items, how)
+        return blocked()
+
+    def _loop(self, child, iterable, scope, how) -> None:
+        """``for m in self.model`` (through ``enumerate``/``zip``...): ``m`` is an item."""
+        loop = scope.parents.get(iterable)
+        while isinstance(loop, ast.Call):
+            iterable, loop = loop, scope.parents.get(loop)
+        if not isinstance(loop, (ast.For, ast.comprehension)) or loop.iter is not iterable:
+            self.uses[child].block(f"{type(self.module).__name__}.{how} passes self.{child} "
+                                   "to a function")
+            return
+        self.uses[child].items = True
+        bound = {n.id for n in ast.walk(loop.target) if isinstance(n, ast.Name)}
+        self._names(child, bound - _counters(loop), scope, True, how, loop)
+
+    def _names(self, child, bound: set, scope, items, how, binding) -> None:
+        """Every use of the local names ``bound`` (to the child or its items) in the scope."""
+        for use in scope.loads(bound):
+            self.uses[child].sites += 1
+            self._use(child, use, scope, items, how)
+
+    def _handed_out(self, child, expr, scope, items, how) -> None:
+        """A property that returns the child, or a dict of children by key; its callers must
+        pass it on with ``**self.prop`` to a method that only calls what it gets."""
+        parent = scope.parents.get(expr)
+        key = None
+        if isinstance(parent, ast.keyword):
+            key, holder = parent.arg, scope.parents.get(parent)
+            ok = isinstance(holder, ast.Call) and isinstance(holder.func, ast.Name) and \
+                holder.func.id == "dict" and isinstance(scope.parents.get(holder), ast.Return)
+        elif isinstance(parent, ast.Dict):
+            index = next((i for i, v in enumerate(parent.values) if v is expr), None)
+            constant = parent.keys[index] if index is not None else None
+            key = constant.value if isinstance(constant, ast.Constant) else None
+            ok = key is not None and isinstance(scope.parents.get(parent), ast.Return)
+        else:
+            ok = isinstance(parent, ast.Return)
+        prop = scope.method.node.name
+        reason = (f"{type(self.module).__name__}.{prop} hands out self.{child} to code that "
+                  "does more than call it")
+        if not ok:
+            return self.uses[child].block(reason)
+        for name, method in self._reachable(self.known):
+            if method.is_property:
+                continue
+            live = list(_live_nodes(method.node, self.known.get(name, set())))
+            parents = {c: n for n in live for c in ast.iter_child_nodes(n)}
+            for node in live:
+                if not (isinstance(node, ast.Attribute) and _is_self(node.value) and node.attr == prop):
+                    continue
+                if key is None:  # the property is the child
+                    self.uses[child].sites += 1
+                    self._use(child, node, _Scope(method, parents, live), items, name)
+                    continue
+                spread = parents.get(node)
+                call = parents.get(spread)
+                if not (isinstance(spread, ast.keyword) and spread.arg is None and
+                                       isinstance(call, ast.Call) and isinstance(call.func, ast.Attribute)
+                                       and _is_self(call.func.value)
+                                       and call.func.attr in self.source.methods):
+                    return self.uses[child].block(reason)
+                for target in self._definitions(call.func.attr):
+                    arguments = target.node.args
+                    if key not in {a.arg for a in arguments.args + arguments.kwonlyargs}:
+                        return self.uses[child].block(reason)
+                    inner = _Scope(target, None, list(_live_nodes(
+                        target.node, self.known.get(call.func.attr, set()))))
+                    self._names(child, {key}, inner, items, f"{call.func.attr}", target.node)
+
+    # chains
+    def _find_chains(self, method: _Method, live: list) -> None:
+        for node in live:
+            if isinstance(node, (ast.Module, ast.FunctionDef, ast.For, ast.If, ast.While,
+                                 ast.With)) and hasattr(node, "body"):
+                for body in (node.body, getattr(node, "orelse", [])):
+                    self._chains_in(body, node, method)
+
+    def _chains_in(self, body: list, owner: ast.AST, method: _Method) -> None:
+        run: list = []  # [(members, index, target, input)], as source text
+        start = 0
+        for position, statement in enumerate(body + [None]):
+            link = self._link(statement) if statement is not None else None
+            if link is not None and run and link[2] == run[-1][2] and link[3] == run[-1][2] \
+                    and link[1] == run[-1][1]:
+                run.append(link)
+                continue
+            if run:
+                members = tuple(m for link_ in run for m in link_[0])
+                if len(members) > 1:
+                    argument = _argument_item(run[0][3], body[:start], owner, method)
+                    self.chains.append(Chain(members, run[0][1] is not None, argument))
+                    for member in members:
+                        self.chain_sites[member] = self.chain_sites.get(member, 0) + 1
+            run = [link] if link is not None else []
+            start = position
+
+    def _link(self, statement):
+        """``T = self.a(self.b(U))`` (or with ``[i]`` on each): ``(members innermost first,
+        index, dump of T, dump of U)``, or None."""
+        if not (isinstance(statement, ast.Assign) and len(statement.targets) == 1):
+            return None
+        members, index, expr = [], None, statement.value
+        while isinstance(expr, ast.Call) and len(expr.args) == 1 and not expr.keywords \
+                and not isinstance(expr.args[0], ast.Starred):
+            func, this_index = expr.func, None
+            if isinstance(func, ast.Subscript) and not isinstance(func.slice, ast.Slice):
+                this_index, func = ast.unparse(func.slice), func.value
+            if not (isinstance(func, ast.Attribute) and _is_self(func.value) and func.attr in self.names):
+                return None
+            if members and this_index != index:
+                return None
+            members.append(func.attr)
+            index = this_index
+            expr = expr.args[0]
+        if not members:
+            return None
+        return tuple(reversed(members)), index, ast.unparse(statement.targets[0]), ast.unparse(expr)
+
+    def chain_ok(self, chain: Chain) -> bool:
+        """Each member used at this one site only, and each a container when indexed."""
+        for member in chain.members:
+            use = self.uses[member]
+            if use.blocked or use.sites != 1 or self.chain_sites.get(member) != 1:
+                return False
+            child = self.module._modules[member]
+            if chain.indexed != isinstance(child, (nn.ModuleList, nn.Sequential)):
+                return False
+        if chain.indexed:
+            lengths = {len(self.module._modules[m]) for m in chain.members}
+            return len(lengths) == 1
+        return True
+
+
+def _argument_item(source: str, before: list, loop: ast.AST, method: _Method) -> int | None:
+    """The position of ``forward``'s argument ``P`` if ``source`` (a chain's input) is
+    ``P[i]`` in ``for i in range(...)``, and that item is still the one the caller passed:
+    no statement of the loop before the chain writes into ``P``, and the whole method writes
+    into ``P`` only as ``P[i] = ...`` inside this loop (each iteration its own item), never
+    rebinds, extends or hands ``P`` to other code."""
+    function = method.node
+    if function.name != "forward" or not (
+            isinstance(loop, ast.For) and isinstance(loop.target, ast.Name)
+            and isinstance(loop.iter, ast.Call) and isinstance(loop.iter.func, ast.Name)
+            and loop.iter.func.id == "range"):
+        return None
+    index = loop.target.id
+    names = [a.arg for a in function.args.posonlyargs + function.args.args][1:]
+    argument = next((n for n in names if source == f"{n}[{index}]"), None)
+    if argument is None:
+        return None
+    inside = {id(n) for statement in loop.body for n in ast.walk(statement)}
+    earlier = {id(n) for statement in before for n in ast.walk(statement)}
+    parents = {child: node for node in ast.walk(function) for child in ast.iter_child_nodes(node)}
+    top = next((k for k, statement in enumerate(function.body)
+                if any(n is loop for n in ast.walk(statement))), None)
+    after = {id(n) for statement in function.body[top + 1:] for n in ast.walk(statement)} \
+        if top is not None else set()
+    for node in ast.walk(function):
+        if not (isinstance(node, ast.Name) and node.id == argument) or (
+                id(node) in after and isinstance(node.ctx, ast.Load)):
+            continue  # (``return x`` after the loop cannot change what the loop read)
+        parent = parents.get(node)
+        if isinstance(node.ctx, (ast.Store, ast.Del)):
+            return None  # rebound
+        if isinstance(parent, ast.Subscript) and parent.value is node:
+            if isinstance(parent.ctx, ast.Load):
+                continue
+            if id(parent) in inside and id(parent) not in earlier and \
+                    ast.unparse(parent.slice) == index and isinstance(parent.ctx, ast.Store):
+                continue
+            return None
+        if isinstance(parent, ast.Call) and isinstance(parent.func, ast.Name) and \
+                parent.func.id == "len":
+            continue
+        if isinstance(parent, (ast.For, ast.comprehension)) and parent.iter is node:
+            continue
+        return None  # a method call (append), an argument of a call, an alias ...
+    if index in {n.id for n in ast.walk(loop) if isinstance(n, ast.Name)
+                 and isinstance(n.ctx, ast.Store) and n is not loop.target}:
+        return None  # the counter is reassigned in the loop
+    return names.index(argument)
+
+
+class _Scope:
+    """A method's live nodes and their parents."""
+
+    def __init__(self, method: _Method, parents: dict | None, live: list):
+        self.method, self.live = method, live
+        self.parents = parents if parents is not None else {
+            child: node for node in live for child in ast.iter_child_nodes(node)}
+
+    def loads(self, names: set) -> list[ast.Name]:
+        return [n for n in self.live if isinstance(n, ast.Name) and n.id in names
+                and isinstance(n.ctx, ast.Load)]
+
+
+def _live_nodes(function: ast.FunctionDef, known: set):
+    """The nodes of ``function`` that may run when the parameters in ``known`` are falsy:
+    ``if p:`` / ``if p and q:`` bodies and ``if not p:`` else-branches are skipped."""
+    todo = [function]
+    while todo:
+        node = todo.pop()
+        yield node
+        if isinstance(node, ast.If) and known:
+            dead = _dead_when(node.test, known)
+            children = [node.test] + (node.orelse if dead == "body" else
+                                      node.body if dead == "orelse" else node.body + node.orelse)
+            todo.extend(reversed(children))
+            continue
+        todo.extend(reversed(list(ast.iter_child_nodes(node))))
+
+
+def _dead_when(test: ast.expr, known: set) -> str | None:
+    if _known_falsy(test, known):
+        return "body"
+    if isinstance(test, ast.BoolOp) and isinstance(test.op, ast.And) and \
+            any(_known_falsy(value, known) for value in test.values):
+        return "body"
+    if isinstance(test, ast.UnaryOp) and isinstance(test.op, ast.Not) and \
+            _known_falsy(test.operand, known):
+        return "orelse"
+    return None
+
+
+def _known_falsy(expr: ast.expr, known: set) -> bool:
+    return (isinstance(expr, ast.Name) and expr.id in known) or (
+        isinstance(expr, ast.Constant) and _falsy_constant(expr.value))
+
+
+def _is_self(expr: ast.expr) -> bool:
+    return isinstance(expr, ast.Name) and expr.id == "self"
+
+
+def _counters(loop) -> set:
+    """The counter of ``for i, m in enumerate(...)``: a number, not an item."""
+    iterable = loop.iter
+    if isinstance(iterable, ast.Call) and isinstance(iterable.func, ast.Name) and \
+            iterable.func.id == "enumerate" and isinstance(loop.target, ast.Tuple) and \
+            isinstance(loop.target.elts[0], ast.Name):
+        return {loop.target.elts[0].id}
+    return set()
+
+
+def _evaluate_classes(expr: ast.expr, module_globals: dict):
+    """The classes of an ``isinstance`` test (a name, a dotted name, or a tuple of them),
+    looked up in the defining module's globals; None if any is not found."""
+    if isinstance(expr, ast.Tuple):
+        found = [_evaluate_classes(e, module_globals) for e in expr.elts]
+        return None if any(f is None for f in found) else tuple(c for f in found for c in f)
+    parts = []
+    while isinstance(expr, ast.Attribute):
+        parts.append(expr.attr)
+        expr = expr.value
+    if not isinstance(expr, ast.Name):
+        return None
+    value = module_globals.get(expr.id, getattr(builtins, expr.id, None))
+    for part in reversed(parts):
+        value = getattr(value, part, None)
+    if isinstance(value, type):
+        return (value,)
+    if isinstance(value, tuple) and all(isinstance(v, type) for v in value):
+        return value
+    return None
+
+
+def _shape(call: ast.Call):
+    if any(isinstance(a, ast.Starred) for a in call.args) or any(k.arg is None for k in call.keywords):
+        return None
+    return len(call.args), frozenset(k.arg for k in call.keywords)
+
+
+def plain_attribute(child: nn.Module, name: str) -> bool:
+    """Whether ``child.name`` is a hyperparameter: a plain value (:func:`is_plain`) found
+    on the object or its class without running any code (not a parameter, buffer or
+    submodule, which live in ``_parameters``/``_buffers``/``_modules``; not a property or a
+    method), that its class's code assigns in ``__init__`` only. ``training`` is one."""
+    if name == "training":
+        return True
+    if name.startswith("__") or isinstance(child, torch.jit.ScriptModule):
+        return False
+    try:
+        value = inspect.getattr_static(child, name)
+    except AttributeError:
+        return False
+    return is_plain(value) and not _assigned_after_init(type(child), name)
+
+
+def _assigned_after_init(cls: type, name: str) -> bool:
+    """Whether a method of ``cls`` (or of its non-torch bases) other than ``__init__``
+    assigns or deletes ``self.<name>`` (state, not a hyperparameter); True when a source
+    is not available."""
+    trees = class_trees(cls)
+    if trees is None:
+        return True
+    for tree in trees:
+        for method in ast.walk(tree):
+            if not isinstance(method, (ast.FunctionDef, ast.AsyncFunctionDef)) or \
+                    method.name == "__init__":
+                continue
+            for node in ast.walk(method):
+                if isinstance(node, ast.Attribute) and node.attr == name and \
+                        isinstance(node.ctx, (ast.Store, ast.Del)) and \
+                        isinstance(node.value, ast.Name) and node.value.id == "self":
+                    return True
+                if isinstance(node, ast.Call) and isinstance(node.func, ast.Name) and \
+                        node.func.id in ("setattr", "delattr") and len(node.args) >= 2 and \
+                        isinstance(node.args[1], ast.Constant) and node.args[1].value == name:
+                    return True
+    return False
