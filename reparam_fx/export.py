@@ -380,7 +380,9 @@ def check_executorch(model: nn.Module, example_inputs, *, backend: str = "xnnpac
         with torch.no_grad():
             expected = model(*inputs)
         got = run_pte(buffer, inputs)
-        expected = expected if isinstance(expected, (tuple, list)) else (expected,)
+        # (nested outputs, a detector's ``(boxes, [maps])``, come back flat, in pytree order)
+        expected = [t for t in torch.utils._pytree.tree_leaves(expected)
+                    if isinstance(t, torch.Tensor)]
         check.relative_error = max(
             float((g.double() - e.double()).abs().max() / e.double().abs().max().clamp_min(1e-30))
             for g, e in zip(got, expected))

@@ -26,8 +26,8 @@ class VerificationError(AssertionError):
 def _flatten_outputs(output) -> list[torch.Tensor]:
     if isinstance(output, torch.Tensor):
         return [output]
-    if isinstance(output, dict):
-        return [t for key in sorted(output) for t in _flatten_outputs(output[key])]
+    if isinstance(output, dict):  # (in insertion order, as torch's pytree and the exporters)
+        return [t for key in output for t in _flatten_outputs(output[key])]
     if isinstance(output, (list, tuple)):
         return [t for item in output for t in _flatten_outputs(item)]
     return []

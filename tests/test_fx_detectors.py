@@ -339,3 +339,82 @@ def test_export_capture_leaves_the_callers_caches_alone():
     fused = reparam_fx.fuse(model, (x,), capture="export")
     assert "anchors" not in vars(head) and head.shape is None
     assert reparam_fx.verify(model, fused, (x,), rtol=RTOL) <= RTOL
+
+
+def hand_out(module):  # a function a loop hands its layer to: the layer must stay itself
+    return module
+
+
+class Profiled(nn.Module):
+    """A routing loop whose ``profile`` branch hands each layer to a function."""
+
+    def __init__(self):
+        super().__init__()
+        self.layers = nn.Sequential(ConvBN(3, 8, 3), ConvBN(8, 8, 3))
+
+    def forward(self, x, profile=False):
+        return self.run(x, profile)
+
+    def run(self, x, profile=False):
+        if x.shape[-1] % 2:  # does not trace
+            x = x[..., :-1]
+        for m in self.layers:
+            if profile:
+                hand_out(m)
+            x = m(x)
+        return x
+
+
+class ProfiledByDefault(Profiled):
+    def forward(self, x):  # the base's forward, reached through super(), with profile=True
+        return super().forward(x, True)
+
+
+@pytest.mark.parametrize("cls, fused_layers", [(Profiled, True), (ProfiledByDefault, False)])
+def test_a_branch_is_dead_only_when_every_call_passes_nothing_to_it(cls, fused_layers):
+    model = randomized(cls())
+    x = image(size=17)
+    fused = reparam_fx.fuse(model)
+    assert reparam_fx.verify(model, fused, (x,), rtol=RTOL) <= RTOL
+    assert isinstance(fused.layers[0], torch.fx.GraphModule) == fused_layers, \
+        fused.fusion_report.table()
+
+
+class HeadByIndex(Routed):
+    """RT-DETR in ultralytics: the loop runs ``self.model[:-1]``, then ``head =
+    self.model[-1]`` is called with two arguments."""
+
+    def __init__(self):
+        super().__init__(head=TwoArgumentHead())
+
+    def forward_once(self, x, profile=False):
+        y = []
+        if x.shape[-1] % 2:
+            x = x[..., :-1]
+        for m in self.model[:-1]:
+            if m.f != -1:
+                x = y[m.f] if isinstance(m.f, int) else [x if j == -1 else y[j] for j in m.f]
+            x = m(x)
+            y.append(x if m.i in self.save else None)
+        head = self.model[-1]
+        return head([y[j] for j in head.f], None)
+
+
+class TwoArgumentHead(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.proj = nn.ModuleList(nn.Sequential(nn.Conv2d(c, 8, 1, bias=False), nn.BatchNorm2d(8))
+                                  for c in (8, 16))
+
+    def forward(self, x, batch=None):
+        if batch is not None or x[0].shape[-1] == 0:
+            return x
+        return torch.cat([p(t).flatten(2) for p, t in zip(self.proj, x)], 2)
+
+
+def test_items_chosen_by_index_and_slice_are_called_as_each_is():
+    model = randomized(HeadByIndex())
+    x = image(size=17)
+    fused = reparam_fx.fuse(model)
+    assert reparam_fx.verify(model, fused, (x,), rtol=RTOL) <= RTOL
+    assert _counts(fused, x).get("batch_norm", 0) == 0, fused.fusion_report.table()

@@ -1,12 +1,16 @@
 """What fusion buys on the zoo: latency, size and op counts before and after ``reparam_fx.fuse``.
 
-For each zoo model (default: the smallest variant of each family; ``--all``: all 31;
-``--models``: a choice), randomly initialised with randomised BatchNorm statistics:
+For each zoo model (default: the smallest variant of each family, and one whole detector;
+``--all``: all 31 zoo variants; ``--models``: a choice), randomly initialised with
+randomised BatchNorm statistics:
 
 - forms: ``train`` (the zoo's training form, in eval mode), ``fused``
   (``reparam_fx.fuse(train)``) and, where a hand-written implementation of the same network
   exists (``tests/reference``, full size: RepVGG-A0, MobileOne-S0, FastViT-T8,
   RepViT-M0.9), ``hand`` (its own ``reparameterize()``, the way the official repos deploy);
+  the detector row, ``yolov7_tiny`` (the corpus's YOLOv7 ``Model`` with ``IDetect`` and
+  RepConv, at 32 to 128 channels, ``tests/third_party/yolov7.py``), has ``hand`` = YOLOv7's
+  own ``Model.fuse()`` and ``fused`` = ``reparam_fx.fuse(train)`` with no example inputs;
 - latency, batch 1: torch eager and ONNX Runtime CPU (idle threads not spinning), each
   with 1 thread and with every core, and ExecuTorch's XNNPACK delegate with 1 thread
   (``executorch.runtime``; each ``.pte`` loaded once, ``method.execute`` timed); medians
@@ -65,6 +69,7 @@ from reference.models import FULL_SIZE_BUILDERS, reparameterize_model  # noqa: E
 from timing import interleaved, machine_description, median_ms, median_ratio  # noqa: E402
 
 SMALLEST = ("repvgg_a0", "mobileone_s0", "fastvit_t8", "repvit_m0_9", "mobilevit_xxs")
+DETECTORS = ("yolov7_tiny",)
 FORMS = ("train", "hand", "fused")
 
 # Published latencies of the deployed (reparameterized) models, ms, from the official
@@ -87,8 +92,21 @@ class BenchError(Exception):
     """A bad command line or a missing optional package: one line, exit 2."""
 
 
+def _detector_forms(name: str) -> dict:
+    """A whole detector: ``train``, ``hand`` (the library's own deploy conversion) and
+    ``fused`` (``reparam_fx.fuse(train)``: no example inputs)."""
+    from third_party.yolov7 import build_yolov7_tiny_idetect, yolov7_fuse
+    train = build_yolov7_tiny_idetect(width=4).eval()
+    randomize_batchnorm_(train, seed=1)
+    randomize_parameters_(train, names=("implicit",), seed=2)
+    return {"train": train, "hand": yolov7_fuse(copy.deepcopy(train)).eval(),
+            "fused": reparam_fx.fuse(train)}
+
+
 def prepared_forms(name: str) -> dict:
     """``train`` / ``hand`` (when a hand-written baseline exists) / ``fused`` modules."""
+    if name in DETECTORS:
+        return _detector_forms(name)
     train = zoo.create(name).eval()
     randomize_batchnorm_(train, seed=1)
     randomize_parameters_(train, seed=2)
@@ -488,11 +506,11 @@ def parse_args(argv):
                          f"not {args.size}")
     if args.repeats < 1 or args.calls < 1:
         raise BenchError("--repeats and --calls must be at least 1")
-    args.models = zoo.names() if args.all else (args.models or list(SMALLEST))
-    unknown = [name for name in args.models if name not in zoo.names()]
+    args.models = zoo.names() if args.all else (args.models or [*SMALLEST, *DETECTORS])
+    valid = [*zoo.names(), *DETECTORS]
+    unknown = [name for name in args.models if name not in valid]
     if unknown:
-        raise BenchError(f"unknown model(s) {', '.join(unknown)}; "
-                         f"valid: {', '.join(zoo.names())}")
+        raise BenchError(f"unknown model(s) {', '.join(unknown)}; valid: {', '.join(valid)}")
     cores = os.cpu_count() or 1
     args.threads = [1] if cores == 1 else [1, cores]
     return args

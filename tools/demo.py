@@ -1,8 +1,10 @@
 """``make demo``: fuse example models, show what happened, lower and benchmark them.
 
 By default the smallest variant of each zoo family (RepVGG-A0, MobileOne-S0, FastViT-T8,
-RepViT-M0.9, MobileViT-XXS), randomly initialised with randomised BatchNorm statistics
-and layer scales; ``--reference`` uses the third-party-style implementations in
+RepViT-M0.9, MobileViT-XXS) and one whole detector (``yolov7_tiny``: YOLOv7's ``Model``
+with its routing loop, RepConv and an ``IDetect`` head that does not trace, written in the
+code shape of the official repository, ``tests/third_party/yolov7.py``), randomly
+initialised with randomised BatchNorm statistics and layer scales; ``--reference`` uses the third-party-style implementations in
 ``tests/reference`` instead (summary only). Per model: parameters and conv / BatchNorm /
 add counts before and after ``reparam_fx.fuse``, the patterns fused, and the relative
 error of the fused model (fp32, and float64 for a float64 copy).
@@ -37,13 +39,20 @@ import zoo  # noqa: E402
 from reparam_fx.testing import randomize_batchnorm_, randomize_parameters_  # noqa: E402
 
 SMALLEST = ("repvgg_a0", "mobileone_s0", "fastvit_t8", "repvit_m0_9", "mobilevit_xxs")
+DETECTOR = "yolov7_tiny"
+
+
+def _detector():
+    from third_party.yolov7 import build_yolov7_tiny_idetect
+    return randomize_parameters_(build_yolov7_tiny_idetect(width=4), names=("implicit",), seed=3)
 
 
 def _builders(reference: bool) -> dict:
     if reference:
         from reference.models import ALL_BUILDERS
         return dict(ALL_BUILDERS)
-    return {name: (lambda name=name: zoo.create(name)) for name in zoo.names()}
+    builders = {name: (lambda name=name: zoo.create(name)) for name in zoo.names()}
+    return {**builders, DETECTOR: _detector}
 
 
 def demo_one(name: str, build, show_report: bool) -> None:
@@ -87,7 +96,7 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     builders = _builders(args.reference)
     chosen = args.model or (list(builders) if args.reference else
-                            [name for name in SMALLEST if name in builders])
+                            [name for name in (*SMALLEST, DETECTOR) if name in builders])
     unknown = [name for name in chosen if name not in builders]
     if unknown:
         parser.error(f"unknown model(s) {', '.join(unknown)}; valid: {', '.join(builders)}")

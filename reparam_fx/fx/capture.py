@@ -438,12 +438,16 @@ class FaithfulTracer(torch.fx.Tracer):
             return super().trace(root, concrete_args)
 
     def create_args_for_root(self, root_fn, is_module, concrete_args=None):
-        """The graph's inputs when ``root`` is called as ``self._call`` says.
+        """The graph's inputs when ``root`` is called as ``self._call`` says
+        (``(positional count, keyword names[, arguments its callers pass as a literal
+        None])``).
 
         A parameter it passes, or one without a default, is an input (a placeholder).
         Every other parameter has a known value, its default: the trace runs with that
         value (so ``if augment:`` and ``predict(x, *args, **kwargs)`` trace), and an
-        empty ``*args`` / ``**kwargs`` is empty. The result takes only the inputs: passing
+        empty ``*args`` / ``**kwargs`` is empty. An argument every caller passes as a literal
+        ``None`` is an input the trace runs with ``None`` (``if batch is not None`` must not
+        see a traced value, which is never ``None``). The result takes only the inputs: passing
         anything else is a ``TypeError``, never silently ignored. (A guarded parameter, as
         ``concrete_args`` makes, would stop the TorchScript ONNX exporter, which passes
         every default as a tensor.)"""
@@ -452,7 +456,8 @@ class FaithfulTracer(torch.fx.Tracer):
             return super().create_args_for_root(root_fn, is_module, concrete_args)
         function = inspect.unwrap(root_fn)
         parameters = list(inspect.signature(function).parameters.values())[1:]  # self
-        positional, keywords = call
+        positional, keywords = call[:2]
+        nones = call[2] if len(call) > 2 else frozenset()
         kinds = inspect.Parameter
         args, kwargs = [self.root], {}
         for index, parameter in enumerate(parameters):
@@ -462,6 +467,8 @@ class FaithfulTracer(torch.fx.Tracer):
                 index < positional and parameter.kind != kinds.KEYWORD_ONLY)
             if passed or parameter.default is parameter.empty:
                 value = self.create_proxy("placeholder", parameter.name, (), {})
+                if index in nones or parameter.name in nones:
+                    value = None  # every caller passes a literal None (``head(feats, None)``)
             else:
                 value = parameter.default
             if parameter.kind == kinds.KEYWORD_ONLY:

@@ -192,8 +192,11 @@ def _fuse_leaves(result: torch.fx.GraphModule, ws: Workspace, renamed: dict,
 
 
 def _call_of(node: torch.fx.Node) -> tuple:
-    """How a graph calls a module: ``(positional count, keyword names)``."""
-    return len(node.args), frozenset(node.kwargs)
+    """How a graph calls a module: ``(positional count, keyword names, arguments that are
+    None)``."""
+    nones = {k for k, a in enumerate(node.args) if a is None} | {
+        k for k, a in node.kwargs.items() if a is None}
+    return len(node.args), frozenset(node.kwargs), frozenset(nones)
 
 
 def _pass_lists_as_new_lists(result: torch.fx.GraphModule, kept) -> None:

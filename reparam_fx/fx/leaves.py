@@ -59,9 +59,9 @@ def fuse_inside(module: nn.Module, path: str, fuse_child: Callable, report: Fusi
     if item_use is None:
         uses, chains = children_uses(module, call)
     else:
-        uses = {name: ChildUse(calls=set(item_use.item_calls), reads=set(item_use.item_reads),
-                               classes=list(item_use.item_classes), blocked=item_use.blocked)
-                for name in module._modules}
+        count = len(module._modules)
+        uses = {name: item_use.of_item(position, count)
+                for position, name in enumerate(module._modules)}
         chains = []
     done = _fuse_chains(module, path, chains, fuse_child, report, argument_ranks or {})
     for name, child in list(module.named_children()):
@@ -75,7 +75,7 @@ def fuse_inside(module: nn.Module, path: str, fuse_child: Callable, report: Fusi
         if isinstance(child, (nn.ModuleList, nn.ModuleDict)) or (
                 use.items and isinstance(child, nn.Sequential)):  # item by item
             if use.calls and isinstance(child, nn.Sequential):  # (it calls them with one input)
-                use.item_calls.add((1, frozenset()))
+                use.item_calls.append((slice(None), (1, frozenset())))
             fuse_inside(child, where, fuse_child, report, item_use=use)
             continue
         if is_op_module(child) or not use.calls:

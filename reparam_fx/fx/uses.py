@@ -58,8 +58,10 @@ class ChildUse:
     calls: set = field(default_factory=set)
     reads: set = field(default_factory=set)
     classes: list = field(default_factory=list)
-    item_calls: set = field(default_factory=set)
-    item_reads: set = field(default_factory=set)
+    # of its items: ``[(which, value)]``, ``which`` an index or a slice of the items
+    # (``self.model[-1]``, ``for m in self.model[:-1]``; ``slice(None)``: all of them)
+    item_calls: list = field(default_factory=list)
+    item_reads: list = field(default_factory=list)
     item_classes: list = field(default_factory=list)
     items: bool = False  # indexed or iterated: its items are what is called
     sites: int = 0  # uses counted (a chain needs its members used at one site only)
@@ -68,6 +70,26 @@ class ChildUse:
     def block(self, reason: str) -> None:
         if self.blocked is None:
             self.blocked = reason
+
+    def record(self, kind: str, which, value) -> None:
+        """A call shape, attribute read or isinstance classes (``kind``) of the child
+        (``which`` None) or of the items ``which`` selects."""
+        if which is None:
+            target = getattr(self, kind)
+            target.add(value) if isinstance(target, set) else target.append(value)
+        else:
+            getattr(self, f"item_{kind}").append((which, value))
+
+    def of_item(self, position: int, count: int) -> "ChildUse":
+        """How the item at ``position`` (of ``count``) is used."""
+        def chosen(which):
+            if isinstance(which, slice):
+                return position in range(count)[which]
+            return which % count == position if count else False
+        return ChildUse(calls={v for w, v in self.item_calls if chosen(w)},
+                        reads={v for w, v in self.item_reads if chosen(w)},
+                        classes=[v for w, v in self.item_classes if chosen(w)],
+                        blocked=self.blocked)
 
 
 @dataclass(frozen=True)
@@ -114,6 +136,7 @@ class _Method:
     node: ast.FunctionDef
     globals: dict
     is_property: bool
+    depth: int  # the defining class's place in the MRO (0: the module's own class)
 
 
 class _ClassSource:
@@ -125,7 +148,7 @@ class _ClassSource:
     @classmethod
     def of(cls, klass: type) -> _ClassSource | None:
         methods: dict[str, list[_Method]] = {}
-        for base in klass.__mro__:
+        for depth, base in enumerate(klass.__mro__):
             if base is object or base.__module__.startswith("torch."):
                 continue
             try:
@@ -140,7 +163,7 @@ class _ClassSource:
                     is_property = any(isinstance(d, ast.Name) and d.id == "property"
                                       for d in item.decorator_list)
                     methods.setdefault(item.name, []).append(
-                        _Method(item, module_globals, is_property))
+                        _Method(item, module_globals, is_property, depth))
         return cls(methods)
 
 
@@ -175,122 +198,94 @@ class _Reader:
 
     # which methods run, and which of their parameters are known to be falsy
     def read(self) -> None:
-        known: dict[str, set] = self._known_parameters()
+        known = self._known_parameters()
         methods = self._reachable(known)
         for _ in range(3):  # known parameters depend on the calls in reachable code
             known = self._known_parameters(methods)
             again = self._reachable(known)
-            if again == methods:
+            if [id(m) for _, m in again] == [id(m) for _, m in methods]:
                 break
             methods = again
         self.known = known
-        for name, method in methods:
-            self._read_method(method, known.get(name, set()))
+        for _, method in methods:
+            self._read_method(method, known.get(id(method), set()))
 
-    def _definitions(self, name):
-        return self.source.methods.get(name, ())
+    def _resolve(self, attribute: ast.Attribute, caller: _Method | None) -> _Method | None:
+        """The definition ``self.f`` (the most derived) or ``super().f`` (the next one after
+        the caller's class) runs; None for anything else."""
+        definitions = self.source.methods.get(attribute.attr, ())
+        if not definitions:
+            return None
+        if _is_self(attribute.value):
+            return definitions[0]
+        value = attribute.value
+        if caller is not None and isinstance(value, ast.Call) and isinstance(value.func, ast.Name) \
+                and value.func.id == "super":
+            return next((d for d in definitions if d.depth > caller.depth), None)
+        return None
 
     def _reachable(self, known) -> list[tuple[str, _Method]]:
-        found, todo, seen = [], ["forward"], set()
+        entry = self.source.methods.get("forward", ())[:1]
+        found, todo, seen = [], list(entry), set()
         while todo:
-            name = todo.pop()
-            if name in seen:
+            method = todo.pop()
+            if id(method) in seen:
                 continue
-            seen.add(name)
-            for method in self._definitions(name):
-                found.append((name, method))
-                for node in _live_nodes(method.node, known.get(name, set())):
-                    if isinstance(node, ast.Attribute) and node.attr in self.source.methods and (
-                            _is_self(node.value) or isinstance(node.value, ast.Call)):
-                        todo.append(node.attr)  # self.f, super().f
+            seen.add(id(method))
+            found.append((method.node.name, method))
+            for node in _live_nodes(method.node, known.get(id(method), set())):
+                if isinstance(node, ast.Attribute):
+                    target = self._resolve(node, method)
+                    if target is not None:
+                        todo.append(target)
         return found
 
-    def _known_parameters(self, methods=None) -> dict[str, set]:
-        """``{method: {parameter}}``: parameters with a falsy default that no live call
-        passes a value to (or only a known falsy one)."""
-        candidates: dict[str, set] = {}
-        for name, definitions in self.source.methods.items():
-            method = definitions[0].node
-            args = method.args
-            positional = args.posonlyargs + args.args
-            defaults = dict(zip([a.arg for a in positional[len(positional) - len(args.defaults):]],
-                                args.defaults))
-            defaults.update({a.arg: d for a, d in zip(args.kwonlyargs, args.kw_defaults) if d})
-            assigned = {n.id for n in ast.walk(method) if isinstance(n, ast.Name)
-                        and isinstance(n.ctx, (ast.Store, ast.Del))}
-            candidates[name] = {arg for arg, default in defaults.items()
-                                if isinstance(default, ast.Constant) and arg not in assigned
-                                and _falsy_constant(default.value)}
-            if args.vararg:
-                candidates[name].add("*" + args.vararg.arg)
-            if args.kwarg:
-                candidates[name].add("**" + args.kwarg.arg)
-        if self.call is None:
-            candidates["forward"] = set()
-        else:
-            positional, keywords = self.call
-            forward = self.source.methods.get("forward")
-            if forward:
-                arguments = forward[0].node.args
-                passed = [a.arg for a in (arguments.posonlyargs + arguments.args)[1:1 + positional]]
-                candidates["forward"] -= set(passed) | set(keywords)
-                if positional > len(arguments.posonlyargs + arguments.args) - 1 and arguments.vararg:
-                    candidates["forward"].discard("*" + arguments.vararg.arg)
-                if arguments.kwarg and keywords - {a.arg for a in arguments.args + arguments.kwonlyargs}:
-                    candidates["forward"].discard("**" + arguments.kwarg.arg)
+    def _known_parameters(self, methods=None) -> dict[int, set]:
+        """``{id(method): {parameter}}``: parameters with a falsy default, never assigned,
+        that no live call passes a value to (or only a known falsy one)."""
+        candidates: dict[int, set] = {}
+        for definitions in self.source.methods.values():
+            for definition in definitions:
+                candidates[id(definition)] = _falsy_defaults(definition.node)
+        forward = self.source.methods.get("forward", ())[:1]
+        if forward:
+            arguments = forward[0].node.args
+            known = candidates[id(forward[0])]
+            if self.call is None:
+                known.clear()
+            else:
+                positional, keywords = self.call[:2]
+                names = [a.arg for a in (arguments.posonlyargs + arguments.args)[1:]]
+                known -= set(names[:positional]) | set(keywords)
+                if positional > len(names) and arguments.vararg:
+                    known.discard("*" + arguments.vararg.arg)
+                if arguments.kwarg and set(keywords) - set(names) - {
+                        a.arg for a in arguments.kwonlyargs}:
+                    known.discard("**" + arguments.kwarg.arg)
         if methods is None:
             return candidates
         changed = True
         while changed:
             changed = False
-            for caller, method in methods:
-                live = list(_live_nodes(method.node, candidates.get(caller, set())))
+            for _, method in methods:
+                caller_known = candidates[id(method)]
+                live = list(_live_nodes(method.node, caller_known))
                 called = {id(n.func) for n in live if isinstance(n, ast.Call)}
-                for node in live:  # a method used as a value (``f = self.predict``): unknown
-                    if isinstance(node, ast.Attribute) and node.attr in candidates and \
-                            id(node) not in called and candidates[node.attr] and \
-                            (_is_self(node.value) or isinstance(node.value, ast.Call)):
-                        candidates[node.attr] = set()
-                        changed = True
                 for node in live:
-                    if not (isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute)
-                            and (_is_self(node.func.value) or isinstance(node.func.value, ast.Call))
-                            and node.func.attr in candidates):
+                    if not isinstance(node, ast.Attribute):
                         continue
-                    callee = node.func.attr
-                    passed = self._passed_parameters(callee, node, candidates.get(caller, set()))
-                    before = len(candidates[callee])
-                    candidates[callee] -= passed
-                    changed |= len(candidates[callee]) != before
+                    target = self._resolve(node, method)
+                    if target is None or not candidates[id(target)]:
+                        continue
+                    call = next((n for n in live if isinstance(n, ast.Call) and n.func is node), None) \
+                        if id(node) in called else None
+                    # a method used as a value (``f = self.predict``) may get anything
+                    passed = _passed_parameters(target, call, caller_known) if call is not None \
+                        else set(candidates[id(target)])
+                    if passed & candidates[id(target)]:
+                        candidates[id(target)] -= passed
+                        changed = True
         return candidates
-
-    def _passed_parameters(self, callee: str, call: ast.Call, caller_known: set) -> set:
-        """The callee's parameters this call may pass a value (not known falsy) to."""
-        arguments = self.source.methods[callee][0].node.args
-        positional = [a.arg for a in (arguments.posonlyargs + arguments.args)[1:]]
-        everything = set(positional) | {a.arg for a in arguments.kwonlyargs} | {
-            "*" + arguments.vararg.arg if arguments.vararg else "", "**" + arguments.kwarg.arg
-            if arguments.kwarg else ""}
-        passed: set = set()
-        index = 0
-        for argument in call.args:
-            if isinstance(argument, ast.Starred):
-                if isinstance(argument.value, ast.Name) and "*" + argument.value.id in caller_known:
-                    continue  # an empty *args passes nothing
-                return everything
-            if not _known_falsy(argument, caller_known):
-                passed.add(positional[index] if index < len(positional)
-                           else "*" + (arguments.vararg.arg if arguments.vararg else ""))
-            index += 1
-        for keyword in call.keywords:
-            if keyword.arg is None:
-                if isinstance(keyword.value, ast.Name) and "**" + keyword.value.id in caller_known:
-                    continue
-                return everything
-            if not _known_falsy(keyword.value, caller_known):
-                passed.add(keyword.arg if keyword.arg in everything
-                           else "**" + (arguments.kwarg.arg if arguments.kwarg else ""))
-        return passed
 
     # uses of children in one method
     def _read_method(self, method: _Method, known: set) -> None:
@@ -301,16 +296,16 @@ class _Reader:
             if isinstance(node, ast.Attribute) and _is_self(node.value) and \
                     node.attr in self.names and isinstance(node.ctx, ast.Load):
                 self.uses[node.attr].sites += 1
-                self._use(node.attr, node, scope, items=False, how=f"{method.node.name}")
+                self._use(node.attr, node, scope, None, f"{method.node.name}")
             elif isinstance(node, ast.Attribute) and _is_self(node.value) and \
                     isinstance(node.ctx, (ast.Store, ast.Del)) and node.attr in self.names:
                 self.uses[node.attr].block(f"{type(self.module).__name__}.{method.node.name} "
                                            f"assigns self.{node.attr}")
         self._find_chains(method, live)
 
-    def _use(self, child: str, expr: ast.expr, scope: "_Scope", items: bool, how: str) -> None:
-        """Record one use of ``child`` (``expr`` evaluates to it, or to one of its items when
-        ``items``)."""
+    def _use(self, child: str, expr: ast.expr, scope: "_Scope", items, how: str) -> None:
+        """Record one use of ``child``: ``expr`` evaluates to it (``items`` None), or to one
+        of the items ``items`` selects (an index, or a slice)."""
         use = self.uses[child]
         parent = scope.parents.get(expr)
         where = f"{type(self.module).__name__}.{how}"
@@ -322,39 +317,40 @@ class _Reader:
             if parent.attr in ("forward", "__call__"):
                 call = scope.parents.get(parent)
                 if isinstance(call, ast.Call) and call.func is parent:
-                    (use.item_calls if items else use.calls).add(_shape(call))
+                    use.record("calls", items, _shape(call))
                     return
                 return blocked()
-            (use.item_reads if items else use.reads).add(parent.attr)
+            use.record("reads", items, parent.attr)
             return
         if isinstance(parent, ast.Call):
             if parent.func is expr:
-                (use.item_calls if items else use.calls).add(_shape(parent))
+                use.record("calls", items, _shape(parent))
                 return
             function = parent.func.id if isinstance(parent.func, ast.Name) else None
-            if function == "len" and not items:
+            if function == "len" and items is None:
                 return
             if function == "getattr" and parent.args[0] is expr and len(parent.args) == 2 and \
                     isinstance(parent.args[1], ast.Constant) and isinstance(parent.args[1].value, str):
-                (use.item_reads if items else use.reads).add(parent.args[1].value)
+                use.record("reads", items, parent.args[1].value)
                 return
             if function == "isinstance" and len(parent.args) == 2 and parent.args[0] is expr:
                 classes = _evaluate_classes(parent.args[1], scope.method.globals)
                 if classes is None:
                     return blocked(" (isinstance of a class it cannot resolve)")
-                (use.item_classes if items else use.classes).append(classes)
+                use.record("classes", items, classes)
                 return
-            if function in _ITERATING and not items:
-                return self._loop(child, parent, scope, how)
+            if function in _ITERATING and items is None:
+                return self._loop(child, expr, scope, how, slice(None))
             return blocked()
-        if isinstance(parent, ast.Subscript) and parent.value is expr and not items:
+        if isinstance(parent, ast.Subscript) and parent.value is expr and items is None:
             use.items = True
+            which = _selection(parent.slice)
             if isinstance(parent.slice, ast.Slice):  # self.model[:-1]: still the container's items
                 grand = scope.parents.get(parent)
                 if isinstance(grand, (ast.For, ast.comprehension)) and grand.iter is parent:
-                    return self._loop(child, parent, scope, how)
+                    return self._loop(child, parent, scope, how, which)
                 return blocked()
-            return self._use(child, parent, scope, True, how)
+            return self._use(child, parent, scope, which, how)
         if isinstance(parent, ast.Compare):
             others = [parent.left, *parent.comparators]
             if all(isinstance(op, (ast.Is, ast.IsNot)) for op in parent.ops) and all(
@@ -367,8 +363,8 @@ class _Reader:
         if isinstance(parent, ast.BoolOp) or (isinstance(parent, ast.UnaryOp)
                                               and isinstance(parent.op, ast.Not)):
             return
-        if isinstance(parent, (ast.For, ast.comprehension)) and parent.iter is expr and not items:
-            return self._loop(child, expr, scope, how)
+        if isinstance(parent, (ast.For, ast.comprehension)) and parent.iter is expr and items is None:
+            return self._loop(child, expr, scope, how, slice(None))
         if isinstance(parent, ast.Assign) and parent.value is expr and len(parent.targets) == 1 \
                 and isinstance(parent.targets[0], ast.Name):
             return self._names(child, {parent.targets[0].id}, scope, items, how, parent)
@@ -376,18 +372,30 @@ class _Reader:
             return self._handed_out(child, expr, scope, items, how)
         return blocked()
 
-    def _loop(self, child, iterable, scope, how) -> None:
-        """``for m in self.model`` (through ``enumerate``/``zip``...): ``m`` is an item."""
+    def _loop(self, child, iterable, scope, how, which) -> None:
+        """``for m in self.model`` (through ``enumerate``/``zip``...): ``m`` is an item. Of
+        ``for i, (p, t) in enumerate(zip(self.proj, x))`` only ``p`` is."""
+        path = []  # which element of each level of the loop target holds the item
         loop = scope.parents.get(iterable)
         while isinstance(loop, ast.Call):
+            name = loop.func.id if isinstance(loop.func, ast.Name) else None
+            if name == "enumerate":
+                path.append(1)
+            elif name == "zip":
+                path.append(next(k for k, a in enumerate(loop.args) if a is iterable))
             iterable, loop = loop, scope.parents.get(loop)
         if not isinstance(loop, (ast.For, ast.comprehension)) or loop.iter is not iterable:
             self.uses[child].block(f"{type(self.module).__name__}.{how} passes self.{child} "
                                    "to a function")
             return
         self.uses[child].items = True
-        bound = {n.id for n in ast.walk(loop.target) if isinstance(n, ast.Name)}
-        self._names(child, bound - _counters(loop), scope, True, how, loop)
+        target = loop.target
+        for index in reversed(path):  # the outermost wrapper's element first
+            if not isinstance(target, ast.Tuple) or index >= len(target.elts):
+                break
+            target = target.elts[index]
+        bound = {n.id for n in ast.walk(target) if isinstance(n, ast.Name)}
+        self._names(child, bound - _counters(loop), scope, which, how, loop)
 
     def _names(self, child, bound: set, scope, items, how, binding) -> None:
         """Every use of the local names ``bound`` (to the child or its items) in the scope."""
@@ -414,12 +422,12 @@ class _Reader:
         prop = scope.method.node.name
         reason = (f"{type(self.module).__name__}.{prop} hands out self.{child} to code that "
                   "does more than call it")
-        if not ok:
+        if not ok or scope.method is not self.source.methods[prop][0]:  # (not overridden)
             return self.uses[child].block(reason)
         for name, method in self._reachable(self.known):
             if method.is_property:
                 continue
-            live = list(_live_nodes(method.node, self.known.get(name, set())))
+            live = list(_live_nodes(method.node, self.known.get(id(method), set())))
             parents = {c: n for n in live for c in ast.iter_child_nodes(n)}
             for node in live:
                 if not (isinstance(node, ast.Attribute) and _is_self(node.value) and node.attr == prop):
@@ -430,18 +438,16 @@ class _Reader:
                     continue
                 spread = parents.get(node)
                 call = parents.get(spread)
-                if not (isinstance(spread, ast.keyword) and spread.arg is None and
-                                       isinstance(call, ast.Call) and isinstance(call.func, ast.Attribute)
-                                       and _is_self(call.func.value)
-                                       and call.func.attr in self.source.methods):
+                target = self._resolve(call.func, method) if isinstance(call, ast.Call) and \
+                    isinstance(call.func, ast.Attribute) else None
+                if not (isinstance(spread, ast.keyword) and spread.arg is None and target):
                     return self.uses[child].block(reason)
-                for target in self._definitions(call.func.attr):
-                    arguments = target.node.args
-                    if key not in {a.arg for a in arguments.args + arguments.kwonlyargs}:
-                        return self.uses[child].block(reason)
-                    inner = _Scope(target, None, list(_live_nodes(
-                        target.node, self.known.get(call.func.attr, set()))))
-                    self._names(child, {key}, inner, items, f"{call.func.attr}", target.node)
+                arguments = target.node.args
+                if key not in {a.arg for a in arguments.args + arguments.kwonlyargs}:
+                    return self.uses[child].block(reason)
+                inner = _Scope(target, None, list(_live_nodes(
+                    target.node, self.known.get(id(target), set()))))
+                self._names(child, {key}, inner, items, f"{call.func.attr}", target.node)
 
     # chains
     def _find_chains(self, method: _Method, live: list) -> None:
@@ -463,7 +469,9 @@ class _Reader:
             if run:
                 members = tuple(m for link_ in run for m in link_[0])
                 if len(members) > 1:
-                    argument = _argument_item(run[0][3], body[:start], owner, method)
+                    entry = method is self.source.methods["forward"][0]
+                    argument = _argument_item(run[0][3], body[:start], owner, method) \
+                        if entry else None
                     self.chains.append(Chain(members, run[0][1] is not None, argument))
                     for member in members:
                         self.chain_sites[member] = self.chain_sites.get(member, 0) + 1
@@ -509,6 +517,7 @@ class _Reader:
 
 def _argument_item(source: str, before: list, loop: ast.AST, method: _Method) -> int | None:
     """The position of ``forward``'s argument ``P`` if ``source`` (a chain's input) is
+    (``method`` is the module's own ``forward``, the one its caller's graph calls)
     ``P[i]`` in ``for i in range(...)``, and that item is still the one the caller passed:
     no statement of the loop before the chain writes into ``P``, and the whole method writes
     into ``P`` only as ``P[i] = ...`` inside this loop (each iteration its own item), never
@@ -555,6 +564,55 @@ def _argument_item(source: str, before: list, loop: ast.AST, method: _Method) ->
                  and isinstance(n.ctx, ast.Store) and n is not loop.target}:
         return None  # the counter is reassigned in the loop
     return names.index(argument)
+
+
+def _falsy_defaults(function: ast.FunctionDef) -> set:
+    """The parameters of ``function`` with a falsy constant default that its body never
+    assigns, and its ``*args`` / ``**kwargs`` (as ``*name`` / ``**name``: empty unless
+    passed)."""
+    args = function.args
+    positional = args.posonlyargs + args.args
+    defaults = dict(zip([a.arg for a in positional[len(positional) - len(args.defaults):]],
+                        args.defaults))
+    defaults.update({a.arg: d for a, d in zip(args.kwonlyargs, args.kw_defaults) if d})
+    assigned = {n.id for n in ast.walk(function) if isinstance(n, ast.Name)
+                and isinstance(n.ctx, (ast.Store, ast.Del))}
+    found = {arg for arg, default in defaults.items() if isinstance(default, ast.Constant)
+             and arg not in assigned and _falsy_constant(default.value)}
+    if args.vararg:
+        found.add("*" + args.vararg.arg)
+    if args.kwarg:
+        found.add("**" + args.kwarg.arg)
+    return found
+
+
+def _passed_parameters(callee: _Method, call: ast.Call, caller_known: set) -> set:
+    """The parameters of ``callee`` this call may pass a value (not known falsy) to."""
+    arguments = callee.node.args
+    positional = [a.arg for a in (arguments.posonlyargs + arguments.args)[1:]]
+    everything = set(positional) | {a.arg for a in arguments.kwonlyargs} | {
+        "*" + arguments.vararg.arg if arguments.vararg else "", "**" + arguments.kwarg.arg
+        if arguments.kwarg else ""}
+    passed: set = set()
+    index = 0
+    for argument in call.args:
+        if isinstance(argument, ast.Starred):
+            if isinstance(argument.value, ast.Name) and "*" + argument.value.id in caller_known:
+                continue  # an empty *args passes nothing
+            return everything
+        if not _known_falsy(argument, caller_known):
+            passed.add(positional[index] if index < len(positional)
+                       else "*" + (arguments.vararg.arg if arguments.vararg else ""))
+        index += 1
+    for keyword in call.keywords:
+        if keyword.arg is None:
+            if isinstance(keyword.value, ast.Name) and "**" + keyword.value.id in caller_known:
+                continue
+            return everything
+        if not _known_falsy(keyword.value, caller_known):
+            passed.add(keyword.arg if keyword.arg in everything
+                       else "**" + (arguments.kwarg.arg if arguments.kwarg else ""))
+    return passed
 
 
 class _Scope:
@@ -607,6 +665,26 @@ def _is_self(expr: ast.expr) -> bool:
     return isinstance(expr, ast.Name) and expr.id == "self"
 
 
+def _selection(index: ast.expr):
+    """Which items ``container[index]`` may be: a constant index or slice, else all."""
+    def constant(e):
+        if e is None:
+            return None
+        if isinstance(e, ast.Constant) and type(e.value) is int:
+            return e.value
+        if isinstance(e, ast.UnaryOp) and isinstance(e.op, ast.USub) and \
+                isinstance(e.operand, ast.Constant) and type(e.operand.value) is int:
+            return -e.operand.value
+        raise ValueError
+    try:
+        if isinstance(index, ast.Slice):
+            return slice(constant(index.lower), constant(index.upper), constant(index.step))
+        value = constant(index)
+        return slice(None) if value is None else value
+    except ValueError:
+        return slice(None)
+
+
 def _counters(loop) -> set:
     """The counter of ``for i, m in enumerate(...)``: a number, not an item."""
     iterable = loop.iter
@@ -640,9 +718,17 @@ def _evaluate_classes(expr: ast.expr, module_globals: dict):
 
 
 def _shape(call: ast.Call):
+    """``(positional count, keyword names, arguments passed as a literal None)`` (positions
+    and names), or None for a call with ``*args`` / ``**kwargs``."""
     if any(isinstance(a, ast.Starred) for a in call.args) or any(k.arg is None for k in call.keywords):
         return None
-    return len(call.args), frozenset(k.arg for k in call.keywords)
+    nones = {k for k, a in enumerate(call.args) if _is_none(a)} | {
+        k.arg for k in call.keywords if _is_none(k.value)}
+    return len(call.args), frozenset(k.arg for k in call.keywords), frozenset(nones)
+
+
+def _is_none(expr: ast.expr) -> bool:
+    return isinstance(expr, ast.Constant) and expr.value is None
 
 
 def plain_attribute(child: nn.Module, name: str) -> bool:

@@ -716,86 +716,88 @@ ANCHORS = [
 ]
 
 
-def _yolov7_tiny_layers(nc=4, anchors=ANCHORS):
+def _yolov7_tiny_layers(nc=4, anchors=ANCHORS, w=1):
+    """``w`` multiplies every width (1: the corpus size, 8 to 32 channels; 4: 32 to 128, the
+    benchmark's detector row)."""
     return [
         # backbone (yolov7-tiny: LeakyReLU(0.1) Convs, ELAN concat blocks, MP)
-        (-1, Conv(3, 8, 3, 2, None, 1, nn.LeakyReLU(0.1))),            # 0  P1/2
-        (-1, Conv(8, 16, 3, 2, None, 1, nn.LeakyReLU(0.1))),           # 1  P2/4
-        (-1, Conv(16, 8, 1, 1, None, 1, nn.LeakyReLU(0.1))),           # 2
-        (-2, Conv(16, 8, 1, 1, None, 1, nn.LeakyReLU(0.1))),           # 3
-        (-1, Conv(8, 8, 3, 1, None, 1, nn.LeakyReLU(0.1))),            # 4
-        (-1, Conv(8, 8, 3, 1, None, 1, nn.LeakyReLU(0.1))),            # 5
+        (-1, Conv(3, 8 * w, 3, 2, None, 1, nn.LeakyReLU(0.1))),            # 0  P1/2
+        (-1, Conv(8 * w, 16 * w, 3, 2, None, 1, nn.LeakyReLU(0.1))),           # 1  P2/4
+        (-1, Conv(16 * w, 8 * w, 1, 1, None, 1, nn.LeakyReLU(0.1))),           # 2
+        (-2, Conv(16 * w, 8 * w, 1, 1, None, 1, nn.LeakyReLU(0.1))),           # 3
+        (-1, Conv(8 * w, 8 * w, 3, 1, None, 1, nn.LeakyReLU(0.1))),            # 4
+        (-1, Conv(8 * w, 8 * w, 3, 1, None, 1, nn.LeakyReLU(0.1))),            # 5
         ([-1, -2, -3, -4], Concat(1)),                                 # 6
-        (-1, Conv(32, 16, 1, 1, None, 1, nn.LeakyReLU(0.1))),          # 7
+        (-1, Conv(32 * w, 16 * w, 1, 1, None, 1, nn.LeakyReLU(0.1))),          # 7
         (-1, MP()),                                                    # 8  P3/8
-        (-1, Conv(16, 16, 1, 1, None, 1, nn.LeakyReLU(0.1))),          # 9
-        (-2, Conv(16, 16, 1, 1, None, 1, nn.LeakyReLU(0.1))),          # 10
-        (-1, Conv(16, 16, 3, 1, None, 1, nn.LeakyReLU(0.1))),          # 11
-        (-1, Conv(16, 16, 3, 1, None, 1, nn.LeakyReLU(0.1))),          # 12
+        (-1, Conv(16 * w, 16 * w, 1, 1, None, 1, nn.LeakyReLU(0.1))),          # 9
+        (-2, Conv(16 * w, 16 * w, 1, 1, None, 1, nn.LeakyReLU(0.1))),          # 10
+        (-1, Conv(16 * w, 16 * w, 3, 1, None, 1, nn.LeakyReLU(0.1))),          # 11
+        (-1, Conv(16 * w, 16 * w, 3, 1, None, 1, nn.LeakyReLU(0.1))),          # 12
         ([-1, -2, -3, -4], Concat(1)),                                 # 13
-        (-1, Conv(64, 32, 1, 1, None, 1, nn.LeakyReLU(0.1))),          # 14 P3
+        (-1, Conv(64 * w, 32 * w, 1, 1, None, 1, nn.LeakyReLU(0.1))),          # 14 P3
         (-1, MP()),                                                    # 15 P4/16
-        (-1, Conv(32, 16, 1, 1, None, 1, nn.LeakyReLU(0.1))),          # 16
-        (-2, Conv(32, 16, 1, 1, None, 1, nn.LeakyReLU(0.1))),          # 17
-        (-1, Conv(16, 16, 3, 1, None, 1, nn.LeakyReLU(0.1))),          # 18
-        (-1, Conv(16, 16, 3, 1, None, 1, nn.LeakyReLU(0.1))),          # 19
+        (-1, Conv(32 * w, 16 * w, 1, 1, None, 1, nn.LeakyReLU(0.1))),          # 16
+        (-2, Conv(32 * w, 16 * w, 1, 1, None, 1, nn.LeakyReLU(0.1))),          # 17
+        (-1, Conv(16 * w, 16 * w, 3, 1, None, 1, nn.LeakyReLU(0.1))),          # 18
+        (-1, Conv(16 * w, 16 * w, 3, 1, None, 1, nn.LeakyReLU(0.1))),          # 19
         ([-1, -2, -3, -4], Concat(1)),                                 # 20
-        (-1, Conv(64, 32, 1, 1, None, 1, nn.LeakyReLU(0.1))),          # 21 P4
+        (-1, Conv(64 * w, 32 * w, 1, 1, None, 1, nn.LeakyReLU(0.1))),          # 21 P4
         (-1, MP()),                                                    # 22 P5/32
-        (-1, Conv(32, 32, 1, 1, None, 1, nn.LeakyReLU(0.1))),          # 23
+        (-1, Conv(32 * w, 32 * w, 1, 1, None, 1, nn.LeakyReLU(0.1))),          # 23
         # head (yolov7: SPPCSPC, SiLU)
-        (-1, SPPCSPC(32, 16)),                                         # 24
-        (-1, Conv(16, 8, 1, 1, None, 1, nn.LeakyReLU(0.1))),           # 25
+        (-1, SPPCSPC(32 * w, 16 * w)),                                         # 24
+        (-1, Conv(16 * w, 8 * w, 1, 1, None, 1, nn.LeakyReLU(0.1))),           # 25
         (-1, nn.Upsample(None, 2, "nearest")),                         # 26
-        (21, Conv(32, 8, 1, 1, None, 1, nn.LeakyReLU(0.1))),           # 27 route backbone P4
+        (21, Conv(32 * w, 8 * w, 1, 1, None, 1, nn.LeakyReLU(0.1))),           # 27 route backbone P4
         ([-1, -2], Concat(1)),                                         # 28
-        (-1, Conv(16, 8, 1, 1, None, 1, nn.LeakyReLU(0.1))),           # 29
-        (-2, Conv(16, 8, 1, 1, None, 1, nn.LeakyReLU(0.1))),           # 30
-        (-1, Conv(8, 8, 3, 1, None, 1, nn.LeakyReLU(0.1))),            # 31
-        (-1, Conv(8, 8, 3, 1, None, 1, nn.LeakyReLU(0.1))),            # 32
+        (-1, Conv(16 * w, 8 * w, 1, 1, None, 1, nn.LeakyReLU(0.1))),           # 29
+        (-2, Conv(16 * w, 8 * w, 1, 1, None, 1, nn.LeakyReLU(0.1))),           # 30
+        (-1, Conv(8 * w, 8 * w, 3, 1, None, 1, nn.LeakyReLU(0.1))),            # 31
+        (-1, Conv(8 * w, 8 * w, 3, 1, None, 1, nn.LeakyReLU(0.1))),            # 32
         ([-1, -2, -3, -4], Concat(1)),                                 # 33
-        (-1, Conv(32, 16, 1, 1, None, 1, nn.LeakyReLU(0.1))),          # 34
-        (-1, Conv(16, 8, 1, 1, None, 1, nn.LeakyReLU(0.1))),           # 35
+        (-1, Conv(32 * w, 16 * w, 1, 1, None, 1, nn.LeakyReLU(0.1))),          # 34
+        (-1, Conv(16 * w, 8 * w, 1, 1, None, 1, nn.LeakyReLU(0.1))),           # 35
         (-1, nn.Upsample(None, 2, "nearest")),                         # 36
-        (14, Conv(32, 8, 1, 1, None, 1, nn.LeakyReLU(0.1))),           # 37 route backbone P3
+        (14, Conv(32 * w, 8 * w, 1, 1, None, 1, nn.LeakyReLU(0.1))),           # 37 route backbone P3
         ([-1, -2], Concat(1)),                                         # 38
-        (-1, Conv(16, 8, 1, 1, None, 1, nn.LeakyReLU(0.1))),           # 39
-        (-2, Conv(16, 8, 1, 1, None, 1, nn.LeakyReLU(0.1))),           # 40
-        (-1, Conv(8, 8, 3, 1, None, 1, nn.LeakyReLU(0.1))),            # 41
-        (-1, Conv(8, 8, 3, 1, None, 1, nn.LeakyReLU(0.1))),            # 42
+        (-1, Conv(16 * w, 8 * w, 1, 1, None, 1, nn.LeakyReLU(0.1))),           # 39
+        (-2, Conv(16 * w, 8 * w, 1, 1, None, 1, nn.LeakyReLU(0.1))),           # 40
+        (-1, Conv(8 * w, 8 * w, 3, 1, None, 1, nn.LeakyReLU(0.1))),            # 41
+        (-1, Conv(8 * w, 8 * w, 3, 1, None, 1, nn.LeakyReLU(0.1))),            # 42
         ([-1, -2, -3, -4], Concat(1)),                                 # 43
-        (-1, Conv(32, 16, 1, 1, None, 1, nn.LeakyReLU(0.1))),          # 44 P3 out
+        (-1, Conv(32 * w, 16 * w, 1, 1, None, 1, nn.LeakyReLU(0.1))),          # 44 P3 out
         # yolov7's MP-Conv downsample: MP + 1x1 and 1x1 + strided 3x3, three-way concat
         (-1, MP()),                                                    # 45
-        (-1, Conv(16, 8, 1, 1)),                                       # 46
-        (-3, Conv(16, 8, 1, 1)),                                       # 47
-        (-1, Conv(8, 8, 3, 2)),                                        # 48
+        (-1, Conv(16 * w, 8 * w, 1, 1)),                                       # 46
+        (-3, Conv(16 * w, 8 * w, 1, 1)),                                       # 47
+        (-1, Conv(8 * w, 8 * w, 3, 2)),                                        # 48
         ([-1, -3, 34], Concat(1)),                                     # 49
-        (-1, Conv(32, 16, 1, 1, None, 1, nn.LeakyReLU(0.1))),          # 50
-        (-2, Conv(32, 16, 1, 1, None, 1, nn.LeakyReLU(0.1))),          # 51
-        (-1, Conv(16, 8, 3, 1, None, 1, nn.LeakyReLU(0.1))),           # 52
-        (-1, Conv(8, 8, 3, 1, None, 1, nn.LeakyReLU(0.1))),            # 53
+        (-1, Conv(32 * w, 16 * w, 1, 1, None, 1, nn.LeakyReLU(0.1))),          # 50
+        (-2, Conv(32 * w, 16 * w, 1, 1, None, 1, nn.LeakyReLU(0.1))),          # 51
+        (-1, Conv(16 * w, 8 * w, 3, 1, None, 1, nn.LeakyReLU(0.1))),           # 52
+        (-1, Conv(8 * w, 8 * w, 3, 1, None, 1, nn.LeakyReLU(0.1))),            # 53
         ([-1, -2, -3, -4], Concat(1)),                                 # 54
-        (-1, Conv(48, 16, 1, 1, None, 1, nn.LeakyReLU(0.1))),          # 55 P4 out
+        (-1, Conv(48 * w, 16 * w, 1, 1, None, 1, nn.LeakyReLU(0.1))),          # 55 P4 out
         # yolov7-tiny's strided-Conv downsample
-        (-1, Conv(16, 16, 3, 2, None, 1, nn.LeakyReLU(0.1))),          # 56
+        (-1, Conv(16 * w, 16 * w, 3, 2, None, 1, nn.LeakyReLU(0.1))),          # 56
         ([-1, 24], Concat(1)),                                         # 57
-        (-1, Conv(32, 16, 1, 1, None, 1, nn.LeakyReLU(0.1))),          # 58
-        (-2, Conv(32, 16, 1, 1, None, 1, nn.LeakyReLU(0.1))),          # 59
-        (-1, Conv(16, 16, 3, 1, None, 1, nn.LeakyReLU(0.1))),          # 60
-        (-1, Conv(16, 16, 3, 1, None, 1, nn.LeakyReLU(0.1))),          # 61
+        (-1, Conv(32 * w, 16 * w, 1, 1, None, 1, nn.LeakyReLU(0.1))),          # 58
+        (-2, Conv(32 * w, 16 * w, 1, 1, None, 1, nn.LeakyReLU(0.1))),          # 59
+        (-1, Conv(16 * w, 16 * w, 3, 1, None, 1, nn.LeakyReLU(0.1))),          # 60
+        (-1, Conv(16 * w, 16 * w, 3, 1, None, 1, nn.LeakyReLU(0.1))),          # 61
         ([-1, -2, -3, -4], Concat(1)),                                 # 62
-        (-1, Conv(64, 32, 1, 1, None, 1, nn.LeakyReLU(0.1))),          # 63 P5 out
+        (-1, Conv(64 * w, 32 * w, 1, 1, None, 1, nn.LeakyReLU(0.1))),          # 63 P5 out
         # yolov7.yaml: RepConv in front of the head on each level
-        (44, RepConv(16, 16, 3, 1)),                                   # 64 identity BN branch
-        (55, RepConv(16, 32, 3, 1)),                                   # 65 c2 != c1: id_out = 0
-        (63, RepConv(32, 32, 3, 1)),                                   # 66 identity BN branch
-        ([64, 65, 66], IDetect(nc, anchors, [16, 32, 32])),           # 67 Detect(P3, P4, P5)
+        (44, RepConv(16 * w, 16 * w, 3, 1)),                                   # 64 identity BN branch
+        (55, RepConv(16 * w, 32 * w, 3, 1)),                                   # 65 c2 != c1: id_out = 0
+        (63, RepConv(32 * w, 32 * w, 3, 1)),                                   # 66 identity BN branch
+        ([64, 65, 66], IDetect(nc, anchors, [16 * w, 32 * w, 32 * w])),           # 67 Detect(P3, P4, P5)
     ]
 
 
-def build_yolov7_tiny_idetect():
-    return Model(_yolov7_tiny_layers(), ch=3, nc=4)
+def build_yolov7_tiny_idetect(width: int = 1):
+    return Model(_yolov7_tiny_layers(w=width), ch=3, nc=4)
 
 
 _SRC = "WongKinYiu/yolov7"
