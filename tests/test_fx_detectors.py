@@ -418,3 +418,95 @@ def test_items_chosen_by_index_and_slice_are_called_as_each_is():
     fused = reparam_fx.fuse(model)
     assert reparam_fx.verify(model, fused, (x,), rtol=RTOL) <= RTOL
     assert _counts(fused, x).get("batch_norm", 0) == 0, fused.fusion_report.table()
+
+
+class Masked(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.a, self.b = ConvBN(8, 8, 3), ConvBN(8, 8, 1)
+
+    def forward(self, x, mask):
+        return self.a(x) if mask is None else self.b(x) * mask
+
+
+class CallsWithMaybeNone(nn.Module):
+    """A parent that does not trace and passes its child an argument that may be None: a
+    trace of the child would follow the ``mask is not None`` branch for every call."""
+
+    def __init__(self):
+        super().__init__()
+        self.stem = ConvBN(3, 8, 3)
+        self.block = Masked()
+
+    def forward(self, x, mask=None):
+        if x.shape[-1] % 2:
+            x = x[..., :-1]
+        return self.block(self.stem(x), mask)
+
+
+def test_a_child_that_compares_an_argument_with_none_is_not_traced_with_it():
+    model = randomized(CallsWithMaybeNone())
+    x = image(size=17)
+    fused = reparam_fx.fuse(model)
+    assert reparam_fx.verify(model, fused, (x,), rtol=RTOL) <= RTOL
+    mask = torch.rand(2, 8, 17, 16, dtype=torch.float64)
+    assert reparam_fx.verify(model, fused, (x, mask), rtol=RTOL) <= RTOL
+    assert not isinstance(fused.block, torch.fx.GraphModule)
+    assert isinstance(fused.stem, torch.fx.GraphModule)
+    assert any("compares its argument 'mask' with None" in leaf.reason
+               for leaf in fused.fusion_report.leaves), fused.fusion_report.table()
+
+
+class PropertyReadAsDict(PropertyHead):
+    """The property's dict is iterated, not spread into a call: its values escape."""
+
+    def forward(self, x):
+        heads = [head for _, head in self.one2many.items()]
+        outs = [torch.cat([h[i](x[i]).flatten(2) for i in range(self.nl)], 2) for h in heads]
+        if self.shape != x[0].shape:
+            self.shape = x[0].shape
+        return torch.cat(outs, 1)
+
+
+def test_branches_handed_out_other_than_by_spreading_stay():
+    model = randomized(Routed(head=PropertyReadAsDict()))
+    x = image()
+    fused = reparam_fx.fuse(model)
+    assert reparam_fx.verify(model, fused, (x,), rtol=RTOL) <= RTOL
+    head = next(m for m in fused.modules() if isinstance(m, PropertyReadAsDict))
+    assert not any(isinstance(m, torch.fx.GraphModule) for m in head.cv2)
+    assert any("hands out self.cv2" in leaf.reason for leaf in fused.fusion_report.leaves)
+
+
+class MutatedBeforeTheChain(GridHead):
+    """The input list is extended before the loop: its items are no longer proven to be
+    what the caller passed, so the implicit add before the conv keeps its rank question."""
+
+    def forward(self, x):
+        x.append(x[-1])
+        x.pop()
+        return super().forward(x)
+
+
+class ChainMemberUsedTwice(GridHead):
+    def forward(self, x):
+        z = []
+        for i in range(self.nl):
+            x[i] = self.m[i](self.ia[i](x[i]))
+            x[i] = self.im[i](x[i])
+            if self.grid[i].shape[2:4] != x[i].shape[2:4]:
+                self.grid[i] = torch.zeros(1, 2, *x[i].shape[2:]).to(x[i])
+            z.append((x[i][:, :2] + self.grid[i]).flatten(2) * self.im[i](x[i]).sum())
+        return torch.cat(z, 2), x
+
+
+@pytest.mark.parametrize("head, adds_left", [(MutatedBeforeTheChain, 2), (ChainMemberUsedTwice, 4)])
+def test_chains_are_refused_without_their_proofs(head, adds_left):
+    model = randomized(Routed(head=head()))
+    x = image()
+    fused = reparam_fx.fuse(model)
+    assert reparam_fx.verify(model, fused, (x,), rtol=RTOL) <= RTOL
+    found = next(m for m in fused.modules() if isinstance(m, head))
+    assert not any(isinstance(m, nn.Identity) for m in found.ia) or head is MutatedBeforeTheChain
+    counts = _counts(fused, x)
+    assert counts.get("add", 0) >= adds_left, fused.fusion_report.table()

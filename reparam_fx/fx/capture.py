@@ -458,6 +458,8 @@ class FaithfulTracer(torch.fx.Tracer):
         parameters = list(inspect.signature(function).parameters.values())[1:]  # self
         positional, keywords = call[:2]
         nones = call[2] if len(call) > 2 else frozenset()
+        from reparam_fx.fx.uses import tested_against_none
+        tested = tested_against_none(function)
         kinds = inspect.Parameter
         args, kwargs = [self.root], {}
         for index, parameter in enumerate(parameters):
@@ -469,6 +471,11 @@ class FaithfulTracer(torch.fx.Tracer):
                 value = self.create_proxy("placeholder", parameter.name, (), {})
                 if index in nones or parameter.name in nones:
                     value = None  # every caller passes a literal None (``head(feats, None)``)
+                elif parameter.name in tested:
+                    raise FusionError(
+                        f"{type(self.root).__name__}.forward compares its argument "
+                        f"{parameter.name!r} with None, and a traced input is never None: "
+                        "the trace would take one branch for every call")
             else:
                 value = parameter.default
             if parameter.kind == kinds.KEYWORD_ONLY:

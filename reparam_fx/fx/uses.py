@@ -769,3 +769,26 @@ def _assigned_after_init(cls: type, name: str) -> bool:
                         isinstance(node.args[1], ast.Constant) and node.args[1].value == name:
                     return True
     return False
+
+
+def tested_against_none(function) -> set[str]:
+    """The parameters of ``function`` its code compares with ``None`` (``if mask is None``).
+    A traced value is never ``None``, so such a parameter must not be traced as an input
+    that may be ``None`` at run time: the trace would follow one branch silently."""
+    try:
+        tree = ast.parse(textwrap.dedent(inspect.getsource(function)))
+    except (OSError, TypeError, SyntaxError, IndentationError):
+        return set()
+    definition = next((n for n in ast.walk(tree) if isinstance(n, (ast.FunctionDef,
+                                                                   ast.AsyncFunctionDef))), None)
+    if definition is None:
+        return set()
+    arguments = definition.args
+    names = {a.arg for a in arguments.posonlyargs + arguments.args + arguments.kwonlyargs}
+    found = set()
+    for node in ast.walk(definition):
+        if isinstance(node, ast.Compare) and any(_is_none(e) for e in [node.left, *node.comparators]):
+            found |= {e.id for e in [node.left, *node.comparators]
+                      if isinstance(e, ast.Name) and e.id in names}
+    return found
+
