@@ -371,7 +371,8 @@ def markdown(result: dict) -> str:
         f"executorch {result['versions'].get('executorch')}; batch 1, {s['size']}x{s['size']}, "
         f"median of {s['repeats']} interleaved repeats of {s['calls']} call(s). "
         "Forms: **train** = the zoo's training form (eval mode), **hand** = the same network's "
-        "hand-written `reparameterize()` (tests/reference), **fused** = `reparam_fx.fuse(train)`. "
+        "hand-written `reparameterize()` (tests/reference; for the `yolov7_tiny` detector, "
+        "YOLOv7's own `Model.fuse()`), **fused** = `reparam_fx.fuse(train)`. "
         "Speed-up = median per-repeat ratio train / form; fused / hand likewise (below 1: "
         "reparam_fx's form is faster). " + _executorch_caption(result),
         "",
