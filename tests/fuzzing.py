@@ -17,6 +17,23 @@ The method
    child module (:class:`Block`), sometimes one that symbolic tracing cannot read. The
    program is rendered to the Python source of an ``nn.Module`` subclass
    (:meth:`Program.source`) and executed, so every program is also a printable reproducer.
+
+   *Whole programs* (:class:`Frame`, about a third of the programs) are written as
+   detectors are: ``forward(x, augment=False, profile=False, visualize=False)``,
+   ``forward(x, *args, **kwargs)`` passed on to ``predict(...)`` or a subclass calling
+   ``super().forward(x)``; often shape control flow at the top (so ``fuse`` reads the
+   source instead of tracing); mostly the statements split into layers (``Layer<n>``, or
+   a head itself) in an ``nn.Sequential`` / ``nn.ModuleList`` run by a routing loop reading
+   ``m.f`` (int or list) and ``m.i``, with ``isinstance`` tests, a ``profile`` /
+   ``visualize`` branch that hands the layer to a function (dead, or live), items taken by
+   index or slice (``head = self.model[-1]``, called with a literal ``None``). The
+   :class:`Head` op is a detection head over 1-3 feature maps that does not trace
+   (anchors or grids cached by shape): per-level children in ``ModuleList`` s called in a
+   row (YOLOv7's ``ImplicitA`` -> conv -> BN -> ``ImplicitM``), handed out by a property
+   (``**self.one2many``), zipped, called with a literal ``None``, plus uses ``fuse`` must
+   respect: a child passed to a function, a chain member called twice, an ``isinstance``
+   test, the input list changed before the chain, the head called again on unbatched maps
+   or its list read by the caller after the call.
 2. **Captures.** Each program is handed to ``fuse`` in each capture (:data:`CAPTURES`):
    symbolic tracing without and with example inputs, ``torch.export`` (training IR and
    core ATen; spatial dims sometimes dynamic) and ONNX (``torch.onnx.export(dynamo=False)``
@@ -26,14 +43,18 @@ The method
    Runtime — in float64 for torch (relative error ``<= 1e-9``) and float32 for ONNX
    (``<= 1e-5``), at two input sizes where the capture allows (and, for ``fuse(model)``,
    which saw no input, on an unbatched ``(C, *S)`` input when the program accepts one).
-   Also checked: ``fuse`` leaves its argument (and the example inputs) unchanged, and the
-   result costs no more MACs (``reparam_fx.mac_count``; :func:`onnx_mac_count`).
+   Also checked: ``fuse`` leaves its argument (and the example inputs) unchanged — its
+   state and, for a module, what it computes (its Python state: caches, routing) — and
+   the result costs no more MACs (``reparam_fx.mac_count``; :func:`onnx_mac_count`). With
+   the fx capture option ``export_fused``, a fused whole program must also export with
+   ``torch.export`` whenever the program does, and compute the same.
 3. **Shrinking.** A failure (:class:`Failure`: wrong-values, wrong-shape, crash-fuse,
    crash-fused, mac-increase, mutated-input; crash-process when native code kills the
    process) is shrunk by delta debugging: delete a statement (its uses rewired to an
    earlier tensor of the same type), simplify a statement's style and options, unwrap
    blocks, drop outputs, simplify the capture's options — keeping each change while the
-   same kind of failure still reproduces. The result is printed as a self-contained script
+   same kind of failure still reproduces (a frame: dropped, its options set to their
+   defaults, its layers merged). The result is printed as a self-contained script
    (:func:`reproducer`) that raises while the bug is there.
 
 Everything is a function of the seed: ``random.Random`` seeded from it picks the
@@ -55,6 +76,7 @@ import hashlib
 import inspect
 import io
 import linecache
+import math
 import os
 import random
 import sys
@@ -126,6 +148,7 @@ class Program:
     statements: tuple[Statement, ...]
     outputs: tuple[str, ...]
     blocks: tuple["Block", ...] = ()
+    frame: "Frame | None" = None
 
     def input_shapes(self) -> list[tuple[int, ...]]:
         return [(BATCH, self.channels, *size) for size in self.sizes]
@@ -139,7 +162,32 @@ class Program:
 
     def summary(self) -> str:
         text = ", ".join(f"{s.kind}/{s.style}" for s in self.statements) or "(no statements)"
-        return text + "".join(f"; {b.kind} block of {len(b.members)}" for b in self.blocks)
+        text += "".join(f"; {b.kind} block of {len(b.members)}" for b in self.blocks)
+        return text + (f"; {self.frame.summary()}" if self.frame else "")
+
+    def features(self) -> set[str]:
+        """The whole-program styles the program uses (counted by :class:`FuzzResult`)."""
+        found = set()
+        for s in self.statements:
+            if s.kind == "head":
+                found |= {"head", f"head:{s.style}", f"head-guard:{s.get('guard')}"}
+                if s.get("hazard") != "none":
+                    found.add(f"head-hazard:{s.get('hazard')}")
+                if s.get("stem"):
+                    found.add("head-stem")
+                if s.get("call", "plain") != "plain":
+                    found.add(f"head-call:{s.get('call')}")
+        if self.frame:
+            found |= {"frame", f"signature:{self.frame.signature}"}
+            if self.frame.guard != "none":
+                found.add("frame-untraceable")
+            if self.frame.layers:
+                found |= {"routed", f"loop:{self.frame.loop}"}
+                if self.frame.profile != "none":
+                    found.add(f"profile:{self.frame.profile}")
+                if self.frame.check != "none":
+                    found.add(f"isinstance:{self.frame.check}")
+        return found
 
 
 @dataclass(frozen=True)
@@ -151,6 +199,60 @@ class Block:
 
     members: tuple[str, ...]
     kind: str = "traceable"
+
+
+@dataclass(frozen=True)
+class Frame:
+    """The whole program around the statements: how a detector's ``Model`` is written.
+
+    ``signature``: the top-level ``forward`` (``plain``: ``forward(self, x)``; ``augment``:
+    ``forward(x, augment=False, profile=False, visualize=False)``; ``args-kwargs``:
+    ``forward(x, *args, **kwargs)`` passed on to ``predict(x, profile=False, ...)``;
+    ``super``: a base class holds the code, the subclass calls ``super().forward(x)``).
+    ``guard``: shape control flow at the top (``none``: the top traces; ``too-large``,
+    ``odd-noop``, ``shape-cache``: it does not, and ``fuse`` reads its source).
+    ``layers``: the statements split into layers (each a ``Layer<n>`` module, or a head
+    itself when ``direct``) run by a routing loop reading ``m.f`` / ``m.i``, or ``()``.
+    ``profile``: ``none``; ``dead`` (``if profile: self._profile_one_layer(m, x, dt)``);
+    ``visualize`` (``if visualize: feature_visualization(m, x)``); ``live`` (``profile`` is
+    passed True and the branch hands ``m`` to ``count_parameters``, which scales ``x``).
+    ``loop``: ``for m in self.model``, ``enumerate``, ``index`` (``m = self.model[i]``),
+    ``slice-head`` (``for m in self.model[:-1]``, then ``head = self.model[-1]``, called
+    with a literal ``None`` when ``head_none``). ``check``: ``isinstance`` in the loop
+    (``absent``: a class no layer is; ``module``: ``nn.Module``; ``layer``: a layer's own
+    class, whose fused form would answer differently)."""
+
+    signature: str = "plain"
+    guard: str = "none"
+    layers: tuple[tuple[str, ...], ...] = ()
+    profile: str = "none"
+    container: str = "sequential"
+    loop: str = "for"
+    check: str = "none"
+    head_none: bool = False
+    direct: bool = False
+
+    DEFAULTS = (("signature", "plain"), ("guard", "none"), ("profile", "none"),
+                ("container", "sequential"), ("loop", "for"), ("check", "none"),
+                ("head_none", False), ("direct", False))
+
+    def summary(self) -> str:
+        text = f"frame {self.signature}"
+        if self.guard != "none":
+            text += f", guard {self.guard}"
+        if self.layers:
+            text += f", {len(self.layers)} layers ({self.container}, loop {self.loop}"
+            text += "".join(f", {name} {getattr(self, name)}" for name in ("profile", "check")
+                            if getattr(self, name) != "none")
+            text += ", head(x, None)" if self.head_none and self.loop == "slice-head" else ""
+            text += ", direct heads" if self.direct else ""
+            text += ")"
+        return text
+
+    def without(self, name: str) -> "Frame":
+        """The frame with one of its members removed (a statement's output) from its layers."""
+        layers = tuple(tuple(m for m in layer if m != name) for layer in self.layers)
+        return replace(self, layers=tuple(layer for layer in layers if layer))
 
 
 @dataclass(frozen=True)
@@ -233,6 +335,7 @@ class SourceWriter:
         self.forward_lines: list[str] = []
         self.helpers: list[str] = []
         self.init_calls: list[tuple[str, tuple[str, ...]]] = []
+        self.classes: dict[str, list[str]] = {}  # classes a statement defines (heads), by name
         self._attributes: set[str] = set()
 
     def init(self, attribute: str, *lines: str) -> None:
@@ -247,6 +350,16 @@ class SourceWriter:
     def helper(self, name: str) -> None:
         if name not in self.helpers:
             self.helpers.append(name)
+
+    def klass(self, name: str, lines: list[str]) -> None:
+        self.classes.setdefault(name, lines)
+
+    def adopt(self, child: "SourceWriter") -> None:
+        """The helpers and classes a child module's writer needed."""
+        for helper in child.helpers:
+            self.helper(helper)
+        for name, lines in child.classes.items():
+            self.klass(name, lines)
 
     # spelling helpers
     @property
@@ -376,6 +489,57 @@ class LayerScale(nn.Module):
     def forward(self, x):
         return x.mul_(self.gamma) if self.inplace else x * self.gamma
 ''',
+    "Implicit": '''\
+class ImplicitA(nn.Module):
+    """YOLOv7's ImplicitA: a learned shift, shaped (1, C, 1, 1) (it adds a batch dim)."""
+
+    def __init__(self, channel, mean=0.0, std=0.5):
+        super().__init__()
+        self.channel = channel
+        self.implicit = nn.Parameter(torch.zeros(1, channel{ones}))
+        nn.init.normal_(self.implicit, mean=mean, std=std)
+
+    def forward(self, x):
+        return self.implicit + x
+
+
+class ImplicitM(nn.Module):
+    """YOLOv7's ImplicitM: a learned scale, shaped (1, C, 1, 1)."""
+
+    def __init__(self, channel, mean=1.0, std=0.5):
+        super().__init__()
+        self.channel = channel
+        self.implicit = nn.Parameter(torch.ones(1, channel{ones}))
+        nn.init.normal_(self.implicit, mean=mean, std=std)
+
+    def forward(self, x):
+        return self.implicit * x
+''',
+    "count_parameters": '''\
+def count_parameters(module):
+    """A function a module is handed to: it reads the module's parameters."""
+    return sum(p.numel() for p in module.parameters())
+''',
+    "scaled": '''\
+def scaled(x, factor):
+    """x (a tensor, or a list or tuple of them) times factor."""
+    if isinstance(x, (list, tuple)):
+        return [scaled(t, factor) for t in x]
+    return x * factor
+''',
+    "feature_visualization": '''\
+def feature_visualization(module, x):
+    """What a visualize branch hands its layer to (the branch never runs here)."""
+    raise RuntimeError(f"visualize {{type(module).__name__}}")
+''',
+    "Detect": '''\
+class Detect(nn.Module):
+    """A head class no layer of the program is: isinstance(m, Detect) is False for all."""
+
+
+class Segment(Detect):
+    pass
+''',
     "observe": '''\
 def observe(module, inputs, output):
     """A forward hook that only looks."""
@@ -392,31 +556,45 @@ def double_output(module, inputs, output):
 def render_source(program: Program) -> str:
     types_ = infer_types(program)
     writer = SourceWriter(program, types_)
+    if program.frame is not None:
+        block_classes, program_lines = _render_framed(program, types_, writer)
+    else:
+        block_classes = _render_range(program, 0, len(program.statements), types_, writer)
+        program_lines = _class_lines("Program", writer, ("x",), program.outputs)
+    lines = ["import torch", "import torch.nn as nn", "import torch.nn.functional as F", "", ""]
+    for helper in writer.helpers:
+        lines += HELPER_SOURCES[helper].format(
+            dims=program.dims, rank=program.dims + 2, view=writer.channel_view(),
+            ones=", 1" * program.dims).splitlines()
+        lines += ["", ""]
+    for class_lines in writer.classes.values():
+        lines += class_lines + ["", ""]
+    lines += block_classes
+    lines += program_lines
+    return "\n".join(lines)
+
+
+def _render_range(program: Program, start: int, stop: int, types_, writer: SourceWriter) -> list[str]:
+    """Render ``program.statements[start:stop]`` into ``writer``; returns the classes of the
+    blocks among them."""
     block_of = {name: block for block in program.blocks for name in block.members}
     block_classes: list[str] = []
     statements = program.statements
-    index = 0
-    while index < len(statements):
+    index = start
+    while index < stop:
         block = block_of.get(statements[index].output)
         if block is None:
             OPS[statements[index].kind].render(statements[index], writer)
             index += 1
             continue
         members = []
-        while index < len(statements) and statements[index].output in block.members:
+        while index < stop and statements[index].output in block.members:
             members.append(statements[index])
             index += 1
         if len(members) != len(block.members):
-            raise InvalidProgram("a block's statements are not consecutive")
+            raise InvalidProgram("a block's statements are not consecutive (or span layers)")
         block_classes += _render_block(program, block, members, statements[index:], types_, writer)
-    lines = ["import torch", "import torch.nn as nn", "import torch.nn.functional as F", "", ""]
-    for helper in writer.helpers:
-        lines += HELPER_SOURCES[helper].format(
-            dims=program.dims, rank=program.dims + 2, view=writer.channel_view()).splitlines()
-        lines += ["", ""]
-    lines += block_classes
-    lines += _class_lines("Program", writer, ("x",), program.outputs)
-    return "\n".join(lines)
+    return block_classes
 
 
 def _class_lines(name: str, writer: SourceWriter, arguments, returned, guard=()) -> list[str]:
@@ -434,8 +612,7 @@ def _render_block(program, block, members, after, types_, parent: SourceWriter) 
     writer = SourceWriter(program, types_)
     for statement in members:
         OPS[statement.kind].render(statement, writer)
-    for helper in writer.helpers:
-        parent.helper(helper)
+    parent.adopt(writer)
     defined = {s.output for s in members}
     arguments = list(dict.fromkeys(n for s in members for n in s.inputs if n not in defined))
     read_after = {n for s in after for n in s.inputs} | set(program.outputs)
@@ -452,6 +629,241 @@ def _render_block(program, block, members, after, types_, parent: SourceWriter) 
     call = f"self.{attribute}({', '.join(arguments)})"
     parent.forward(f"{', '.join(returned)} = {call}" if returned else call)
     return _class_lines(name, writer, arguments, returned, guard)
+
+
+# ---- whole programs: the frame around the statements --------------------------------------
+
+@dataclass
+class _Layer:
+    """One entry of a routed program's layer list: its position, ``m.f``, what it returns,
+    and how it is built (``Layer<n>()``, a head class, or ``nn.Identity()`` for the input)."""
+
+    position: int
+    f: object
+    outputs: list
+    build: str
+    members: tuple = ()
+    single: bool = True  # returns one tensor (not a tuple)
+
+
+def _layer_plan(program: Program, types_, writer: SourceWriter) -> tuple[list[_Layer], list[str]]:
+    """The layers of a routed program, their classes rendered (``writer`` adopts what they
+    need); returns ``(layers, class source lines)``."""
+    frame = program.frame
+    order = [s.output for s in program.statements]
+    if [m for layer in frame.layers for m in layer] != order:
+        raise InvalidProgram("the layers do not split the statements in order")
+    by_output = {s.output: s for s in program.statements}
+    defined = {m: k for k, layer in enumerate(frame.layers) for m in layer}
+    count = len(frame.layers)
+    needs = []
+    for k, layer in enumerate(frame.layers):
+        names = [n for m in layer for n in by_output[m].inputs if defined.get(n) != k]
+        if k == count - 1:
+            names += [n for n in program.outputs if defined.get(n) != k]
+        needs.append(list(dict.fromkeys(names)))
+    offset = 1 if any("x" in needs[k] for k in range(1, count)) else 0
+    outputs = []
+    for k, layer in enumerate(frame.layers):
+        if k == count - 1:
+            outputs.append(list(program.outputs))
+        else:
+            later = {n for j in range(k + 1, count) for n in needs[j]}
+            outputs.append([m for m in layer if m in later] or [layer[-1]])
+
+    def producer(name: str) -> int:  # a position in the layer list (-1: the loop's input)
+        return (0 if offset else -1) if name == "x" else offset + defined[name]
+
+    def produced(position: int) -> list:
+        return ["x"] if position < offset else outputs[position - offset]
+
+    layers = [_Layer(0, -1, ["x"], "nn.Identity()")] if offset else []
+    classes: list[str] = []
+    start = 0
+    block_of = {name for block in program.blocks for name in block.members}
+    for k, members in enumerate(frame.layers):
+        position = offset + k
+        producers = list(dict.fromkeys(producer(n) for n in needs[k]))
+        if producers == [position - 1]:
+            f = -1
+        elif len(producers) == 1:
+            f = producers[0]
+        else:
+            f = [-1 if j == position - 1 else j for j in producers]
+        statement = by_output[members[0]]
+        last = k == count - 1
+        if (frame.direct and len(members) == 1 and statement.kind == "head"
+                and statement.get("call", "plain") == "plain"
+                and members[0] not in block_of and len(statement.inputs) >= 2
+                and needs[k] == list(statement.inputs)
+                and producers == [producer(n) for n in statement.inputs]
+                and all(len(produced(j)) == 1 for j in producers)
+                and outputs[k] == [statement.output]):
+            scratch = SourceWriter(program, types_)
+            OPS["head"].render(statement, scratch)  # (its class; the call is the loop's)
+            writer.adopt(scratch)
+            layers.append(_Layer(position, f, outputs[k], f"Head{statement.number}()", members))
+        else:
+            inner = SourceWriter(program, types_)
+            stop = start + len(members)
+            classes += _render_range(program, start, stop, types_, inner)
+            writer.adopt(inner)
+            prologue = []
+            for name in sorted(needs[k], key=lambda n: n == "x"):  # x (the argument) last
+                j = producer(name)
+                base = "x" if len(producers) == 1 else f"x[{producers.index(j)}]"
+                expression = base if len(produced(j)) == 1 else f"{base}[{produced(j).index(name)}]"
+                if expression != name:
+                    prologue.append(f"{name} = {expression}")
+            arguments = ["x"]
+            takes_none = last and frame.loop == "slice-head" and frame.head_none
+            if takes_none:
+                arguments.append("batch=None")
+                prologue = ["if batch is not None:", "    return batch"] + prologue
+            name = f"Layer{position}"
+            classes += _class_lines(name, inner, arguments, outputs[k], guard=prologue)
+            layers.append(_Layer(position, f, outputs[k], f"{name}()", members, len(outputs[k]) == 1))
+        start += len(members)
+    return layers, classes
+
+
+def _routing_loop(program: Program, layers: list[_Layer], writer: SourceWriter) -> list[str]:
+    """The body of a routed program's forward: the loop over ``self.model``."""
+    frame = program.frame
+    sliced = frame.loop == "slice-head" and len(layers) >= 2
+    looped = layers[:-1] if sliced else layers
+    lines = ["y, dt = [], []" if frame.profile == "dead" else "y = []"]
+    counter = "m.i"
+    if frame.loop == "enumerate":
+        lines.append("for i, m in enumerate(self.model):")
+        counter = "i"
+    elif frame.loop == "index":
+        lines += ["for i in range(len(self.model)):", "    m = self.model[i]"]
+    elif sliced:
+        lines.append("for m in self.model[:-1]:")
+    else:
+        lines.append("for m in self.model:")
+    route = "x = y[{m}.f] if isinstance({m}.f, int) else [x if j == -1 else y[j] for j in {m}.f]"
+    lines += ["    if m.f != -1:", "        " + route.format(m="m")]
+    if frame.check == "absent":
+        writer.helper("Detect")
+        lines += ["    if isinstance(m, (Detect, Segment)):", "        break"]
+    elif frame.check == "module":
+        lines += ["    if not isinstance(m, nn.Module):", '        raise TypeError("a layer is no module")']
+    if frame.profile == "dead":
+        lines += ["    if profile:", "        self._profile_one_layer(m, x, dt)"]
+    elif frame.profile == "live":
+        writer.helper("scaled")
+        writer.helper("count_parameters")
+        lines += ["    if profile:", "        x = scaled(x, 1.0 + 1e-4 * count_parameters(m))"]
+    checked = next((layer for layer in looped if layer.single and layer.build.startswith("Layer")), None)
+    if frame.check == "layer" and checked is not None:
+        lines.append(f"    x = m(x) * 2.0 if isinstance(m, {checked.build[:-2]}) else m(x)")
+    else:
+        lines.append("    x = m(x)")
+    lines.append(f"    y.append(x if {counter} in self.save else None)")
+    if frame.profile == "visualize":
+        writer.helper("feature_visualization")
+        lines += ["    if visualize:", "        feature_visualization(m, x)"]
+    if sliced:
+        call = "head(x, None)" if frame.head_none and (
+            layers[-1].build.startswith("Layer") or _zip_head(program, layers[-1])) else "head(x)"
+        lines += ["head = self.model[-1]", "if head.f != -1:", "    " + route.format(m="head"),
+                  f"return {call}"]
+    else:
+        lines.append("return x")
+    return lines
+
+
+def _zip_head(program: Program, layer: _Layer) -> bool:
+    """Whether a layer is a head whose forward takes ``batch=None``."""
+    if not layer.build.startswith("Head"):
+        return False
+    statement = next(s for s in program.statements if s.output == layer.members[0])
+    return statement.style == "zip"
+
+
+_GUARDS = {"too-large": ["if x.shape[-1] > 4096:", '    raise ValueError("input too large")'],
+           "odd-noop": ["if x.shape[-1] % 2:", "    x = x.contiguous()"],
+           "shape-cache": ["if self.input_shape != x.shape:", "    self.input_shape = x.shape"]}
+
+
+def _render_framed(program: Program, types_, writer: SourceWriter) -> tuple[list[str], list[str]]:
+    """``(classes, Program class lines)`` of a program with a :class:`Frame`."""
+    frame = program.frame
+    classes: list[str] = []
+    if frame.layers:
+        layers, classes = _layer_plan(program, types_, writer)
+        init = [f"layers = [{', '.join(layer.build for layer in layers)}]",
+                f"froms = {[layer.f for layer in layers]!r}",
+                "for i, (f, m) in enumerate(zip(froms, layers)):",
+                "    m.f, m.i, m.type = f, i, type(m).__name__",
+                "self.model = nn.Sequential(*layers)" if frame.container == "sequential"
+                else "self.model = nn.ModuleList(layers)"]
+        save = sorted({j for layer in layers for j in ([layer.f] if isinstance(layer.f, int) else layer.f)
+                       if j >= 0})
+        init.append(f"self.save = {save!r}")
+        body = _routing_loop(program, layers, writer)
+    else:
+        classes = _render_range(program, 0, len(program.statements), types_, writer)
+        init = list(writer.init_lines)
+        body = list(writer.forward_lines) + [f"return {', '.join(program.outputs)}"]
+    body = _GUARDS.get(frame.guard, []) + body
+    live = frame.profile == "live" and bool(frame.layers)
+    methods = []  # (signature, body lines)
+    once = "_forward_once(self, x, profile=False, visualize=False)"
+    forward_call = "self._forward_once(x, True)" if live else "self._forward_once(x)"
+    if frame.signature == "plain":
+        if frame.profile == "none" or not frame.layers:
+            methods.append(("forward(self, x)", body))
+        else:
+            methods += [("forward(self, x)", [f"return {forward_call}"]), (once, body)]
+    elif frame.signature == "augment":
+        default = "True" if live else "False"
+        methods += [(f"forward(self, x, augment=False, profile={default}, visualize=False)",
+                     ["if augment:", "    return self._forward_augment(x)",
+                      "return self._forward_once(x, profile, visualize)"]),
+                    ("_forward_augment(self, x)", ["return self._forward_once(x.flip(-1))"]),
+                    (once, body)]
+    elif frame.signature == "args-kwargs":
+        passed = "*args, profile=True, **kwargs" if live else "*args, **kwargs"
+        methods += [("forward(self, x, *args, **kwargs)",
+                     ["if isinstance(x, dict):", "    return self.loss(x, *args, **kwargs)",
+                      f"return self.predict(x, {passed})"]),
+                    ("loss(self, batch, *args, **kwargs)", ['raise NotImplementedError("training only")']),
+                    ("predict(self, x, profile=False, visualize=False, augment=False, embed=None)",
+                     ["if augment:", "    return self._predict_augment(x)",
+                      "return self._predict_once(x, profile, visualize, embed)"]),
+                    ("_predict_augment(self, x)", ["return self._predict_once(x.flip(-1))"]),
+                    ("_predict_once(self, x, profile=False, visualize=False, embed=None)", body)]
+    elif frame.signature == "super":
+        methods += [("forward(self, x, profile=False, visualize=False)",
+                     ["return self._forward_once(x, profile, visualize)"]), (once, body)]
+    else:
+        raise ValueError(frame.signature)
+    if frame.profile == "dead" and frame.layers:
+        writer.helper("count_parameters")
+        methods.append(("_profile_one_layer(self, m, x, dt)", ["dt.append(count_parameters(m))"]))
+    attributes = ["input_shape = None"] if frame.guard == "shape-cache" else []
+    if frame.signature == "super":
+        lines = _program_class("ProgramBase", "nn.Module", attributes, init, methods)
+        lines += _program_class("Program", "ProgramBase", [], None, [(
+            "forward(self, x)", ["return super().forward(x, True)" if live else "return super().forward(x)"])])
+    else:
+        lines = _program_class("Program", "nn.Module", attributes, init, methods)
+    return classes, lines
+
+
+def _program_class(name: str, base: str, attributes, init, methods) -> list[str]:
+    lines = [f"class {name}({base}):"] + ["    " + line for line in attributes]
+    if attributes:
+        lines.append("")
+    if init is not None:
+        lines += ["    def __init__(self):", "        super().__init__()"] + ["        " + line for line in init]
+        lines.append("")
+    for signature, body in methods:
+        lines += [f"    def {signature}:"] + ["        " + line for line in body] + [""]
+    return lines + [""]
 
 
 # ---- the ops ---------------------------------------------------------------------------
@@ -1525,11 +1937,280 @@ class Reuse(Op):
         out.forward(f"{s.output} = self.{s.get('attribute')}({s.inputs[0]})")
 
 
+class Head(Op):
+    """A detection head over 1-3 feature maps (a list it may write into), as detectors write
+    them: per-level children in ``ModuleList`` s, and shape-keyed caches that keep symbolic
+    tracing out (``guard``), so ``fuse`` keeps the head whole and fuses its children.
+
+    Styles: ``chain`` (YOLOv7 ``IDetect``: ``x[i] = self.m[i](self.ia[i](x[i]))``, then
+    ``x[i] = self.bn[i](x[i])``, ``x[i] = self.im[i](x[i])``: children in a row, fused as
+    one); ``property`` (ultralytics ``Detect``: ``dict(box_head=self.cv2, cls_head=self.cv3)``
+    returned by a property and passed as ``**self.one2many``); ``zip`` (``p(t) for p, t in
+    zip(self.proj, x)``, ``forward(x, batch=None)``, called with a literal ``None`` when
+    ``none_call``); ``enumerate``; ``branch`` (children called as ``self.branch[i](x[i], None)``
+    whose forward tests ``scale is not None``). ``stem``: children called in a row on the
+    first level (``s = self.stem_conv(x[0])``, ``s = self.stem_bn(s)``). ``guard``:
+    ``shape-cache`` (ultralytics' anchors), ``grid`` (YOLOv7's grids), ``odd``, ``none``
+    (the head traces). ``hazard``: a use ``fuse`` must respect: ``passed`` (a child handed
+    to ``count_parameters``, which scales the output), ``reused`` (a child, a chain member,
+    called a second time), ``isinstance`` (a child tested against its own class), ``append``
+    / ``rewrite`` / ``unbatch`` (the input list changed before the chain: appended to, an item
+    scaled, or an item replaced by its first sample, which has another rank). ``call``, how
+    the caller calls it: ``plain``; ``read-after`` (the caller reads its list after the call,
+    which the head may have written into); ``twice`` (called again on the maps' first
+    samples: unbatched, another rank).
+
+    The output is level 0's result (``(N, out_channels, *S)``) plus the spatial means of the
+    other levels (and the stem's result)."""
+
+    name, weight, default_style, arity = "head", 1.2, "zip", "levels"
+
+    STYLES = ("chain", "property", "zip", "enumerate", "branch")
+
+    def styles(self, layout, dims):
+        return [(3, "chain"), (2, "property"), (2, "zip"), (1, "enumerate"), (2, "branch")]
+
+    def generate(self, gen, inputs):
+        statement = super().generate(gen, inputs)
+        if statement.get("hazard") == "unbatch" or statement.get("call") == "twice":
+            # children that take an unbatched map (BatchNorm2d does not)
+            statement = replace(statement, style="chain").with_options(
+                bn=False, stem=tuple(m for m in statement.get("stem") if m != "bn"))
+        return statement
+
+    def random_options(self, gen, inputs):
+        rng = gen.rng
+        channels = [gen.types[name].channels for name in inputs]
+        out_channels = rng.choice((channels[0], gen.channels, 6))
+        kernel = rng.choice((1, 1, 3, 3, 2))
+        padding = kernel // 2 if rng.random() < 0.7 else rng.randint(0, kernel // 2)
+        common = functools.reduce(math.gcd, channels + [out_channels])
+        groups = gen.weighted([(5, 1)] + ([(2, common)] if common > 1 else []))
+        hazards = [(6, "none"), (1, "passed"), (1, "reused"), (1, "isinstance"), (1, "append"),
+                   (1, "rewrite")]
+        if len(inputs) > 1:
+            hazards.append((2, "unbatch"))
+        stem = ()
+        if rng.random() < 0.3:
+            stem = tuple(m for m in ("ia", "conv", "bn", "im") if m == "conv" or rng.random() < 0.5)
+        return options(out_channels=out_channels, kernel=kernel, padding=padding, groups=groups,
+                       bias=rng.random() < 0.5, ia=rng.random() < 0.7, im=rng.random() < 0.6,
+                       bn=rng.random() < 0.6, stem=stem, none_call=rng.random() < 0.5,
+                       guard=gen.weighted([(4, "shape-cache"), (3, "grid"), (2, "odd"), (1, "none")]),
+                       hazard=gen.weighted(hazards), target=rng.random(),
+                       call=gen.weighted([(6, "plain"), (2, "read-after"), (2, "twice")]))
+
+    def output_type(self, s, inputs, program):
+        if any(t.layout != FIRST for t in inputs):
+            raise InvalidProgram("a head takes channels-first feature maps")
+        k, p, g, cout = s.get("kernel"), s.get("padding"), s.get("groups"), s.get("out_channels")
+        if any(t.channels % g for t in inputs) or cout % g:
+            raise InvalidProgram("groups do not divide the channels")
+        sizes = [[_spatial_out(n, k, 1, 2 * p) for n in size] for t in inputs for size in t.spatial()]
+        checked_sizes(sizes)
+        return tensor_type(FIRST, cout, [[_spatial_out(n, k, 1, 2 * p) for n in size]
+                                         for size in inputs[0].spatial()])
+
+    def render(self, s, out):
+        n = s.number
+        name = f"Head{n}"
+        out.klass(name, self.class_lines(s, out))
+        out.init(f"head{n}", f"self.head{n} = {name}()")
+        none = ", None" if s.style == "zip" and s.get("none_call") else ""
+        call = s.get("call", "plain")
+        if call == "read-after":  # the caller reads the list it handed over, after the call
+            out.forward(f"feats{n} = [{', '.join(s.inputs)}]", f"{s.output} = self.head{n}(feats{n}{none})",
+                        f"{s.output} = {s.output} + feats{n}[0].mean()")
+            return
+        out.forward(f"{s.output} = self.head{n}([{', '.join(s.inputs)}]{none})")
+        if call == "twice":  # again, on the first samples: unbatched maps
+            out.forward(f"{s.output} = {s.output} + self.head{n}([{', '.join(f'{a}[0]' for a in s.inputs)}]{none})")
+
+    def class_lines(self, s, out) -> list[str]:
+        n, nd, dims = s.number, out.nd, out.dims
+        channels = [out.c(a) for a in s.inputs]
+        cout, k, p, g = (s.get(o) for o in ("out_channels", "kernel", "padding", "groups"))
+        style, guard, hazard = s.style, s.get("guard"), s.get("hazard")
+        bn_on = s.get("bn")
+
+        def conv(c):
+            text = f"nn.Conv{nd}({c}, {cout}, {k}"
+            text += f", padding={p}" if p else ""
+            text += f", groups={g}" if g != 1 else ""
+            return text + ("" if s.get("bias") else ", bias=False") + ")"
+
+        def module_list(items):
+            return f"nn.ModuleList([{', '.join(items)}])"
+
+        bn = f"nn.BatchNorm{nd}({cout})"
+        init = [f"self.nl = {len(channels)}"]
+        if guard == "grid":
+            init.append("self.grid = [torch.zeros(1)] * self.nl")
+        children: dict[str, str] = {}  # name -> the class of its items (or its own class)
+        methods: list[tuple[str, list[str]]] = []
+        arguments = "x, batch=None" if style == "zip" else "x"
+        body: list[str] = []
+        if style == "zip":
+            body += ["if batch is not None:", "    return batch"]
+        if hazard == "append":
+            body.append("x.append(x[-1])")
+        elif hazard == "rewrite":
+            body.append("x[0] = x[0] * 2.0")
+        elif hazard == "unbatch":
+            body.append("x[-1] = x[-1][0]")
+        if hazard == "reused":
+            body.append("first = x[0]")
+        stem = s.get("stem")
+        if stem:
+            source = "x[0]"
+            for member in stem:
+                attribute = f"stem_{member}"
+                if member == "ia":
+                    out.helper("Implicit")
+                    init.append(f"self.{attribute} = ImplicitA({channels[0]})")
+                    children[attribute] = "ImplicitA"
+                elif member == "conv":
+                    init.append(f"self.{attribute} = {conv(channels[0])}")
+                    children[attribute] = f"nn.Conv{nd}"
+                elif member == "bn":
+                    init.append(f"self.{attribute} = {bn}")
+                    children[attribute] = f"nn.BatchNorm{nd}"
+                else:
+                    out.helper("Implicit")
+                    init.append(f"self.{attribute} = ImplicitM({cout})")
+                    children[attribute] = "ImplicitM"
+                body.append(f"s = self.{attribute}({source})")
+                source = "s"
+        if style == "chain":
+            init.append(f"self.m = {module_list(conv(c) for c in channels)}")
+            children["m"] = f"nn.Conv{nd}"
+            if s.get("ia"):
+                out.helper("Implicit")
+                init.append(f"self.ia = {module_list(f'ImplicitA({c})' for c in channels)}")
+                children["ia"] = "ImplicitA"
+            if bn_on:
+                init.append(f"self.bn = {module_list(bn for _ in channels)}")
+                children["bn"] = f"nn.BatchNorm{nd}"
+            if s.get("im"):
+                out.helper("Implicit")
+                init.append(f"self.im = {module_list(f'ImplicitM({cout})' for _ in channels)}")
+                children["im"] = "ImplicitM"
+            first = "self.m[i](self.ia[i](x[i]))" if s.get("ia") else "self.m[i](x[i])"
+            body += ["z = []", "for i in range(self.nl):", f"    x[i] = {first}"]
+            if bn_on:
+                body.append("    x[i] = self.bn[i](x[i])")
+            if s.get("im"):
+                body.append("    x[i] = self.im[i](x[i])")
+            body.append("    z.append(x[i])")
+        elif style == "property":
+            sequential = [f"nn.Sequential({conv(c)}, {bn})" if bn_on else f"nn.Sequential({conv(c)})"
+                          for c in channels]
+            init += [f"self.cv2 = {module_list(sequential)}", f"self.cv3 = {module_list(conv(c) for c in channels)}"]
+            children.update(cv2="nn.Sequential", cv3=f"nn.Conv{nd}")
+            methods += [("@property", []), ("one2many(self)", ["return dict(box_head=self.cv2, cls_head=self.cv3)"]),
+                        ("forward_head(self, x, box_head=None, cls_head=None)",
+                         ["if box_head is None or cls_head is None:", "    return dict()",
+                          "boxes = [box_head[i](x[i]) for i in range(self.nl)]",
+                          "scores = [cls_head[i](x[i]) for i in range(self.nl)]",
+                          "return dict(boxes=boxes, scores=scores)"])]
+            body += ["preds = self.forward_head(x, **self.one2many)",
+                     'z = [b + c for b, c in zip(preds["boxes"], preds["scores"])]']
+        elif style in ("zip", "enumerate"):
+            sequential = [f"nn.Sequential({conv(c)}, {bn})" if bn_on else f"nn.Sequential({conv(c)})"
+                          for c in channels]
+            init.append(f"self.proj = {module_list(sequential)}")
+            children["proj"] = "nn.Sequential"
+            if style == "zip":
+                body.append("z = [p(t) for p, t in zip(self.proj, x)]")
+            else:
+                body += ["z = []", "for i, p in enumerate(self.proj):", "    z.append(p(x[i]))"]
+        elif style == "branch":
+            branch = f"Branch{n}"
+            lines = [f"class {branch}(nn.Module):",
+                     '    """A child whose forward takes an optional scale (its parent passes None)."""', "",
+                     "    def __init__(self, c):", "        super().__init__()",
+                     f"        self.conv = nn.Conv{nd}(c, {cout}, {k}" + (f", padding={p}" if p else "")
+                     + (f", groups={g}" if g != 1 else "") + ("" if s.get("bias") else ", bias=False") + ")",
+                     f"        self.bn = {bn}", "",
+                     "    def forward(self, x, scale=None):", "        y = self.conv(x)",
+                     "        if scale is not None:", "            y = y * scale", "        return self.bn(y)"]
+            out.klass(branch, lines)
+            init.append(f"self.branch = {module_list(f'{branch}({c})' for c in channels)}")
+            children["branch"] = branch
+            body.append("z = [self.branch[i](x[i], None) for i in range(self.nl)]")
+        else:
+            raise ValueError(style)
+        if guard == "grid":
+            body += ["for i in range(self.nl):", "    if self.grid[i].shape != z[i].shape[-1:]:",
+                     "        self.grid[i] = torch.linspace(0.0, 1.0, z[i].shape[-1], dtype=z[i].dtype)",
+                     "    z[i] = z[i] + self.grid[i]"]
+        axes = "(" + ", ".join(str(-d) for d in range(dims, 0, -1)) + ("," if dims == 1 else "") + ")"
+        body += ["out = z[0]", "for t in z[1:]:", f"    out = out + t.mean({axes}, keepdim=True)"]
+        if stem:
+            body.append("out = out + s")
+        names = sorted(children)
+        target = names[min(int(s.get("target") * len(names)), len(names) - 1)] if names else None
+        indexed = target is not None and not target.startswith("stem_")
+        item = f"self.{target}[0]" if indexed else f"self.{target}"
+        if hazard == "passed" and target:
+            out.helper("count_parameters")
+            body.append(f"out = out * (1.0 + 1e-4 * count_parameters(self.{target}))")
+        elif hazard == "isinstance" and target:
+            body += [f"if isinstance({item}, {children[target]}):", "    out = out * 2.0"]
+        elif hazard == "reused" and target:
+            takes_out = target.endswith(("bn", "im")) or target == "stem_im"
+            argument = "out" if takes_out else ("first, None" if target == "branch" else "first")
+            body.append(f"out = out + {item}({argument}).mean()")
+        if guard == "shape-cache":
+            body += ["shape = out.shape", "if self.shape != shape:",
+                     "    self.anchors = torch.linspace(0.0, 1.0, shape[-1], dtype=out.dtype)",
+                     "    self.shape = shape", "out = out + self.anchors"]
+        elif guard == "odd":
+            body += ["if out.shape[-1] % 2:", "    out = out.clone()"]
+        body.append("return out")
+        lines = [f"class Head{n}(nn.Module):", f'    """A {style} head over {len(channels)} level(s)."""', ""]
+        if guard == "shape-cache":
+            lines += ["    shape = None", ""]
+        lines += ["    def __init__(self):", "        super().__init__()"]
+        lines += ["        " + line for line in init] + [""]
+        for signature, method_body in methods:
+            if signature.startswith("@"):
+                lines.append(f"    {signature}")
+                continue
+            lines += [f"    def {signature}:"] + ["        " + line for line in method_body] + [""]
+        lines += [f"    def forward(self, {arguments}):"] + ["        " + line for line in body]
+        return lines
+
+    def simpler(self, s, program):
+        if s.style != self.default_style:
+            yield replace(s, style=self.default_style)
+        if s.get("hazard") != "none":
+            yield s.with_options(hazard="none")
+        if s.get("call", "plain") != "plain":
+            yield s.with_options(call="plain")
+        if s.get("stem"):
+            yield s.with_options(stem=())
+        if len(s.inputs) > 1:
+            for i in range(1, len(s.inputs)):
+                yield replace(s, inputs=s.inputs[:i] + s.inputs[i + 1:])
+        if s.get("guard") != "shape-cache":
+            yield s.with_options(guard="shape-cache")
+        for name in ("ia", "im", "bn", "bias", "none_call"):
+            if s.get(name):
+                yield s.with_options(**{name: False})
+        if s.get("groups") != 1:
+            yield s.with_options(groups=1)
+        if s.get("kernel") != 1:
+            yield s.with_options(kernel=1, padding=0)
+        if s.get("padding") != s.get("kernel") // 2:
+            yield s.with_options(padding=s.get("kernel") // 2)
+
+
 OPS: dict[str, Op] = {op.name: op for op in (
     Conv(), BatchNorm(), Identity(), Scale(), AvgPool(), Pad(), Crop(), LinearChannels(), ToLast(),
     ToFirst(), Linear(), BatchNorm1d(), Activation(), ShapeRead(), PoolHead(), Add(), Sub(),
     InplaceAdd(), Sum(), MultiBranch(), Gate(), Reuse(), ConvTranspose(), Upsample(), Concat(),
-    ChannelSlice())}
+    ChannelSlice(), Head())}
 
 _ALIASING_KINDS = {"identity", "inplace-add"}
 
@@ -1548,6 +2229,7 @@ class Generator:
         self.used: set[str] = set()
         self.statements: list[Statement] = []
         self.count = 0
+        self.boost: dict[str, float] = {}  # op name -> weight factor (heads in whole programs)
 
     def next_name(self) -> str:
         return f"v{self.count + 1}"
@@ -1611,13 +2293,20 @@ def generate_program(seed: int) -> Program:
     raise RuntimeError(f"seed {seed}: no valid program in 50 attempts")  # a generator bug
 
 
+FRAMED = 0.3  # the share of programs written as a whole program (a Frame)
+
+
 def _generate(seed: int, attempt: int) -> Program:
     rng = random.Random(f"program:{seed}:{attempt}")
+    frame_rng = random.Random(f"frame:{seed}:{attempt}")
+    framed = frame_rng.random() < FRAMED
     draw = rng.random()
     dims = 1 if draw < 0.12 else 3 if draw < 0.18 else 2
     channels = rng.choice((4, 4, 4, 4, 2, 6, 8))
     sizes = rng.choice(SIZES[dims])
     gen = Generator(rng.getrandbits(64), dims, channels, sizes)
+    if framed:
+        gen.boost["head"] = 4.0
     statements: list[Statement] = gen.statements
     length = gen.weighted([(1, 1), (2, 2), (3, 3), (3, 4), (3, 5), (3, 6), (2, 7), (2, 8), (1, 10), (1, 12)])
     while len(statements) < length:
@@ -1643,12 +2332,41 @@ def _generate(seed: int, attempt: int) -> Program:
         start = gen.rng.randint(0, len(statements) - length)
         kind = gen.weighted([(2, "traceable"), (2, "untraceable"), (1, "hooked")])
         blocks = (Block(tuple(s.output for s in statements[start:start + length]), kind),)
-    return Program(seed, dims, channels, tuple(sizes), tuple(statements), outputs, blocks)
+    frame = _generate_frame(frame_rng, statements, blocks) if framed else None
+    return Program(seed, dims, channels, tuple(sizes), tuple(statements), outputs, blocks, frame)
+
+
+def _generate_frame(rng: random.Random, statements: list[Statement], blocks) -> Frame:
+    """A whole program around ``statements``: a signature, maybe shape control flow, and
+    mostly a routing loop over layers (cut between statements, never inside a block; heads
+    mostly a layer of their own)."""
+    def weighted(choices):
+        return Generator.weighted(types.SimpleNamespace(rng=rng), choices)
+
+    inside = {name: index for index, block in enumerate(blocks) for name in block.members}
+    layers: list[list[str]] = [[statements[0].output]]
+    for previous, statement in zip(statements, statements[1:]):
+        block = inside.get(statement.output)
+        same_block = block is not None and inside.get(previous.output) == block
+        head = "head" in (statement.kind, previous.kind)
+        if not same_block and rng.random() < (0.8 if head else 0.35):
+            layers.append([])
+        layers[-1].append(statement.output)
+    routed = rng.random() < 0.8
+    loop = weighted([(3, "for"), (1, "enumerate"), (1, "index"), (2, "slice-head")])
+    return Frame(signature=weighted([(2, "plain"), (2, "augment"), (2, "args-kwargs"), (1, "super")]),
+                 guard=weighted([(3, "none"), (1, "too-large"), (1, "odd-noop"), (1, "shape-cache")]),
+                 layers=tuple(tuple(layer) for layer in layers) if routed else (),
+                 profile=weighted([(3, "none"), (2, "dead"), (1, "visualize"), (1, "live")]) if routed else "none",
+                 container=weighted([(2, "sequential"), (1, "modulelist")]),
+                 loop=loop, check=weighted([(3, "none"), (1, "absent"), (1, "module"), (1, "layer")]),
+                 head_none=rng.random() < 0.5, direct=rng.random() < 0.7)
 
 
 def _generate_statement(gen: Generator, statements: list) -> Statement | None:
     present = {t.layout for t in gen.types.values()}
-    candidates = [(op.weight, op) for op in OPS.values() if present & set(op.layouts)]
+    candidates = [(op.weight * gen.boost.get(op.name, 1.0), op) for op in OPS.values()
+                  if present & set(op.layouts)]
     newest = gen.types[gen.order[-1]].layout
     if newest != FIRST and gen.rng.random() < 0.6:  # mostly stay on channels-last tokens a while
         candidates = [(w * (3 if FIRST not in op.layouts else 1), op) for w, op in candidates
@@ -1657,6 +2375,14 @@ def _generate_statement(gen: Generator, statements: list) -> Statement | None:
     if op.arity == 1:
         first = gen.pick(op.layouts)
         inputs = (first,)
+    elif op.arity == "levels":  # a head: 1-3 feature maps of any sizes
+        first = gen.pick(op.layouts)
+        inputs = (first,)
+        count = gen.weighted([(2, 1), (3, 2), (2, 3)])
+        for _ in range(count - 1):
+            rest = [n for n in gen.order if gen.types[n].layout in op.layouts and n not in inputs]
+            if rest:
+                inputs += (gen._prefer_unused(rest),)
     elif op.name == "concat":
         first = gen.pick(op.layouts)
         if first is None:
@@ -1831,7 +2557,12 @@ def capture_options(seed: int, capture: str) -> tuple[tuple[str, object], ...]:
     if capture == "onnx":
         return options(opset=rng.choice((13, 14, 17)), constant_folding=rng.random() < 0.6,
                        dynamic=rng.random() < 0.3, training=rng.random() < 0.15)
+    if capture in ("fx", "fx-inputs") and rng.random() < EXPORT_FUSED:
+        return options(export_fused=True)  # (whole programs only: see _check_exported_fused)
     return ()
+
+
+EXPORT_FUSED = 0.35  # the share of fx captures whose fused whole program is also exported
 
 
 def _error_text(error: BaseException) -> str:
@@ -1918,6 +2649,16 @@ def _check_torch(program: Program, capture: str, capture_opts: dict) -> Finding 
             raise Skip(f"torch.export: {_error_text(error)}") from None
         if not capture_opts.get("dynamic"):
             sizes = inputs[:1]
+    given_outputs = {}  # what the model computes before fuse (fx captures: it is the reference),
+    if capture in ("fx", "fx-inputs"):  # run on a copy: fuse gets the model as it was built
+        import copy
+        twin = copy.deepcopy(model)
+        with torch.no_grad():
+            for index, x in enumerate(sizes):
+                try:
+                    given_outputs[index] = [t.clone() for t in _as_list(twin(x.clone()))]
+                except Exception:  # noqa: BLE001 - then it is not compared after fuse either
+                    pass
     before = _snapshot(_state(given))
     try:
         if capture == "fx-inputs":
@@ -1933,14 +2674,19 @@ def _check_torch(program: Program, capture: str, capture_opts: dict) -> Finding 
         return Finding("mutated-input", "fuse changed its example input")
     with torch.no_grad():
         runnable = []
-        for x in sizes:
+        for index, x in enumerate(sizes):
             where = f"input {tuple(x.shape)}"
             try:
                 expected = reference(x.clone())
             except Exception as error:  # noqa: BLE001 - an exported program's guards
+                if index in given_outputs:
+                    return Finding("mutated-input", f"{where}: the model given no longer runs after fuse: "
+                                                    f"{_error_text(error)}")
                 if x is sizes[0]:
                     raise Skip(f"the program given does not run at {where}: {_error_text(error)}") from None
                 continue
+            if index in given_outputs and not _same_outputs(given_outputs[index], expected):
+                return Finding("mutated-input", f"{where}: the model given computes something else after fuse")
             try:
                 actual = fused(x.clone())
             except Exception as error:  # noqa: BLE001
@@ -1958,7 +2704,38 @@ def _check_torch(program: Program, capture: str, capture_opts: dict) -> Finding 
             macs_after = reparam_fx.mac_count(fused, (x.clone(),))
             if macs_after > macs_before:
                 return Finding("mac-increase", f"input {tuple(x.shape)}: {macs_before} MACs -> {macs_after}")
+    if capture_opts.get("export_fused") and capture in ("fx", "fx-inputs") and program.features():
+        return _check_exported_fused(model, fused, inputs[0])
     return None
+
+
+def _same_outputs(before: list, after) -> bool:
+    after = _as_list(after)
+    return len(before) == len(after) and all(
+        a.shape == b.shape and torch.equal(a, b) for a, b in zip(before, after))
+
+
+def _check_exported_fused(model, fused, x) -> Finding | None:
+    """A fused whole program exports with ``torch.export`` whenever the program does (a
+    kept-whole head that writes into its input list must be given a list it may write
+    into), and the exported program computes what the model does."""
+    import copy
+    try:
+        with torch.no_grad():
+            torch.export.export(copy.deepcopy(model), (x.clone(),))
+    except Exception:  # noqa: BLE001 - the program itself does not export: nothing to hold fuse to
+        return None
+    where = f"exported fused model, input {tuple(x.shape)}"
+    try:
+        with torch.no_grad():
+            exported = torch.export.export(fused, (x.clone(),)).module()
+            actual = exported(x.clone())
+    except Exception as error:  # noqa: BLE001
+        return Finding("crash-fused", f"{where}: {_error_text(error)}", f"export-fused:{type(error).__name__}")
+    with torch.no_grad():
+        expected = model(x.clone())
+    finding = _compare(expected, actual, RTOL_FLOAT64, where)
+    return replace(finding, error_type="export-fused") if finding else None
 
 
 def export_onnx(program: Program, capture_opts: dict) -> bytes:
@@ -2135,9 +2912,12 @@ def shrink_candidates(program: Program, capture_opts) -> Iterator[tuple[Program,
             rest = _rename(statements[index + 1:], removed, replacement)
             outputs = tuple(dict.fromkeys(replacement if n == removed else n for n in program.outputs))
             blocks = tuple(replace(b, members=tuple(m for m in b.members if m != removed)) for b in program.blocks)
+            frame = program.frame.without(removed) if program.frame else None
             yield replace(program, statements=statements[:index] + rest, outputs=outputs,
-                          blocks=tuple(b for b in blocks if b.members)), capture_opts
+                          blocks=tuple(b for b in blocks if b.members), frame=frame), capture_opts
             break
+    if program.frame is not None:
+        yield from ((candidate, capture_opts) for candidate in _simpler_frames(program))
     for index, block in enumerate(program.blocks):
         others = program.blocks[:index] + program.blocks[index + 1:]
         yield replace(program, blocks=others), capture_opts
@@ -2150,6 +2930,23 @@ def shrink_candidates(program: Program, capture_opts) -> Iterator[tuple[Program,
     for name, simple in (("dynamic", False), ("training", False), ("constant_folding", True), ("opset", 17)):
         if name in opts and opts[name] != simple:
             yield program, tuple(sorted({**opts, name: simple}.items()))
+    if opts.get("export_fused"):
+        yield program, tuple(sorted((k, v) for k, v in opts.items() if k != "export_fused"))
+
+
+def _simpler_frames(program: Program) -> Iterator[Program]:
+    """The program without its frame, or with a simpler one: each option at its default,
+    two adjacent layers merged, no routing loop."""
+    frame = program.frame
+    yield replace(program, frame=None)
+    for name, default in Frame.DEFAULTS:
+        if getattr(frame, name) != default:
+            yield replace(program, frame=replace(frame, **{name: default}))
+    if frame.layers:
+        yield replace(program, frame=replace(frame, layers=()))
+        for k in range(len(frame.layers) - 1):
+            merged = frame.layers[:k] + (frame.layers[k] + frame.layers[k + 1],) + frame.layers[k + 2:]
+            yield replace(program, frame=replace(frame, layers=merged))
 
 
 def renumbered(program: Program) -> Program:
@@ -2161,8 +2958,11 @@ def renumbered(program: Program) -> Program:
         statements.append(replace(statement, output=f"v{index}",
                                   inputs=tuple(names[n] for n in statement.inputs)))
     blocks = tuple(replace(b, members=tuple(names[m] for m in b.members)) for b in program.blocks)
+    frame = program.frame
+    if frame is not None:
+        frame = replace(frame, layers=tuple(tuple(names[m] for m in layer) for layer in frame.layers))
     return replace(program, statements=tuple(statements), outputs=tuple(names[n] for n in program.outputs),
-                   blocks=blocks)
+                   blocks=blocks, frame=frame)
 
 
 def _used_names(program: Program, index: int) -> set[str]:
@@ -2186,7 +2986,7 @@ def shrink(program: Program, capture: str, capture_opts, finding: Finding, *,
     while improved and checks < max_checks and time.monotonic() < deadline:
         improved = False
         for candidate, candidate_opts in shrink_candidates(program, capture_opts):
-            key = (candidate.statements, candidate.outputs, candidate.blocks, candidate_opts)
+            key = (candidate.statements, candidate.outputs, candidate.blocks, candidate.frame, candidate_opts)
             if key in seen:
                 continue
             seen.add(key)
@@ -2234,18 +3034,22 @@ def reproducer(program: Program, capture: str, capture_opts, finding: Finding | 
     if capture == "onnx":
         lines += _onnx_reproducer(program, opts, kind)
     else:
-        lines += _torch_reproducer(program, capture, opts, kind)
+        lines += _torch_reproducer(program, capture, opts, kind, finding)
     return "\n".join(lines) + "\n"
 
 
-def _torch_reproducer(program: Program, capture: str, opts: dict, kind: str) -> list[str]:
+def _torch_reproducer(program: Program, capture: str, opts: dict, kind: str,
+                      finding: Finding | None = None) -> list[str]:
     lines = build_code(program, "float64").rstrip().splitlines()
     sizes = "inputs"
+    exported = finding is not None and finding.error_type.startswith("export-fused")
     if capture in ("fx", "fx-inputs"):
         given, reference = "model", "model"
-        if capture == "fx" and runs_unbatched(program):
+        if capture == "fx" and runs_unbatched(program) and not exported:
             sizes = "inputs + [inputs[0][0]]"
             lines.append("# the model runs on an unbatched (C, *S) input too, and fuse(model) saw no input")
+        if exported:
+            sizes = "inputs[:1]"
     else:
         dynamic = ""
         if opts.get("dynamic"):
@@ -2256,9 +3060,14 @@ def _torch_reproducer(program: Program, capture: str, opts: dict, kind: str) -> 
         decompose = ".run_decompositions()" if capture == "core" else ""
         lines.append(f"program = torch.export.export(model, (inputs[0].clone(),){dynamic}){decompose}")
         given, reference = "program", "program.module()"
+    behaviour = kind == "mutated-input" and given == "model"  # what the model computes, too
     if kind == "mutated-input":
         state = "model.state_dict()" if given == "model" else "{**program.state_dict, **program.constants}"
         lines.append(f"before = {{k: v.clone() for k, v in {state}.items()}}")
+        if behaviour:
+            lines = ["import copy"] + lines + [
+                "twin = copy.deepcopy(model)  # what the model computes, before fuse",
+                "with torch.no_grad():", f"    outputs_before = [twin(x.clone()) for x in {sizes}]"]
     if capture == "fx-inputs":
         lines += ["example = inputs[0].clone()", f"fused = reparam_fx.fuse({given}, (example,))"]
     else:
@@ -2270,7 +3079,19 @@ def _torch_reproducer(program: Program, capture: str, opts: dict, kind: str) -> 
         lines.append('assert all(torch.equal(v, after[k]) for k, v in before.items()), "fuse changed its argument"')
         if capture == "fx-inputs":
             lines.append('assert torch.equal(example, inputs[0]), "fuse changed its example input"')
+        if behaviour:
+            lines += ["with torch.no_grad():",
+                      f"    for x, expected in zip({sizes}, outputs_before):",
+                      "        actual = model(x.clone())  # the model given, after fuse",
+                      "        expected = list(expected) if isinstance(expected, (tuple, list)) else [expected]",
+                      "        actual = list(actual) if isinstance(actual, (tuple, list)) else [actual]",
+                      "        assert all(torch.equal(a, b) for a, b in zip(expected, actual)), "
+                      '"fuse changed what the model computes"']
         return lines
+    if exported:
+        lines = ["import copy"] + lines + [
+            "torch.export.export(copy.deepcopy(model), (inputs[0].clone(),))  # the program itself exports",
+            "fused = torch.export.export(fused, (inputs[0].clone(),)).module()  # the fused one must too"]
     if reference != "model":
         lines.append(f"reference = {reference}")
         reference = "reference"
@@ -2378,9 +3199,11 @@ class FuzzResult:
     seconds: float = 0.0
     seeds_done: list[int] = field(default_factory=list)
     shrunk: set = field(default_factory=set)  # early signatures of the failures shrunk so far
+    features: Counter = field(default_factory=Counter)  # programs per whole-program style
 
     def merge(self, other: "FuzzResult") -> None:
         self.shrunk.update(other.shrunk)
+        self.features.update(other.features)
         self.programs += other.programs
         self.captures_run.update(other.captures_run)
         self.captures_skipped.update(other.captures_skipped)
@@ -2398,6 +3221,8 @@ class FuzzResult:
                  + f" (total {sum(self.captures_run.values())})",
                  "captures skipped: " + (", ".join(f"{c} {n}" for c, n in sorted(self.captures_skipped.items()))
                                          or "none"),
+                 "whole-program styles (programs): " + (", ".join(
+                     f"{name} {count}" for name, count in sorted(self.features.items())) or "none"),
                  f"failures: {len(self.failures)}"
                  + (" (" + ", ".join(f"{k} {n}" for k, n in kinds.most_common()) + "; by capture: "
                     + ", ".join(f"{c} {n}" for c, n in by_capture.most_common()) + f"; {classes} distinct)"
@@ -2431,6 +3256,7 @@ def fuzz_seed(seed: int, captures=CAPTURES, *, shrink_failures: bool = True,
     (``repeat_shrink_checks``)."""
     result = FuzzResult(programs=1, seeds_done=[seed])
     program = generate_program(seed)
+    result.features.update(program.features())
     for capture in captures:
         capture_opts = capture_options(seed, capture)
         try:

@@ -17,7 +17,8 @@ from fuzzing import Program, Statement, options
 # ---- the bounded run -------------------------------------------------------------------
 
 # every capture of seeds 0..31, except the slow one (core ATen: run_decompositions takes
-# ~0.7 s a program) on seeds 0..15: about 25 s on one core
+# ~0.7 s a program) on seeds 0..15: about 20 s on one core (with this file's other tests,
+# under 30 s). 12 of them are whole programs (routing loops, heads: fuzzing.Frame, Head)
 BOUNDED_SEEDS = range(0, 32)
 CORE_SEEDS = range(0, 16)
 
@@ -80,8 +81,29 @@ def test_generated_programs_use_every_op_kind():
     assert kinds == set(fuzzing.OPS)
 
 
-def _program(*statements, outputs=None, seed=1):
-    return Program(seed, 2, 4, ((8, 8), (7, 9)), tuple(statements), outputs or (statements[-1].output,))
+# every whole-program style (fuzzing.Frame, the head op) the generator writes
+WHOLE_PROGRAM_STYLES = (
+    {"frame", "routed", "frame-untraceable", "head", "head-stem"}
+    | {f"signature:{s}" for s in ("plain", "augment", "args-kwargs", "super")}
+    | {f"loop:{s}" for s in ("for", "enumerate", "index", "slice-head")}
+    | {f"profile:{s}" for s in ("dead", "visualize", "live")}
+    | {f"isinstance:{s}" for s in ("absent", "module", "layer")}
+    | {f"head:{s}" for s in fuzzing.Head.STYLES}
+    | {f"head-guard:{s}" for s in ("shape-cache", "grid", "odd", "none")}
+    | {f"head-hazard:{s}" for s in ("passed", "reused", "isinstance", "append", "rewrite", "unbatch")}
+    | {f"head-call:{s}" for s in ("read-after", "twice")})
+
+
+def test_generated_programs_use_every_whole_program_style():
+    seen = set().union(*(fuzzing.generate_program(seed).features() for seed in range(400)))
+    assert WHOLE_PROGRAM_STYLES <= seen, f"never generated: {sorted(WHOLE_PROGRAM_STYLES - seen)}"
+    whole = [seed for seed in BOUNDED_SEEDS if fuzzing.generate_program(seed).features()]
+    assert len(whole) >= 6, "the bounded run should include whole programs"
+
+
+def _program(*statements, outputs=None, seed=1, frame=None):
+    return Program(seed, 2, 4, ((8, 8), (7, 9)), tuple(statements), outputs or (statements[-1].output,),
+                   frame=frame)
 
 
 CONV3 = options(kernel=3, stride=1, dilation=1, groups=1, bias=False, padding=1)
@@ -117,6 +139,54 @@ KNOWN_BUG_SHAPES = {
                             Statement("avgpool", "v2", ("v1",), "module",
                                       options(kernel=2, stride=1, padding=0, count_include_pad=True))),
 }
+
+
+HEAD = options(out_channels=6, kernel=1, padding=0, groups=1, bias=True, ia=True, im=True, bn=True,
+               stem=("conv", "bn"), none_call=True, guard="shape-cache", hazard="none", target=0.0, call="plain")
+
+# a YOLO-style whole program: forward(x, augment=False, profile=False, visualize=False), a
+# routing loop that does not trace over Layer1 (conv, BN), Layer2 (conv, BN) and a head of
+# its own (IDetect's chain ia -> m -> bn -> im per level, a conv -> BN stem, anchors cached)
+# fed from layers 1 and 2 (m.f == [1, -1]), a dead profile branch
+WHOLE_PROGRAM = _program(
+    Statement("conv", "v1", ("x",), "module", CONV3),
+    Statement("batchnorm", "v2", ("v1",), "module", BN),
+    Statement("conv", "v3", ("v2",), "module", CONV3),
+    Statement("batchnorm", "v4", ("v3",), "module", BN),
+    Statement("head", "v5", ("v2", "v4"), "chain", HEAD),
+    frame=fuzzing.Frame(signature="augment", guard="too-large", layers=(("v1", "v2"), ("v3", "v4"), ("v5",)),
+                        profile="dead", check="absent", direct=True))
+
+
+def test_whole_programs_render_as_detectors_and_fuse_inside():
+    source = WHOLE_PROGRAM.source()
+    for text in ("def forward(self, x, augment=False, profile=False, visualize=False):",
+                 "x = y[m.f] if isinstance(m.f, int) else [x if j == -1 else y[j] for j in m.f]",
+                 "layers = [Layer0(), Layer1(), Head5()]", "froms = [-1, -1, [0, -1]]",
+                 "x[i] = self.m[i](self.ia[i](x[i]))", "s = self.stem_conv(x[0])",
+                 "self._profile_one_layer(m, x, dt)", "if isinstance(m, (Detect, Segment)):"):
+        assert text in source, text
+    assert fuzzing.eager_error(WHOLE_PROGRAM) is None
+    for capture in ("fx", "fx-inputs", "export"):
+        assert fuzzing.check_capture(WHOLE_PROGRAM, capture, ()) is None, capture
+    model, _ = fuzzing.build(WHOLE_PROGRAM)
+    report = reparam_fx.fuse(model).fusion_report
+    fused = {region.module.split(".")[1] for region in report.fused if region.module.startswith("model.")}
+    assert {"0", "1", "2"} <= fused, report.table()  # both layers and the head's children
+
+
+def test_shrinking_simplifies_and_removes_a_frame():
+    candidates = [p for p, _ in fuzzing.shrink_candidates(WHOLE_PROGRAM, ())]
+    assert any(c.frame is None for c in candidates)
+    assert any(c.frame and len(c.frame.layers) == 2 for c in candidates)  # two layers merged
+    assert any(c.frame and c.frame.guard == "none" for c in candidates)
+    shorter = [c for c in candidates if len(c.statements) == 4]
+    assert shorter and all(sum(map(len, c.frame.layers)) == 4 for c in shorter)
+    for candidate in candidates:
+        if fuzzing.eager_error(candidate) is None:
+            compile(candidate.source(), "<candidate>", "exec")
+    renamed = fuzzing.renumbered(WHOLE_PROGRAM)
+    assert renamed.source() == WHOLE_PROGRAM.source()
 
 
 @pytest.mark.parametrize("name", sorted(KNOWN_BUG_SHAPES))
@@ -234,6 +304,45 @@ def test_detects_a_crash_and_a_mutated_input(monkeypatch):
     monkeypatch.setattr(reparam_fx, "fuse", mutating)
     finding = fuzzing.check_capture(program, "fx")
     assert finding.kind == "mutated-input"
+
+
+def test_detects_a_fuse_that_changes_what_the_model_computes(monkeypatch):
+    fuse = reparam_fx.fuse
+
+    def rerouting(model, *args, **kwargs):
+        fused = fuse(model, *args, **kwargs)
+        model.model[-1].f = [-1, -1]  # the caller's routing: its head reads layer 1 twice
+        return fused
+
+    monkeypatch.setattr(reparam_fx, "fuse", rerouting)
+    finding = fuzzing.check_capture(WHOLE_PROGRAM, "fx", ())
+    assert finding.kind == "mutated-input" and "after fuse" in finding.message
+    script = fuzzing.reproducer(WHOLE_PROGRAM, "fx", (), finding)
+    with pytest.raises(AssertionError, match="fuse changed what the model computes"):
+        _run_script(script)
+
+
+def test_detects_a_fused_whole_program_that_does_not_export(monkeypatch):
+    fuse = reparam_fx.fuse
+
+    def unexportable(model, *args, **kwargs):
+        fused = fuse(model, *args, **kwargs)
+
+        def refuse(module, inputs):
+            if torch.compiler.is_exporting():
+                raise RuntimeError("planted")
+        fused.register_forward_pre_hook(refuse)
+        return fused
+
+    monkeypatch.setattr(reparam_fx, "fuse", unexportable)
+    opts = options(export_fused=True)
+    finding = fuzzing.check_capture(WHOLE_PROGRAM, "fx", opts)
+    assert finding.kind == "crash-fused" and finding.error_type.startswith("export-fused")
+    assert fuzzing.check_capture(KNOWN_BUG_SHAPES["alias-iadd"], "fx", opts) is None  # whole programs only
+    script = fuzzing.reproducer(WHOLE_PROGRAM, "fx", opts, finding)
+    assert "torch.export.export(fused" in script
+    with pytest.raises(RuntimeError, match="planted"):
+        _run_script(script)
 
 
 @pytest.mark.parametrize("capture", fuzzing.CAPTURES)

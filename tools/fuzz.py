@@ -3,7 +3,7 @@
 
     python tools/fuzz.py --seeds 0:500 [--captures fx,fx-inputs,export,core,onnx]
                          [--time-budget SECONDS] [--jobs 1] [--no-shrink] [--in-process]
-                         [--reproducers DIR] [--show-program SEED]
+                         [--reproducers DIR] [--show-program SEED] [--whole-programs]
 
 Prints one line per failure with its minimal reproducer (the reproducer in full the first
 time a class of failure — capture, kind and the shrunk program's ops — is seen), then a
@@ -12,6 +12,9 @@ anything failed. Seeds run in ``--jobs`` worker processes (one by default), so t
 crash in native code is reported as a ``crash-process`` failure of its seed instead of
 ending the run. ``--reproducers DIR`` also writes every reproducer to
 ``DIR/seed<N>_<capture>.py``; ``--show-program SEED`` prints the program of one seed.
+``--whole-programs`` runs only the seeds whose program is written as a whole program (a
+``Frame``: routing loop, ``forward(x, augment=False)`` ...; or with a detection head). The
+summary counts the programs per whole-program style.
 """
 
 from __future__ import annotations
@@ -54,6 +57,8 @@ def main(argv=None) -> int:
                         help="write every reproducer to this folder")
     parser.add_argument("--show-program", type=int, default=None, metavar="SEED",
                         help="print the program of SEED and exit")
+    parser.add_argument("--whole-programs", action="store_true",
+                        help="only the seeds whose program is a whole program (a frame or a head)")
     args = parser.parse_args(argv)
     torch.set_num_threads(1)
     warnings.simplefilter("ignore")
@@ -83,7 +88,10 @@ def main(argv=None) -> int:
         if result.programs % 100 == 0:
             print(f"... {result.programs} programs, {len(result.failures)} failures", file=sys.stderr, flush=True)
 
-    result = fuzzing.fuzz(args.seeds, args.captures, time_budget=args.time_budget, jobs=args.jobs,
+    seeds = args.seeds
+    if args.whole_programs:
+        seeds = (seed for seed in seeds if fuzzing.generate_program(seed).features())
+    result = fuzzing.fuzz(seeds, args.captures, time_budget=args.time_budget, jobs=args.jobs,
                           isolate=not args.in_process, shrink_failures=not args.no_shrink,
                           on_failure=on_failure, on_progress=on_progress)
     print()
