@@ -510,3 +510,135 @@ def test_chains_are_refused_without_their_proofs(head, adds_left):
     assert not any(isinstance(m, nn.Identity) for m in found.ia) or head is MutatedBeforeTheChain
     counts = _counts(fused, x)
     assert counts.get("add", 0) >= adds_left, fused.fusion_report.table()
+
+
+# ---- found by the fuzzer's whole-program styles ------------------------------------------
+
+class GridCache(nn.Module):
+    """A list of tensors rewritten by ``forward`` (YOLOv7's ``self.grid``); does not trace."""
+
+    def __init__(self):
+        super().__init__()
+        self.block = ConvBN(3, 4, 1)
+        self.grid = [torch.zeros(1)]
+
+    def forward(self, x):
+        y = self.block(x)
+        if self.grid[0].shape != y.shape[-1:]:
+            self.grid[0] = torch.linspace(0.0, 1.0, y.shape[-1], dtype=y.dtype)
+        return y + self.grid[0]
+
+
+@pytest.mark.parametrize("capture", ["export", "auto"])
+def test_export_of_a_module_keeping_a_list_of_tensors(capture):
+    model = randomized(GridCache())
+    x = image()
+    fused = reparam_fx.fuse(model, (x,), capture=capture)  # (restoring its state compared tensors)
+    assert reparam_fx.verify(model, fused, (x,), rtol=RTOL) <= RTOL
+
+
+class WritesIntoItsList(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.m = nn.ModuleList([nn.Conv2d(4, 6, 1)])
+
+    def forward(self, x):
+        if x[0].shape[-1] > 4096:  # does not trace: kept whole
+            raise ValueError("too large")
+        x[0] = self.m[0](x[0])
+        return x[0].sum()
+
+
+class ReadsTheListAfter(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.bn = nn.BatchNorm2d(4)
+        self.head = WritesIntoItsList()
+
+    def forward(self, x):
+        feats = [self.bn(x)]
+        score = self.head(feats)
+        return feats[0], score  # the item the head wrote
+
+
+def test_a_list_read_after_a_kept_whole_module_wrote_into_it():
+    model = randomized(ReadsTheListAfter())
+    x = torch.randn(2, 4, 8, 8, dtype=torch.float64)
+    for fused in (reparam_fx.fuse(model), reparam_fx.fuse(model, (x,))):
+        assert fused(x)[0].shape == (2, 6, 8, 8)
+        assert reparam_fx.verify(model, fused, (x,), rtol=RTOL) <= RTOL
+
+
+class TwiceWithOtherRanks(Routed):
+    """The head called on batched maps and again on unbatched ones: the rank its chain is
+    fused for must hold for every call."""
+
+    def forward(self, x):
+        out, _ = self.forward_once(x)
+        feats = [self.model[1](self.model[0](x))[0], self.model[4](self.model[3](
+            [self.model[1](self.model[0](x)), self.model[2](self.model[1](self.model[0](x)))]))[0]]
+        again, _ = self.model[5](feats)
+        return out, again
+
+
+def test_a_rank_proof_for_a_kept_whole_module_holds_for_every_call():
+    model = randomized(TwiceWithOtherRanks())
+    x = image()
+    fused = reparam_fx.fuse(model)
+    assert reparam_fx.verify(model, fused, (x,), rtol=RTOL) <= RTOL
+
+
+class AddsItsArgumentToItself(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.block = ConvBN(4, 4, 3)
+
+    def forward(self, x):
+        v = x
+        v += x  # the caller's tensor changes
+        return self.block(v)
+
+
+class ReadsItsInputAfter(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.child = AddsItsArgumentToItself()
+
+    def forward(self, x):
+        if x.shape[-1] > 4096:  # does not trace: the child is fused on its own
+            raise ValueError("too large")
+        return self.child(x) + x
+
+
+@pytest.mark.parametrize("model", [ReadsItsInputAfter, AddsItsArgumentToItself])
+def test_a_write_into_a_graph_input_is_kept(model):
+    model = randomized(model())
+    x = torch.randn(2, 4, 8, 8, dtype=torch.float64)
+    fused = reparam_fx.fuse(model)
+    given, expected_input = x.clone(), x.clone()
+    with torch.no_grad():
+        expected = model(expected_input)
+        got = fused(given)
+    assert reparam_fx.relative_error(expected, got) <= RTOL
+    assert torch.equal(given, expected_input)  # the same write into the input
+
+
+class UnbatchedConv(nn.Module):
+    def __init__(self, fold):
+        super().__init__()
+        self.conv = nn.Conv2d(4, 6, 1, bias=False)
+        self.fold = fold
+
+    def forward(self, x):
+        y = self.conv(x[0])  # (4, H, W)
+        return y * 2.0 if self.fold == "scale" else y + 1.0
+
+
+@pytest.mark.parametrize("fold", ["scale", "bias"])
+def test_an_exported_unbatched_conv_with_a_fold_runs(fold):
+    model = UnbatchedConv(fold).double().eval()
+    x = torch.randn(2, 4, 10, 10, dtype=torch.float64)
+    program = torch.export.export(model, (x,))
+    fused = reparam_fx.fuse(program)
+    assert reparam_fx.verify(model, fused, (x,), rtol=RTOL) <= RTOL
+    assert reparam_fx.op_counts(fused).get("mul", 0) + reparam_fx.op_counts(fused).get("add", 0) == 0

@@ -491,8 +491,9 @@ class FaithfulTracer(torch.fx.Tracer):
         original = _compiled_original(m)
         if original is not None:
             return original(*args, **kwargs)  # traced through the patched Module.__call__
-        if self._leaf_reason(m) is not None or (
-                not replaced_forward(m) and (standard_batchnorm(m) or super().is_leaf_module(m, ""))):
+        if self._leaf_reason(m) is not None:
+            return self._kept_whole(m, forward, args, kwargs)
+        if not replaced_forward(m) and (standard_batchnorm(m) or super().is_leaf_module(m, "")):
             return super().call_module(m, forward, args, kwargs)
         try:
             return self._attempt(m, forward, args, kwargs)
@@ -507,7 +508,27 @@ class FaithfulTracer(torch.fx.Tracer):
                 finally:
                     self._concrete -= 1
             self.failed[id(m)] = f"its forward does not trace ({first_line(error)})"
-            return super().call_module(m, forward, args, kwargs)
+            return self._kept_whole(m, forward, args, kwargs)
+
+    def _kept_whole(self, m, forward, args, kwargs):
+        """A module kept whole: one node. A list it is given is handed over as a new list
+        made in the graph (``list([a, b])``): the module may write into it (``x[i] = ...``,
+        YOLOv7's ``IDetect``), and the caller's list then holds that list's items, read
+        after the call (a read of ``feats[0]`` after ``head(feats)`` sees what the module
+        wrote there; the trace never runs the module, so it would see the old item)."""
+        handed = []
+
+        def hand_over(value):
+            if type(value) is list:
+                made = self.create_proxy("call_function", list, (value,), {})
+                handed.append((value, made))
+                return made
+            return value
+        result = super().call_module(m, forward, tuple(hand_over(a) for a in args),
+                                     {key: hand_over(v) for key, v in kwargs.items()})
+        for value, made in handed:
+            value[:] = [made[k] for k in range(len(value))]
+        return result
 
     def _attempt(self, m, forward, args, kwargs):
         """Trace through ``m``; on failure, leave the graph and module stack as before."""
@@ -548,7 +569,9 @@ class _PythonState:
                 if not torch.equal(counter, saved):
                     counter.copy_(saved)
         for module, attributes, contents in self._saved:
-            if module.__dict__ != attributes:
+            current = module.__dict__  # compared by identity: values may be tensors
+            if current.keys() != attributes.keys() or any(
+                    current[key] is not value for key, value in attributes.items()):
                 module.__dict__.clear()
                 module.__dict__.update(attributes)
             for key, saved in contents.items():
@@ -596,6 +619,7 @@ def trace(model: nn.Module, call: tuple | None = None) -> tuple[torch.fx.GraphMo
         tracer = FaithfulTracer(failed)
         try:
             graph = tracer.trace(model, call=call)
+            _drop_unread_items(graph)
             done = tracer.failed.keys() == failed.keys()
             if done:  # before the restore: it takes the constants tracing set on the root
                 traced = torch.fx.GraphModule(tracer.root, graph, type(model).__name__)
@@ -609,6 +633,15 @@ def trace(model: nn.Module, call: tuple | None = None) -> tuple[torch.fx.GraphMo
                           "modules; pass example_inputs to capture it with torch.export")
     leaves = [Leaf(name, reason) for name, reason in tracer.kept.items()]
     return traced, leaves
+
+
+def _drop_unread_items(graph: torch.fx.Graph) -> None:
+    """The reads of a handed-over list's items (:meth:`FaithfulTracer._kept_whole`) that
+    the caller never made."""
+    for node in reversed(list(graph.nodes)):
+        if node.op == "call_function" and node.target is operator.getitem and not node.users \
+                and isinstance(node.args[0], torch.fx.Node) and node.args[0].target is list:
+            graph.erase_node(node)
 
 
 def as_tuple(example_inputs) -> tuple:

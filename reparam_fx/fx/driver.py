@@ -148,15 +148,21 @@ def _leaf_argument_ranks(ws: Workspace) -> dict[str, dict[int, int]]:
     if not nodes:
         return {}
     facts = GraphFacts(ws)
-    found: dict[str, dict[int, int]] = {}
+    calls: dict[str, list[dict[int, int | None]]] = {}
     for node in nodes:
+        ranks = {}
         for position, argument in enumerate(node.args):
+            if isinstance(argument, torch.fx.Node) and argument.target is list and argument.args:
+                argument = argument.args[0]  # (the fresh list the tracer hands a kept module)
             if isinstance(argument, (list, tuple)) and argument and \
                     all(isinstance(a, torch.fx.Node) for a in argument):
-                ranks = {facts.rank(a) for a in argument}
-                if len(ranks) == 1 and None not in ranks:
-                    found.setdefault(node.target, {})[position] = ranks.pop()
-    return found
+                found = {facts.rank(a) for a in argument}
+                ranks[position] = found.pop() if len(found) == 1 else None
+        calls.setdefault(node.target, []).append(ranks)
+    # a proof holds for a module only if every call of it proves the same rank
+    return {target: {position: rank for position, rank in each[0].items()
+                     if rank is not None and all(other.get(position) == rank for other in each)}
+            for target, each in calls.items()}
 
 
 def _fuse_leaves(result: torch.fx.GraphModule, ws: Workspace, renamed: dict,

@@ -347,13 +347,15 @@ class GraphFacts:
 
     def writes_shared(self, node: torch.fx.Node) -> bool:
         """Whether ``node`` writes in place into a tensor (or the tensor it is a view or
-        alias of) that an op other than the write itself reads: then it is a write, not
-        a value a region may absorb (``v = x.movedim(1, -1); v *= g; ...; return x``)."""
+        alias of) that an op other than the write itself reads, or that the graph's caller
+        holds (an input: ``v = x; v += x`` changes the caller's tensor): then it is a write,
+        not a value a region may absorb (``v = x.movedim(1, -1); v *= g; ...; return x``)."""
         if not self.is_inplace(node) or not node.args:
             return False
         chain, target = {node}, node.kwargs.get("out", node.args[0])
         while isinstance(target, torch.fx.Node):
-            if any(user not in chain for user in self.value_users.get(target, ())):
+            if target.op == "placeholder" or any(
+                    user not in chain for user in self.value_users.get(target, ())):
                 return True
             chain.add(target)
             target = view_base(target, self.modules)

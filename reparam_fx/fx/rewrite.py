@@ -303,6 +303,11 @@ def _worth_writing(region: Region) -> bool:
         and len(region.nodes) - region.kinds["identity"] - len(region.layouts) <= 2)
 
 
+def _rank_of(node) -> int | None:
+    value = node.meta.get("val") if isinstance(node, torch.fx.Node) else None
+    return value.dim() if isinstance(value, torch.Tensor) else None
+
+
 def _explicit_pad(term) -> list[int] | None:
     """``F.pad``'s argument for a term whose written padding no conv module expresses."""
     if not isinstance(term, ConvTerm) or not term.zero_taps:
@@ -338,6 +343,13 @@ def _emit(graph: torch.fx.Graph, region: Region, output: torch.fx.Node, source,
             ws.add(f"{name}.bias", module.bias)
             b = graph.create_node("get_attr", f"{name}.bias")
         transposed = isinstance(term, TransposedConvTerm)
+        # (C, H, W): ``aten.convolution`` takes batched input only. The rank read is the
+        # source's (a conv keeps it), or with moves between, the value the op writes
+        read = region.source if not region.layouts else \
+            (output if meta_from is None else meta_from)
+        unbatched = term.spatial and _rank_of(read) == term.spatial + 1
+        if unbatched:
+            source = graph.create_node("call_function", aten.unsqueeze.default, (source, 0))
         if term.spatial == 0:
             target, args = aten.linear.default, (source, w, b)
         else:
@@ -346,6 +358,8 @@ def _emit(graph: torch.fx.Graph, region: Region, output: torch.fx.Node, source,
                 transposed, list(term.output_padding) if transposed else [0] * term.spatial,
                 term.groups)
         new = graph.create_node("call_function", target, args, name=name.replace(".", "_"))
+        if unbatched:
+            new = graph.create_node("call_function", aten.squeeze.dim, (new, 0))
     else:
         ws.add(name, module)
         new = graph.create_node("call_module", name, (source,))
