@@ -25,7 +25,8 @@ Any other use (passing it to a function, storing it, reading its parameters or m
 Code that cannot run is not read. A parameter whose value is known (the caller does not
 pass it: its default, and what every call in the class passes on for it) and falsy makes
 ``if profile:`` and ``if visualize and ...:`` dead; their bodies (``thop.profile(m, ...)``,
-``self._profile_one_layer(m, x, dt)``) are skipped, and so are methods only they reach.
+``self._profile_one_layer(m, x, dt)``) are skipped, and so are methods only they reach
+(:mod:`reparam_fx.fx.live`).
 
 *Chains* are children called one after another, each one's result the next one's only
 input: ``self.m[i](self.ia[i](x[i]))`` then ``x[i] = self.im[i](x[i])`` (YOLOv7's
@@ -45,6 +46,8 @@ from dataclasses import dataclass, field
 
 import torch
 import torch.nn as nn
+
+from reparam_fx.fx.live import falsy_defaults, live_nodes, passed_parameters
 
 _ITERATING = {"enumerate", "zip", "reversed", "list", "tuple", "iter"}
 _PLAIN = (int, float, str, bool, type(None))
@@ -183,10 +186,6 @@ def class_trees(klass: type) -> list | None:
 
 # ---- reading ----------------------------------------------------------------------------
 
-def _falsy_constant(value) -> bool:
-    return value is None or value is False or (type(value) in (int, float, str) and not value)
-
-
 class _Reader:
     """One pass over the live code of a parent's reachable methods (module docstring)."""
 
@@ -233,7 +232,7 @@ class _Reader:
                 continue
             seen.add(id(method))
             found.append((method.node.name, method))
-            for node in _live_nodes(method.node, known.get(id(method), set())):
+            for node in live_nodes(method.node, known.get(id(method), set())):
                 if isinstance(node, ast.Attribute):
                     target = self._resolve(node, method)
                     if target is not None:
@@ -246,7 +245,7 @@ class _Reader:
         candidates: dict[int, set] = {}
         for definitions in self.source.methods.values():
             for definition in definitions:
-                candidates[id(definition)] = _falsy_defaults(definition.node)
+                candidates[id(definition)] = falsy_defaults(definition.node)
         forward = self.source.methods.get("forward", ())[:1]
         if forward:
             arguments = forward[0].node.args
@@ -269,7 +268,7 @@ class _Reader:
             changed = False
             for _, method in methods:
                 caller_known = candidates[id(method)]
-                live = list(_live_nodes(method.node, caller_known))
+                live = list(live_nodes(method.node, caller_known))
                 called = {id(n.func) for n in live if isinstance(n, ast.Call)}
                 for node in live:
                     if not isinstance(node, ast.Attribute):
@@ -280,7 +279,7 @@ class _Reader:
                     call = next((n for n in live if isinstance(n, ast.Call) and n.func is node), None) \
                         if id(node) in called else None
                     # a method used as a value (``f = self.predict``) may get anything
-                    passed = _passed_parameters(target, call, caller_known) if call is not None \
+                    passed = passed_parameters(target.node, call, caller_known) if call is not None \
                         else set(candidates[id(target)])
                     if passed & candidates[id(target)]:
                         candidates[id(target)] -= passed
@@ -289,7 +288,7 @@ class _Reader:
 
     # uses of children in one method
     def _read_method(self, method: _Method, known: set) -> None:
-        live = list(_live_nodes(method.node, known))
+        live = list(live_nodes(method.node, known))
         parents = {child: node for node in live for child in ast.iter_child_nodes(node)}
         scope = _Scope(method, parents, live)
         for node in live:
@@ -427,7 +426,7 @@ class _Reader:
         for name, method in self._reachable(self.known):
             if method.is_property:
                 continue
-            live = list(_live_nodes(method.node, self.known.get(id(method), set())))
+            live = list(live_nodes(method.node, self.known.get(id(method), set())))
             parents = {c: n for n in live for c in ast.iter_child_nodes(n)}
             for node in live:
                 if not (isinstance(node, ast.Attribute) and _is_self(node.value) and node.attr == prop):
@@ -445,7 +444,7 @@ class _Reader:
                 arguments = target.node.args
                 if key not in {a.arg for a in arguments.args + arguments.kwonlyargs}:
                     return self.uses[child].block(reason)
-                inner = _Scope(target, None, list(_live_nodes(
+                inner = _Scope(target, None, list(live_nodes(
                     target.node, self.known.get(id(target), set()))))
                 self._names(child, {key}, inner, items, f"{call.func.attr}", target.node)
 
@@ -566,55 +565,6 @@ def _argument_item(source: str, before: list, loop: ast.AST, method: _Method) ->
     return names.index(argument)
 
 
-def _falsy_defaults(function: ast.FunctionDef) -> set:
-    """The parameters of ``function`` with a falsy constant default that its body never
-    assigns, and its ``*args`` / ``**kwargs`` (as ``*name`` / ``**name``: empty unless
-    passed)."""
-    args = function.args
-    positional = args.posonlyargs + args.args
-    defaults = dict(zip([a.arg for a in positional[len(positional) - len(args.defaults):]],
-                        args.defaults))
-    defaults.update({a.arg: d for a, d in zip(args.kwonlyargs, args.kw_defaults) if d})
-    assigned = {n.id for n in ast.walk(function) if isinstance(n, ast.Name)
-                and isinstance(n.ctx, (ast.Store, ast.Del))}
-    found = {arg for arg, default in defaults.items() if isinstance(default, ast.Constant)
-             and arg not in assigned and _falsy_constant(default.value)}
-    if args.vararg:
-        found.add("*" + args.vararg.arg)
-    if args.kwarg:
-        found.add("**" + args.kwarg.arg)
-    return found
-
-
-def _passed_parameters(callee: _Method, call: ast.Call, caller_known: set) -> set:
-    """The parameters of ``callee`` this call may pass a value (not known falsy) to."""
-    arguments = callee.node.args
-    positional = [a.arg for a in (arguments.posonlyargs + arguments.args)[1:]]
-    everything = set(positional) | {a.arg for a in arguments.kwonlyargs} | {
-        "*" + arguments.vararg.arg if arguments.vararg else "", "**" + arguments.kwarg.arg
-        if arguments.kwarg else ""}
-    passed: set = set()
-    index = 0
-    for argument in call.args:
-        if isinstance(argument, ast.Starred):
-            if isinstance(argument.value, ast.Name) and "*" + argument.value.id in caller_known:
-                continue  # an empty *args passes nothing
-            return everything
-        if not _known_falsy(argument, caller_known):
-            passed.add(positional[index] if index < len(positional)
-                       else "*" + (arguments.vararg.arg if arguments.vararg else ""))
-        index += 1
-    for keyword in call.keywords:
-        if keyword.arg is None:
-            if isinstance(keyword.value, ast.Name) and "**" + keyword.value.id in caller_known:
-                continue
-            return everything
-        if not _known_falsy(keyword.value, caller_known):
-            passed.add(keyword.arg if keyword.arg in everything
-                       else "**" + (arguments.kwarg.arg if arguments.kwarg else ""))
-    return passed
-
-
 class _Scope:
     """A method's live nodes and their parents."""
 
@@ -626,39 +576,6 @@ class _Scope:
     def loads(self, names: set) -> list[ast.Name]:
         return [n for n in self.live if isinstance(n, ast.Name) and n.id in names
                 and isinstance(n.ctx, ast.Load)]
-
-
-def _live_nodes(function: ast.FunctionDef, known: set):
-    """The nodes of ``function`` that may run when the parameters in ``known`` are falsy:
-    ``if p:`` / ``if p and q:`` bodies and ``if not p:`` else-branches are skipped."""
-    todo = [function]
-    while todo:
-        node = todo.pop()
-        yield node
-        if isinstance(node, ast.If) and known:
-            dead = _dead_when(node.test, known)
-            children = [node.test] + (node.orelse if dead == "body" else
-                                      node.body if dead == "orelse" else node.body + node.orelse)
-            todo.extend(reversed(children))
-            continue
-        todo.extend(reversed(list(ast.iter_child_nodes(node))))
-
-
-def _dead_when(test: ast.expr, known: set) -> str | None:
-    if _known_falsy(test, known):
-        return "body"
-    if isinstance(test, ast.BoolOp) and isinstance(test.op, ast.And) and \
-            any(_known_falsy(value, known) for value in test.values):
-        return "body"
-    if isinstance(test, ast.UnaryOp) and isinstance(test.op, ast.Not) and \
-            _known_falsy(test.operand, known):
-        return "orelse"
-    return None
-
-
-def _known_falsy(expr: ast.expr, known: set) -> bool:
-    return (isinstance(expr, ast.Name) and expr.id in known) or (
-        isinstance(expr, ast.Constant) and _falsy_constant(expr.value))
 
 
 def _is_self(expr: ast.expr) -> bool:
