@@ -38,3 +38,16 @@ def test_unknown_model_is_a_usage_error(capsys):
         demo.main(["--model", "resnet50"])
     assert exit_info.value.code == 2
     assert "unknown model(s) resnet50" in capsys.readouterr().err
+
+
+def test_the_default_demo_fuses_a_whole_detector(tmp_path, monkeypatch, capsys):
+    """The default run shows the zoo and a whole YOLOv7 (``fuse(model)``, no example
+    inputs, its IDetect head kept whole); the benchmark hand-off measures the zoo (the
+    detector's row is ``make bench``'s)."""
+    calls = []
+    monkeypatch.setattr(bench, "main", lambda argv: calls.append(argv) or 0)
+    assert demo.main(["--out", str(tmp_path)]) == 0
+    out = capsys.readouterr().out
+    line = next(line for line in out.splitlines() if line.startswith("yolov7_tiny"))
+    assert "conv  62 -> 59" in line and "bn  61 -> 0" in line, line
+    assert calls and "yolov7_tiny" not in calls[0] and "repvgg_a0" in calls[0]
