@@ -74,3 +74,20 @@ def test_fused_detector_exports_to_torch_export_and_onnx(name, tmp_path):
     outputs = session.run(None, {session.get_inputs()[0].name: x.numpy()})
     got = [torch.from_numpy(np.asarray(o)) for o in outputs]
     assert relative_error(expected, got) <= RTOL_FP32
+
+
+@pytest.mark.parametrize("name", DETECTORS)
+def test_exported_detector_fuses_on_the_onnx_graph(name, tmp_path):
+    """The ONNX frontend on each detector's ONNX export (the exporter's own conv+BN folding
+    on): RepConv branches, ImplicitA/M and the rest folded, exact in ONNX Runtime."""
+    import onnx
+    from reparam_fx.onnx_ import fuse_onnx_model, verify_onnx
+    idiom = CORPUS[name]
+    model = randomized_model(idiom, dtype=torch.float32)
+    x = example_input(idiom, dtype=torch.float32)
+    exported = onnx.load(str(to_onnx(model, (x,), tmp_path / "model.onnx")))
+    fused, report = fuse_onnx_model(exported)
+    assert verify_onnx(exported, fused, rtol=RTOL_FP32) <= RTOL_FP32
+    linear = ("Conv", "BatchNormalization", "Add", "Mul", "Sub", "Gemm", "MatMul")
+    count = lambda m: sum(node.op_type in linear for node in m.graph.node)  # noqa: E731
+    assert count(fused) < count(exported), report.table()
