@@ -135,7 +135,7 @@ class FusionReport:
         left = [f"{norms} BatchNorm(s)"] if norms else []
         left += [f"{unproven} node(s) left alone for lack of a proven shape"] if unproven else []
         gain = (f"{' and '.join(left)} might then fold" if left else
-                "nothing left above would fold further")
+                "no BatchNorm is left and no fold waits on a proven shape")
         return (f"with example_inputs: {len(untraced)} module(s) whose code does not trace could "
                 f"be captured whole by torch.export (the result then holds for those input "
                 f"sizes only); {gain}")

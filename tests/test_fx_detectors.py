@@ -224,10 +224,12 @@ def test_example_inputs_make_the_next_argument_an_input():
 
     model = randomized(Scaled())
     x, scale = image(), torch.tensor(3.0, dtype=torch.float64)
-    fused = reparam_fx.fuse(model, (x, scale))
+    fused = reparam_fx.fuse(model, (x, scale))  # (``scale is None``: captured by torch.export)
     assert reparam_fx.verify(model, fused, (x, scale), rtol=RTOL) <= RTOL
     bound = reparam_fx.fuse(model)
     assert reparam_fx.verify(model, bound, (x,), rtol=RTOL) <= RTOL
+    for each in (fused, bound):
+        assert reparam_fx.op_counts(each).get("batch_norm", 0) == 0, each.fusion_report.table()
     with pytest.raises(TypeError):
         bound(x, scale)
 

@@ -171,7 +171,6 @@ def _fuse_leaves(result: torch.fx.GraphModule, ws: Workspace, renamed: dict,
     of one that does not trace, has hooks or is TorchScript; a leaf of a graph the caller
     traced with a custom tracer (timm's FX helpers keep blocks whole) as a whole."""
     reasons = {renamed.get(leaf.module, leaf.module): leaf for leaf in ws.leaves}
-    _pass_lists_as_new_lists(result, reasons)
     done = set()
     for node in result.graph.nodes:
         if node.op != "call_module":
@@ -205,30 +204,10 @@ def _call_of(node: torch.fx.Node) -> tuple:
     return len(node.args), frozenset(node.kwargs), frozenset(nones)
 
 
-def _pass_lists_as_new_lists(result: torch.fx.GraphModule, kept) -> None:
-    """A kept-whole module called with a list (a detection head's feature maps) gets a
-    new ``list`` of them, as the model's own code gave it: it may write into it
-    (``x[i] = ...``), and ``torch.fx.Interpreter`` (which ``torch.export`` runs a
-    ``GraphModule`` with) would hand it the node's read-only argument list instead."""
-    changed = False
-    for node in list(result.graph.nodes):
-        if node.op != "call_module" or node.target not in kept:
-            continue
-        args = list(node.args)
-        for position, argument in enumerate(args):
-            if isinstance(argument, list):
-                with result.graph.inserting_before(node):
-                    args[position] = result.graph.call_function(list, (argument,))
-                changed = True
-        node.args = tuple(args)
-    if changed:
-        result.recompile()
-
-
 def _fuse_child(child: nn.Module, call=None):
     """A child of a leaf, fused on its own: ``(fused module or None, report)``. ``call``
     (``(positional count, keywords)``) is how its parent calls it: the arguments it does not
-    pass are bound to their defaults (the result checks them at run time)."""
+    pass are bound to their defaults (the parent's code never passes them)."""
     try:
         fused = _fuse(child, None, "fx", call)
     except FusionError as error:
