@@ -8,7 +8,7 @@
 of one tensor (convs, eval BatchNorm, identities, per-channel constants, average pools,
 zero pads, linears, and sums/differences of those) into a single conv or linear, when
 that is exact for every input size and adds no MACs. The algebra is in
-:mod:`reparam_fx.affine`; the torch.fx frontend in :mod:`reparam_fx.fx`.
+:mod:`reparam_fx.core.affine`; the torch.fx frontend in :mod:`reparam_fx.fx`.
 """
 
 from importlib import import_module
@@ -17,13 +17,13 @@ from importlib import import_module
 # ONNX command line reports a bad file without importing torch first.
 _EXPORTS = {
     "fuse": "reparam_fx.fx", "FusionError": "reparam_fx.fx",
-    "Leaf": "reparam_fx.report",
-    "verify": "reparam_fx.verification", "VerificationError": "reparam_fx.verification",
-    "relative_error": "reparam_fx.verification",
-    "FusionReport": "reparam_fx.report", "FusedRegion": "reparam_fx.report",
-    "Skipped": "reparam_fx.report", "op_counts": "reparam_fx.fx.counts",
+    "Leaf": "reparam_fx.core.report",
+    "verify": "reparam_fx.core.verification", "VerificationError": "reparam_fx.core.verification",
+    "relative_error": "reparam_fx.core.verification",
+    "FusionReport": "reparam_fx.core.report", "FusedRegion": "reparam_fx.core.report",
+    "Skipped": "reparam_fx.core.report", "op_counts": "reparam_fx.fx.counts",
     "parameter_count": "reparam_fx.fx.counts", "mac_count": "reparam_fx.fx.counts",
-    "fuse_onnx_model": "reparam_fx.onnx_", "verify_onnx": "reparam_fx.onnx_",
+    "fuse_onnx_model": "reparam_fx.onnx", "verify_onnx": "reparam_fx.onnx",
 }
 __all__ = sorted(_EXPORTS)
 __version__ = "0.1.0"

@@ -82,7 +82,7 @@ except ImportError as error:  # pragma: no cover
     raise ImportError("reparam_fx.testing needs hypothesis: pip install 'reparam-fx[test]'") from error
 
 from reparam_fx.fx.counts import mac_count, op_counts
-from reparam_fx.verification import VerificationError, verify
+from reparam_fx.core.verification import VerificationError, verify
 
 __all__ = [
     "randomize_batchnorm_", "randomize_parameters_", "assert_fuses_exactly",

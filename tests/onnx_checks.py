@@ -18,7 +18,7 @@ Two numerical oracles, because ONNX Runtime (1.32, CPU) has no float64 kernel fo
 ``Conv``, ``AveragePool`` or ``GlobalAveragePool`` ("Could not find an implementation for
 Conv(11)"):
 
-* float32 graphs: :func:`reparam_fx.onnx_.verify_onnx` (ONNX Runtime), ``rtol=1e-5``;
+* float32 graphs: :func:`reparam_fx.onnx.verify_onnx` (ONNX Runtime), ``rtol=1e-5``;
 * float64 graphs: ``onnx.reference.ReferenceEvaluator`` (numpy, float64 throughout) on the
   same seeded inputs, ``rtol=1e-10``, and additionally ``verify_onnx`` at ``1e-10`` when
   neither graph uses an op ONNX Runtime cannot run in float64. (Its BatchNormalization-9,
@@ -35,7 +35,7 @@ import onnx
 from onnx import TensorProto, helper, numpy_helper
 from onnx.reference import ReferenceEvaluator
 
-from reparam_fx.onnx_ import fuse_onnx_model, random_inputs, verify_onnx
+from reparam_fx.onnx import fuse_onnx_model, random_inputs, verify_onnx
 
 RTOL64 = 1e-10  # float64 graphs: an exact rewrite differs only by rounding
 RTOL32 = 1e-5  # float32 graphs in ONNX Runtime

@@ -398,7 +398,7 @@ def test_asymmetric_pad_read_elsewhere_is_not_absorbed():
 def test_asymmetric_conv_equals_padded_conv(kernel, dilation, before, after, stride, size):
     """The algebra's asymmetric window: the zero-tap kernel with symmetric padding equals
     pad-then-conv at every size, and trims back to the original kernel."""
-    from reparam_fx import affine
+    from reparam_fx.core import affine
     weight = torch.randn(3, 2, kernel, kernel, dtype=torch.float64)
     pads = ((before, after), (after, before))
     try:

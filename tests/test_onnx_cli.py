@@ -29,8 +29,8 @@ from onnx import TensorProto, helper, numpy_helper
 ROOT = Path(__file__).resolve().parents[1]
 PREFIX = "reparam-fx-onnx: error:"
 
-needs_frontend = pytest.mark.skipif(importlib.util.find_spec("reparam_fx.onnx_") is None,
-                                    reason="reparam_fx.onnx_ (the ONNX frontend) not written yet")
+needs_frontend = pytest.mark.skipif(importlib.util.find_spec("reparam_fx.onnx") is None,
+                                    reason="reparam_fx.onnx (the ONNX frontend) not written yet")
 
 
 def run_cli(*args, timeout: float = 300) -> subprocess.CompletedProcess:
@@ -470,7 +470,8 @@ def test_external_data_model_fuses_and_loads_back(exported, tmp_path):
 # ---- the atomic writer, in-process (failures are injected) ------------------------------
 
 def test_failed_save_leaves_no_partial_or_temporary_file(monkeypatch, tmp_path):
-    from reparam_fx import onnx_cli, onnx_io
+    from reparam_fx.cli import onnx as onnx_cli
+    from reparam_fx.onnx import io as onnx_io
 
     def save_then_fail(model, path, store, **kwargs):
         Path(path).write_bytes(b"partial")
@@ -485,7 +486,7 @@ def test_failed_save_leaves_no_partial_or_temporary_file(monkeypatch, tmp_path):
 
 
 def test_failed_model_rename_rolls_back_the_data_file(monkeypatch, tmp_path):
-    from reparam_fx import onnx_cli
+    from reparam_fx.cli import onnx as onnx_cli
 
     out = tmp_path / "out.onnx"
     out.write_bytes(b"previous model")
@@ -506,7 +507,7 @@ def test_failed_model_rename_rolls_back_the_data_file(monkeypatch, tmp_path):
 
 
 def test_external_data_file_gets_the_model_file_mode(tmp_path):
-    from reparam_fx import onnx_cli
+    from reparam_fx.cli import onnx as onnx_cli
 
     out = tmp_path / "out.onnx"
     model = conv_bn_residual_model(c=8)  # a 2,304-byte weight: above the 1 KiB threshold

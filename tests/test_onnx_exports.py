@@ -35,7 +35,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from onnx_checks import assert_reason, fuse_checked, op_counts
-from reparam_fx.onnx_ import verify_onnx
+from reparam_fx.onnx import verify_onnx
 from reparam_fx.testing import randomize_batchnorm_, randomize_parameters_
 from third_party import CORPUS, example_input, randomized_model
 

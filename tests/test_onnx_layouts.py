@@ -1,6 +1,6 @@
 """ONNX frontend: channel affines fold across layout moves (issue 10, the ONNX half).
 
-The ONNX reading of :mod:`reparam_fx.onnx_moves`: ``Transpose``, ``Reshape``, ``Flatten``,
+The ONNX reading of :mod:`reparam_fx.onnx.moves`: ``Transpose``, ``Reshape``, ``Flatten``,
 ``Squeeze`` / ``Unsqueeze`` and ``ReduceMean`` / ``GlobalAveragePool`` are moves; a
 BatchNormalization or a constant scale folds into the MatMul / Gemm next to it across
 them when the graph proves the channel axis stays whole, and the moves are written again
@@ -43,8 +43,8 @@ from torch import nn
 
 from onnx_checks import (GraphBuilder, RTOL64, assert_reason, assert_same_outputs, fuse_checked,
                          op_counts)
-from reparam_fx.onnx_ import constant_value
-from reparam_fx.onnx_moves import graph_sizes, interpret_move
+from reparam_fx.onnx import constant_value
+from reparam_fx.onnx.moves import graph_sizes, interpret_move
 from reparam_fx.testing import randomize_batchnorm_, randomize_parameters_
 from test_onnx_zoo import export
 

@@ -1,5 +1,5 @@
 """One positive and one negative test per folding rule of the ONNX frontend
-(:func:`reparam_fx.onnx_.fuse_onnx_model`), mirroring ``test_fx_rules.py``.
+(:func:`reparam_fx.onnx.fuse_onnx_model`), mirroring ``test_fx_rules.py``.
 
 Graphs are built with ``onnx.helper`` (opset 17 unless a test is about opsets), in float64
 (compared with the ONNX reference evaluator at ``rtol=1e-10``) and in float32 (ONNX
@@ -27,7 +27,7 @@ from hypothesis import strategies as st
 from onnx_checks import (GraphBuilder, RTOL64, assert_ops, assert_reason, assert_same_outputs,
                          attribute, conv_batchnorm_pairs, fuse_checked, fuse_exactly,
                          fuse_refused, initializer, nodes_of, op_counts)
-from reparam_fx.onnx_ import OnnxFusionError, fuse_onnx_model, verify_onnx
+from reparam_fx.onnx import OnnxFusionError, fuse_onnx_model, verify_onnx
 
 DTYPES = pytest.mark.parametrize("dtype", [np.float64, np.float32], ids=["f64", "f32"])
 FOLDED = {"Conv": 1, "BatchNormalization": 0, "Add": 0, "Sub": 0, "Mul": 0}

@@ -12,7 +12,7 @@ import torch
 
 import reparam_fx
 import zoo
-from reparam_fx.onnx_ import fuse_onnx_model, verify_onnx
+from reparam_fx.onnx import fuse_onnx_model, verify_onnx
 from reparam_fx.testing import randomize_batchnorm_, randomize_parameters_
 
 SMALLEST = ("repvgg_a0", "mobileone_s0", "fastvit_t8", "repvit_m0_9", "mobilevit_xxs")

@@ -104,7 +104,7 @@ def test_every_remaining_batchnorm_is_reported():
 def test_mac_gate_refuses_before_computing_weights(monkeypatch):
     # A refused composition used to build the whole float64 product first (4.5 s for a
     # 608 -> 2432 FastViT ConvFFN). The gate needs only shapes.
-    from reparam_fx import affine
+    from reparam_fx.core import affine
 
     def no_weight_math(*args, **kwargs):
         raise AssertionError("weights computed for a refused rewrite")

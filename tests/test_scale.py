@@ -22,15 +22,15 @@ import pytest
 import torch
 
 import reparam_fx
-from reparam_fx import affine
+from reparam_fx.core import affine
 from reparam_fx.testing import randomize_batchnorm_
 
 onnx = pytest.importorskip("onnx")
 pytest.importorskip("onnx_graphsurgeon")
 ort = pytest.importorskip("onnxruntime")
 
-from reparam_fx import onnx_io  # noqa: E402
-from reparam_fx.onnx_ import fuse_onnx_model, verify_onnx  # noqa: E402
+from reparam_fx.onnx import io as onnx_io  # noqa: E402
+from reparam_fx.onnx import fuse_onnx_model, verify_onnx  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "tools"))

@@ -7,7 +7,7 @@ import copy
 import pytest
 import torch
 
-from reparam_fx.verification import relative_error
+from reparam_fx.core.verification import relative_error
 
 from third_party import CORPUS, example_input, randomized_model
 

@@ -22,7 +22,7 @@ import torch
 
 import reparam_fx
 from reparam_fx.export import to_onnx
-from reparam_fx.verification import relative_error
+from reparam_fx.core.verification import relative_error
 
 from third_party import CORPUS, example_input, randomized_model
 from test_third_party_corpus import exported_counts, linear_ops
@@ -81,7 +81,7 @@ def test_exported_detector_fuses_on_the_onnx_graph(name, tmp_path):
     """The ONNX frontend on each detector's ONNX export (the exporter's own conv+BN folding
     on): RepConv branches, ImplicitA/M and the rest folded, exact in ONNX Runtime."""
     import onnx
-    from reparam_fx.onnx_ import fuse_onnx_model, verify_onnx
+    from reparam_fx.onnx import fuse_onnx_model, verify_onnx
     idiom = CORPUS[name]
     model = randomized_model(idiom, dtype=torch.float32)
     x = example_input(idiom, dtype=torch.float32)

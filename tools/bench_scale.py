@@ -194,7 +194,7 @@ def _load_save_job(path: str, out: str) -> dict:
 
 
 def _cli_job(*argv: str) -> dict:
-    from reparam_fx import onnx_cli
+    from reparam_fx.cli import onnx as onnx_cli
     with open(os.devnull, "w") as quiet:
         stdout, sys.stdout = sys.stdout, quiet
         try:

@@ -8,8 +8,8 @@
 * :mod:`.facts` - what the graph proves about its values: value users vs metadata reads,
   constants computed from parameters, ranks, in-place mutations, padding with a written
   border.
-* :mod:`.ops` - what one node computes, as an :mod:`reparam_fx.affine` term.
-* :mod:`.rewrite` - regions (:mod:`reparam_fx.regions`) found and written back as one op each.
+* :mod:`.ops` - what one node computes, as an :mod:`reparam_fx.core.affine` term.
+* :mod:`.rewrite` - regions (:mod:`reparam_fx.core.regions`) found and written back as one op each.
 * :mod:`.leaves` - fusing inside the modules the graph keeps whole.
 * :mod:`.counts` - op histograms, parameters and MACs.
 * :mod:`.driver` - ``fuse`` itself: capture, passes to a fixpoint, result, report.

@@ -68,7 +68,7 @@ import torch.fx
 import torch.nn as nn
 
 from reparam_fx.fx.values import RANDOM_NAMES as _RANDOM
-from reparam_fx.report import Leaf
+from reparam_fx.core.report import Leaf
 
 
 class FusionError(ValueError):

@@ -23,8 +23,8 @@ from reparam_fx.fx.facts import GraphFacts, ModuleLookup
 from reparam_fx.fx.values import shape_values
 from reparam_fx.fx.leaves import fuse_inside, merge_report
 from reparam_fx.fx.rewrite import fusion_pass, redirect_reads_after_inplace
-from reparam_fx.regions import gc_paused
-from reparam_fx.report import FusionReport, Leaf, Skipped
+from reparam_fx.core.regions import gc_paused
+from reparam_fx.core.report import FusionReport, Leaf, Skipped
 
 MAX_PASSES = 4
 CAPTURES = ("auto", "fx", "export")

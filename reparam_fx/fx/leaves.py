@@ -39,7 +39,7 @@ import torch.nn as nn
 
 from reparam_fx.fx.capture import is_op_module
 from reparam_fx.fx.uses import ChildUse, children_uses, is_plain, plain_attribute
-from reparam_fx.report import FusionReport, Leaf
+from reparam_fx.core.report import FusionReport, Leaf
 
 
 

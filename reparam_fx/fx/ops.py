@@ -1,4 +1,4 @@
-"""What one torch.fx node computes, as an :mod:`reparam_fx.affine` term of its input(s).
+"""What one torch.fx node computes, as an :mod:`reparam_fx.core.affine` term of its input(s).
 
 :func:`interpret` maps a node to
 
@@ -32,14 +32,14 @@ import torch.fx
 import torch.nn as nn
 import torch.nn.functional as F
 
-from reparam_fx import affine
-from reparam_fx.affine import NotExact
+from reparam_fx.core import affine
+from reparam_fx.core.affine import NotExact
 from reparam_fx.fx.capture import (has_global_hooks, has_hooks, replaced_forward,
                                    standard_batchnorm)
 from reparam_fx.fx.facts import GraphFacts
 from reparam_fx.fx.moves import interpret_move
 from reparam_fx.fx.values import hashable_in, schema_name, tensor_shape
-from reparam_fx.regions import Refused, Sum, Unary
+from reparam_fx.core.regions import Refused, Sum, Unary
 
 aten = torch.ops.aten
 

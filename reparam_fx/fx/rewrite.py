@@ -1,7 +1,7 @@
 """Rewrite: find every exactly-foldable region of a workspace graph and write each back
 as one conv (or linear).
 
-:mod:`reparam_fx.regions` (shared with the ONNX frontend) walks the graph once, in
+:mod:`reparam_fx.core.regions` (shared with the ONNX frontend) walks the graph once, in
 topological order, through :class:`FxView` (graph facts from :mod:`.facts`, ops read by
 :mod:`.ops`), and gives each node it understands a *region* ``node == term(source)``:
 
@@ -38,21 +38,21 @@ import torch.fx
 import torch.nn as nn
 import torch.nn.functional as F
 
-from reparam_fx import affine
-from reparam_fx.affine import ConvTerm, TransposedConvTerm
+from reparam_fx.core import affine
+from reparam_fx.core.affine import ConvTerm, TransposedConvTerm
 from reparam_fx.fx.capture import copy_sharing_specs
 from reparam_fx.fx.counts import counts_as_parameter, module_tensors, node_category
 from reparam_fx.fx.facts import GraphFacts
 from reparam_fx.fx.values import metadata_read, schema_name, tensor_shape
 from reparam_fx.fx.ops import interpret
-from reparam_fx.regions import Region, RegionBuilder, Sum, Unary, select_rewrites
-from reparam_fx.report import FusedRegion, FusionReport, classify_region
+from reparam_fx.core.regions import Region, RegionBuilder, Sum, Unary, select_rewrites
+from reparam_fx.core.report import FusedRegion, FusionReport, classify_region
 
 aten = torch.ops.aten
 
 
 class FxView:
-    """The graph view :mod:`reparam_fx.regions` walks (see its docstring)."""
+    """The graph view :mod:`reparam_fx.core.regions` walks (see its docstring)."""
 
     convs_are_batched = False  # torch convs also take unbatched (C, *spatial) input
 

@@ -47,7 +47,7 @@ import tempfile
 import warnings
 import zipfile
 
-from reparam_fx.onnx_cli import (
+from reparam_fx.cli.onnx import (
     EXIT_FAILED,
     EXIT_OK,
     CliError,
@@ -435,7 +435,7 @@ def run_fuse(args) -> int:
 
 
 def _summary(report, path: str) -> str:
-    from reparam_fx.onnx_cli import summary_lines
+    from reparam_fx.cli.onnx import summary_lines
     return "\n".join(summary_lines(report, path))
 
 

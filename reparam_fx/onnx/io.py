@@ -18,7 +18,7 @@ Values (:class:`WeightStore`, :class:`StoredValues`)
     Fused weights go the other way: stubs too, their bytes appended to the output's
     (staged) external-data file as soon as they are computed, so they are written once;
     or, for an output without external data, held in memory until written (at most the
-    model's size), and for :func:`reparam_fx.onnx_.fuse_onnx_model`'s in-memory result
+    model's size), and for :func:`reparam_fx.onnx.fuse_onnx_model`'s in-memory result
     moved into it one at a time.
 
 Writing (:func:`save_streaming`)

@@ -50,9 +50,9 @@ from collections import Counter
 from dataclasses import dataclass, field, replace
 from typing import Callable
 
-from reparam_fx import affine
-from reparam_fx.affine import ChannelAffine, ConvTerm, NotExact, TransposedConvTerm
-from reparam_fx.report import FusionReport, Skipped
+from reparam_fx.core import affine
+from reparam_fx.core.affine import ChannelAffine, ConvTerm, NotExact, TransposedConvTerm
+from reparam_fx.core.report import FusionReport, Skipped
 
 
 # ---- what one op computes (frontends produce these) ---------------------------------

@@ -3,8 +3,8 @@
     python tools/fuse_onnx.py IN.onnx -o OUT.onnx [--verify] [--rtol 1e-5]
                               [--input-shape NAME:1,3,224,224 ...] [--report] [--in-place]
 
-A thin command line over :func:`reparam_fx.onnx_.fuse_onnx_model` and
-:func:`reparam_fx.onnx_.verify_onnx`. It prints the node count before and after and one
+A thin command line over :func:`reparam_fx.onnx.fuse_onnx_model` and
+:func:`reparam_fx.onnx.verify_onnx`. It prints the node count before and after and one
 line per fused pattern; ``--report`` prints the full :meth:`FusionReport.table` with the
 reasons nodes were left alone.
 
@@ -22,7 +22,7 @@ Every check on the input runs before any work is done, and the output is written
 
 1. the input is a readable, non-empty regular file that parses as an ONNX ``ModelProto``
    with a graph and a default-domain opset >= 13, read *weightless*
-   (:func:`reparam_fx.onnx_io.load_weightless`: each large tensor's data stays in the file
+   (:func:`reparam_fx.onnx.io.load_weightless`: each large tensor's data stays in the file
    and is read only where a region needs it);
 2. every external-data ``location`` is a relative path inside the model's folder (no
    absolute path, no ``..`` component, no symbolic link), and the file it names exists
@@ -33,7 +33,7 @@ Every check on the input runs before any work is done, and the output is written
    also kept as they are computed) and is moved into place with ``os.replace`` (the
    external-data file first, then the model), so a crash never leaves a partial
    ``OUT.onnx``; the temporary folder is removed whatever happens. The output is written
-   tensor by tensor (:func:`reparam_fx.onnx_io.save_streaming`).
+   tensor by tensor (:func:`reparam_fx.onnx.io.save_streaming`).
 
 Memory: the weightless model, one region's weights and a copy buffer (and the fused
 weights, for an output without external data). ``--verify`` runs the input file and the
@@ -216,7 +216,7 @@ def _read_model(onnx, path: str):
     if foreign is not None:
         raise CliError(f"{path} is not an ONNX model, it looks like {foreign}; "
                        f"give an .onnx file")
-    from reparam_fx.onnx_io import load_weightless
+    from reparam_fx.onnx.io import load_weightless
     try:
         model = load_weightless(path)
     except DecodeError as error:
@@ -357,7 +357,7 @@ def _check_external_data(model, path: str) -> set[str]:
 
 def _data_bytes(tensor) -> int | None:
     """The bytes a tensor of fixed-size elements holds (None for strings, 4-bit types)."""
-    from reparam_fx.onnx_io import raw_itemsize
+    from reparam_fx.onnx.io import raw_itemsize
     itemsize = raw_itemsize(tensor.data_type)
     return None if itemsize is None else math.prod(tensor.dims) * itemsize
 
@@ -368,7 +368,7 @@ def _check_model(onnx, model, path: str) -> None:
     shape: the checker sees every node, name and type without reading the weights. (A
     model with external data elsewhere, in a subgraph or an attribute, is checked from
     its file.)"""
-    from reparam_fx.onnx_io import is_stored
+    from reparam_fx.onnx.io import is_stored
     top = [t for t in model.graph.initializer if is_stored(t)]
     whole_file = sum(1 for tensor in _model_tensors(model) if is_stored(tensor)) > len(top)
     checked = onnx.ModelProto()
@@ -498,7 +498,7 @@ def _check_output_location(paths: _Paths, input_data_files: set[str]) -> tuple[s
 
 
 def _tensor_bytes(model) -> int:
-    from reparam_fx.onnx_io import is_stored, stored_bytes
+    from reparam_fx.onnx.io import is_stored, stored_bytes
     total = 0
     for tensor in _model_tensors(model):
         total += stored_bytes(tensor) if is_stored(tensor) else len(tensor.raw_data)
@@ -535,7 +535,7 @@ def write_model_atomically(onnx, model, output: str, *, external_data: bool,
     stubs' data are in ``store`` (default: files next to ``output``).
     ``before_commit(staged_model_path)`` runs once the files are staged (``--verify``);
     an error from it leaves nothing written."""
-    from reparam_fx.onnx_io import WeightStore, save_streaming
+    from reparam_fx.onnx.io import WeightStore, save_streaming
     folder = os.path.dirname(os.path.abspath(output))
     name = os.path.basename(output)
     owned = staging is None
@@ -633,7 +633,7 @@ def _import_onnx():
 
 def _import_frontend():
     try:
-        from reparam_fx import onnx_ as frontend
+        import reparam_fx.onnx as frontend
     except ImportError as error:
         raise CliError(f"the ONNX frontend cannot be imported ({_one_line(error)}); "
                        f"pip install 'reparam-fx[onnx]'") from None
@@ -676,7 +676,7 @@ def _fuse_and_write(onnx, frontend, args, paths: _Paths, model, data_files: set[
                     data_name: str, shapes, staging: str) -> int:
     """Fuse, verify, write (fused weights go straight to ``staging``'s data file when
     the output has external data)."""
-    from reparam_fx.onnx_io import WeightStore
+    from reparam_fx.onnx.io import WeightStore
     # external data out: fused weights go straight into the staged data file (written
     # once); else they stay in memory until the model is written (at most its size)
     external = bool(data_files) or _tensor_bytes(model) > EXTERNAL_DATA_THRESHOLD
@@ -724,7 +724,7 @@ def _fuse_verify_write(onnx, frontend, args, paths: _Paths, model, data_files: s
 def _verify(frontend, reference: str, candidate: str, shapes, rtol: float) -> None:
     """``--verify``: both files run in ONNX Runtime (which reads them, external data and
     all, itself) on the same random inputs; a CliError above ``rtol``."""
-    from reparam_fx.verification import VerificationError
+    from reparam_fx.core.verification import VerificationError
     _quiet_onnxruntime()
     try:
         error = frontend.verify_onnx(reference, candidate, input_shapes=shapes or None,

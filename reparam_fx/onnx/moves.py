@@ -34,7 +34,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from reparam_fx.regions import Layout, Region, average_maps, permutation_maps
+from reparam_fx.core.regions import Layout, Region, average_maps, permutation_maps
 
 PERMUTES = frozenset({"Transpose"})
 RESHAPES = frozenset({"Reshape", "Flatten", "Squeeze", "Unsqueeze"})
