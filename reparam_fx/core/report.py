@@ -1,30 +1,10 @@
 """What a fusion did: the regions it collapsed (by pattern name) and what it left alone, and why.
 
-Pattern names are *outcomes* of the affine algebra, not separate matchers: once a region
-has been folded into one conv, :func:`classify_region` looks at the ops it absorbed and
-names it after the block it resembles:
+Each fused region carries a pattern name (``conv+bn``, ``repvgg``, ``repmixer``, ...),
+given by :func:`reparam_fx.core.pipeline.region_pattern`.
 
-=====================  =====================================================
-pattern                region absorbed
-=====================  =====================================================
-``conv+bn``            one conv followed by BatchNorm (and nothing else)
-``repvgg``             sum of a kxk conv branch, a 1x1 conv branch and/or an identity
-``mobileone``          sum with two or more conv branches of the same kernel shape
-``large+small kernel`` sum of conv branches with different kernel sizes > 1
-``repmixer``           ``x + scale * (f(x) - g(x))``: a difference plus an identity
-``cpe``                identity plus one conv, no BatchNorm (``x + dwconv(x)``)
-``bn+linear``          BatchNorm1d folded into a Linear (before or after it)
-``linear heads``       sum/average of several Linear heads on one input
-``layer scale``        per-channel constant scale folded into a conv/linear
-``avgpool``            average pooling folded as a depthwise conv
-``zero-pad``           explicit zero padding folded into a conv
-``crop``               a crop (``x[..., c:-c]``) folded into a conv
-``conv composition``   two convs (kxk then 1x1, or 1x1 then kxk) composed
-``computed weights``   one conv whose weights ``forward`` computes, now precomputed
-``affine``             any other exactly-foldable region
-=====================  =====================================================
-
-This module holds data only: the frontends fill the report in (op histograms come from
+This module holds data only: the frontends fill the report in through
+:mod:`reparam_fx.core.pipeline` (op histograms come from
 :mod:`reparam_fx.fx.counts` and the ONNX frontend's own counter).
 """
 
@@ -141,48 +121,3 @@ class FusionReport:
                 f"sizes only); {gain}")
 
     __str__ = table
-
-
-def classify_region(kinds: Counter, conv_kernels: list[tuple[int, ...]], n_branches: int,
-                    has_identity: bool, has_sub: bool) -> str:
-    """Name a folded region from the op kinds it absorbed (see the module docstring).
-
-    ``kinds`` counts the absorbed ops by role: conv, bn, linear, scale, avgpool, pad;
-    ``conv_kernels`` lists the kernel sizes of the absorbed convs; ``n_branches`` is the
-    number of terms that were summed (1 for a chain).
-    """
-    n_conv, n_linear = kinds["conv"], kinds["linear"]
-    if n_linear and not n_conv:
-        if n_linear > 1 and n_branches > 1:
-            return "linear heads"
-        if kinds["bn"]:
-            return "bn+linear"
-        if kinds["scale"]:
-            return "layer scale"
-        return "affine"
-    if n_branches > 1:
-        if has_sub and has_identity:
-            return "repmixer"
-        spatial = [tuple(k) for k in conv_kernels if any(size > 1 for size in k)]
-        if len(set(spatial)) > 1:
-            return "large+small kernel"
-        if len(conv_kernels) > len({tuple(k) for k in conv_kernels}):
-            return "mobileone"  # over-parameterised: several branches of one kernel shape
-        if has_identity and n_conv == 1 and not kinds["bn"]:
-            return "cpe"
-        return "repvgg"
-    if n_conv >= 2:
-        return "conv composition"
-    if kinds["crop"]:
-        return "crop"
-    if kinds["pad"]:
-        return "zero-pad"
-    if kinds["avgpool"]:
-        return "avgpool"
-    if kinds["bn"]:
-        return "conv+bn"
-    if kinds["scale"]:
-        return "layer scale"
-    if kinds["computed"]:
-        return "computed weights"
-    return "affine"

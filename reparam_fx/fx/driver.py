@@ -23,10 +23,9 @@ from reparam_fx.fx.facts import GraphFacts, ModuleLookup
 from reparam_fx.fx.values import shape_values
 from reparam_fx.fx.leaves import fuse_inside, merge_report
 from reparam_fx.fx.rewrite import fusion_pass, redirect_reads_after_inplace
-from reparam_fx.core.regions import gc_paused
-from reparam_fx.core.report import FusionReport, Leaf, Skipped
+from reparam_fx.core.pipeline import gc_paused, leftover_batchnorms, run_passes
+from reparam_fx.core.report import FusionReport, Leaf
 
-MAX_PASSES = 4
 CAPTURES = ("auto", "fx", "export")
 
 
@@ -117,9 +116,7 @@ def _fuse_workspace(ws: Workspace, original: nn.Module, example_inputs=None) -> 
     report.nodes_before = _count_ops(ws.graph)
     leaf_ranks = _leaf_argument_ranks(ws)  # (before the passes: BatchNorms still prove ranks)
     redirect_reads_after_inplace(ws)
-    for _ in range(MAX_PASSES):  # to a fixpoint; one pass usually finds everything
-        if not fusion_pass(GraphFacts(ws), report):
-            break
+    run_passes(lambda: fusion_pass(GraphFacts(ws), report))
     ws.make_private()
     scalars = shape_values(ws.graph)
     for node in reversed(ws.graph.nodes):  # e.g. BatchNorm counters export left unread,
@@ -132,7 +129,8 @@ def _fuse_workspace(ws: Workspace, original: nn.Module, example_inputs=None) -> 
                     for region in report.fused]
     report.nodes_after = _count_ops(result.graph)
     leaves = {renamed.get(leaf.module, leaf.module): leaf for leaf in ws.leaves}
-    report.skipped = _dedupe(report.skipped + _unfolded_batchnorms(result, report, leaves))
+    report.skipped = _dedupe(report.skipped)
+    _unfolded_batchnorms(result, report, leaves)
     _fuse_leaves(result, ws, renamed, report, leaf_ranks)
     report.ops_after = op_counts(result)
     report.params_after = parameter_count(result)
@@ -246,23 +244,21 @@ def _private_copy(model: nn.Module) -> nn.Module:
 
 
 def _unfolded_batchnorms(result: torch.fx.GraphModule, report: FusionReport,
-                         leaves: dict[str, Leaf]) -> list[Skipped]:
-    """Every BatchNorm still in the graph gets a line in the report, if it has none yet."""
-    explained = {item.node for item in report.skipped}
+                         leaves: dict[str, Leaf]) -> None:
+    """Every BatchNorm still in the graph gets a line in the report, if it has none yet:
+    the block kept whole its input comes from, or the reshape that ended its region."""
     modules = dict(result.named_modules())
-    missing = []
-    for node in result.graph.nodes:
-        if node_category(node, modules) != "batch_norm" or node.name in explained:
-            continue
-        source = node.args[0] if node.args else None
+    nodes = {node.name: node for node in result.graph.nodes
+             if node_category(node, modules) == "batch_norm"}
+
+    def reason_of(name: str) -> str | None:
+        source = nodes[name].args[0] if nodes[name].args else None
         leaf = leaves.get(source.target) if isinstance(source, torch.fx.Node) and \
             source.op == "call_module" else None
         refused = _refused_move_before(source, report.move_refusals)
-        reason = (f"its input comes from {leaf.module}, kept whole: {leaf.reason}" if leaf
-                  else f"the reshape before it ({refused[0]}): {refused[1]}" if refused
-                  else "no conv or linear next to it to fold into")
-        missing.append(Skipped(node.name, "batch_norm", reason))
-    return missing
+        return (f"its input comes from {leaf.module}, kept whole: {leaf.reason}" if leaf
+                else f"the reshape before it ({refused[0]}): {refused[1]}" if refused else None)
+    leftover_batchnorms(report, ((name, "batch_norm") for name in nodes), reason_of)
 
 
 def _refused_move_before(node, refusals: dict, steps: int = 4):

@@ -29,7 +29,7 @@ import torch.nn as nn
 
 from reparam_fx.fx.capture import runs_standard_forward
 from reparam_fx.fx.values import is_size_int, schema_name, tensor_shape, whole_shape_of
-from reparam_fx.core.regions import Layout, average_maps, permutation_maps
+from reparam_fx.core.layout import Layout, average_maps, permutation_maps
 
 _PERMUTES = {"permute", "transpose", "swapaxes", "swapdims", "movedim", "moveaxis", "t"}
 _RESHAPES = {"view", "reshape", "_unsafe_view", "view_as", "reshape_as", "flatten",

@@ -31,7 +31,6 @@ from __future__ import annotations
 import itertools
 import operator
 import re
-from collections import Counter
 
 import torch
 import torch.fx
@@ -45,8 +44,9 @@ from reparam_fx.fx.counts import counts_as_parameter, module_tensors, node_categ
 from reparam_fx.fx.facts import GraphFacts
 from reparam_fx.fx.values import metadata_read, schema_name, tensor_shape
 from reparam_fx.fx.ops import interpret
-from reparam_fx.core.regions import Region, RegionBuilder, Sum, Unary, select_rewrites
-from reparam_fx.core.report import FusedRegion, FusionReport, classify_region
+from reparam_fx.core.regions import Region, Sum, Unary
+from reparam_fx.core.pipeline import find_rewrites, fused_region
+from reparam_fx.core.report import FusedRegion, FusionReport
 
 aten = torch.ops.aten
 
@@ -639,27 +639,17 @@ def _emit_sum(graph: torch.fx.Graph, values: list, like: torch.fx.Node, frontend
 
 def _fused_region(output: torch.fx.Node, name: str, region: Region,
                   facts: GraphFacts) -> FusedRegion:
-    term = region.term
-    return FusedRegion(
-        pattern=classify_region(region.kinds, region.kernels, region.branches,
-                                region.has_identity, region.has_sub),
-        output=output.name, module=name,
-        nodes=tuple(n.name for n in region.nodes),
-        ops=tuple(sorted(Counter(c for c in (_category(n, facts) for n in region.nodes)
-                                 if c).items())),
-        params_before=_region_params(region, facts),
-        params_after=term.weight.numel() + (0 if term.bias is None else term.bias.numel()))
+    return fused_region(region, output.name, name, (n.name for n in region.nodes),
+                        (_category(n, facts) for n in region.nodes),
+                        _region_params(region, facts))
 
 
 def fusion_pass(facts: GraphFacts, report: FusionReport) -> bool:
     """One walk, then one rewrite into a new graph; returns whether another pass may
     find more. ``report.skipped`` is rebuilt each pass: it describes the graph of the
     last pass."""
-    report.skipped, report.move_refusals = [], {}
     view = FxView(facts)
-    builder = RegionBuilder(view, report)
-    builder.walk()
-    emit, partial_sums = select_rewrites(view, builder, _worth_writing)
+    emit, partial_sums = find_rewrites(view, report, _worth_writing)
     if not emit and not partial_sums:
         return False
     facts.ws.graph = _rewrite(facts, emit, partial_sums, report)

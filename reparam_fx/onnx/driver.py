@@ -19,8 +19,8 @@ import onnx_graphsurgeon as gs
 from onnx_graphsurgeon.ir.tensor import LazyValues
 
 from reparam_fx.onnx.io import STUB_BYTES, WeightStore, is_stored
-from reparam_fx.core.regions import gc_paused
-from reparam_fx.core.report import FusionReport, Skipped
+from reparam_fx.core.pipeline import gc_paused, leftover_batchnorms, run_passes
+from reparam_fx.core.report import FusionReport
 from reparam_fx.onnx.rewrite import fusion_pass
 from reparam_fx.onnx.simplify import drop_no_ops, fold_constants, merge_slices
 from reparam_fx.onnx.view import CATEGORIES, STUB_LOCATION
@@ -165,11 +165,8 @@ def _fuse_onnx_model(model: onnx.ModelProto,
     report.params_before = _initializer_params(model)
     fold_constants(graph)
     drop_no_ops(graph)
-    for _ in range(MAX_PASSES):
-        if not fusion_pass(graph, report):
-            break
-        if fold_constants(graph):  # (shapes of folded values are constants now)
-            drop_no_ops(graph)
+    run_passes(lambda: fusion_pass(graph, report),  # (then shapes of folded values are
+               lambda: fold_constants(graph) and drop_no_ops(graph))  # constants)
     merge_slices(graph)
     graph.cleanup(remove_unused_graph_inputs=False).toposort()
     fused = gs.export_onnx(graph)
@@ -179,16 +176,13 @@ def _fuse_onnx_model(model: onnx.ModelProto,
     report.ops_after = _op_histogram(node.op for node in graph.nodes)
     report.nodes_after = len(graph.nodes)
     report.params_after = _initializer_params(fused)
-    report.skipped.extend(Skipped(n.name, n.op, "no conv or linear next to it to fold into")
-                          for n in graph.nodes if n.op == "BatchNormalization"
-                          and n.name not in {s.node for s in report.skipped})
+    leftover_batchnorms(report, ((n.name, n.op) for n in graph.nodes
+                                 if n.op == "BatchNormalization"))
     return fused, report
 
 
 MIN_OPSET = 13
 
-
-MAX_PASSES = 4
 
 
 class OnnxFusionError(ValueError):

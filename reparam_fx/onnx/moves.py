@@ -34,7 +34,9 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from reparam_fx.core.regions import Layout, Region, average_maps, permutation_maps
+from reparam_fx.core.layout import Layout, average_maps, permutation_maps
+
+from reparam_fx.core.regions import Region
 
 PERMUTES = frozenset({"Transpose"})
 RESHAPES = frozenset({"Reshape", "Flatten", "Squeeze", "Unsqueeze"})

@@ -11,7 +11,6 @@ to the model's weight dtype.
 
 from __future__ import annotations
 
-from collections import Counter
 
 import numpy as np
 import onnx_graphsurgeon as gs
@@ -21,8 +20,9 @@ from reparam_fx.core import affine
 from reparam_fx.core.affine import ConvTerm, NotExact
 from reparam_fx.onnx.io import STUB_BYTES
 from reparam_fx.onnx.moves import MOVE_OPS, moves_cancel
-from reparam_fx.core.regions import Region, RegionBuilder, select_rewrites
-from reparam_fx.core.report import FusedRegion, FusionReport, classify_region
+from reparam_fx.core.regions import Region
+from reparam_fx.core.pipeline import find_rewrites, fused_region, rewritten_values
+from reparam_fx.core.report import FusedRegion, FusionReport
 from reparam_fx.onnx.view import CATEGORIES, OUTPUT, OnnxView, Tensor, constant_size, constant_value
 # ---- writing regions back --------------------------------------------------------------
 
@@ -298,24 +298,14 @@ def _region_params(region: Region) -> int:
 
 
 def _fused_region(output, region: Region, node_name: str) -> FusedRegion:
-    term = region.term
-    return FusedRegion(
-        pattern=classify_region(region.kinds, region.kernels, region.branches,
-                                region.has_identity, region.has_sub),
-        output=output.name, module=node_name,
-        nodes=tuple(v.producer.name or v.var.name for v in region.nodes if v.producer),
-        ops=tuple(sorted(Counter(c for c in map(_category, region.nodes) if c).items())),
-        params_before=_region_params(region),
-        params_after=term.weight.numel() + (0 if term.bias is None else term.bias.numel()))
+    return fused_region(region, output.name, node_name,
+                        (v.producer.name or v.var.name for v in region.nodes if v.producer),
+                        map(_category, region.nodes), _region_params(region))
 
 
 def fusion_pass(graph: gs.Graph, report: FusionReport) -> int:
     view = OnnxView(graph)
-    report.skipped = []
-    builder = RegionBuilder(view, report)
-    builder.walk()
-    emit, partial_sums = select_rewrites(view, builder,
-                                         lambda region: _worth_writing(region, view))
+    emit, partial_sums = find_rewrites(view, report, lambda region: _worth_writing(region, view))
     moved_sources: dict = {}
     names = NodeNames(graph)
     for index, (output, region) in enumerate(emit):
@@ -334,11 +324,7 @@ def fusion_pass(graph: gs.Graph, report: FusionReport) -> int:
             else:
                 values.append((term.var, coeff))
         _emit_sum(graph, partial.root.var, values, index)
-    folded = [value for _, region in emit for value in region.nodes]
-    folded += [value for partial in partial_sums for value in partial.inner]
-    folded += [value for partial in partial_sums for term, _ in partial.terms
-               if isinstance(term, Region) for value in term.nodes]
-    _freeze_shape_reads(view, folded)
+    _freeze_shape_reads(view, rewritten_values(emit, partial_sums))
     if emit or partial_sums:
         graph.cleanup(remove_unused_graph_inputs=False).toposort()
     return len(emit) + len(partial_sums)

@@ -29,7 +29,8 @@ from onnx_graphsurgeon.ir.tensor import LazyValues
 from reparam_fx.core import affine
 from reparam_fx.onnx.io import STUB_BYTES
 from reparam_fx.onnx.moves import MOVE_OPS, OnnxMove, as_dims, graph_sizes
-from reparam_fx.core.regions import Layout, Sum, Unary
+from reparam_fx.core.layout import Layout
+from reparam_fx.core.regions import Sum, Unary
 OUTPUT = object()  # stands for "a graph output reads this value"
 CATEGORIES = {"Conv": "conv", "BatchNormalization": "batch_norm", "Gemm": "linear",
                "MatMul": "linear", "Add": "add", "Sub": "sub", "Mul": "mul", "Div": "div",
