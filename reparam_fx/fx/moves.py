@@ -29,12 +29,13 @@ import torch.nn as nn
 
 from reparam_fx.fx.capture import runs_standard_forward
 from reparam_fx.fx.values import is_size_int, schema_name, tensor_shape, whole_shape_of
-from reparam_fx.core.layout import Layout, average_maps, permutation_maps
+from reparam_fx.core.layout import (Layout, average_maps, permutation_maps, reshape_maps,
+                                    tail_merge_map)
 
-_PERMUTES = {"permute", "transpose", "swapaxes", "swapdims", "movedim", "moveaxis", "t"}
-_RESHAPES = {"view", "reshape", "_unsafe_view", "view_as", "reshape_as", "flatten",
+PERMUTES = {"permute", "transpose", "swapaxes", "swapdims", "movedim", "moveaxis", "t"}
+RESHAPES = {"view", "reshape", "_unsafe_view", "view_as", "reshape_as", "flatten",
              "unflatten", "squeeze", "unsqueeze"}
-_COPIES = {"clone", "contiguous"}
+COPIES = {"clone", "contiguous"}
 _REDUCTIONS = {"mean", "adaptive_avg_pool1d", "adaptive_avg_pool2d", "adaptive_avg_pool3d"}
 
 
@@ -47,16 +48,16 @@ def interpret_move(node: torch.fx.Node, facts) -> Layout | None:
     x = args[0]
     if x in facts.scalars:
         return None
-    if name in _COPIES and set(kwargs) <= {"memory_format"} and len(args) <= 2:
+    if name in COPIES and set(kwargs) <= {"memory_format"} and len(args) <= 2:
         # the values unchanged, in a new (contiguous) memory layout that a ``view`` after it
         # may need: written again with the moves around it, never dropped
         return Layout(x, lambda axis: axis, lambda axis: axis)
     rank = _rank(x, facts)
     out_rank = facts.rank(node)
-    if name not in _PERMUTES and name not in _REDUCTIONS and name not in _RESHAPES:
+    if name not in PERMUTES and name not in _REDUCTIONS and name not in RESHAPES:
         return None
     try:
-        if name in _PERMUTES:
+        if name in PERMUTES:
             layout = _permutation(x, name, args, kwargs, rank)
         elif name in _REDUCTIONS:
             layout = _reduction(x, node, name, args, kwargs, rank, facts)
@@ -71,6 +72,11 @@ def _unproven(x) -> Layout:
     """A move whose map the graph does not prove: it keeps no axis (a region before it
     ends there, and the report says so)."""
     return Layout(x, lambda axis: None, lambda axis: None, channel_free=False)
+
+
+def move_name(node: torch.fx.Node, facts) -> str | None:
+    """The functional name of a move node (``permute``, ``flatten``, ``mean`` ...)."""
+    return _call(node, facts)[0]
 
 
 def _call(node, facts):
@@ -227,12 +233,9 @@ def _reshape(x, node, name, args, kwargs, rank, out_rank, facts) -> Layout | Non
             return None
         return _split(x, rank, dim % rank, len(sizes))
     if in_shape is not None and out_shape is not None and _static(in_shape) and _static(out_shape):
-        layout = _by_sizes(x, in_shape, out_shape)
-        if out_shape and math.prod(out_shape[:-1]) > 0:
-            start = [j for j in range(len(in_shape))
-                     if math.prod(in_shape[:j]) == math.prod(out_shape[:-1])]
-            if start and start[0] < len(in_shape) - 1:
-                layout.tail_merge = _tail_merge(start[0], len(in_shape), in_shape)
+        layout = Layout(x, *reshape_maps(in_shape, out_shape))
+        if math.prod(out_shape[:-1]) > 0:
+            layout.tail_merge = tail_merge_map(in_shape, out_shape)
         return layout
     if name in ("view_as", "reshape_as"):
         return _as_last_axis(x, args[1], facts)
@@ -314,30 +317,6 @@ def _unsqueezed(x, rank, dim) -> Layout:
             return None
         return (position if position < dim else position - 1) - rank
     return Layout(x, forward, backward)
-
-
-def _by_sizes(x, in_shape, out_shape, channel_free=False) -> Layout:
-    """A reshape between known sizes: an axis stays whole where the sizes before it (and
-    its own) match on both sides, as row-major order keeps it then."""
-    def prefix(shape, position):
-        return math.prod(shape[:position])
-
-    def forward(axis):
-        position = axis % len(in_shape)
-        before, size = prefix(in_shape, position), in_shape[position]
-        for j in range(len(out_shape)):
-            if prefix(out_shape, j) == before and out_shape[j] == size:
-                return j - len(out_shape)
-        return None
-
-    def backward(axis):
-        position = axis % len(out_shape)
-        before, size = prefix(out_shape, position), out_shape[position]
-        for j in range(len(in_shape)):
-            if prefix(in_shape, j) == before and in_shape[j] == size:
-                return j - len(in_shape)
-        return None
-    return Layout(x, forward, backward, channel_free=channel_free)
 
 
 def _read_dim(value, same: set):

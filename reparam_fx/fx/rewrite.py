@@ -43,8 +43,10 @@ from reparam_fx.fx.capture import copy_sharing_specs
 from reparam_fx.fx.counts import counts_as_parameter, module_tensors, node_category
 from reparam_fx.fx.facts import GraphFacts
 from reparam_fx.fx.values import metadata_read, schema_name, tensor_shape
+from reparam_fx.fx.moves import COPIES, PERMUTES, RESHAPES, move_name
 from reparam_fx.fx.ops import interpret
 from reparam_fx.core.regions import Region, Sum, Unary
+from reparam_fx.core.layout import permutations_cancel
 from reparam_fx.core.pipeline import find_rewrites, fused_region
 from reparam_fx.core.report import FusedRegion, FusionReport
 
@@ -589,35 +591,13 @@ def _moves_cancel(moves: list, region: Region, facts: GraphFacts) -> bool:
             for n in region.nodes):
         return False
     start, last = moves[0].args[0], moves[-1]
-    kinds = [_move_kind(n, facts) for n in moves]
-    if kinds[-1] in ("view_as", "reshape_as") and len(last.args) > 1 and \
-            last.args[1] is start and all(k in _RESHAPE_KINDS for k in kinds):
+    names = [move_name(n, facts) for n in moves]
+    if names[-1] in ("view_as", "reshape_as") and len(last.args) > 1 and \
+            last.args[1] is start and all(n in RESHAPES | COPIES for n in names):
         return True
     rank = facts.rank(start)
-    if rank is None or not all(k in _PERMUTE_KINDS for k in kinds):
-        return False
-    layouts = [move for _, move in region.layouts]
-    for axis in range(-rank, 0):
-        moved = axis
-        for layout in layouts:
-            moved = layout.forward(moved) if moved is not None else None
-        if moved != axis:
-            return False
-    return True
-
-
-_RESHAPE_KINDS = {"flatten", "view", "reshape", "view_as", "reshape_as", "squeeze", "unsqueeze",
-                  "unflatten", "clone", "contiguous"}
-_PERMUTE_KINDS = {"permute", "transpose", "swapaxes", "swapdims", "movedim", "moveaxis", "t",
-                  "clone", "contiguous"}
-
-
-def _move_kind(node, facts) -> str:
-    if node.op == "call_module":
-        return "flatten" if type(facts.modules.get(node.target)).__name__ == "Flatten" else ""
-    if node.op == "call_method":
-        return node.target
-    return schema_name(node.target) or getattr(node.target, "__name__", "")
+    return rank is not None and all(n in PERMUTES | COPIES for n in names) and \
+        permutations_cancel([move for _, move in region.layouts], rank)
 
 
 def _emit_sum(graph: torch.fx.Graph, values: list, like: torch.fx.Node, frontend: str):

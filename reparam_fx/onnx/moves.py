@@ -34,7 +34,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from reparam_fx.core.layout import Layout, average_maps, permutation_maps
+from reparam_fx.core.layout import (Layout, average_maps, permutation_maps,
+                                    permutations_cancel, reshape_maps, tail_merge_map)
 
 from reparam_fx.core.regions import Region
 
@@ -220,49 +221,15 @@ def _reshaped(node, in_sizes, constant_of) -> tuple | None:
 
 
 def _by_sizes(x, in_sizes, out_sizes, channel_free: bool) -> OnnxMove:
-    """A reshape between ``in_sizes`` and ``out_sizes``: an axis stays whole where the
-    sizes before it and its own size match on both sides. An axis merged with every axis
-    after it into the last output axis (``Flatten(axis=1)`` on ``(B, C, H, W)``) is
-    described by ``tail_merge``: a channel affine before it is the affine repeated
-    ``block = H * W`` times (None if a size is only named)."""
-    before_in = [_product(in_sizes[:i]) for i in range(len(in_sizes))]
-    before_out = [_product(out_sizes[:j]) for j in range(len(out_sizes))]
-    pairs = [(i, j) for i in range(len(in_sizes)) for j in range(len(out_sizes))
-             if before_in[i] == before_out[j] and in_sizes[i] == out_sizes[j]]
-    # only one-to-one pairs (of size-1 axes next to size-1 axes, which is which is unknown)
-    ins, outs = Counter(i for i, _ in pairs), Counter(j for _, j in pairs)
-    to_out = {i: j for i, j in pairs if ins[i] == 1 and outs[j] == 1}
-    to_in = {j: i for i, j in to_out.items()}
-
-    def forward(axis):
-        j = to_out.get(axis % len(in_sizes))
-        return None if j is None else j - len(out_sizes)
-
-    def backward(axis):
-        i = to_in.get(axis % len(out_sizes))
-        return None if i is None else i - len(in_sizes)
-    return OnnxMove(x, forward, backward, channel_free=channel_free,
-                    tail_merge=_tail_merge(in_sizes, out_sizes, before_in, before_out),
+    """A reshape between ``in_sizes`` and ``out_sizes``
+    (:func:`reparam_fx.core.layout.reshape_maps`); an axis merged with every axis after it
+    into the last output axis (``Flatten(axis=1)`` on ``(B, C, H, W)``) is described by
+    ``tail_merge``, the repetition ``block = H * W`` None where a size is only named."""
+    forward, backward = reshape_maps(in_sizes, out_sizes, _product)
+    tail_merge = tail_merge_map(in_sizes, out_sizes, _product,
+                                block=lambda size: None if size[1] else size[0])
+    return OnnxMove(x, forward, backward, channel_free=channel_free, tail_merge=tail_merge,
                     kind="reshape", in_sizes=in_sizes, out_sizes=out_sizes)
-
-
-def _tail_merge(in_sizes, out_sizes, before_in, before_out) -> Callable | None:
-    """``axis -> (-1, block)`` for the input axes merged with every axis after them (and
-    nothing before them but size-1 axes) into the last output axis, else None."""
-    if not out_sizes:
-        return None
-    rank = len(in_sizes)
-    merged = {i: _product(in_sizes[i + 1:]) for i in range(rank - 1)
-              if before_in[i] == before_out[-1] and _product(in_sizes[i:]) == out_sizes[-1]}
-    if not merged:
-        return None
-
-    def tail_merge(axis):
-        block = merged.get(axis % rank)
-        if block is None:
-            return None
-        return -1, (block[0] if not block[1] else None)  # (a named size: from the op after)
-    return tail_merge
 
 
 # ---- moves that cancel ---------------------------------------------------------------------
@@ -280,7 +247,7 @@ def moves_cancel(region: Region) -> bool:
         return False
     start, end = moves[0].in_sizes, moves[-1].out_sizes
     if all(m.kind == "permute" for m in moves):
-        return all(_followed(moves, axis) == axis for axis in range(-len(start), 0))
+        return permutations_cancel(moves, len(start))
     same_sizes = region.placement == "after" or region.post_kept
     if start != end or not same_sizes:
         return False
@@ -300,11 +267,3 @@ def moves_cancel(region: Region) -> bool:
         else:
             values = values.reshape(as_dims(move.out_sizes))
     return values.shape == index.shape and bool(np.array_equal(values, index))
-
-
-def _followed(moves, axis):
-    for move in moves:
-        axis = move.forward(axis)
-        if axis is None:
-            return None
-    return axis
