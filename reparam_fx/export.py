@@ -24,7 +24,6 @@ import logging
 import operator
 import os
 import re
-import shutil
 import tempfile
 import warnings
 from collections import Counter
@@ -33,6 +32,10 @@ from pathlib import Path
 
 import torch
 import torch.nn as nn
+
+from reparam_fx.cli.files import staged, write_bytes
+from reparam_fx.cli.logs import quiet
+from reparam_fx.core.text import first_line
 
 
 class ExportError(RuntimeError):
@@ -52,25 +55,19 @@ def to_onnx(model: nn.Module, example_inputs, path, *, opset_version: int = 17,
     """
     path = Path(path)
     inputs = _inputs(example_inputs)
-    fd, staged = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent or ".")
-    os.close(fd)
     try:
-        with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
+        with staged(path) as target, warnings.catch_warnings(), \
+                contextlib.redirect_stdout(io.StringIO()):
             warnings.simplefilter("ignore")
             if dynamo:
                 program = torch.onnx.export(model, inputs, dynamo=True, verbose=False)
-                program.save(staged)
+                program.save(target)
             else:
-                torch.onnx.export(model, inputs, staged, dynamo=False,
+                torch.onnx.export(model, inputs, target, dynamo=False,
                                   opset_version=opset_version)
-        _usual_mode(staged)
-        os.replace(staged, path)
     except Exception as error:  # noqa: BLE001 - re-raised with the op that failed
         raise ExportError(f"ONNX export of {type(model).__name__} failed: "
-                          f"{_first_line(error)}") from error
-    finally:
-        if os.path.exists(staged):
-            os.remove(staged)
+                          f"{first_line(error, 300, kind=False)}") from error
     return path
 
 
@@ -84,18 +81,6 @@ def mil_op_histogram(mlmodel) -> Counter:
                    for op in function.operations if op.op_type != "const")
 
 
-class _ErrorLog(logging.Handler):
-    """Keeps coremltools' ERROR records: for some failures the op it could not convert is
-    named only there ("converting 'int' op (located at: ...)")."""
-
-    def __init__(self):
-        super().__init__(logging.ERROR)
-        self.messages: list[str] = []
-
-    def emit(self, record):
-        self.messages.append(record.getMessage().strip())
-
-
 # the loggers of coremltools, ExecuTorch and what they import: importing either prints
 # version warnings, "Failed to load" lines and deprecation notes (torchao's pytree
 # registrations), none of which the caller can act on
@@ -103,35 +88,15 @@ _NOISY_LOGGERS = ("coremltools", "executorch", "torchao", "torch._export", "torc
                   "torch.utils._pytree")
 
 
-@contextlib.contextmanager
 def _quiet():
-    """Third-party noise off while coremltools or ExecuTorch is imported or called: their
-    loggers at ERROR, warnings ignored, Python-level stdout and stderr (progress bars)
-    captured. Errors still raise; coremltools' ERROR records are kept in the yielded log
-    (a failed first attempt in ``frontend="auto"`` is expected, not an error to show)."""
-    loggers = [logging.getLogger(name) for name in _NOISY_LOGGERS]
-    levels = [logger.level for logger in loggers]
-    coremltools, log = loggers[0], _ErrorLog()
-    handlers, propagate = coremltools.handlers[:], coremltools.propagate
-    coremltools.handlers, coremltools.propagate = [log], False
-    for logger in loggers:
-        logger.setLevel(logging.ERROR)
-    try:
-        with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()), \
-                contextlib.redirect_stderr(io.StringIO()):
-            warnings.simplefilter("ignore")
-            yield log
-    finally:
-        coremltools.handlers, coremltools.propagate = handlers, propagate
-        for logger, level in zip(loggers, levels):
-            logger.setLevel(level)
+    """Third-party noise off while coremltools or ExecuTorch is imported or called; their
+    ERROR records are kept in the yielded log (coremltools names the op it could not
+    convert only there; a failed first attempt in ``frontend="auto"`` is expected, not an
+    error to show)."""
+    return quiet(_NOISY_LOGGERS, level=logging.ERROR, stderr=True)
 
 
 _CONVERTING = re.compile(r"converting '[^']+' op \(located at: '[^']*'\)")
-
-
-def _first_line(error: Exception) -> str:
-    return (str(error).strip().splitlines() or [type(error).__name__])[0][:300].rstrip(".")
 
 
 def _coreml_program(model: nn.Module, inputs: tuple, frontend: str):
@@ -189,7 +154,7 @@ def to_coreml(model: nn.Module, example_inputs, path=None, *, minimum_deployment
             break
         except Exception as error:  # noqa: BLE001 - coremltools names the unsupported op
             where = [m.group(0) for m in map(_CONVERTING.search, log.messages) if m]
-            failures.append((attempt, _first_line(error) + (f", {where[0]}" if where else "")))
+            failures.append((attempt, first_line(error, 300, kind=False) + (f", {where[0]}" if where else "")))
     else:
         detail = "; ".join(f"{attempt}: {message}" for attempt, message in failures)
         raise ExportError(f"Core ML conversion of {type(model).__name__} failed ({detail})")
@@ -204,22 +169,11 @@ def to_coreml(model: nn.Module, example_inputs, path=None, *, minimum_deployment
 def _save_package(mlmodel, path: Path) -> None:
     """Save an ``.mlpackage`` (a folder) atomically: staged next to ``path``, then renamed;
     an existing package at ``path`` is replaced only once the new one is complete."""
-    staging = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent or "."))
-    staged, previous = staging / path.name, staging / "previous"
     try:
-        mlmodel.save(str(staged))
-        if path.exists():
-            os.replace(path, previous)
-        try:
-            os.replace(staged, path)
-        except OSError:
-            if previous.exists():
-                os.replace(previous, path)
-            raise
+        with staged(path) as target:
+            mlmodel.save(target)
     except Exception as error:  # noqa: BLE001
         raise ExportError(f"could not write {path}: {error}") from error
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
 
 
 # ---- ExecuTorch ---------------------------------------------------------------------------
@@ -316,7 +270,7 @@ def _lower(model: nn.Module, inputs: tuple, backend: str, minimum_deployment_tar
             buffer = edge.to_executorch().buffer
     except Exception as error:  # noqa: BLE001 - re-raised with what failed
         raise ExportError(f"ExecuTorch lowering ({backend}) of {type(model).__name__} failed: "
-                          f"{_first_line(error)}") from error
+                          f"{first_line(error, 300, kind=False)}") from error
     check.pte_bytes, check.program = len(buffer), buffer
     return buffer, check
 
@@ -423,25 +377,9 @@ def run_pte(program: bytes | str | os.PathLike, inputs: tuple) -> list:
         return list(method.execute(list(inputs)))
 
 
-def _usual_mode(staged: str) -> None:
-    """A staged file (``mkstemp``: 0600) gets the mode a plain ``open`` would give it."""
-    umask = os.umask(0)
-    os.umask(umask)
-    os.chmod(staged, 0o666 & ~umask)
-
-
 def _write_atomically(path: Path, data: bytes) -> None:
     """Staged next to ``path``, then renamed over it: a reader never sees half a file."""
-    staged = None
     try:
-        fd, staged = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp",
-                                      dir=path.parent or ".")
-        with os.fdopen(fd, "wb") as file:
-            file.write(data)
-        _usual_mode(staged)
-        os.replace(staged, path)
+        write_bytes(path, data)
     except OSError as error:
         raise ExportError(f"could not write {path}: {error}") from error
-    finally:
-        if staged is not None and os.path.exists(staged):
-            os.remove(staged)

@@ -82,7 +82,7 @@ except ImportError as error:  # pragma: no cover
     raise ImportError("reparam_fx.testing needs hypothesis: pip install 'reparam-fx[test]'") from error
 
 from reparam_fx.fx.counts import mac_count, op_counts
-from reparam_fx.core.verification import VerificationError, verify
+from reparam_fx.core.verification import VerificationError, as_inputs, verify
 
 __all__ = [
     "randomize_batchnorm_", "randomize_parameters_", "assert_fuses_exactly",
@@ -174,12 +174,6 @@ def _randomized(module: nn.Module, seed: int) -> nn.Module:
 
 # ---- checks ----------------------------------------------------------------------------
 
-def _as_inputs(example_inputs) -> tuple:
-    if isinstance(example_inputs, torch.Tensor):
-        return (example_inputs,)
-    return tuple(example_inputs)
-
-
 def _snapshot(model: nn.Module) -> dict[str, torch.Tensor]:
     return {key: value.detach().clone() for key, value in model.state_dict().items()}
 
@@ -198,9 +192,7 @@ def changed_entries(before: dict, after: dict) -> list[str]:
     return sorted(changed)
 
 
-def count_macs(model: nn.Module, example_inputs) -> int:
-    """Multiply-accumulates of one forward pass, as :func:`reparam_fx.mac_count` counts them."""
-    return mac_count(model, _as_inputs(example_inputs))
+count_macs = mac_count  # multiply-accumulates of one forward pass (reparam_fx.mac_count)
 
 
 def conv_batchnorm_pairs(graph_module: torch.fx.GraphModule) -> list[str]:
@@ -234,7 +226,7 @@ def assert_fuses_exactly(model: nn.Module, example_inputs, *, rtol: float = 1e-9
     """
     from reparam_fx import fuse
 
-    inputs = _as_inputs(example_inputs)
+    inputs = as_inputs(example_inputs)
     original_state = _snapshot(model)
     model64 = copy.deepcopy(model).double()
     inputs64 = tuple(t.double() if isinstance(t, torch.Tensor) and t.is_floating_point() else t

@@ -180,13 +180,13 @@ def _(d: Path):
     return ["export", d / "model.pt2", "--to", "onnx", "-o", d / "out.onnx"]
 
 
-@case(BAD, "output is the input", "would overwrite the input; pass --in-place")
+@case(BAD, "output is the input", "refusing to overwrite the input; pass --in-place")
 def _(d: Path):
     save_program(d / "model.pt2")
     return ["fuse", d / "model.pt2", "-o", d / "." / "model.pt2"]
 
 
-@case(BAD, "export output is the input", "would overwrite the input")
+@case(BAD, "export output is the input", "refusing to overwrite the input; choose another -o")
 def _(d: Path):
     save_program(d / "model.pt2")
     return ["export", d / "model.pt2", "--to", "onnx", "-o", d / "model.pt2"]

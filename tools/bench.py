@@ -57,6 +57,7 @@ sys.path.insert(0, str(ROOT / "tests"))
 sys.path.insert(0, str(ROOT / "tools"))
 
 import reparam_fx  # noqa: E402
+from reparam_fx.cli.files import write_bytes  # noqa: E402
 import zoo  # noqa: E402
 from reparam_fx.export import (ExportError, mil_op_histogram, to_coreml,  # noqa: E402
                                to_executorch, to_onnx)
@@ -261,7 +262,7 @@ def measure(name: str, args, progress) -> dict:
             path = to_onnx(module, (x,), Path(folder) / f"{form}.onnx")
             onnx_bytes[form] = path.read_bytes()
     if args.save_models:
-        write_atomically(args.out / f"{name}.onnx", onnx_bytes["fused"])
+        write_bytes(args.out / f"{name}.onnx", onnx_bytes["fused"])
     import onnx
     row["onnx_nodes"] = {form: len(onnx.load_from_string(data).graph.node)
                          for form, data in onnx_bytes.items()}
@@ -472,12 +473,6 @@ def chart(result: dict) -> bytes:
     return buffer.getvalue()
 
 
-def write_atomically(path: Path, data: bytes) -> None:
-    staged = path.with_name(f".{path.name}.tmp")
-    staged.write_bytes(data)
-    os.replace(staged, path)
-
-
 # ---- command line -------------------------------------------------------------------------
 
 
@@ -575,9 +570,9 @@ def main(argv=None) -> int:
         args = parse_args(argv)
         result = run(args)
         text, image = markdown(result), chart(result)  # all built before anything is written
-        write_atomically(args.out / "bench.json", json.dumps(result, indent=2).encode())
-        write_atomically(args.out / "bench.md", text.encode())
-        write_atomically(args.out / "bench.png", image)
+        write_bytes(args.out / "bench.json", json.dumps(result, indent=2).encode())
+        write_bytes(args.out / "bench.md", text.encode())
+        write_bytes(args.out / "bench.png", image)
     except (BenchError, ExportError) as error:
         print(f"bench.py: error: {error}", file=sys.stderr)
         return 2

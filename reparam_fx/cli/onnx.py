@@ -53,8 +53,13 @@ import os
 import re
 import shutil
 import sys
-import tempfile
 from dataclasses import dataclass
+
+from reparam_fx.cli.errors import EXIT_FAILED, EXIT_OK, CliError, Parser, run_command
+from reparam_fx.cli.files import (check_input_file, check_output_folder, describe_foreign,
+                                  fsync, fsync_folder, output_path, staging_folder)
+from reparam_fx.cli.logs import quiet_onnxruntime
+from reparam_fx.core.text import one_line
 
 PROG = "reparam-fx-onnx"
 MIN_OPSET = 13
@@ -65,31 +70,10 @@ EXTERNAL_DATA_THRESHOLD = 2**31 - 2**27
 # Tensors of at least this many bytes go to the external-data file (onnx's default).
 EXTERNAL_DATA_SIZE_THRESHOLD = 1024
 
-EXIT_OK, EXIT_FAILED, EXIT_BAD_INPUT = 0, 1, 2
-
-
-class CliError(Exception):
-    """A failure reported as one line on stderr, with an exit status."""
-
-    def __init__(self, message: str, status: int = EXIT_BAD_INPUT, usage: bool = False):
-        super().__init__(message)
-        self.status = status
-        self.usage = usage
-
-
-def _one_line(text: str) -> str:
-    return re.sub(r"\s*\n\s*", " ", str(text)).strip()
-
-
 # ---- arguments -----------------------------------------------------------------------
 
-class _Parser(argparse.ArgumentParser):
-    def error(self, message):  # raise instead of printing and exiting, so main() returns
-        raise CliError(message, EXIT_BAD_INPUT, usage=True)
-
-
 def build_parser() -> argparse.ArgumentParser:
-    parser = _Parser(
+    parser = Parser(
         prog=PROG,
         description="Fold re-parameterizable blocks (conv+BN, RepVGG/MobileOne branches, "
                     "FastViT RepMixer/CPE, layer scales) of an ONNX model into single convs, "
@@ -136,83 +120,24 @@ class _Paths:
 
 
 def _resolve_paths(args) -> _Paths:
-    if args.output is None and not args.in_place:
-        raise CliError("give the output with -o OUT.onnx, or pass --in-place to replace the input",
-                       usage=True)
-    if args.output is not None and args.output == "":
-        raise CliError("-o needs a file name", usage=True)
-    output = args.output if args.output is not None else args.input
-    if args.in_place and args.output is not None and not _same_path(args.output, args.input):
-        raise CliError(f"-o {args.output} and --in-place disagree; pass one of them")
-    if not args.in_place and _same_path(output, args.input):
-        raise CliError(f"-o {output} is the input file; refusing to overwrite the input; "
-                       f"pass --in-place")
+    output = output_path(args.input, args.output, args.in_place, "OUT.onnx")
     return _Paths(args.input, output, args.in_place)
-
-
-def _same_path(a: str, b: str) -> bool:
-    try:
-        if os.path.exists(a) and os.path.exists(b):
-            return os.path.samefile(a, b)
-    except OSError:
-        pass
-    return os.path.realpath(a) == os.path.realpath(b)
 
 
 # ---- input checks --------------------------------------------------------------------
 
-_FOREIGN_FORMATS = (
-    (b"\x89PNG", "a PNG image"),
-    (b"\xff\xd8\xff", "a JPEG image"),
-    (b"PK\x03\x04", "a zip archive (a PyTorch checkpoint? export it with torch.onnx.export first)"),
-    (b"\x80\x02", "a Python pickle (a PyTorch checkpoint? export it with torch.onnx.export first)"),
-    (b"\x7fELF", "an executable"),
-    (b"%PDF", "a PDF document"),
-    (b"\x1f\x8b", "a gzip archive (decompress it first)"),
-)
-
-
 def _check_input_file(path: str) -> int:
     """The input is an existing, readable, non-empty regular file; returns its size."""
-    if not os.path.lexists(path):
-        raise CliError(f"{path}: no such file; check the path to the .onnx model")
-    if os.path.isdir(path):
-        raise CliError(f"{path} is a directory; give the path of the .onnx file inside it")
-    if not os.path.isfile(path):
-        raise CliError(f"{path} is not a regular file (a broken link or a device); "
-                       f"give the path of an .onnx file")
-    if not os.access(path, os.R_OK):
-        raise CliError(f"{path}: permission denied; make the file readable")
-    size = os.path.getsize(path)
-    if size == 0:
-        raise CliError(f"{path} is empty (0 bytes); re-export or re-download the model")
-    return size
-
-
-def _describe_foreign(path: str) -> str | None:
-    with open(path, "rb") as f:
-        head = f.read(512)
-    for magic, what in _FOREIGN_FORMATS:
-        if head.startswith(magic):
-            return what
-    try:
-        text = head.decode("utf-8")
-    except UnicodeDecodeError as error:
-        if error.start < len(head) - 3:
-            return None
-        text = head[:error.start].decode("utf-8")  # a character cut at the 512-byte mark
-    if text.strip() and all(ch.isprintable() or ch in "\r\n\t" for ch in text):
-        if text.lstrip().startswith("<"):
-            return "a text file (HTML/XML? a download that saved an error page?)"
-        return "a text file"
-    return None
+    return check_input_file(path, "an .onnx file",
+                            "give the path of the .onnx file inside it",
+                            "re-export or re-download the model")
 
 
 def _read_model(onnx, path: str):
     """Parse the ModelProto without its external data."""
     from google.protobuf.message import DecodeError
 
-    foreign = _describe_foreign(path)
+    foreign = describe_foreign(path)
     if foreign is not None:
         raise CliError(f"{path} is not an ONNX model, it looks like {foreign}; "
                        f"give an .onnx file")
@@ -221,9 +146,9 @@ def _read_model(onnx, path: str):
         model = load_weightless(path)
     except DecodeError as error:
         raise CliError(f"{path} is not a readable ONNX model: the file is corrupt, truncated "
-                       f"or not ONNX ({_one_line(error)}); re-export or re-download it") from None
+                       f"or not ONNX ({one_line(error)}); re-export or re-download it") from None
     except (OSError, ValueError) as error:
-        raise CliError(f"cannot read {path}: {_one_line(error)}") from None
+        raise CliError(f"cannot read {path}: {one_line(error)}") from None
     if not model.HasField("graph") or model.ir_version <= 0:
         raise CliError(f"{path} is not an ONNX model (no graph or IR version in it: corrupt, "
                        f"truncated or another format); re-export or re-download it")
@@ -383,10 +308,10 @@ def _check_model(onnx, model, path: str) -> None:
     try:
         onnx.checker.check_model(path if whole_file else checked)
     except onnx.checker.ValidationError as error:
-        raise CliError(f"{path} is not a valid ONNX model: {_one_line(error)}") from None
+        raise CliError(f"{path} is not a valid ONNX model: {one_line(error)}") from None
     except Exception as error:  # noqa: BLE001 - the checker raises a few unrelated types
         raise CliError(f"{path} is not a valid ONNX model: {type(error).__name__}: "
-                       f"{_one_line(error)}") from None
+                       f"{one_line(error)}") from None
 
 
 # ---- graph interface -----------------------------------------------------------------
@@ -473,22 +398,8 @@ def _check_output_location(paths: _Paths, input_data_files: set[str]) -> tuple[s
     """The output's folder exists and is writable, and writing there touches no input file
     (unless --in-place); returns (folder, data file name)."""
     output = paths.output
-    folder = os.path.dirname(os.path.abspath(output))
-    name = os.path.basename(output)
-    if not name or output.endswith(("/", os.sep)):
-        raise CliError(f"-o {output} names a folder; give a file name such as "
-                       f"{os.path.join(output, 'model_fused.onnx')}")
-    if os.path.isdir(output):
-        raise CliError(f"-o {output} is a directory; give a file name such as "
-                       f"{os.path.join(output, 'model_fused.onnx')}")
-    if not os.path.isdir(folder):
-        what = "is not a directory" if os.path.exists(folder) else "does not exist"
-        raise CliError(f"cannot write {output}: the output folder {folder} {what}; create it "
-                       f"or choose another -o")
-    if not os.access(folder, os.W_OK | os.X_OK):
-        raise CliError(f"cannot write {output}: the output folder {folder} is not writable; "
-                       f"choose another -o")
-    data_name = name + ".data"
+    folder = check_output_folder(output, "model_fused.onnx")
+    data_name = os.path.basename(output) + ".data"
     if not paths.in_place:
         for candidate in (output, os.path.join(folder, data_name)):
             if os.path.realpath(candidate) in input_data_files:
@@ -508,19 +419,12 @@ def _tensor_bytes(model) -> int:
     return total
 
 
-def _fsync(path: str) -> None:
-    with open(path, "rb") as f:
-        os.fsync(f.fileno())
-
-
 def make_staging(output: str) -> str:
     """A fresh temporary folder next to ``output`` (the caller removes it)."""
-    folder = os.path.dirname(os.path.abspath(output))
     try:
-        return tempfile.mkdtemp(prefix=f".{os.path.basename(output)}.", suffix=".tmp",
-                                dir=folder)
+        return staging_folder(output)
     except OSError as error:
-        raise CliError(f"cannot write {output}: {_one_line(error)}; choose another -o") from None
+        raise CliError(f"cannot write {output}: {one_line(error)}; choose another -o") from None
 
 
 def write_model_atomically(onnx, model, output: str, *, external_data: bool,
@@ -555,15 +459,15 @@ def write_model_atomically(onnx, model, output: str, *, external_data: bool,
             has_data = os.path.exists(staged_data)
             if has_data:
                 shutil.copymode(staged_model, staged_data)  # onnx creates it 0600
-                _fsync(staged_data)
-            _fsync(staged_model)
+                fsync(staged_data)
+            fsync(staged_model)
             if has_data:
                 _replace_pair(staged_data, os.path.join(folder, data_name), staged_model, output)
             else:
                 os.replace(staged_model, output)
         except (OSError, ValueError) as error:  # ValueError: onnx's 2 GB protobuf limit
-            raise CliError(f"cannot write {output}: {_one_line(error)}") from None
-        _fsync_folder(folder)
+            raise CliError(f"cannot write {output}: {one_line(error)}") from None
+        fsync_folder(folder)
     finally:
         if owned:
             shutil.rmtree(staging, ignore_errors=True)
@@ -590,34 +494,6 @@ def _replace_pair(staged_data: str, data: str, staged_model: str, model: str) ->
         raise
 
 
-def _fsync_folder(folder: str) -> None:
-    try:
-        fd = os.open(folder, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-    except OSError:
-        pass  # not every platform can fsync a directory
-
-
-# ---- printing ------------------------------------------------------------------------
-
-def summary_lines(report, path: str) -> list[str]:
-    lines = [f"{path}: nodes {report.nodes_before} -> {report.nodes_after}"]
-    counts = report.pattern_counts()
-    if counts:
-        lines.append(f"  fused {sum(counts.values())} region(s):")
-        width = max(len(pattern) for pattern in counts)
-        for pattern, count in sorted(counts.items()):
-            lines.append(f"    {pattern:<{width}}  {count:>5}")
-    else:
-        lines.append("  nothing fused")
-    if report.skipped:
-        lines.append(f"  left alone {len(report.skipped)} node(s); --report shows why")
-    return lines
-
-
 # ---- main ----------------------------------------------------------------------------
 
 def _import_onnx():
@@ -626,7 +502,7 @@ def _import_onnx():
         import onnx.checker  # noqa: F401
         import onnx.external_data_helper  # noqa: F401
     except ImportError as error:
-        raise CliError(f"the ONNX tools are not installed ({_one_line(error)}); "
+        raise CliError(f"the ONNX tools are not installed ({one_line(error)}); "
                        f"pip install 'reparam-fx[onnx]'") from None
     return onnx
 
@@ -635,18 +511,9 @@ def _import_frontend():
     try:
         import reparam_fx.onnx as frontend
     except ImportError as error:
-        raise CliError(f"the ONNX frontend cannot be imported ({_one_line(error)}); "
+        raise CliError(f"the ONNX frontend cannot be imported ({one_line(error)}); "
                        f"pip install 'reparam-fx[onnx]'") from None
     return frontend
-
-
-def _quiet_onnxruntime() -> None:
-    """Keep ONNX Runtime's warnings (e.g. initializers listed as graph inputs) off stderr."""
-    try:
-        import onnxruntime
-        onnxruntime.set_default_logger_severity(3)
-    except Exception:  # noqa: BLE001 - verify_onnx reports a missing onnxruntime itself
-        pass
 
 
 def run(args) -> int:
@@ -695,14 +562,14 @@ def _fuse_verify_write(onnx, frontend, args, paths: _Paths, model, data_files: s
     try:
         fused, report = frontend.fuse_onnx_model(model, store=store)
     except unsupported as error:  # the model is outside what the frontend handles
-        raise CliError(f"cannot fuse {paths.input}: {_one_line(error)}") from None
+        raise CliError(f"cannot fuse {paths.input}: {one_line(error)}") from None
     except Exception as error:  # noqa: BLE001 - any failure is reported in one line
         if os.environ.get("REPARAM_FX_DEBUG"):
             raise
         raise CliError(f"fusing {paths.input} failed: {type(error).__name__}: "
-                       f"{_one_line(error)}", EXIT_FAILED) from None
+                       f"{one_line(error)}", EXIT_FAILED) from None
     _check_interface_kept(model, fused)
-    print("\n".join([report.table()] if args.report else summary_lines(report, paths.input)))
+    print(report.table() if args.report else report.summary(paths.input))
 
     def verify(staged: str) -> None:  # the staged output against the input, in ORT
         _verify(frontend, paths.input, staged, shapes, args.rtol)
@@ -725,19 +592,19 @@ def _verify(frontend, reference: str, candidate: str, shapes, rtol: float) -> No
     """``--verify``: both files run in ONNX Runtime (which reads them, external data and
     all, itself) on the same random inputs; a CliError above ``rtol``."""
     from reparam_fx.core.verification import VerificationError
-    _quiet_onnxruntime()
+    quiet_onnxruntime()
     try:
         error = frontend.verify_onnx(reference, candidate, input_shapes=shapes or None,
                                      rtol=math.inf)
     except ValueError as failure:
-        raise CliError(f"--verify: {_one_line(failure)}; pass --input-shape "
+        raise CliError(f"--verify: {one_line(failure)}; pass --input-shape "
                        f"NAME:d0,d1,...") from None
     except VerificationError as failure:
-        raise CliError(f"verification failed: {_one_line(failure)}; nothing written",
+        raise CliError(f"verification failed: {one_line(failure)}; nothing written",
                        EXIT_FAILED) from None
     except Exception as failure:  # noqa: BLE001 - ONNX Runtime errors
         raise CliError(f"verification could not run: {type(failure).__name__}: "
-                       f"{_one_line(failure)}; nothing written", EXIT_FAILED) from None
+                       f"{one_line(failure)}; nothing written", EXIT_FAILED) from None
     if not error <= rtol:  # also catches NaN
         raise CliError(f"verification failed: max relative error {error:.3g} is above "
                        f"--rtol {rtol:g}; nothing written", EXIT_FAILED)
@@ -747,33 +614,6 @@ def _verify(frontend, reference: str, candidate: str, shapes, rtol: float) -> No
 def main(argv=None) -> int:
     """Entry point of ``reparam-fx-onnx`` and ``tools/fuse_onnx.py``; returns the exit status."""
     return run_command(PROG, build_parser(), run, argv)
-
-
-def run_command(prog: str, parser, run_parsed, argv=None) -> int:
-    """Parse ``argv`` and call ``run_parsed(args)``; every failure becomes one line on
-    stderr (``PROG: error: ...``) and an exit status, never a traceback (unless
-    ``REPARAM_FX_DEBUG`` is set, for bugs). Shared by the ``reparam-fx`` command."""
-    try:
-        try:
-            args = parser.parse_args(argv)
-        except SystemExit as exit_:  # --help / --version
-            return int(exit_.code or 0)
-        return run_parsed(args)
-    except CliError as error:
-        if error.usage:
-            parser.print_usage(sys.stderr)
-        print(f"{prog}: error: {_one_line(error)}", file=sys.stderr)
-        return error.status
-    except KeyboardInterrupt:
-        print(f"{prog}: error: interrupted; nothing written", file=sys.stderr)
-        return 130
-    except Exception as error:  # noqa: BLE001 - a bug: one line unless debugging
-        if os.environ.get("REPARAM_FX_DEBUG"):
-            raise
-        print(f"{prog}: error: unexpected {type(error).__name__}: {_one_line(error)} (a bug; "
-              f"rerun with REPARAM_FX_DEBUG=1 for the traceback and please report it)",
-              file=sys.stderr)
-        return EXIT_FAILED
 
 
 if __name__ == "__main__":

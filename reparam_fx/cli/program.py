@@ -17,7 +17,7 @@ fused one on those inputs in float64 (:func:`reparam_fx.verify`) and fails above
 that takes aten graphs), ``coreml`` (an ``.mlpackage``), ``xnnpack`` and ``coreml-pte``
 (ExecuTorch ``.pte`` programs for the XNNPACK and Core ML delegates).
 
-Exit status (as ``reparam-fx-onnx``, whose helpers this reuses)
+Exit status (:mod:`reparam_fx.cli.errors`, as ``reparam-fx-onnx``)
     0  done; the output was written.
     1  fusion, re-export or verification failed; nothing was written.
     2  bad usage or bad input (missing / corrupt / non-program file, output equal to the
@@ -36,29 +36,16 @@ the input is never written to unless ``fuse --in-place``.
 from __future__ import annotations
 
 import argparse
-import contextlib
-import io
-import logging
 import math
 import os
-import shutil
 import sys
-import tempfile
-import warnings
 import zipfile
 
-from reparam_fx.cli.onnx import (
-    EXIT_FAILED,
-    EXIT_OK,
-    CliError,
-    _describe_foreign,
-    _fsync,
-    _fsync_folder,
-    _one_line,
-    _Parser,
-    _same_path,
-    run_command,
-)
+from reparam_fx.cli.errors import EXIT_FAILED, EXIT_OK, CliError, Parser, run_command, unexpected
+from reparam_fx.cli.files import (check_input_file, check_output_folder, describe_foreign,
+                                  output_path, staged)
+from reparam_fx.cli.logs import quiet
+from reparam_fx.core.text import one_line
 
 PROG = "reparam-fx"
 TARGETS = {  # --to -> (what it writes, the file name it suggests)
@@ -72,7 +59,7 @@ TARGETS = {  # --to -> (what it writes, the file name it suggests)
 # ---- arguments -----------------------------------------------------------------------
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = _Parser(
+    parser = Parser(
         prog=PROG,
         description="Fold re-parameterizable blocks of a saved torch.export program "
                     "(torch.export.save, .pt2) into single convs, exactly, or lower the "
@@ -80,7 +67,7 @@ def build_parser() -> argparse.ArgumentParser:
         epilog="exit status: 0 ok, 1 fusion or verification failed, 2 bad usage or input. "
                "Nothing is written unless the status is 0. See also reparam-fx-onnx for "
                ".onnx files.")
-    commands = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
+    commands = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=Parser)
     commands.required = True
 
     fuse = commands.add_parser(
@@ -117,38 +104,16 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _output_path(args) -> str:
     """The output file, checked against the input (before anything is read)."""
-    in_place = getattr(args, "in_place", False)
-    if args.output is None and not in_place:
-        raise CliError("give the output with -o OUT.pt2, or pass --in-place to replace the input",
-                       usage=True)
-    if args.output is not None and args.output == "":
-        raise CliError("-o needs a file name", usage=True)
-    output = args.output if args.output is not None else args.input
-    if in_place and args.output is not None and not _same_path(args.output, args.input):
-        raise CliError(f"-o {args.output} and --in-place disagree; pass one of them")
-    if not in_place and _same_path(output, args.input):
-        hint = "pass --in-place" if args.command == "fuse" else "choose another -o"
-        raise CliError(f"-o {output} is the input file; writing it would overwrite the input; "
-                       f"{hint}")
-    return output
+    return output_path(args.input, args.output, getattr(args, "in_place", False), "OUT.pt2",
+                       "pass --in-place" if args.command == "fuse" else "choose another -o")
 
 
 # ---- input ---------------------------------------------------------------------------
 
 def _check_input_file(path: str) -> None:
-    if not os.path.lexists(path):
-        raise CliError(f"{path}: no such file; check the path to the .pt2 program")
-    if os.path.isdir(path):
-        raise CliError(f"{path} is a directory; give the path of the .pt2 file (saved with "
-                       f"torch.export.save)")
-    if not os.path.isfile(path):
-        raise CliError(f"{path} is not a regular file (a broken link or a device); give the "
-                       f"path of a .pt2 file")
-    if not os.access(path, os.R_OK):
-        raise CliError(f"{path}: permission denied; make the file readable")
-    if os.path.getsize(path) == 0:
-        raise CliError(f"{path} is empty (0 bytes); save the program again with "
-                       f"torch.export.save")
+    check_input_file(path, "a .pt2 program",
+                     "give the path of the .pt2 file (saved with torch.export.save)",
+                     "save the program again with torch.export.save")
 
 
 def _describe_non_program(path: str) -> str | None:
@@ -169,7 +134,7 @@ def _describe_non_program(path: str) -> str | None:
         return "it is a zip archive that holds no torch.export program"
     if _looks_like_onnx(path):
         return "it is an ONNX model; fuse it with reparam-fx-onnx"
-    foreign = _describe_foreign(path)
+    foreign = describe_foreign(path)
     if foreign is not None and not foreign.startswith("a zip archive"):
         return f"it looks like {foreign.split(' (')[0]}"
     return "it is not a zip archive (corrupt, truncated or another format)"
@@ -178,44 +143,11 @@ def _describe_non_program(path: str) -> str | None:
 def _looks_like_onnx(path: str) -> bool:
     try:
         import onnx
-        with _quiet():
+        with quiet():
             model = onnx.load_model(path, load_external_data=False)
     except Exception:  # noqa: BLE001 - not ONNX either (or onnx not installed)
         return False
     return model.HasField("graph") and model.ir_version > 0 and len(model.graph.node) > 0
-
-
-class _LogRecords(logging.Handler):
-    def __init__(self):
-        super().__init__(logging.WARNING)
-        self.messages: list[str] = []
-
-    def emit(self, record):
-        message = record.getMessage()
-        if record.exc_info and record.exc_info[1] is not None:
-            message = f"{type(record.exc_info[1]).__name__}: {record.exc_info[1]}"
-        self.messages.append(_one_line(message))
-
-
-@contextlib.contextmanager
-def _quiet():
-    """torch's warnings and log lines (deprecation notices, "check the warnings above")
-    off stderr; yields what torch logged, for the error message. torch gives many of its
-    loggers their own stderr handler, so each one's handlers are swapped for ours."""
-    log = _LogRecords()
-    loggers = [logger for name, logger in logging.Logger.manager.loggerDict.items()
-               if (name == "torch" or name.startswith("torch."))
-               and isinstance(logger, logging.Logger) and logger.handlers]
-    saved = [(logger, logger.handlers[:]) for logger in loggers]
-    for logger in loggers:
-        logger.handlers = [log]
-    try:
-        with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
-            warnings.simplefilter("ignore")
-            yield log
-    finally:
-        for logger, handlers in saved:
-            logger.handlers = handlers
 
 
 def load_program(path: str):
@@ -227,14 +159,14 @@ def load_program(path: str):
         raise CliError(f"{path} is not a readable torch.export program: {what}")
     import torch
     try:
-        with _quiet() as log, open(path, "rb") as file:  # any file name, not only *.pt2
+        with quiet() as log, open(path, "rb") as file:  # any file name, not only *.pt2
             program = torch.export.load(file)
     except Exception as error:  # noqa: BLE001 - any failure: the file is not a program
         what = _describe_non_program(path)
         if what is None:  # a torch.export archive that does not load: say what failed
             detail = log.messages[0] if log.messages else f"{type(error).__name__}: {error}"
             what = (f"the archive is corrupt, truncated or from an incompatible torch version "
-                    f"({_one_line(detail).split('. ')[0][:200]})")
+                    f"({one_line(detail).split('. ')[0][:200]})")
         raise CliError(f"{path} is not a readable torch.export program: {what}") from None
     if not isinstance(program, torch.export.ExportedProgram):
         raise CliError(f"{path} holds a {type(program).__name__}, not a torch.export program")
@@ -329,63 +261,25 @@ def inference_module(program):
 # ---- output --------------------------------------------------------------------------
 
 def _check_output_location(output: str, package: bool = False) -> str:
-    """The output's folder exists and is writable; returns the folder."""
-    folder = os.path.dirname(os.path.abspath(output))
-    example = os.path.join(output, "model.mlpackage" if package else "model_fused.pt2")
-    if not os.path.basename(output) or output.endswith(("/", os.sep)):
-        raise CliError(f"-o {output} names a folder; give a file name such as {example}")
-    if os.path.isdir(output) and not (package and os.path.isfile(
-            os.path.join(output, "Manifest.json"))):
-        raise CliError(f"-o {output} is a directory; give a file name such as {example}")
-    if not os.path.isdir(folder):
-        what = "is not a directory" if os.path.exists(folder) else "does not exist"
-        raise CliError(f"cannot write {output}: the output folder {folder} {what}; create it "
-                       f"or choose another -o")
-    try:  # a probe, not os.access: that says yes to root on a read-only file system
-        fd, probe = tempfile.mkstemp(prefix=f".{os.path.basename(output)}.", suffix=".probe",
-                                     dir=folder)
-        os.close(fd)
-        os.remove(probe)
-    except OSError:
-        raise CliError(f"cannot write {output}: the output folder {folder} is not writable; "
-                       f"choose another -o") from None
-    return folder
+    """The output's folder exists and is writable (an existing ``.mlpackage`` may be
+    replaced); returns the folder."""
+    return check_output_folder(
+        output, "model.mlpackage" if package else "model_fused.pt2",
+        folder_output_ok=package and os.path.isfile(os.path.join(output, "Manifest.json")))
 
 
 def save_program_atomically(program, output: str, mode_from: str | None = None) -> None:
-    """``torch.export.save`` into a temporary folder next to ``output`` (under the output's
-    own name, which the archive records), then ``os.replace``; the folder is removed
-    whatever happens."""
+    """``torch.export.save`` staged next to ``output`` (under the output's own name, which
+    the archive records), then moved into place (:func:`reparam_fx.cli.files.staged`)."""
     import torch
-    folder, name = os.path.dirname(os.path.abspath(output)), os.path.basename(output)
     try:
-        staging = tempfile.mkdtemp(prefix=f".{name}.", suffix=".tmp", dir=folder)
+        with staged(output, mode_from) as path, quiet():
+            torch.export.save(program, path)
     except OSError as error:
-        raise CliError(f"cannot write {output}: {_one_line(error)}; choose another -o") from None
-    try:
-        staged = os.path.join(staging, name)
-        try:
-            with _quiet():
-                torch.export.save(program, staged)
-            if mode_from is not None:
-                shutil.copymode(mode_from, staged)
-            _fsync(staged)
-            os.replace(staged, output)
-        except OSError as error:
-            raise CliError(f"cannot write {output}: {_one_line(error)}") from None
-        _fsync_folder(folder)
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
+        raise CliError(f"cannot write {output}: {one_line(error)}; choose another -o") from None
 
 
 # ---- commands ------------------------------------------------------------------------
-
-def _unexpected(what: str, error: Exception) -> CliError:
-    if os.environ.get("REPARAM_FX_DEBUG"):
-        raise error
-    return CliError(f"{what} failed: {type(error).__name__}: {_one_line(error)[:300]}; "
-                    f"nothing written", EXIT_FAILED)
-
 
 def run_fuse(args) -> int:
     if not (args.rtol >= 0 and math.isfinite(args.rtol)):
@@ -400,43 +294,38 @@ def run_fuse(args) -> int:
 
     import reparam_fx
     try:
-        with _quiet():
+        with quiet():
             fused = reparam_fx.fuse(program)
     except reparam_fx.FusionError as error:
-        raise CliError(f"cannot fuse {args.input}: {_one_line(error)}") from None
+        raise CliError(f"cannot fuse {args.input}: {one_line(error)}") from None
     except Exception as error:  # noqa: BLE001 - any failure is reported in one line
-        raise _unexpected(f"fusing {args.input}", error) from None
+        raise unexpected(f"fusing {args.input}", error) from None
     report = fused.fusion_report
-    print(report.table() if args.report else _summary(report, args.input))
+    print(report.table() if args.report else report.summary(args.input))
 
     if args.verify:
         try:
-            with _quiet():
+            with quiet():
                 error = reparam_fx.verify(inference_module(program), fused, inputs, rtol=math.inf)
         except reparam_fx.VerificationError as failure:
-            raise CliError(f"verification failed: {_one_line(failure)}; nothing written",
+            raise CliError(f"verification failed: {one_line(failure)}; nothing written",
                            EXIT_FAILED) from None
         except Exception as failure:  # noqa: BLE001
-            raise _unexpected("verification", failure) from None
+            raise unexpected("verification", failure) from None
         if not error <= args.rtol:  # also catches NaN
             raise CliError(f"verification failed: max relative error {error:.3g} is above "
                            f"--rtol {args.rtol:g}; nothing written", EXIT_FAILED)
         print(f"verify: max relative error {error:.3g} (rtol {args.rtol:g}) ok")
 
     try:
-        with _quiet():
+        with quiet():
             fused_program = torch.export.export(fused, inputs, dynamic_shapes=dynamic_shapes)
     except Exception as error:  # noqa: BLE001
-        raise _unexpected(f"re-exporting the fused {args.input} with torch.export", error) \
+        raise unexpected(f"re-exporting the fused {args.input} with torch.export", error) \
             from None
     save_program_atomically(fused_program, output, mode_from=args.input if args.in_place else None)
     print(f"wrote {output}")
     return EXIT_OK
-
-
-def _summary(report, path: str) -> str:
-    from reparam_fx.cli.onnx import summary_lines
-    return "\n".join(summary_lines(report, path))
 
 
 def run_export(args) -> int:
@@ -453,7 +342,7 @@ def run_export(args) -> int:
     from reparam_fx import export as lower
     model = inference_module(program)
     try:
-        with _quiet():
+        with quiet():
             if args.to == "onnx":  # the TorchScript exporter cannot take an aten graph
                 lower.to_onnx(model, inputs, output, dynamo=True)
             elif args.to == "coreml":
@@ -463,9 +352,9 @@ def run_export(args) -> int:
                                     backend="xnnpack" if args.to == "xnnpack" else "coreml")
     except lower.ExportError as error:
         raise CliError(f"cannot export {args.input} to {args.to}: "
-                       f"{_one_line(error).rstrip(':')}") from None
+                       f"{one_line(error).rstrip(':')}") from None
     except Exception as error:  # noqa: BLE001
-        raise _unexpected(f"exporting {args.input} to {args.to}", error) from None
+        raise unexpected(f"exporting {args.input} to {args.to}", error) from None
     print(f"wrote {output} ({TARGETS[args.to][0]})")
     return EXIT_OK
 

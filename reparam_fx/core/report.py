@@ -104,6 +104,22 @@ class FusionReport:
             lines.append(f"  {hint}")
         return "\n".join(lines)
 
+    def summary(self, path: str) -> str:
+        """A few lines for a command line: nodes before and after, regions per pattern,
+        how many nodes were left alone (``table()`` says why)."""
+        lines = [f"{path}: nodes {self.nodes_before} -> {self.nodes_after}"]
+        counts = self.pattern_counts()
+        if counts:
+            lines.append(f"  fused {sum(counts.values())} region(s):")
+            width = max(len(pattern) for pattern in counts)
+            for pattern, count in sorted(counts.items()):
+                lines.append(f"    {pattern:<{width}}  {count:>5}")
+        else:
+            lines.append("  nothing fused")
+        if self.skipped:
+            lines.append(f"  left alone {len(self.skipped)} node(s); --report shows why")
+        return "\n".join(lines)
+
     def example_inputs_hint(self) -> str:
         """What passing ``example_inputs`` would add, for a symbolically traced model that
         kept blocks whole because their code does not trace (empty otherwise)."""

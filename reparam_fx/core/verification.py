@@ -26,6 +26,8 @@ class VerificationError(AssertionError):
 def _flatten_outputs(output) -> list[torch.Tensor]:
     if isinstance(output, torch.Tensor):
         return [output]
+    if type(output).__module__ == "numpy" and hasattr(output, "shape"):  # (ONNX Runtime's)
+        return [torch.from_numpy(output.__array__())]
     if isinstance(output, dict):  # (in insertion order, as torch's pytree and the exporters)
         return [t for key in output for t in _flatten_outputs(output[key])]
     if isinstance(output, (list, tuple)):
@@ -33,7 +35,7 @@ def _flatten_outputs(output) -> list[torch.Tensor]:
     return []
 
 
-def _as_inputs(example_inputs) -> tuple:
+def as_inputs(example_inputs) -> tuple:
     if isinstance(example_inputs, torch.Tensor):
         return (example_inputs,)
     return tuple(example_inputs)
@@ -51,7 +53,8 @@ def _run(model, inputs, dtype):
 
 
 def relative_error(reference_outputs, candidate_outputs) -> float:
-    """``max|a - b| / max|a|`` over matching output tensors (float64)."""
+    """``max|a - b| / max|a|`` over matching output tensors or arrays (float64); outputs
+    may be nested in tuples, lists and dicts."""
     ref = _flatten_outputs(reference_outputs)
     cand = _flatten_outputs(candidate_outputs)
     if len(ref) != len(cand):
@@ -79,12 +82,17 @@ def verify(reference: nn.Module, candidate: nn.Module, example_inputs, rtol: flo
     """
     if precision not in ("float64", "model"):
         raise ValueError(f"precision must be 'float64' or 'model', not {precision!r}")
-    inputs = _as_inputs(example_inputs)
+    inputs = as_inputs(example_inputs)
     dtype = torch.float64 if precision == "float64" else None
     error = relative_error(_run(reference, inputs, dtype), _run(candidate, inputs, dtype))
-    if not error <= rtol:  # also catches NaN
+    return within_tolerance(error, rtol, f"compared in {precision}")
+
+
+def within_tolerance(error: float, rtol: float, compared: str) -> float:
+    """``error``, or :class:`VerificationError` if it exceeds ``rtol`` (or is NaN)."""
+    if not error <= rtol:
         raise VerificationError(
             f"fused model differs from the reference: relative error {error:.3e} > rtol "
-            f"{rtol:.1e} (compared in {precision}). Check fused.fusion_report for the regions "
-            "that were rewritten, and report the model if the error is real.")
+            f"{rtol:.1e} ({compared}). Check the fusion report for the regions that were "
+            "rewritten, and report the model if the error is real.")
     return error

@@ -69,6 +69,7 @@ import torch.nn as nn
 
 from reparam_fx.fx.values import RANDOM_NAMES as _RANDOM
 from reparam_fx.core.report import Leaf
+from reparam_fx.core.text import first_line
 
 
 class FusionError(ValueError):
@@ -314,11 +315,6 @@ def _compiled_original(module: nn.Module) -> nn.Module | None:
     eval_frame = sys.modules.get("torch._dynamo.eval_frame")
     optimized = getattr(eval_frame, "OptimizedModule", None)
     return module._orig_mod if optimized is not None and isinstance(module, optimized) else None
-
-
-def first_line(error: BaseException, limit: int = 160) -> str:
-    text = str(error).strip().splitlines()
-    return f"{type(error).__name__}: {text[0][:limit] if text else ''}".rstrip(": ")
 
 
 class _ParameterProxy(torch.fx.proxy.ParameterProxy):

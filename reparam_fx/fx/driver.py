@@ -15,7 +15,7 @@ import torch
 import torch.fx
 import torch.nn as nn
 
-from reparam_fx.fx.capture import (FusionError, Workspace, as_tuple, export, first_line, has_hooks,
+from reparam_fx.fx.capture import (FusionError, Workspace, as_tuple, export, has_hooks,
                                    is_aten_graph, is_op_module, propagate_shapes, trace,
                                    uninitialised_modules)
 from reparam_fx.fx.counts import graph_op_counts, node_category, op_counts, parameter_count
@@ -23,6 +23,7 @@ from reparam_fx.fx.facts import GraphFacts, ModuleLookup
 from reparam_fx.fx.values import shape_values
 from reparam_fx.fx.leaves import fuse_inside, merge_report
 from reparam_fx.fx.rewrite import fusion_pass, redirect_reads_after_inplace
+from reparam_fx.core.text import first_line
 from reparam_fx.core.pipeline import gc_paused, leftover_batchnorms, run_passes
 from reparam_fx.core.report import FusionReport, Leaf
 
