@@ -1,4 +1,5 @@
-"""How both commands fail: one line on stderr, an exit status, never a traceback.
+"""What both commands share: the fuse arguments, and how they fail (one line on stderr,
+an exit status, never a traceback).
 
     0  done; the output was written.
     1  fusion, lowering or verification failed; nothing was written.
@@ -18,6 +19,8 @@ import sys
 from reparam_fx.core.text import one_line
 
 EXIT_OK, EXIT_FAILED, EXIT_BAD_INPUT = 0, 1, 2
+EXIT_STATUSES = ("exit status: 0 ok, 1 fusion or verification failed, 2 bad usage or input. "
+                 "Nothing is written unless the status is 0.")  # (for --help)
 
 
 class CliError(Exception):
@@ -30,10 +33,31 @@ class CliError(Exception):
 
 
 class Parser(argparse.ArgumentParser):
-    """An argument parser whose errors are :class:`CliError` (with the usage line)."""
+    """An argument parser whose errors are :class:`CliError` (with the usage line); its
+    help ends with the exit statuses."""
+
+    def __init__(self, *args, epilog: str = EXIT_STATUSES, **kwargs):
+        super().__init__(*args, epilog=epilog, **kwargs)
 
     def error(self, message):  # raise instead of printing and exiting, so main() returns
         raise CliError(message, EXIT_BAD_INPUT, usage=True)
+
+
+def add_fuse_arguments(parser: argparse.ArgumentParser, suffix: str, model: str,
+                       verify: str, rtol: float) -> None:
+    """``IN -o OUT --in-place --verify --rtol --report``, for a ``model`` file of ``suffix``
+    (``.onnx``); ``verify`` says how ``--verify`` runs the two models."""
+    parser.add_argument("input", metavar=f"IN{suffix}", help=f"the {model} to fuse")
+    parser.add_argument("-o", "--output", metavar=f"OUT{suffix}",
+                        help=f"where to write the fused {model}")
+    parser.add_argument("--in-place", dest="in_place", action="store_true",
+                        help=f"replace IN{suffix} with the fused {model}")
+    parser.add_argument("--verify", action="store_true",
+                        help=f"{verify} and fail (exit 1) if max|a-b|/max|a| exceeds --rtol")
+    parser.add_argument("--rtol", type=float, default=rtol, metavar="RTOL",
+                        help=f"tolerance for --verify (default: {rtol:g})")
+    parser.add_argument("--report", action="store_true",
+                        help="print the full fusion report, with the reasons nodes were left alone")
 
 
 def unexpected(what: str, error: Exception) -> CliError:

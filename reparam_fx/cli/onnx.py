@@ -48,6 +48,7 @@ data) is never written to unless ``--in-place``.
 from __future__ import annotations
 
 import argparse
+import importlib
 import math
 import os
 import re
@@ -55,13 +56,16 @@ import shutil
 import sys
 from dataclasses import dataclass
 
-from reparam_fx.cli.errors import EXIT_FAILED, EXIT_OK, CliError, Parser, run_command
+from reparam_fx.cli.errors import (EXIT_FAILED, EXIT_OK, CliError, Parser, add_fuse_arguments,
+                                   run_command)
 from reparam_fx.cli.files import (check_input_file, check_output_folder, describe_foreign,
                                   fsync, fsync_folder, output_path, staging_folder)
 from reparam_fx.cli.logs import quiet_onnxruntime
 from reparam_fx.core.text import one_line
 
 PROG = "reparam-fx-onnx"
+DESCRIPTION = ("Fold re-parameterizable blocks (conv+BN, RepVGG/MobileOne branches, FastViT "
+               "RepMixer/CPE, layer scales) of an ONNX model into single convs, exactly.")
 MIN_OPSET = 13
 DEFAULT_DOMAINS = ("", "ai.onnx")
 # Tensor bytes above which the output is saved with external data. The protobuf limit is
@@ -73,28 +77,12 @@ EXTERNAL_DATA_SIZE_THRESHOLD = 1024
 # ---- arguments -----------------------------------------------------------------------
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = Parser(
-        prog=PROG,
-        description="Fold re-parameterizable blocks (conv+BN, RepVGG/MobileOne branches, "
-                    "FastViT RepMixer/CPE, layer scales) of an ONNX model into single convs, "
-                    "exactly.",
-        epilog="exit status: 0 ok, 1 fusion or verification failed, 2 bad usage or input. "
-               "Nothing is written unless the status is 0.")
-    parser.add_argument("input", metavar="IN.onnx", help="the model to fuse")
-    parser.add_argument("-o", "--output", metavar="OUT.onnx",
-                        help="where to write the fused model")
-    parser.add_argument("--in-place", action="store_true",
-                        help="replace IN.onnx with the fused model")
-    parser.add_argument("--verify", action="store_true",
-                        help="run both models in ONNX Runtime on the same random inputs and "
-                             "fail (exit 1) if max|a-b|/max|a| exceeds --rtol")
-    parser.add_argument("--rtol", type=float, default=1e-5, metavar="RTOL",
-                        help="tolerance for --verify (default: 1e-5)")
+    parser = Parser(prog=PROG, description=DESCRIPTION)
+    add_fuse_arguments(parser, ".onnx", "model",
+                       "run both models in ONNX Runtime on the same random inputs", 1e-5)
     parser.add_argument("--input-shape", action="append", default=[], metavar="NAME:d0,d1,...",
                         help="shape of a graph input for --verify, needed when the model's "
                              "shape has symbolic dimensions; repeat per input")
-    parser.add_argument("--report", action="store_true",
-                        help="print the full fusion report, with the reasons nodes were left alone")
     return parser
 
 
@@ -496,28 +484,18 @@ def _replace_pair(staged_data: str, data: str, staged_model: str, model: str) ->
 
 # ---- main ----------------------------------------------------------------------------
 
-def _import_onnx():
+def _imported(modules: tuple[str, ...], missing: str):
+    """The first of ``modules`` imported (the others along), or a CliError naming what to
+    install."""
     try:
-        import onnx
-        import onnx.checker  # noqa: F401
-        import onnx.external_data_helper  # noqa: F401
+        return [importlib.import_module(name) for name in modules][0]
     except ImportError as error:
-        raise CliError(f"the ONNX tools are not installed ({one_line(error)}); "
-                       f"pip install 'reparam-fx[onnx]'") from None
-    return onnx
-
-
-def _import_frontend():
-    try:
-        import reparam_fx.onnx as frontend
-    except ImportError as error:
-        raise CliError(f"the ONNX frontend cannot be imported ({one_line(error)}); "
-                       f"pip install 'reparam-fx[onnx]'") from None
-    return frontend
+        raise CliError(f"{missing} ({one_line(error)}); pip install 'reparam-fx[onnx]'") from None
 
 
 def run(args) -> int:
-    onnx = _import_onnx()
+    onnx = _imported(("onnx", "onnx.checker", "onnx.external_data_helper"),
+                     "the ONNX tools are not installed")
     if not (args.rtol >= 0 and math.isfinite(args.rtol)):
         raise CliError(f"--rtol {args.rtol} must be a finite number >= 0", usage=True)
     requested_shapes = dict(parse_input_shape(text) for text in args.input_shape)
@@ -530,7 +508,7 @@ def run(args) -> int:
     _check_model(onnx, model, paths.input)
     _, data_name = _check_output_location(paths, data_files)
     shapes = _verification_shapes(model, requested_shapes) if args.verify else None
-    frontend = _import_frontend()
+    frontend = _imported(("reparam_fx.onnx",), "the ONNX frontend cannot be imported")
     staging = make_staging(paths.output)
     try:
         return _fuse_and_write(onnx, frontend, args, paths, model, data_files, data_name,

@@ -41,7 +41,8 @@ import os
 import sys
 import zipfile
 
-from reparam_fx.cli.errors import EXIT_FAILED, EXIT_OK, CliError, Parser, run_command, unexpected
+from reparam_fx.cli.errors import (EXIT_FAILED, EXIT_OK, EXIT_STATUSES, CliError, Parser, add_fuse_arguments,
+                                   run_command, unexpected)
 from reparam_fx.cli.files import (check_input_file, check_output_folder, describe_foreign,
                                   output_path, staged)
 from reparam_fx.cli.logs import quiet
@@ -64,9 +65,7 @@ def build_parser() -> argparse.ArgumentParser:
         description="Fold re-parameterizable blocks of a saved torch.export program "
                     "(torch.export.save, .pt2) into single convs, exactly, or lower the "
                     "program to ONNX, Core ML or ExecuTorch.",
-        epilog="exit status: 0 ok, 1 fusion or verification failed, 2 bad usage or input. "
-               "Nothing is written unless the status is 0. See also reparam-fx-onnx for "
-               ".onnx files.")
+        epilog=EXIT_STATUSES + " See also reparam-fx-onnx for .onnx files.")
     commands = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=Parser)
     commands.required = True
 
@@ -77,17 +76,8 @@ def build_parser() -> argparse.ArgumentParser:
                     "dimensions stay dynamic.",
         epilog="exit status: 0 ok, 1 fusion, re-export or verification failed, 2 bad usage "
                "or input. Nothing is written unless the status is 0.")
-    fuse.add_argument("input", metavar="IN.pt2", help="the saved program to fuse")
-    fuse.add_argument("-o", "--output", metavar="OUT.pt2", help="where to save the fused program")
-    fuse.add_argument("--in-place", dest="in_place", action="store_true",
-                      help="replace IN.pt2 with the fused program")
-    fuse.add_argument("--verify", action="store_true",
-                      help="run both programs on the same random inputs in float64 and fail "
-                           "(exit 1) if max|a-b|/max|a| exceeds --rtol")
-    fuse.add_argument("--rtol", type=float, default=1e-4, metavar="RTOL",
-                      help="tolerance for --verify (default: 1e-4)")
-    fuse.add_argument("--report", action="store_true",
-                      help="print the full fusion report, with the reasons nodes were left alone")
+    add_fuse_arguments(fuse, ".pt2", "program",
+                       "run both programs on the same random inputs in float64", 1e-4)
 
     export = commands.add_parser(
         "export", help="lower a saved program to ONNX, Core ML or ExecuTorch",
