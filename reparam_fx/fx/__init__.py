@@ -8,11 +8,19 @@
 * :mod:`.facts` - what the graph proves about its values: value users vs metadata reads,
   constants computed from parameters, ranks, in-place mutations, padding with a written
   border.
-* :mod:`.ops` - what one node computes, as an :mod:`reparam_fx.core.affine` term.
-* :mod:`.rewrite` - regions (:mod:`reparam_fx.core.regions`) found and written back as one op each.
-* :mod:`.leaves` - fusing inside the modules the graph keeps whole.
+* :mod:`.view` - the graph as :mod:`reparam_fx.core.regions` walks it (:class:`FxView`).
+* :mod:`.ops` - what one node computes, as a :mod:`reparam_fx.core.affine` term.
+* :mod:`.moves` - reshapes, permutes and averages as channel-axis maps
+  (:mod:`reparam_fx.core.layout`).
+* :mod:`.rewrite` - one pass: regions found (:mod:`reparam_fx.core.pipeline`) and written
+  back as one op each.
+* :mod:`.leaves` - fusing inside the modules the graph keeps whole; :mod:`.uses` reads
+  their code to tell which children may be replaced, :mod:`.live` which of it can run.
 * :mod:`.counts` - op histograms, parameters and MACs.
 * :mod:`.driver` - ``fuse`` itself: capture, passes to a fixpoint, result, report.
+
+The ONNX frontend (:mod:`reparam_fx.onnx`) has the same roles under the same names
+(view, ops, moves, rewrite, driver).
 """
 
 from reparam_fx.fx.capture import FusionError

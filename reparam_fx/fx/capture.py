@@ -51,6 +51,11 @@ block costs that block only. ``torch.export`` (PyTorch's recommended capture) is
 the caller passes an ``ExportedProgram``, asks for it (``capture="export"``), or when the
 model's own ``forward`` does not trace and ``example_inputs`` are given. Both captures fold
 the same models to the same op counts (tested on the third-party corpus).
+
+Length: about 680 lines, one tracer. Each Python idiom the capture must record faithfully
+(replaced forwards, hooks, item assignment, in-place operators, shape reads, kept-whole
+blocks, ``forward``'s arguments) is a short method of :class:`FaithfulTracer` sharing its
+state; split across modules, each would reach back into the others.
 """
 
 from __future__ import annotations

@@ -2,7 +2,7 @@
 as one conv (or linear).
 
 :mod:`reparam_fx.core.regions` (shared with the ONNX frontend) walks the graph once, in
-topological order, through :class:`FxView` (graph facts from :mod:`.facts`, ops read by
+topological order, through :class:`~reparam_fx.fx.view.FxView` (graph facts from :mod:`.facts`, ops read by
 :mod:`.ops`), and gives each node it understands a *region* ``node == term(source)``:
 
     conv / bn / linear / avgpool / zero-pad / x*c / x+c / x/c / -x:
@@ -24,6 +24,10 @@ op's output, which has the same shape (the region builder guarantees it). Region
 absorbed fewer than two ops (identities such as eval Dropout do not count), or whose term
 has no conv (a pure per-channel affine), are left as they are, except a conv whose weights
 ``forward`` computes from parameters: that one is written with its weights precomputed.
+
+Length: about 620 lines: a region is written in each of the three graph forms (module,
+functional, aten), with its moves copied around the one op; the plan of one region
+(:class:`_Plan`) reads best next to the pass that makes it.
 """
 
 from __future__ import annotations
@@ -42,73 +46,16 @@ from reparam_fx.core.affine import ConvTerm, TransposedConvTerm
 from reparam_fx.fx.capture import copy_sharing_specs
 from reparam_fx.fx.counts import counts_as_parameter, module_tensors, node_category
 from reparam_fx.fx.facts import GraphFacts
-from reparam_fx.fx.values import metadata_read, schema_name, tensor_shape
+from reparam_fx.fx.values import metadata_read, schema_name
 from reparam_fx.fx.moves import COPIES, PERMUTES, RESHAPES, move_name
 from reparam_fx.fx.ops import interpret
 from reparam_fx.core.regions import Region, Sum, Unary
 from reparam_fx.core.layout import permutations_cancel
 from reparam_fx.core.pipeline import find_rewrites, fused_region
 from reparam_fx.core.report import FusedRegion, FusionReport
+from reparam_fx.fx.view import FxView
 
 aten = torch.ops.aten
-
-
-class FxView:
-    """The graph view :mod:`reparam_fx.core.regions` walks (see its docstring)."""
-
-    convs_are_batched = False  # torch convs also take unbatched (C, *spatial) input
-
-    def __init__(self, facts: GraphFacts):
-        self.facts = facts
-        self.mutated = facts.mutated
-        self._ops: dict = {}
-
-    def values(self):
-        return self.facts.ws.graph.nodes
-
-    def users(self, node):
-        return self.facts.value_users.get(node, ())
-
-    def metadata_readers(self, node):
-        return self.facts.metadata_users.get(node, ())
-
-    def reads_shape(self, node) -> bool:
-        return node in self.facts.shape_read
-
-    def inplace_target(self, node):
-        return node.args[0] if self.facts.is_inplace(node) else None
-
-    def read_before_written(self, source, nodes) -> bool:
-        return self.facts.read_before_written(source, nodes)
-
-    def writes_shared(self, node) -> bool:
-        return self.facts.writes_shared(node)
-
-    def interpret(self, node):
-        if node not in self._ops:
-            self._ops[node] = interpret(node, self.facts)
-        return self._ops[node]
-
-    @staticmethod
-    def shape(node):
-        return tensor_shape(node)
-
-    def rank(self, node):
-        return self.facts.rank(node)
-
-    def channels(self, node, axis: int) -> int | None:
-        return self.facts.channels(node, axis)
-
-    @staticmethod
-    def is_value(value) -> bool:
-        return isinstance(value, torch.fx.Node)
-
-    def describe(self, node) -> tuple[str, str]:
-        if node.op == "call_module":
-            return node.name, type(self.facts.modules.get(node.target)).__name__
-        if node.op == "call_function":
-            return node.name, getattr(node.target, "__name__", str(node.target))
-        return node.name, str(node.target)
 
 
 # ---- writing regions back ------------------------------------------------------------
