@@ -93,6 +93,20 @@ def rewritten_values(emit: list, partial_sums: list) -> list:
     return values
 
 
+def sum_steps(values: list) -> list:
+    """``sum(coeff * value)`` as the steps a frontend writes: ``(value, scale, join)`` per
+    term, ``scale`` a factor to multiply the value by first (None: none) and ``join`` how
+    it meets the terms before it (``"first"``, ``"add"`` or ``"sub"``)."""
+    steps = []
+    for value, coeff in values:
+        first = not steps
+        if coeff not in (1, -1) or (first and coeff != 1):
+            steps.append((value, coeff, "first" if first else "add"))
+        else:
+            steps.append((value, None, "first" if first else ("add" if coeff == 1 else "sub")))
+    return steps
+
+
 def fused_region(region: Region, output: str, op_name: str, node_names: Iterable[str],
                  categories: Iterable[str | None], params_before: int) -> FusedRegion:
     """The report's line for ``region``, written as the op ``op_name`` whose output is

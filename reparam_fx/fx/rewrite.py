@@ -51,7 +51,7 @@ from reparam_fx.fx.moves import COPIES, PERMUTES, RESHAPES, move_name
 from reparam_fx.fx.ops import interpret
 from reparam_fx.core.regions import Region, Sum, Unary
 from reparam_fx.core.layout import permutations_cancel
-from reparam_fx.core.pipeline import find_rewrites, fused_region
+from reparam_fx.core.pipeline import find_rewrites, fused_region, sum_steps
 from reparam_fx.core.report import FusedRegion, FusionReport
 from reparam_fx.fx.view import FxView
 
@@ -553,13 +553,11 @@ def _emit_sum(graph: torch.fx.Graph, values: list, like: torch.fx.Node, frontend
     add, sub, mul = ((aten.add.Tensor, aten.sub.Tensor, aten.mul.Tensor) if aten_graph
                      else (operator.add, operator.sub, operator.mul))
     result = None
-    for value, coeff in values:
-        if result is None:
-            result = value if coeff == 1 else graph.call_function(mul, (value, coeff))
-        elif coeff in (1, -1):
-            result = graph.call_function(add if coeff == 1 else sub, (result, value))
-        else:
-            result = graph.call_function(add, (result, graph.call_function(mul, (value, coeff))))
+    for value, scale, join in sum_steps(values):
+        if scale is not None:
+            value = graph.call_function(mul, (value, scale))
+        result = value if join == "first" else \
+            graph.call_function(add if join == "add" else sub, (result, value))
     result.meta.update({k: v for k, v in like.meta.items() if k in ("val", "tensor_meta")})
     return result
 

@@ -21,7 +21,7 @@ from reparam_fx.core.affine import ConvTerm, NotExact
 from reparam_fx.onnx.io import STUB_BYTES
 from reparam_fx.onnx.moves import MOVE_OPS, moves_cancel
 from reparam_fx.core.regions import Region
-from reparam_fx.core.pipeline import find_rewrites, fused_region, rewritten_values
+from reparam_fx.core.pipeline import find_rewrites, fused_region, rewritten_values, sum_steps
 from reparam_fx.core.report import FusedRegion, FusionReport
 from reparam_fx.onnx.view import CATEGORIES, OUTPUT, OnnxView, Tensor, constant_size, constant_value
 # ---- writing regions back --------------------------------------------------------------
@@ -261,20 +261,21 @@ def _emit_sum(graph: gs.Graph, output: gs.Variable, values: list, index: int) ->
     for node in list(output.inputs):
         node.outputs = [o for o in node.outputs if o is not output]
     base = f"{output.name}_sum{index}"
+    steps = sum_steps(values)
     result = None
-    for step, (value, coeff) in enumerate(values):
-        last = step == len(values) - 1
-        if coeff not in (1, -1) or (result is None and coeff != 1):
+    for step, (value, scale, join) in enumerate(steps):
+        if scale is not None:
             scaled = gs.Variable(f"{base}_scaled{step}", dtype=output.dtype)
-            factor = gs.Constant(f"{base}_c{step}", np.asarray(coeff, dtype=np.float32))
+            factor = gs.Constant(f"{base}_c{step}", np.asarray(scale, dtype=np.float32))
             graph.nodes.append(gs.Node("Mul", f"{base}_mul{step}", inputs=[value, factor],
                                        outputs=[scaled]))
-            value, coeff = scaled, 1
-        if result is None:
+            value = scaled
+        if join == "first":
             result = value
             continue
-        target = output if last else gs.Variable(f"{base}_{step}", dtype=output.dtype)
-        graph.nodes.append(gs.Node("Add" if coeff == 1 else "Sub", f"{base}_{step}",
+        target = output if step == len(steps) - 1 else \
+            gs.Variable(f"{base}_{step}", dtype=output.dtype)
+        graph.nodes.append(gs.Node("Add" if join == "add" else "Sub", f"{base}_{step}",
                                    inputs=[result, value], outputs=[target]))
         result = target
 

@@ -437,15 +437,21 @@ class BlockSpec:
         conv_groups = [g for g in groups if len(g) > 1 and any(is_conv(i) for i in g)]
         # the post BN and layer scale distribute over the sum when every term of it is
         # then a conv (a merged group, or one conv branch with no nonlinearity)
-        if all(g in conv_groups or (len(g) == 1 and is_conv(g[0]) and not summands[g[0]].act)
-               for g in groups):
+        distributed = all(g in conv_groups or (len(g) == 1 and is_conv(g[0])
+                                               and not summands[g[0]].act) for g in groups)
+        if distributed:
             ops["batch_norm"] -= int(self.post_bn)
             ops["mul"] -= int(self.layer_scale)
+        # a post BN / layer scale distributed over the sum makes each conv branch a term of
+        # the rewritten sum whose sign is in its weights: it is joined by an add
+        signs_in_terms = distributed and (self.post_bn or self.layer_scale)
         if not conv_groups:  # no partial rewrite: every conv folds its own BN, adds stay
             ops["conv"] += sum(b.is_conv for b in summands)
             ops["batch_norm"] += sum(b.kind == "bn" for b in summands)
+            # a post BN / layer scale distributed over the sum makes each branch a term
+            # whose sign is in its weights: the branches are then joined by adds
             for branch in summands[1:]:
-                ops["sub" if branch.subtract else "add"] += 1
+                ops["sub" if branch.subtract and not signs_in_terms else "add"] += 1
             return ops
         signs = []  # the rewritten sum: one term per merged conv group, the rest as they were
         for group in groups:
@@ -456,7 +462,8 @@ class BlockSpec:
             for i in group:
                 ops["conv"] += int(is_conv(i))
                 ops["batch_norm"] += int(summands[i].kind == "bn")
-                signs.append(-1 if summands[i].subtract else 1)
+                signs.append(-1 if summands[i].subtract and not (
+                    signs_in_terms and is_conv(i)) else 1)
         for sign in signs[1:]:
             ops["add" if sign == 1 else "sub"] += 1
         return ops
