@@ -741,6 +741,12 @@ def test_linear_terms():
     w3, b3 = r.t(6, 5), r.t(6)
     heads = affine.merge([lin, affine.linear(w3, b3)], [0.5, 0.5])
     assert_exact(heads, x, (F.linear(x, w1, b1) + F.linear(x, w3, b3)) / 2)
+    # a residual around a linear (tokens + mlp(tokens)): the identity is a dirac matrix
+    w4, b4 = r.t(5, 5), r.t(5)
+    residual = affine.merge([affine.linear(w4, b4), affine.identity(), bn_in.term()],
+                            [1.0, 1.0, -1.0])
+    assert residual.spatial == 0
+    assert_exact(residual, x, F.linear(x, w4, b4) + x - bn_in(x))
     # on tokens (B, N, C), the channel axis last
     tokens = r.t(2, 3, 5)
     reference = bn_out(F.linear(bn_in(tokens.reshape(6, 5)), w1, b1)).reshape(2, 3, 6)
@@ -872,6 +878,26 @@ def test_pad_after_1x1_conv_with_other_values_is_refused():
     conv_bn = affine.compose(r.conv(3, 4, 1).term(), r.bn(4).term())
     with not_exact("values other than its output for a zero input"):
         affine.compose(conv_bn, affine.zero_pad((1, 1)))
+
+
+# ---- padding modes other than zeros ---------------------------------------------------------
+
+def test_reflect_padded_conv_takes_what_follows_it_only():
+    r = Rand(54)
+    weight, bias, bn = r.t(4, 3, 3, 3), r.t(4), r.bn(4)
+    term = affine.conv(weight, bias, 1, 1, 1, 1, padding_mode="reflect")
+    x = r.t(2, 3, 6, 6)
+    after = affine.compose(term, bn.term())
+    assert after.padding_mode == "reflect"
+    expected = bn(F.conv2d(F.pad(x, [1] * 4, mode="reflect"), weight, bias))
+    got = F.conv2d(F.pad(x, [1] * 4, mode="reflect"), after.weight.value(), after.bias)
+    assert rel_err(got, expected) <= RTOL
+    with not_exact("nothing folds into a conv with padding_mode='reflect'"):
+        affine.compose(affine.channel_affine(r.t(3)), term)
+    with not_exact("padding_mode='reflect'"):
+        affine.compose(r.conv(3, 3, 1, bias=False).term(), term)
+    with not_exact("branches with padding_mode='reflect' never merge"):
+        affine.merge([term, r.conv(3, 4, 1).term()], [1.0, 1.0])
 
 
 # ---- lazy weights ----------------------------------------------------------------------------
