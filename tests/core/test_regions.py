@@ -12,32 +12,20 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Callable
 
-import pytest
 import torch
 import torch.nn.functional as F
 
 from reparam_fx.core import affine
 from reparam_fx.core.builder import RegionBuilder
-from reparam_fx.core.regions import PartialSum, Refused, Region, Sum, TermGroup, Unary
+from reparam_fx.core.regions import (PartialSum, Refused, Region, Sum, TermGroup, Unary,
+                                     group_terms, try_merge)
 from reparam_fx.core.report import Skipped
 from reparam_fx.core.selection import select_rewrites
 
-try:  # (moving from regions to selection)
-    from reparam_fx.core.selection import group_terms, try_merge
-except ImportError:
-    from reparam_fx.core.regions import group_terms, try_merge
 
 D = torch.float64
 RTOL = 1e-12
 OUTPUT = "graph output"  # what users() returns for a graph output, as the frontends do
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 # ---- the fake view ------------------------------------------------------------------------
