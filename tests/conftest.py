@@ -6,6 +6,8 @@
 """
 
 import os
+import sys
+from pathlib import Path
 
 from hypothesis import HealthCheck, settings
 
@@ -15,3 +17,6 @@ settings.register_profile("dev", max_examples=40, deadline=None, print_blob=True
                           suppress_health_check=[HealthCheck.too_slow])
 settings.register_profile("thorough", max_examples=400, deadline=None)
 settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "dev"))
+
+# tests/ on the path for the helpers (fx_checks, onnx_checks, rules.rule_table) from subfolders
+sys.path.insert(0, str(Path(__file__).resolve().parent))

@@ -333,3 +333,26 @@ def fuse_refused(model: onnx.ModelProto, *, unchanged: tuple[str, ...], reason: 
         assert_reason(report, reason)
     assert_same_outputs(model, fused, rtol)
     return fused, report
+
+
+# ---- torch exports ---------------------------------------------------------------------------
+
+def export_torch(model, x, opset: int = 17, constant_folding: bool = False) -> onnx.ModelProto:
+    """``model`` (a torch module in eval mode) exported by the TorchScript exporter
+    (``dynamo=False``) at input ``x``, input named "x" and output "y". Without constant
+    folding by default: with it, the exporter folds a conv's BatchNorm itself and the
+    frontend never sees it."""
+    import contextlib
+    import io
+    import warnings
+
+    import torch
+
+    buffer = io.BytesIO()
+    with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()), \
+            contextlib.redirect_stderr(io.StringIO()), torch.no_grad():
+        warnings.simplefilter("ignore")
+        torch.onnx.export(model, (x,), buffer, dynamo=False, opset_version=opset,
+                          do_constant_folding=constant_folding, input_names=["x"],
+                          output_names=["y"])
+    return onnx.load_from_string(buffer.getvalue())

@@ -19,7 +19,7 @@ from hypothesis import strategies as st
 import reparam_fx
 from fx_checks import (RTOL, assert_ops, assert_reason, fuse_exactly, fuse_refused, randomized,
                        snapshot, assert_state_unchanged)
-from test_fx_rules import ConvBN, image
+from rules.rule_table import ConvBN, image
 
 
 # ---- a module means its forward -------------------------------------------------------

@@ -18,8 +18,8 @@ import reparam_fx
 from fx_checks import (RTOL, assert_ops, assert_reason, assert_state_unchanged, fuse_exactly,
                        randomized, snapshot)
 from reparam_fx.fx.counts import OP_CATEGORIES
-from test_fx_rules import (CPE, ConvBN, DistilledHead, FlattenBNLinear, RepMixer, RepVGGBlock,
-                           image)
+from rules.rule_table import (CPE, ConvBN, DistilledHead, FlattenBNLinear, RepMixer, RepVGGBlock,
+                              image)
 
 
 def _parameter(*shape, seed=0, positive=False):

@@ -15,7 +15,7 @@ import torch.nn.functional as F
 import reparam_fx
 from fx_checks import (RTOL, assert_ops, assert_state_unchanged, fuse_exactly,
                        fuse_refused, fused_modules, randomized, snapshot)
-from test_fx_rules import ConvBN, RepVGGBlock, image
+from rules.rule_table import ConvBN, RepVGGBlock, image
 
 
 # ---- 15. hazards ----------------------------------------------------------------------

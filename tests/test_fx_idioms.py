@@ -16,7 +16,7 @@ from hypothesis import strategies as st
 
 import reparam_fx
 from fx_checks import assert_ops, fuse_exactly, fuse_refused
-from test_fx_rules import image
+from rules.rule_table import image
 
 
 # ---- transposed conv + BatchNorm ------------------------------------------------------
