@@ -97,7 +97,7 @@ def _fuse64(model: nn.Module, x, pass_inputs: bool, rtol: float, already_randomi
     assert_state_unchanged(before64, model64)
     error = reparam_fx.verify(model64, fused, inputs64, rtol=rtol)
     assert error <= rtol
-    if check_macs:  # count_macs counts convs/linears/matmuls, not pooling
+    if check_macs:  # convs, linears, matmuls and average pools (what a pool becomes)
         assert count_macs(fused, inputs64) <= count_macs(model64, inputs64), "fusion added MACs"
     assert_state_unchanged(before, model)
     return model64, fused

@@ -356,3 +356,22 @@ def export_torch(model, x, opset: int = 17, constant_folding: bool = False) -> o
                           do_constant_folding=constant_folding, input_names=["x"],
                           output_names=["y"])
     return onnx.load_from_string(buffer.getvalue())
+
+
+def export(model, x, dynamo: bool) -> onnx.ModelProto:
+    """``model`` exported at input ``x`` by the TorchScript exporter (opset 17, its constant
+    folding on, as users run it) or, ``dynamo``, by the ``torch.export``-based one."""
+    import contextlib
+    import io
+    import warnings
+
+    import torch
+
+    buffer = io.BytesIO()
+    with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
+        warnings.simplefilter("ignore")
+        if dynamo:
+            program = torch.onnx.export(model, (x,), dynamo=True, verbose=False)
+            return program.model_proto
+        torch.onnx.export(model, (x,), buffer, dynamo=False, opset_version=17)
+    return onnx.load_from_string(buffer.getvalue())

@@ -36,7 +36,7 @@ sys.path.insert(0, str(ROOT / "tools"))
 
 import reparam_fx  # noqa: E402
 from reparam_fx.testing import randomize_batchnorm_  # noqa: E402
-from test_onnx_zoo import export  # noqa: E402
+from onnx_checks import export  # noqa: E402
 from test_third_party_corpus import exported_counts, linear_ops  # noqa: E402
 from third_party.levit_nextvit import (build_levit_128s, build_nextvit_small,  # noqa: E402
                                        levit_replace_batchnorm, timm_reparameterize_model)

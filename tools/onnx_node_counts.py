@@ -31,7 +31,7 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "tests"))
 
 import reparam_fx  # noqa: E402
-from test_onnx_zoo import export  # noqa: E402
+from onnx_checks import export  # noqa: E402
 from third_party import CORPUS, example_input, randomized_model  # noqa: E402
 
 DEFAULT = ("timm.efficientvit_msra_m0_tiny", "timm.efficientvit_mit_b0_tiny")

@@ -46,7 +46,7 @@ from onnx_checks import (GraphBuilder, RTOL64, assert_reason, assert_same_output
 from reparam_fx.onnx import constant_value
 from reparam_fx.onnx.moves import graph_sizes, interpret_move
 from reparam_fx.testing import randomize_batchnorm_, randomize_parameters_
-from test_onnx_zoo import export
+from onnx_checks import export
 
 EXPORTERS = pytest.mark.parametrize("dynamo", [False, True], ids=["torchscript", "dynamo"])
 MIXES = "merges or splits the channel axis"  # the report's reason when a move mixes it

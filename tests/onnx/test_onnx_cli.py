@@ -26,7 +26,7 @@ import onnx
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 PREFIX = "reparam-fx-onnx: error:"
 
 needs_frontend = pytest.mark.skipif(importlib.util.find_spec("reparam_fx.onnx") is None,

@@ -39,7 +39,7 @@ from reparam_fx.onnx import verify_onnx
 from reparam_fx.testing import randomize_batchnorm_, randomize_parameters_
 from third_party import CORPUS, example_input, randomized_model
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tools"))
+sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "tools"))
 import onnx_node_counts  # noqa: E402
 
 RTOL = 1e-5

@@ -2,9 +2,6 @@
 ONNX Runtime; the fused graph has no more nodes than the export of the same model in its
 inference form (fused on the torch side, where every family reaches its deployed form)."""
 
-import contextlib
-import io
-import warnings
 
 import onnx
 import pytest
@@ -14,20 +11,10 @@ import reparam_fx
 import zoo
 from reparam_fx.onnx import fuse_onnx_model, verify_onnx
 from reparam_fx.testing import randomize_batchnorm_, randomize_parameters_
+from onnx_checks import export
 
 SMALLEST = ("repvgg_a0", "mobileone_s0", "fastvit_t8", "repvit_m0_9", "mobilevit_xxs")
 RTOL_FP32 = 1e-5
-
-
-def export(model, x, dynamo: bool) -> onnx.ModelProto:
-    buffer = io.BytesIO()
-    with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
-        warnings.simplefilter("ignore")
-        if dynamo:
-            program = torch.onnx.export(model, (x,), dynamo=True, verbose=False)
-            return program.model_proto
-        torch.onnx.export(model, (x,), buffer, dynamo=False, opset_version=17)
-    return onnx.load_from_string(buffer.getvalue())
 
 
 @pytest.fixture(scope="module", params=SMALLEST)
