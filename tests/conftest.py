@@ -9,6 +9,7 @@ import os
 import sys
 from pathlib import Path
 
+import pytest
 from hypothesis import HealthCheck, settings
 
 settings.register_profile("ci", max_examples=40, derandomize=True, deadline=None, print_blob=True,
@@ -20,3 +21,19 @@ settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "dev"))
 
 # tests/ on the path for the helpers (fx_checks, onnx_checks, rules.rule_table) from subfolders
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+# the layered tests run tiny graphs: one thread each (intra-op threads only contend for ops
+# this small, badly so on a loaded machine); the zoo, bench and export tests keep torch's own
+ONE_THREAD_FOLDERS = {"core", "rules", "fx", "onnx"}
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread_for_small_graphs(request):
+    if Path(str(request.fspath)).parent.name not in ONE_THREAD_FOLDERS:
+        yield
+        return
+    import torch
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
