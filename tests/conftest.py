@@ -29,7 +29,7 @@ ONE_THREAD_FOLDERS = {"core", "rules", "fx", "onnx"}
 
 @pytest.fixture(autouse=True, scope="module")
 def one_thread_for_small_graphs(request):
-    if Path(str(request.fspath)).parent.name not in ONE_THREAD_FOLDERS:
+    if request.path.parent.name not in ONE_THREAD_FOLDERS:
         yield
         return
     import torch

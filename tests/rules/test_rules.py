@@ -245,7 +245,7 @@ def _params():
             yield pytest.param(case, frontend, id=f"{case.rule}: {case.name} [{frontend}]{note}")
 
 
-@pytest.mark.parametrize("case, frontend", _params())
+@pytest.mark.parametrize("case, frontend", list(_params()))
 def test_rule(case: Case, frontend: str):
     if frontend == "onnx":
         run_onnx(case)
