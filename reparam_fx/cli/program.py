@@ -41,8 +41,8 @@ import os
 import sys
 import zipfile
 
-from reparam_fx.cli.errors import (EXIT_FAILED, EXIT_OK, EXIT_STATUSES, CliError, Parser, add_fuse_arguments,
-                                   run_command, unexpected)
+from reparam_fx.cli.errors import (EXIT_FAILED, EXIT_OK, EXIT_STATUSES, CliError, Parser,
+                                   add_fuse_arguments, run_command, unexpected)
 from reparam_fx.cli.files import (check_input_file, check_output_folder, describe_foreign,
                                   output_path, staged)
 from reparam_fx.cli.logs import quiet

@@ -8,7 +8,8 @@ from reparam_fx.core import affine
 from reparam_fx.core.affine import ChannelAffine, ConvTerm, NotExact
 from reparam_fx.core.report import Skipped
 from reparam_fx.core.layout import Layout
-from reparam_fx.core.regions import (PartialSum, Refused, Region, Sum, TermGroup, Unary, group_terms, merged_axis)
+from reparam_fx.core.regions import (PartialSum, Refused, Region, Sum, TermGroup, Unary,
+                                     group_terms, merged_axis)
 
 
 _MOVE_REFUSED = ("it merges or splits the channel axis with another one, or the graph does "

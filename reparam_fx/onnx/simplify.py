@@ -19,7 +19,8 @@ from reparam_fx.onnx.io import STUB_BYTES
 from reparam_fx.onnx.moves import as_dims, interpret_move
 from reparam_fx.onnx.ops import inference_dropout
 from reparam_fx.onnx.rewrite import NodeNames
-from reparam_fx.onnx.view import FOLDED_OPS, FOLD_LIMIT, OnnxView, constant_value, is_size, is_static
+from reparam_fx.onnx.view import (FOLDED_OPS, FOLD_LIMIT, OnnxView, constant_value, is_size,
+                                  is_static)
 def fold_constants(graph: gs.Graph, reads_unknown_sizes: bool = False) -> int:
     """Nodes that compute constants become initializers: ``Constant`` nodes, and shape
     arithmetic on static shapes (``Shape`` of a tensor whose sizes the graph proves, then
