@@ -233,7 +233,8 @@ def _reshape(x, node, name, args, kwargs, rank, out_rank, facts) -> Layout | Non
             return None
         return _split(x, rank, dim % rank, len(sizes))
     if in_shape is not None and out_shape is not None and _static(in_shape) and _static(out_shape):
-        layout = Layout(x, *reshape_maps(in_shape, out_shape))
+        # (its sizes spell the channel count: written again on another one, they break)
+        layout = Layout(x, *reshape_maps(in_shape, out_shape), channel_free=False)
         if math.prod(out_shape[:-1]) > 0:
             layout.tail_merge = tail_merge_map(in_shape, out_shape)
         return layout
