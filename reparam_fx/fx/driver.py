@@ -28,9 +28,11 @@ from reparam_fx.core.pipeline import gc_paused, leftover_batchnorms, run_passes
 from reparam_fx.core.report import FusionReport, Leaf
 
 CAPTURES = ("auto", "fx", "export")
+TARGETS = ("float", "int8")
 
 
-def fuse(model, example_inputs=None, *, capture: str = "auto") -> nn.Module:
+def fuse(model, example_inputs=None, *, capture: str = "auto", target: str = "float",
+         calibration=None) -> nn.Module:
     """Collapse every exactly-foldable linear region of ``model`` into one conv/linear.
 
     ``model``: an ``nn.Module`` in eval mode, a ``torch.fx.GraphModule`` (module-level,
@@ -64,7 +66,11 @@ def fuse(model, example_inputs=None, *, capture: str = "auto") -> nn.Module:
             f"{', '.join(lazy[:3])}{' ...' if len(lazy) > 3 else ''} (a lazy module takes its "
             "shapes from its first input): run the model once on an example input before fuse()")
     with gc_paused():  # collections would traverse the growing graph again and again
-        return _fuse(model, example_inputs, capture)
+        fused = _fuse(model, example_inputs, capture)
+    if target == "int8":
+        from reparam_fx.int8.policy import apply_int8_policy
+        fused = apply_int8_policy(fused, calibration=calibration)
+    return fused
 
 
 def _fuse(model, example_inputs, capture: str, call: tuple | None = None) -> nn.Module:
