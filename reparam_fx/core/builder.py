@@ -527,6 +527,11 @@ class RegionBuilder:
             return
         if any(self.view.metadata_readers(n) for n in inner):
             return  # the rebuilt sum exists only at its root, after those reads
+        kept = [leaf for group in groups if not any(group is g for g in merged)
+                for _, _, leaf in group.members]
+        if any(not self._read_at_root(leaf, inner, node) for leaf in kept):
+            self.skip(node, "a term it keeps is modified in place between its sum and this one")
+            return
         # some branches merge, others do not: rewrite the sum as merged convs + the rest
         terms = []
         for group in groups:
@@ -535,6 +540,19 @@ class RegionBuilder:
             else:
                 terms.extend((leaf, coeff) for _, coeff, leaf in group.members)
         self.partial_sums[node] = PartialSum(node, inner, terms)
+
+    def _read_at_root(self, leaf, inner, root) -> bool:
+        """Whether a term that a partial sum keeps as it is, read again at the ``root``
+        where the rebuilt sum goes, has the values that the inner sums read: always, unless
+        an in-place op writes it; then only if no inner sum reads it, or the root reads it
+        too before the write (``y = x + x; x += x; y + conv(x) + x``: ``y``'s ``x`` is
+        not the ``x`` after the write)."""
+        if leaf not in self.view.mutated:
+            return True
+        users = self.view.users(leaf)
+        if not any(n in users for n in inner):
+            return True
+        return root in users and self.view.read_before_written(leaf, [*inner, root])
 
     def _flattened_by_user(self, node) -> bool:
         """True if ``node``'s only user is a sum that will flatten it into its own tree."""

@@ -158,6 +158,39 @@ def test_in_place_add_on_a_fresh_tensor_merges():
                  patterns={"repvgg": 1})
 
 
+class KeptTermWrittenBeforeTheSum(nn.Module):
+    """``y = x + x`` before ``x += x``: in ``y + conv(x) + x`` the conv and the last ``x``
+    merge (both read the written ``x``), but ``y``'s terms are the ``x`` before the write
+    (fuzzer seed 30589, export)."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(4, 4, 1, bias=False)
+
+    def forward(self, x):
+        y = x + x
+        x += x
+        return y + self.conv(x) + x
+
+
+@pytest.mark.parametrize("capture", ["fx", "export"])
+def test_a_partial_sum_keeps_no_term_written_in_place_after_its_inner_sum(capture):
+    model = randomized(KeptTermWrittenBeforeTheSum()).double()
+    x = image().double()
+    if capture == "export":
+        model = torch.export.export(model, (x.clone(),))
+    fused = reparam_fx.fuse(model)
+    reference = model.module() if capture == "export" else model
+    with torch.no_grad():  # the model writes its input: give each run a fresh copy
+        expected, got = reference(x.clone()), fused(x.clone())
+        conv = F.conv2d(2 * x, reference.get_submodule("conv").weight)
+    assert reparam_fx.relative_error(expected, got) <= RTOL
+    assert reparam_fx.relative_error(2 * x + conv + 2 * x, got) <= RTOL  # the value itself
+    assert not fused.fusion_report.fused  # (the rebuilt sum would read x after the write)
+    assert_ops(fused, {"conv": 1, "add": 4})
+    assert any("modified in place" in s.reason for s in fused.fusion_report.skipped)
+
+
 # ---- 19. the caller's graph module / exported program never change --------------------
 
 class MixedModel(nn.Module):
