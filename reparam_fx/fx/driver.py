@@ -51,9 +51,18 @@ def fuse(model, example_inputs=None, *, capture: str = "auto", target: str = "fl
     ``example_inputs``, a copy of the model whose traceable blocks are fused.
     ``result.fusion_report`` lists the regions fused (by pattern), the nodes left alone
     and the modules kept whole, with reasons.
+
+    ``target``: ``"float"`` (the default) merges everything exactly foldable. ``"int8"``
+    (or an :class:`reparam_fx.int8.policy.Int8Policy` with other settings) then applies
+    the int8 policy: exact rewrites that keep merged identity taps out of the convs'
+    int8 weight ranges where that pays for its cost; the result is still exact in
+    float, and ``result.fusion_report.int8`` says per conv what was done and why.
+    ``calibration`` (int8 only): an iterable of model inputs (each a tensor or a tuple);
+    the policy then measures each choice's int8 error instead of estimating it.
     """
     if capture not in CAPTURES:
         raise FusionError(f"capture must be one of {', '.join(CAPTURES)}, not {capture!r}")
+    policy = _int8_policy(target, calibration)
     if isinstance(model, nn.Module) and not isinstance(model, torch.fx.GraphModule) \
             and model.training:
         raise FusionError(
@@ -67,10 +76,26 @@ def fuse(model, example_inputs=None, *, capture: str = "auto", target: str = "fl
             "shapes from its first input): run the model once on an example input before fuse()")
     with gc_paused():  # collections would traverse the growing graph again and again
         fused = _fuse(model, example_inputs, capture)
-    if target == "int8":
+    if policy is not None:
         from reparam_fx.int8.policy import apply_int8_policy
-        fused = apply_int8_policy(fused, calibration=calibration)
+        fused = apply_int8_policy(fused, calibration=calibration, policy=policy)
     return fused
+
+
+def _int8_policy(target, calibration):
+    """The int8 policy ``target`` asks for (None for float), or a clear error."""
+    from reparam_fx.int8.policy import Int8Policy
+    if isinstance(target, Int8Policy):
+        return target
+    if not isinstance(target, str) or target not in TARGETS:
+        raise FusionError(f"target must be one of {', '.join(map(repr, TARGETS))} or an "
+                          f"Int8Policy, not {target!r}")
+    if target == "float":
+        if calibration is not None:
+            raise FusionError("calibration= is for target='int8' only: float fusion needs "
+                              "no data")
+        return None
+    return Int8Policy()
 
 
 def _fuse(model, example_inputs, capture: str, call: tuple | None = None) -> nn.Module:

@@ -37,7 +37,7 @@ from __future__ import annotations
 import copy
 import math
 import operator
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import torch
 import torch.fx
@@ -56,20 +56,30 @@ class Int8Policy:
 
     budget: float = 0.10  # extra latency allowed, as a fraction (of a conv, or the program)
     min_gain_db: float = 3.0  # an extraction must gain at least this much
-    add_cost: float = 40.0  # MACs one element of an int8 add costs (XNNPACK, measured)
+    add_cost: float = 40.0  # MACs one element of an int8 add or multiply costs (XNNPACK)
+    modes: tuple = ("scalar", "channel")  # the extractions allowed
+
+
+MODES = ("merged", "scalar", "channel")
 
 
 @dataclass(frozen=True)
 class Int8Decision:
-    """What the policy did with one conv."""
+    """What the policy did with one conv: ``mode`` is ``"merged"`` (as float fusion left
+    it), ``"scalar"`` (identity taps less one scalar kept apart as a bare ``add``) or
+    ``"channel"`` (all identity taps kept apart as ``add(conv, x * d)``)."""
 
     conv: str  # the conv's node name in the fused graph
-    kept_apart: bool  # True: the identity was extracted into an add
+    mode: str
     reason: str
-    delta: float = 0.0
-    range_gain_db: float = 0.0  # mean per-row narrowing of the weight range (data-free)
-    measured_gain_db: float | None = None  # with calibration: local int8 error, merged/apart
-    cost: float = 0.0  # the add's estimated cost, as a fraction of the conv's
+    delta: float = 0.0  # the scalar of "scalar"
+    gain_db: dict = field(default_factory=dict)  # mode -> estimated gain (range, data-free)
+    measured_db: dict = field(default_factory=dict)  # mode -> local int8 error gain
+    cost: float = 0.0  # the chosen mode's added ops, as a fraction of the conv's cost
+
+    @property
+    def kept_apart(self) -> bool:
+        return self.mode != "merged"
 
 
 @dataclass
@@ -82,15 +92,20 @@ class Int8Report:
     def kept_apart(self) -> list[Int8Decision]:
         return [d for d in self.decisions if d.kept_apart]
 
+    def mode_counts(self) -> dict:
+        return {mode: sum(d.mode == mode for d in self.decisions) for mode in MODES}
+
     def table(self) -> str:
-        lines = [f"int8 policy ({'calibrated' if self.calibrated else 'data-free'}; "
-                 f"budget {self.policy.budget:.0%}, min gain {self.policy.min_gain_db:g} dB): "
-                 f"identity kept apart in {len(self.kept_apart)} of {len(self.decisions)} conv(s)"]
+        counts = ", ".join(f"{n} {mode}" for mode, n in self.mode_counts().items())
+        lines = [f"int8 policy ({'calibrated' if self.calibrated else 'data-free'}; budget "
+                 f"{self.policy.budget:.0%}, min gain {self.policy.min_gain_db:g} dB): "
+                 f"{len(self.decisions)} conv(s) holding an identity: {counts}"]
         for d in self.decisions:
-            measured = "" if d.measured_gain_db is None else f", measured {d.measured_gain_db:+.1f} dB"
-            lines.append(f"  {d.conv}: {'kept apart' if d.kept_apart else 'merged'} — {d.reason} "
-                         f"(range {d.range_gain_db:+.1f} dB{measured}, delta {d.delta:.3g}, "
-                         f"add {d.cost:.1%} of the conv)")
+            gains = ", ".join(f"{mode} {value:+.1f}" for mode, value in d.gain_db.items())
+            measured = ", ".join(f"{mode} {value:+.1f}" for mode, value in d.measured_db.items())
+            lines.append(f"  {d.conv}: {d.mode} - {d.reason} (range gain dB: {gains}"
+                         f"{'; measured: ' + measured if measured else ''}; "
+                         f"added ops {d.cost:.1%} of the conv)")
         return "\n".join(lines)
 
     __str__ = table
@@ -430,6 +445,34 @@ def _constraints(gm: torch.fx.GraphModule, linears: dict) -> ScaleSolver:
 
 # ---- choosing ------------------------------------------------------------------------
 
+@dataclass
+class _Option:
+    mode: str
+    gain: float  # dB: measured when calibrated, else the weight range's
+    cost: float  # fraction of the conv's own cost
+    delta: object = 0.0  # a float ("scalar") or the identity taps ("channel")
+
+
+def _options(site: _Linear, policy: Int8Policy, recorded) -> tuple[list, dict, dict, float]:
+    """The extractions worth considering for one conv, best gain first."""
+    weight, _ = site.get()
+    taps = identity_taps(weight, site.groups)
+    delta, scalar_gain = best_identity_scale(taps)
+    channel_gain = float(range_gain_db(taps, taps.diagonal).mean())
+    per_add = policy.add_cost / (weight.shape[1] * math.prod(weight.shape[2:]))
+    estimated = {"scalar": scalar_gain, "channel": channel_gain}
+    candidates = {"scalar": _Option("scalar", scalar_gain, per_add, delta),
+                  "channel": _Option("channel", channel_gain, 2 * per_add, taps.diagonal)}
+    if delta <= 0:
+        del candidates["scalar"]
+    measured = {}
+    if recorded is not None:
+        for option in candidates.values():
+            option.gain = measured[option.mode] = _measured_gain_db(site, option.delta, recorded)
+    options = [o for mode, o in candidates.items() if mode in policy.modes]
+    return sorted(options, key=lambda o: -o.gain), estimated, measured, per_add
+
+
 def _apply_to_graph(gm: torch.fx.GraphModule, policy: Int8Policy, recorded: dict) -> list:
     calls: dict = {}
     for node in gm.graph.nodes:
@@ -441,77 +484,77 @@ def _apply_to_graph(gm: torch.fx.GraphModule, policy: Int8Policy, recorded: dict
         if site is not None:
             linears[node] = site
     solver = _constraints(gm, linears)
-    decisions, candidates = [], []
+    total = _program_cost(linears, recorded)
+    plans = []
     for node, site in linears.items():
-        if site.why_no_identity == "a linear layer":
+        if site.why_no_identity is None:  # (a conv with no identity in it is not reported)
+            plans.append((node, site, *_options(site, policy, recorded.get(node))))
+    # the budget goes to the best gain per cost first
+    plans.sort(key=lambda plan: -max([o.gain / o.cost for o in plan[2]], default=0.0))
+    spent, decisions, chosen = 0.0, [], {}
+    for node, site, options, estimated, measured, per_add in plans:
+        base = Int8Decision(node.name, "merged", "", 0.0, estimated, measured, 0.0)
+        useful = [o for o in options if o.gain >= policy.min_gain_db]
+        if not useful:
+            best = max((o.gain for o in options), default=0.0)
+            kind = "measured int8 error" if measured else "weight range"
+            decisions.append(replace(base, reason=f"keeping the identity apart gains {best:.1f} "
+                                                  f"dB of {kind} at best (< {policy.min_gain_db:g} dB)"))
             continue
-        if site.why_no_identity is not None:
-            continue  # (not a candidate: no identity in it to keep apart; not reported)
-        weight, _ = site.get()
-        taps = identity_taps(weight, site.groups)
-        delta, gain = best_identity_scale(taps)
-        fan_in = weight.shape[1] * math.prod(weight.shape[2:])
-        cost = policy.add_cost / fan_in
-        measured = None
-        if node in recorded:
-            measured = _measured_gain_db(site, delta, recorded[node]) if delta > 0 else None
-        decision = Int8Decision(node.name, False, "", delta, gain, measured, cost)
-        score = gain if measured is None else measured
-        if delta <= 0 or score < policy.min_gain_db:
-            what = "range" if measured is None else "measured int8 error"
-            decisions.append(_with(decision, f"keeping it apart gains {score:.1f} dB of {what} "
-                                             f"(< {policy.min_gain_db:g} dB)"))
-            continue
-        candidates.append((score / cost, decision, site))
-    spent, total = 0.0, _program_cost(linears, recorded)
-    for _, decision, site in sorted(candidates, key=lambda item: -item[0]):
-        node = site.node
-        if total is None:  # no shapes: each conv's own add within the budget
-            extra, allowed = decision.cost, policy.budget
+        refusals = []
+        for option in useful:
+            if total is None:  # no shapes: each conv's added ops within the budget of its own
+                fits = option.cost <= policy.budget + 1e-12
+            else:
+                extra = option.cost * recorded[node].macs
+                fits = spent + extra <= policy.budget * total + 1e-9
+            if not fits:
+                refusals.append(f"{option.mode}: its ops would cost {option.cost:.1%} of the conv "
+                                f"(budget {policy.budget:.0%}"
+                                f"{'' if total is None else ' of the program, partly spent'})")
+                continue
+            if option.mode == "scalar":
+                reason = solver.relate(node, site.input, math.log(option.delta))
+                if reason is not None:
+                    refusals.append(f"scalar: its scale cannot move: {reason}")
+                    continue
+            if total is not None:
+                spent += option.cost * recorded[node].macs
+            how = (f"identity less {option.delta:.3g} kept apart as an add; the scale moved into "
+                   "the next layer" if option.mode == "scalar" else
+                   "identity kept apart as add(conv, x * d)")
+            note = f" ({'; '.join(refusals)})" if refusals else ""
+            decision = replace(base, mode=option.mode, reason=how + note, cost=option.cost,
+                               delta=float(option.delta) if option.mode == "scalar" else 0.0)
+            decisions.append(decision)
+            chosen[node] = (decision, option)
+            break
         else:
-            extra, allowed = policy.add_cost * recorded[node].numel_out, policy.budget * total - spent
-        if extra > allowed + 1e-12:
-            where = "of the conv" if total is None else "of the program, with the rest spent"
-            decisions.append(_with(decision, f"its add would cost {decision.cost:.1%} of the conv "
-                                             f"(budget {policy.budget:.0%} {where})"))
-            continue
-        reason = solver.relate(node, site.input, math.log(decision.delta))
-        if reason is not None:
-            decisions.append(_with(decision, f"its scale cannot move: {reason}"))
-            continue
-        if total is not None:
-            spent += extra
-        decisions.append(replace_decision(decision, True, "identity kept apart as an add; "
-                                          f"scale {decision.delta:.3g} moved into the next layer"))
-    _rewrite(gm, linears, solver, {d.conv: d for d in decisions if d.kept_apart})
+            decisions.append(replace(base, reason="; ".join(refusals)))
+    _rewrite(gm, linears, solver, chosen)
     order = {node.name: i for i, node in enumerate(gm.graph.nodes)}
     return sorted(decisions, key=lambda d: order.get(d.conv, 0))
-
-
-def _with(decision: Int8Decision, reason: str) -> Int8Decision:
-    return replace_decision(decision, False, reason)
-
-
-def replace_decision(decision: Int8Decision, kept_apart: bool, reason: str) -> Int8Decision:
-    from dataclasses import replace
-    return replace(decision, kept_apart=kept_apart, reason=reason)
 
 
 def _program_cost(linears: dict, recorded: dict) -> float | None:
     """MACs of every conv and linear, when calibration recorded their shapes."""
     if not recorded or any(node not in recorded for node in linears):
         return None
-    return float(sum(item.macs for item in recorded.values()))
+    return float(sum(recorded[node].macs for node in linears))
 
 
 # ---- rewriting -----------------------------------------------------------------------
 
-def _rewrite(gm: torch.fx.GraphModule, linears: dict, solver: ScaleSolver, apart: dict) -> None:
+def _rewrite(gm: torch.fx.GraphModule, linears: dict, solver: ScaleSolver, chosen: dict) -> None:
+    """Weights rescaled for the solved scales; each chosen extraction written as an add
+    (and, for "channel", a multiply by a new constant)."""
     graph = gm.graph
     aten_graph = any(isinstance(n.target, torch._ops.OpOverload) for n in graph.nodes
                      if n.op == "call_function")
+    add_op, mul_op = (aten.add.Tensor, aten.mul.Tensor) if aten_graph else (operator.add,
+                                                                              operator.mul)
     for node, site in linears.items():
-        decision = apart.get(node.name)
+        decision, option = chosen.get(node, (None, None))
         s_in = math.exp(solver.log_scale(site.input))
         s_out = math.exp(solver.log_scale(node))
         if decision is None and math.isclose(s_in, 1.0) and math.isclose(s_out, 1.0):
@@ -519,18 +562,35 @@ def _rewrite(gm: torch.fx.GraphModule, linears: dict, solver: ScaleSolver, apart
         weight, bias = site.get()
         w = weight.detach().double()
         if decision is not None:
-            w = extract_identity(w, site.groups, decision.delta)
-        w = w * (s_in / s_out)
-        b = None if bias is None else bias.detach().double() / s_out
-        site.set(w, b)
-        if decision is not None:
-            with graph.inserting_after(node):
-                add = graph.call_function(aten.add.Tensor if aten_graph else operator.add,
-                                          (node, site.input))
-            node.replace_all_uses_with(add, delete_user_cb=lambda user: user is not add)
-            add.meta = {k: v for k, v in node.meta.items() if k in ("val", "tensor_meta")}
+            w = extract_identity(w, site.groups, option.delta)
+        site.set(w * (s_in / s_out), None if bias is None else bias.detach().double() / s_out)
+        if decision is None:
+            continue
+        identity = site.input
+        with graph.inserting_after(node):
+            if option.mode == "channel":
+                shape = (-1,) + (1,) * (weight.dim() - 2)
+                name = _free_attribute(gm, f"{node.name}_identity_scale")
+                gm.register_buffer(name, (option.delta * (s_in / s_out)).to(weight.dtype)
+                                   .reshape(shape))
+                constant = graph.get_attr(name)
+                with graph.inserting_after(constant):
+                    identity = graph.call_function(mul_op, (site.input, constant))
+                with graph.inserting_after(identity):
+                    add = graph.call_function(add_op, (node, identity))
+            else:
+                add = graph.call_function(add_op, (node, identity))
+        node.replace_all_uses_with(add, delete_user_cb=lambda user: user is not add)
+        add.meta = {k: v for k, v in node.meta.items() if k in ("val", "tensor_meta")}
     graph.lint()
     gm.recompile()
+
+
+def _free_attribute(gm: nn.Module, name: str) -> str:
+    candidate, n = name, 1
+    while hasattr(gm, candidate):
+        candidate, n = f"{name}_{n}", n + 1
+    return candidate
 
 
 # ---- calibration: shapes and a local int8 simulation ---------------------------------
@@ -603,7 +663,7 @@ def _fake_quant_weight(w: torch.Tensor) -> torch.Tensor:
     return torch.clamp(torch.round(w / scale.view(shape)), -127, 127) * scale.view(shape)
 
 
-def _measured_gain_db(site: _Linear, delta: float, item: _Recorded) -> float:
+def _measured_gain_db(site: _Linear, delta, item: _Recorded) -> float:
     """10 log10 of the conv's local int8 error merged over apart, on recorded inputs."""
     weight, bias = site.get()
     node = site.node
@@ -619,11 +679,18 @@ def _measured_gain_db(site: _Linear, delta: float, item: _Recorded) -> float:
         merged = _fake_quant(conv(xq, _fake_quant_weight(w), b), item.out_low, item.out_high)
         partial = conv(xq, _fake_quant_weight(w_apart), b)
         partial_range = (float(partial.min()), float(partial.max()))
-        apart = _fake_quant(_fake_quant(partial, *partial_range) + delta * xq,
+        identity = delta * xq if not isinstance(delta, torch.Tensor) else \
+            _fake_quant(delta.view((-1,) + (1,) * (x.dim() - 2)) * xq, *_range(delta, xq))
+        apart = _fake_quant(_fake_quant(partial, *partial_range) + identity,
                             item.out_low, item.out_high)
         merged_err += float((merged - exact).pow(2).sum())
         apart_err += float((apart - exact).pow(2).sum())
     return 10 * math.log10(max(merged_err, 1e-300) / max(apart_err, 1e-300))
+
+
+def _range(delta: torch.Tensor, xq: torch.Tensor) -> tuple[float, float]:
+    scaled = delta.view((-1,) + (1,) * (xq.dim() - 2)) * xq
+    return float(scaled.min()), float(scaled.max())
 
 
 def _conv_call(site: _Linear, node: torch.fx.Node):
