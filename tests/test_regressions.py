@@ -382,3 +382,49 @@ def test_fusing_an_exported_program_prints_no_deprecation_warning():
     assert reparam_fx.op_counts(fused)["batch_norm"] == 0
     with torch.no_grad():
         assert torch.allclose(fused(x), model(x), rtol=1e-5, atol=1e-6)
+
+
+class StridedConvMeanLinear(nn.Module):
+    """A strided 1x1 conv, the spatial mean, a Linear (fuzzer seed 30683): conv and Linear
+    compose into one 1x1 conv, which can only be written before the mean (the stride must
+    come before it), where it runs on every position the mean reads."""
+
+    def __init__(self, out_features):
+        super().__init__()
+        self.conv = nn.Conv2d(4, 4, 1, stride=2, bias=False)
+        self.fc = nn.Linear(4, out_features, bias=False)
+
+    def forward(self, x):
+        return self.fc(self.conv(x).mean((2, 3)))
+
+
+@pytest.mark.parametrize("capture", ["export", "core", "onnx"])
+@pytest.mark.parametrize("out_features", [8, 2], ids=["widening", "narrowing"])
+def test_a_linear_after_a_mean_is_not_written_before_it_at_more_macs(capture, out_features):
+    # widening: 4 -> 8 costs 32 per position before the mean, where the conv cost 16 and
+    # the Linear ran once per image: 288 + 64 MACs would become 576; left as it is.
+    # narrowing: 4 -> 2 costs 8 per position, less than the conv alone: folded.
+    from onnx_checks import assert_same_outputs, export_torch, fuse_checked, op_counts
+    torch.manual_seed(0)
+    model = StridedConvMeanLinear(out_features).eval().double()
+    x = torch.randn(2, 4, 6, 6, dtype=torch.float64)
+    folds = out_features == 2
+    if capture == "onnx":
+        exported = export_torch(model.float(), x.float())
+        fused, report = fuse_checked(exported)
+        counts = op_counts(fused)
+        assert counts["Conv"] == 1 and counts["MatMul"] + counts["Gemm"] == (0 if folds else 1)
+        assert bool(report.fused) == folds
+        assert_same_outputs(exported, fused)
+        return
+    program = torch.export.export(model, (x,))
+    if capture == "core":
+        program = program.run_decompositions()
+    fused = reparam_fx.fuse(program)
+    assert reparam_fx.verify(model, fused, (x,), rtol=RTOL64) <= RTOL64
+    before, after = reparam_fx.mac_count(model, (x,)), reparam_fx.mac_count(fused, (x,))
+    assert (after < before) if folds else (after == before), (before, after)
+    assert bool(fused.fusion_report.fused) == folds
+    assert reparam_fx.op_counts(fused)["conv"] == 1  # (core ATen's Linear is an mm)
+    if not folds:
+        assert "increase MACs" in " ".join(fused.fusion_report.skip_reasons())

@@ -128,6 +128,8 @@ class RegionBuilder:
                 return
         region = replace(base, nodes=[*base.nodes, node], layouts=(*base.layouts, (node, op)),
                          axis_now=axis_now, reduces=base.reduces or op.reduces,
+                         macs_before_reduce=base.macs_before_reduce if base.reduces else (
+                             base.term.macs if isinstance(base.term, ConvTerm) else 0.0),
                          phases={**base.phases, node: len(base.layouts) + 1},
                          now_spatial=self._now_spatial(node, axis_now), fallback=None,
                          shape_bound=False, shape_reads=base.shape_reads or base.shape_bound,
@@ -408,6 +410,10 @@ class RegionBuilder:
                          has_identity=False)
         region.phases.update({n: len(base.layouts) for n in op.extra_nodes})
         region.kinds[op.role] += 1
+        if region.costs_more_before_reduce:
+            raise NotExact(f"written before the average over other axes, it would increase "
+                           f"MACs ({new_term.written_macs:,} > "
+                           f"{region.macs_before_reduce:,.0f} per position there)")
         if region.placement is None and not (region.moves_see_source and
                                              region.now_spatial is None):
             # no op added later can place it again: the op starts its own region

@@ -115,6 +115,8 @@ class Region:
     post_kept: bool = True  # the ops after the first move keep the shape
     phases: dict = field(default_factory=dict)  # node -> 0 before the moves, k after move k
     reduces: bool = False  # a move averages (the op is cheaper written after it)
+    macs_before_reduce: float = 0.0  # per position, the ops before the first such move: all
+    #                                  that the op may cost written before it
     now_spatial: int | None = None  # spatial axes after the channel axis, after the moves
     shape_reads: bool = False  # an absorbed value of an earlier phase has its sizes read
     marks: dict = field(default_factory=dict)  # node -> (channel axis there, changes so far)
@@ -138,7 +140,17 @@ class Region:
             and all(p >= 0 for p in self.term.padding) \
             and not affine.adds_macs(self.term) \
             and len(self.dtypes) <= 1 \
-            and (not self.layouts or self.placement is not None)
+            and (not self.layouts or self.placement is not None) \
+            and not self.costs_more_before_reduce
+
+    @property
+    def costs_more_before_reduce(self) -> bool:
+        """A conv term written before a move that averages (``conv -> mean -> linear``,
+        placed ``"before"``) runs on every position the average reads, the ops after the
+        average too: it may cost no more per position than the ops before the average did."""
+        return self.reduces and isinstance(self.term, ConvTerm) \
+            and self.placement != "after" \
+            and self.term.written_macs > self.macs_before_reduce + 1e-9
 
     @property
     def term_is_affine(self) -> bool:
