@@ -9,6 +9,12 @@ ML Programs (iPhone) and ExecuTorch programs (the runtime apps embed), for laten
     check = reparam_fx.export.check_executorch(fused, (x,))  # runs the XNNPACK program
     check.relative_error, check.fully_delegated, check.portable  # ops left undelegated
 
+    # int8 (reparam_fx.int8.lowering, re-exported here): calibration = real model inputs
+    reparam_fx.export.to_executorch_int8(fused, (x,), "model.int8.pte", calibration=batches)
+    reparam_fx.export.check_executorch_int8(fused, (x,), calibration=batches).sqnr_db
+    reparam_fx.export.to_onnx_int8(fused, (x,), "model.int8.onnx", calibration=batches)
+    reparam_fx.export.to_coreml_int8(fused, (x,), "model.int8.mlpackage", calibration=batches)
+
 Both accept what :func:`reparam_fx.fuse` returns (module-level fx graphs and aten graphs
 from the ``torch.export`` path alike) and any plain ``nn.Module``. Core ML *conversion*
 runs anywhere coremltools installs (Linux included); *prediction* needs macOS
@@ -188,13 +194,15 @@ class ExecuTorchCheck:
     ``delegated``: ops the backend took (by edge op name); ``portable``: ops left on
     ExecuTorch's portable CPU kernels; ``relative_error``: ``max|pte - torch| / max|torch|``
     of the program run in ExecuTorch's runtime (XNNPACK only: the Core ML delegate runs on
-    Apple platforms, so None there)."""
+    Apple platforms, so None there); ``sqnr_db``: for an int8 program
+    (:func:`check_executorch_int8`), its SQNR in dB against the float model."""
 
     backend: str
     delegated: Counter = field(default_factory=Counter)
     portable: Counter = field(default_factory=Counter)
     pte_bytes: int = 0
     relative_error: float | None = None
+    sqnr_db: float | None = None
     program: bytes = field(default=b"", repr=False)  # the .pte itself (run_pte runs it)
 
     @property
@@ -383,3 +391,19 @@ def _write_atomically(path: Path, data: bytes) -> None:
         write_bytes(path, data)
     except OSError as error:
         raise ExportError(f"could not write {path}: {error}") from error
+
+
+# ---- int8 (reparam_fx.int8.lowering) -------------------------------------------------------
+
+_INT8 = ("to_executorch_int8", "check_executorch_int8", "to_onnx_int8", "to_coreml_int8")
+
+
+def __getattr__(name):
+    """The int8 lowerings, from :mod:`reparam_fx.int8.lowering` (imported on first use: it
+    imports this module)."""
+    if name in _INT8:
+        from reparam_fx.int8 import lowering
+        value = getattr(lowering, name)
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module 'reparam_fx.export' has no attribute {name!r}")
