@@ -1,7 +1,9 @@
 """``reparam-fx``: fuse a saved ``torch.export`` program, or lower it to a deployment format.
 
     reparam-fx fuse IN.pt2 -o OUT.pt2 [--verify] [--rtol 1e-4] [--report] [--in-place]
+                   [--target float|int8] [--calibration CAL]
     reparam-fx export IN.pt2 --to onnx|coreml|xnnpack|coreml-pte -o OUT
+    reparam-fx export IN.pt2 --to xnnpack-int8|onnx-int8|coreml-int8 --calibration CAL -o OUT
     python -m reparam_fx.cli ...
 
 ``fuse`` loads ``IN.pt2`` (``torch.export.save`` format) with ``torch.export.load``, fuses
@@ -10,20 +12,36 @@ is re-exported at example inputs built from the program's own input placeholders
 (random tensors of their shapes and dtypes), keeping every dynamic dimension dynamic with
 the range the original program gave it. ``--verify`` runs the original program and the
 fused one on those inputs in float64 (:func:`reparam_fx.verify`) and fails above
-``--rtol``; ``--report`` prints the full :meth:`FusionReport.table`.
+``--rtol``; ``--report`` prints the full :meth:`FusionReport.table`. ``--target int8``
+fuses with the int8 policy (``reparam_fx.fuse(target="int8")``: the result is still exact
+in float), calibrated on ``--calibration CAL`` if given (only with ``--target int8``).
 
 ``export`` lowers the program's ``module()`` with :mod:`reparam_fx.export`: ``onnx``
 (:func:`~reparam_fx.export.to_onnx` with the ``torch.export``-based exporter, the one
 that takes aten graphs), ``coreml`` (an ``.mlpackage``), ``xnnpack`` and ``coreml-pte``
-(ExecuTorch ``.pte`` programs for the XNNPACK and Core ML delegates).
+(ExecuTorch ``.pte`` programs for the XNNPACK and Core ML delegates); the int8 targets
+``xnnpack-int8`` (an int8 ``.pte``, :func:`~reparam_fx.export.to_executorch_int8`),
+``onnx-int8`` (a QDQ ``.onnx`` from ONNX Runtime's static quantization,
+:func:`~reparam_fx.export.to_onnx_int8`) and ``coreml-int8`` (a W8A8 ``.mlpackage`` for
+iOS 17+, :func:`~reparam_fx.export.to_coreml_int8`) need ``--calibration CAL``, which the
+float targets refuse.
+
+``CAL`` (:mod:`reparam_fx.cli.calibration`): a ``torch.save`` file holding one tensor
+whose first dimension indexes samples (split into inputs of the program's batch size; a
+remainder is an error) or a list of inputs (tensors or tuples of tensors, of the
+program's input shapes); or ``random:N``, N random inputs of the program's input shapes,
+with a warning on stderr: the activation ranges then come from noise. The int8 programs
+are exported at the program's example input shapes (batch size included).
 
 Exit status (:mod:`reparam_fx.cli.errors`, as ``reparam-fx-onnx``)
     0  done; the output was written.
     1  fusion, re-export or verification failed; nothing was written.
     2  bad usage or bad input (missing / corrupt / non-program file, output equal to the
        input without ``--in-place``, unwritable output, a dynamic dimension without a
-       hint, a lowering the backend refused); a one-line ``reparam-fx: error: ...`` on
-       stderr, no traceback, nothing written.
+       hint, a lowering the backend refused, a missing / corrupt / ill-shaped calibration
+       file, ``--calibration`` missing for an int8 target or given for a float one); a
+       one-line ``reparam-fx: error: ...`` on stderr (after the usage line for a usage
+       error), no traceback, nothing written.
 
 ``REPARAM_FX_DEBUG=1`` lets an unexpected exception (a bug) show its traceback.
 
@@ -41,10 +59,11 @@ import os
 import sys
 import zipfile
 
+from reparam_fx.cli import calibration as cal
 from reparam_fx.cli.errors import (EXIT_FAILED, EXIT_OK, EXIT_STATUSES, CliError, Parser,
                                    add_fuse_arguments, run_command, unexpected)
 from reparam_fx.cli.files import (check_input_file, check_output_folder, describe_foreign,
-                                  output_path, staged)
+                                  output_path, same_path, staged)
 from reparam_fx.cli.logs import quiet
 from reparam_fx.core.text import one_line
 
@@ -54,7 +73,16 @@ TARGETS = {  # --to -> (what it writes, the file name it suggests)
     "coreml": ("a Core ML ML Program package", "model.mlpackage"),
     "xnnpack": ("an ExecuTorch program for the XNNPACK delegate", "model.xnnpack.pte"),
     "coreml-pte": ("an ExecuTorch program for the Core ML delegate", "model.coreml.pte"),
+    "xnnpack-int8": ("an int8 ExecuTorch program for the XNNPACK delegate", "model.int8.pte"),
+    "onnx-int8": ("an int8 QDQ ONNX model", "model.int8.onnx"),
+    "coreml-int8": ("a W8A8 Core ML ML Program package, iOS 17+", "model.int8.mlpackage"),
 }
+INT8_TARGETS = ("xnnpack-int8", "onnx-int8", "coreml-int8")
+PACKAGES = ("coreml", "coreml-int8")  # targets that write an .mlpackage folder
+CALIBRATION_HELP = ("int8 calibration inputs: a torch.save file holding a tensor whose first "
+                    "dimension indexes samples (split into the program's batch size) or a list "
+                    "of inputs; or random:N (N random inputs: a smoke run, the activation "
+                    "ranges then come from noise)")
 
 
 # ---- arguments -----------------------------------------------------------------------
@@ -78,6 +106,11 @@ def build_parser() -> argparse.ArgumentParser:
                "or input. Nothing is written unless the status is 0.")
     add_fuse_arguments(fuse, ".pt2", "program",
                        "run both programs on the same random inputs in float64", 1e-4)
+    fuse.add_argument("--target", choices=["float", "int8"], default="float",
+                      help="what the fused program is for: float (default) or int8 (the int8 "
+                           "fusion policy; the result is still exact in float)")
+    fuse.add_argument("--calibration", metavar="CAL",
+                      help=CALIBRATION_HELP + "; only with --target int8")
 
     export = commands.add_parser(
         "export", help="lower a saved program to ONNX, Core ML or ExecuTorch",
@@ -88,7 +121,11 @@ def build_parser() -> argparse.ArgumentParser:
     export.add_argument("input", metavar="IN.pt2", help="the saved program to lower")
     export.add_argument("--to", required=True, choices=list(TARGETS), help="the format to write")
     export.add_argument("-o", "--output", required=True, metavar="OUT",
-                        help="where to write it (a .mlpackage folder for --to coreml)")
+                        help="where to write it (a .mlpackage folder for --to coreml and "
+                             "coreml-int8)")
+    export.add_argument("--calibration", metavar="CAL",
+                        help=CALIBRATION_HELP + f"; required for {', '.join(INT8_TARGETS)}, "
+                             "refused for the float targets")
     return parser
 
 
@@ -269,23 +306,52 @@ def save_program_atomically(program, output: str, mode_from: str | None = None) 
         raise CliError(f"cannot write {output}: {one_line(error)}; choose another -o") from None
 
 
+# ---- calibration ---------------------------------------------------------------------
+
+def _check_calibration_file(spec, output: str) -> None:
+    """The calibration file exists, is readable and is not the output."""
+    cal.check_file(spec)
+    if isinstance(spec, str) and same_path(spec, output):
+        raise CliError(f"-o {output} is the calibration file; refusing to overwrite it; "
+                       f"choose another -o")
+
+
+def _calibration(spec, inputs: tuple):
+    """The calibration inputs (None without ``--calibration``); ``random:N`` warns."""
+    if spec is None:
+        return None
+    items = cal.load(spec, inputs)
+    if isinstance(spec, int):
+        cal.warn_random(spec, PROG)
+    return items
+
+
 # ---- commands ------------------------------------------------------------------------
 
 def run_fuse(args) -> int:
     if not (args.rtol >= 0 and math.isfinite(args.rtol)):
         raise CliError(f"--rtol {args.rtol} must be a finite number >= 0", usage=True)
+    if args.calibration is not None and args.target != "int8":
+        raise CliError("--calibration is only for --target int8 (the float fusion needs no "
+                       "data)", usage=True)
+    spec = cal.parse(args.calibration)
     output = _output_path(args)
     _check_input_file(args.input)
+    _check_calibration_file(spec, output)
     _check_output_location(output)
     program = load_program(args.input)
     inputs, dynamic_shapes = example_inputs(program, args.input)
+    calibration = _calibration(spec, inputs)
 
     import torch
 
     import reparam_fx
+    from reparam_fx.int8.calibration import CalibrationError
     try:
         with quiet():
-            fused = reparam_fx.fuse(program)
+            fused = reparam_fx.fuse(program, target=args.target, calibration=calibration)
+    except CalibrationError as error:
+        raise CliError(f"cannot fuse {args.input} for int8: {one_line(error)}") from None
     except reparam_fx.FusionError as error:
         raise CliError(f"cannot fuse {args.input}: {one_line(error)}") from None
     except Exception as error:  # noqa: BLE001 - any failure is reported in one line
@@ -319,15 +385,25 @@ def run_fuse(args) -> int:
 
 
 def run_export(args) -> int:
+    if args.to in INT8_TARGETS and args.calibration is None:
+        raise CliError(f"--to {args.to} needs --calibration CAL (a torch.save file of real "
+                       f"inputs; random:N for a smoke run)", usage=True)
+    if args.to not in INT8_TARGETS and args.calibration is not None:
+        raise CliError(f"--calibration is only for the int8 targets ({', '.join(INT8_TARGETS)}); "
+                       f"--to {args.to} needs no data", usage=True)
+    spec = cal.parse(args.calibration)
     output = _output_path(args)
-    if args.to == "coreml" and not output.rstrip("/" + os.sep).endswith(".mlpackage"):
-        raise CliError(f"-o {output}: --to coreml writes an .mlpackage folder; give a name "
+    package = args.to in PACKAGES
+    if package and not output.rstrip("/" + os.sep).endswith(".mlpackage"):
+        raise CliError(f"-o {output}: --to {args.to} writes an .mlpackage folder; give a name "
                        f"ending in .mlpackage, such as {os.path.splitext(output)[0]}.mlpackage")
-    output = output.rstrip("/" + os.sep) if args.to == "coreml" else output
+    output = output.rstrip("/" + os.sep) if package else output
     _check_input_file(args.input)
-    _check_output_location(output, package=args.to == "coreml")
+    _check_calibration_file(spec, output)
+    _check_output_location(output, package=package)
     program = load_program(args.input)
     inputs, _ = example_inputs(program, args.input)
+    calibration = _calibration(spec, inputs)
 
     from reparam_fx import export as lower
     model = inference_module(program)
@@ -337,6 +413,12 @@ def run_export(args) -> int:
                 lower.to_onnx(model, inputs, output, dynamo=True)
             elif args.to == "coreml":
                 lower.to_coreml(model, inputs, output)
+            elif args.to == "xnnpack-int8":
+                lower.to_executorch_int8(model, inputs, output, calibration=calibration)
+            elif args.to == "onnx-int8":
+                lower.to_onnx_int8(model, inputs, output, calibration=calibration, dynamo=True)
+            elif args.to == "coreml-int8":
+                lower.to_coreml_int8(model, inputs, output, calibration=calibration)
             else:
                 lower.to_executorch(model, inputs, output,
                                     backend="xnnpack" if args.to == "xnnpack" else "coreml")
