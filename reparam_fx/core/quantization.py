@@ -21,6 +21,16 @@ Identity extraction (exact for every input size)
     largest of its other taps. :func:`best_identity_scale` picks the one ``delta`` for
     the whole conv that maximises the mean per-row gain in dB, ``20 log10`` of the
     ratio of the two ranges (rounding noise power scales with the range squared).
+    ``delta`` may also be the vector of identity taps ``d`` itself ("channel": the
+    whole identity kept apart as ``x * d``, a multiply the next layers cannot absorb).
+
+Whether it pays (data-free)
+    Narrower rows are not the whole story: the kept-apart form quantizes the conv's
+    own output before the add, and "channel" quantizes ``x * d`` per tensor (channels
+    with small ``d_o`` then round coarsely). :func:`modelled_noise` adds these up for
+    unit-variance inputs; :func:`modelled_gain_db` compares the forms. It ranks the
+    forms as int8 runs do on the models measured in ``docs/int8.md``; calibration data
+    replaces it with a measurement.
 
 Scales moved between layers (exact)
     ``delta`` is one positive number, not a per-channel vector, so the extracted form
@@ -127,6 +137,43 @@ def best_identity_scale(taps: IdentityTaps) -> tuple[float, float]:
         if gain > best_gain + 1e-12:
             best, best_gain = delta, gain
     return best, best_gain
+
+
+ACTIVATION_RANGE = 4.0  # an activation's int8 range, in standard deviations each side
+
+
+def modelled_noise(weight: torch.Tensor, groups: int, delta=None) -> float:
+    """The int8 error power of a conv's output in a data-free model, relative units.
+
+    Inputs: unit variance, independent, range +-``ACTIVATION_RANGE`` (per tensor);
+    weights: per output channel symmetric (row range / 127); rounding noise ``step^2 / 12``.
+    Counted: the input's and the output's quantization (every form has them), the rounded
+    weights, and for a kept-apart identity (``delta`` a float: "scalar"; a tensor of the
+    identity taps: "channel") the conv's own output quantized before the add and, for
+    "channel", the product ``x * d`` quantized too. ``delta=None``: the merged conv."""
+    w = weight.detach().double().flatten(1)
+    channels, taps = w.shape
+    step = 2 * ACTIVATION_RANGE / 255  # of a unit-variance activation
+
+    def requantized(rows: torch.Tensor) -> torch.Tensor:  # an output of these rows, per tensor
+        return channels * (rows.pow(2).sum(1).sqrt().max() * step) ** 2 / 12
+
+    def rounded(rows: torch.Tensor) -> torch.Tensor:  # per-row weight rounding
+        return (taps * (rows.abs().amax(1) / 127) ** 2 / 12).sum()
+
+    noise = requantized(w) + w.pow(2).sum() * step ** 2 / 12  # output and input
+    if delta is None:
+        return float(noise + rounded(w))
+    apart = extract_identity(weight.detach().double(), groups, delta).flatten(1)
+    noise = noise + rounded(apart) + requantized(apart)
+    if isinstance(delta, torch.Tensor):
+        noise = noise + channels * (delta.abs().max() * step) ** 2 / 12
+    return float(noise)
+
+
+def modelled_gain_db(weight: torch.Tensor, groups: int, delta) -> float:
+    """``10 log10`` of :func:`modelled_noise` merged over kept apart (positive: apart wins)."""
+    return 10 * math.log10(modelled_noise(weight, groups) / modelled_noise(weight, groups, delta))
 
 
 def extract_identity(weight: torch.Tensor, groups: int, delta: float) -> torch.Tensor:

@@ -10,20 +10,24 @@ conv, either keeps the merge or *extracts the identity*::
 with one positive scalar ``delta`` per conv, a plain int8 ``add`` (which XNNPACK runs
 with the ReLU fused), and the trailing ``* delta`` moved into the next conv or linear
 (exact: :class:`~reparam_fx.core.quantization.ScaleSolver`). The result is exact in
-float: the same function, other weights.
+float: the same function, other weights. Where the scalar cannot move (or leaves too
+much of the identity in the rows), the whole identity can be kept apart as
+``add(conv(x; W - D), x * d)``: one multiply more, no move needed ("channel").
 
-Which convs
+Which convs, which form
     A conv qualifies when it can hold the identity (square, stride 1, "same" zero
-    padding), its weights are its own, and extracting gains: the mean narrowing of its
-    rows' weight ranges (data-free) or, with ``calibration``, the measured drop of its
-    output's int8 error (a local simulation: per-tensor activations from the
-    calibration ranges, per-channel symmetric weights, the add quantized as XNNPACK
-    does), at least :attr:`Int8Policy.min_gain_db`. Each extraction adds an ``add`` of
-    the conv's output size; :attr:`Int8Policy.add_cost` prices one element of it in
-    MACs (measured on XNNPACK, see the README's int8 section). Without shapes, a conv
-    qualifies only if its add costs at most ``budget`` of the conv itself (so the
-    program is at most ``1 + budget`` times slower); with calibration inputs, the
-    budget is the whole program's, spent on the largest gains per cost first.
+    padding) and its weights are its own. Each form's gain is the drop of the conv's
+    output int8 error against the merged conv: modelled without data
+    (:func:`~reparam_fx.core.quantization.modelled_noise`) or, with ``calibration``,
+    measured (a local simulation on the conv's recorded inputs: per-tensor activations
+    with the calibration ranges, per-channel symmetric weights, the add and the multiply
+    quantized as XNNPACK does). A form must gain :attr:`Int8Policy.min_gain_db`.
+    Each added op (the add; the multiply) has the conv's output size;
+    :attr:`Int8Policy.add_cost` prices one element in MACs (measured on XNNPACK:
+    ``docs/int8.md``). Without shapes, a form qualifies only if its ops cost at most
+    ``budget`` of the conv itself, so the program is at most ``1 + budget`` times
+    slower; with calibration inputs, the budget is the whole program's, spent on the
+    largest gains per cost first. The best form that qualifies wins.
 
 Refusals the report names: no identity to extract (not square, strided, unpadded,
 grouped across channels), shared weights, a gain below the bound, the budget, and a
@@ -45,7 +49,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from reparam_fx.core.quantization import (ScaleSolver, best_identity_scale, extract_identity,
-                                          holds_identity, identity_taps, range_gain_db)
+                                          holds_identity, identity_taps, modelled_gain_db)
 
 aten = torch.ops.aten
 
@@ -55,7 +59,7 @@ class Int8Policy:
     """The knobs of ``target="int8"`` (``fuse(model, target=Int8Policy(...))``)."""
 
     budget: float = 0.10  # extra latency allowed, as a fraction (of a conv, or the program)
-    min_gain_db: float = 3.0  # an extraction must gain at least this much
+    min_gain_db: float = 1.0  # an extraction must gain at least this much (modelled/measured)
     add_cost: float = 40.0  # MACs one element of an int8 add or multiply costs (XNNPACK)
     modes: tuple = ("scalar", "channel")  # the extractions allowed
 
@@ -73,7 +77,7 @@ class Int8Decision:
     mode: str
     reason: str
     delta: float = 0.0  # the scalar of "scalar"
-    gain_db: dict = field(default_factory=dict)  # mode -> estimated gain (range, data-free)
+    gain_db: dict = field(default_factory=dict)  # mode -> modelled gain (data-free)
     measured_db: dict = field(default_factory=dict)  # mode -> local int8 error gain
     cost: float = 0.0  # the chosen mode's added ops, as a fraction of the conv's cost
 
@@ -103,7 +107,7 @@ class Int8Report:
         for d in self.decisions:
             gains = ", ".join(f"{mode} {value:+.1f}" for mode, value in d.gain_db.items())
             measured = ", ".join(f"{mode} {value:+.1f}" for mode, value in d.measured_db.items())
-            lines.append(f"  {d.conv}: {d.mode} - {d.reason} (range gain dB: {gains}"
+            lines.append(f"  {d.conv}: {d.mode} - {d.reason} (modelled gain dB: {gains}"
                          f"{'; measured: ' + measured if measured else ''}; "
                          f"added ops {d.cost:.1%} of the conv)")
         return "\n".join(lines)
@@ -448,7 +452,7 @@ def _constraints(gm: torch.fx.GraphModule, linears: dict) -> ScaleSolver:
 @dataclass
 class _Option:
     mode: str
-    gain: float  # dB: measured when calibrated, else the weight range's
+    gain: float  # dB: measured when calibrated, else modelled
     cost: float  # fraction of the conv's own cost
     delta: object = 0.0  # a float ("scalar") or the identity taps ("channel")
 
@@ -457,8 +461,9 @@ def _options(site: _Linear, policy: Int8Policy, recorded) -> tuple[list, dict, d
     """The extractions worth considering for one conv, best gain first."""
     weight, _ = site.get()
     taps = identity_taps(weight, site.groups)
-    delta, scalar_gain = best_identity_scale(taps)
-    channel_gain = float(range_gain_db(taps, taps.diagonal).mean())
+    delta, _ = best_identity_scale(taps)
+    scalar_gain = modelled_gain_db(weight, site.groups, delta) if delta > 0 else 0.0
+    channel_gain = modelled_gain_db(weight, site.groups, taps.diagonal)
     per_add = policy.add_cost / (weight.shape[1] * math.prod(weight.shape[2:]))
     estimated = {"scalar": scalar_gain, "channel": channel_gain}
     candidates = {"scalar": _Option("scalar", scalar_gain, per_add, delta),
@@ -497,9 +502,9 @@ def _apply_to_graph(gm: torch.fx.GraphModule, policy: Int8Policy, recorded: dict
         useful = [o for o in options if o.gain >= policy.min_gain_db]
         if not useful:
             best = max((o.gain for o in options), default=0.0)
-            kind = "measured int8 error" if measured else "weight range"
+            kind = "measured" if measured else "modelled"
             decisions.append(replace(base, reason=f"keeping the identity apart gains {best:.1f} "
-                                                  f"dB of {kind} at best (< {policy.min_gain_db:g} dB)"))
+                                                  f"dB of {kind} int8 error at best (< {policy.min_gain_db:g} dB)"))
             continue
         refusals = []
         for option in useful:

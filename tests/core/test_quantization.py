@@ -16,7 +16,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from reparam_fx.core.quantization import (IdentityTaps, ScaleSolver, best_identity_scale,
-                                          extract_identity, holds_identity, identity_taps,
+                                          extract_identity, holds_identity, identity_index,
+                                          identity_taps, modelled_gain_db, modelled_noise,
                                           range_gain_db)
 
 D = torch.float64
@@ -137,3 +138,36 @@ def test_solver_keeps_the_fixed_scale_when_joining():
     solver.tie("c", "d")
     assert math.exp(solver.log_scale("d")) == pytest.approx(5.0)
     assert solver.log_scale("a") == 0.0
+
+
+# ---- the data-free error model -----------------------------------------------------------
+
+def _weight_with_identity(identity: float, seed: int = 0, channels: int = 32):
+    g = torch.Generator().manual_seed(seed)
+    weight = torch.randn(channels, channels, 3, 3, generator=g, dtype=D) * 0.05
+    weight[identity_index(weight, 1)] += identity * (1 + torch.rand(channels, generator=g,
+                                                                     dtype=D))
+    return weight
+
+
+def test_modelled_gain_of_a_dominant_identity():
+    """Identity taps 20-40x the other taps: keeping them apart must win, the whole
+    identity ("channel") more than the scalar, which leaves the spread in the rows."""
+    weight = _weight_with_identity(2.0)
+    taps = identity_taps(weight, 1)
+    delta, _ = best_identity_scale(taps)
+    scalar, channel = modelled_gain_db(weight, 1, delta), modelled_gain_db(weight, 1, taps.diagonal)
+    assert scalar > 3 and channel > scalar
+
+
+def test_modelled_gain_without_an_identity_is_a_loss():
+    """No identity in the taps: keeping "it" apart only adds a quantized output."""
+    weight = _weight_with_identity(0.0)
+    taps = identity_taps(weight, 1)
+    assert modelled_gain_db(weight, 1, taps.diagonal) < 0
+    assert modelled_gain_db(weight, 1, 0.01) < 0
+
+
+def test_modelled_noise_grows_with_the_outlier():
+    noises = [modelled_noise(_weight_with_identity(identity), 1) for identity in (0.5, 1, 2, 4)]
+    assert noises == sorted(noises) and noises[-1] > 10 * noises[0]

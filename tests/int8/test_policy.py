@@ -10,6 +10,7 @@ stayed merged, and the report's reason).
 from __future__ import annotations
 
 import copy
+import math
 import operator
 
 import pytest
@@ -24,8 +25,9 @@ from reparam_fx.testing.statistics import batchnorm_roles, trained_like
 D = torch.float64
 RTOL = 1e-9
 EVERYWHERE = Int8Policy(budget=1.0)  # no latency budget: every gainful extraction
-SCALAR = Int8Policy(budget=1.0, modes=("scalar",))
-CHANNEL = Int8Policy(budget=1.0, modes=("channel",))
+# one form wherever it is possible, gain or not (what the rewrites do, not whether they pay)
+SCALAR = Int8Policy(budget=1.0, modes=("scalar",), min_gain_db=-math.inf)
+CHANNEL = Int8Policy(budget=1.0, modes=("channel",), min_gain_db=-math.inf)
 
 
 class RepBlock(nn.Module):
@@ -214,17 +216,22 @@ def test_no_gain_no_extraction_and_no_identity_not_listed():
     fused = reparam_fx.fuse(model, target=EVERYWHERE)
     (decision,) = fused.fusion_report.int8.decisions
     assert decision.conv == "square" and decision.mode == "merged"
-    assert "gains" in decision.reason and "< 3 dB" in decision.reason
+    assert "gains" in decision.reason and "< 1 dB" in decision.reason
     assert _error(model, fused, x) < RTOL and _ops(fused)["add"] == 0
 
 
 def test_budget_falls_back_to_the_cheaper_form_then_to_merging():
     """16 channels, 3x3: an add costs 40/144 = 28% of the conv (the default add_cost)."""
     model, x = _model(Stack(blocks=2))
-    decisions = reparam_fx.fuse(model, target=Int8Policy(budget=0.3)).fusion_report.int8.decisions
+    forced = dict(min_gain_db=-math.inf)
+    decisions = reparam_fx.fuse(model, target=Int8Policy(budget=0.3, **forced)) \
+        .fusion_report.int8.decisions
     assert [d.mode for d in decisions] == ["scalar", "scalar"]
-    assert all("channel: its ops would cost 55.6% of the conv" in d.reason for d in decisions)
-    merged = reparam_fx.fuse(model, target="int8").fusion_report.int8.decisions  # 10%
+    only_channel = reparam_fx.fuse(model, target=Int8Policy(budget=0.3, modes=("channel",), **forced))
+    for decision in only_channel.fusion_report.int8.decisions:
+        assert decision.mode == "merged"
+        assert "channel: its ops would cost 55.6% of the conv (budget 30%" in decision.reason
+    merged = reparam_fx.fuse(model, target=Int8Policy(**forced)).fusion_report.int8.decisions
     assert [d.mode for d in merged] == ["merged", "merged"]
     assert all("would cost 27.8% of the conv (budget 10%" in d.reason for d in merged)
 
