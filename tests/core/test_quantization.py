@@ -142,22 +142,26 @@ def test_solver_keeps_the_fixed_scale_when_joining():
 
 # ---- the data-free error model -----------------------------------------------------------
 
-def _weight_with_identity(identity: float, seed: int = 0, channels: int = 32):
+def _weight_with_identity(identity: float, seed: int = 0, channels: int = 32, spread=1.0):
+    """Random taps ~0.05 and identity taps ``identity * U(1, 1 + spread)``."""
     g = torch.Generator().manual_seed(seed)
     weight = torch.randn(channels, channels, 3, 3, generator=g, dtype=D) * 0.05
-    weight[identity_index(weight, 1)] += identity * (1 + torch.rand(channels, generator=g,
-                                                                     dtype=D))
+    weight[identity_index(weight, 1)] += identity * (1 + spread * torch.rand(
+        channels, generator=g, dtype=D))
     return weight
 
 
-def test_modelled_gain_of_a_dominant_identity():
-    """Identity taps 20-40x the other taps: keeping them apart must win, the whole
-    identity ("channel") more than the scalar, which leaves the spread in the rows."""
-    weight = _weight_with_identity(2.0)
+@pytest.mark.parametrize("identity,spread,winner", [(1.0, 1.0, "scalar"), (0.2, 20.0, "channel")])
+def test_modelled_gain_of_a_dominant_identity(identity, spread, winner):
+    """Identity taps far above the other taps: keeping them apart wins. Alike across
+    channels, one scalar takes nearly all of them out and costs no multiply's rounding;
+    spread over 20x, the scalar leaves most of them in the rows and "channel" wins."""
+    weight = _weight_with_identity(identity, spread=spread)
     taps = identity_taps(weight, 1)
     delta, _ = best_identity_scale(taps)
-    scalar, channel = modelled_gain_db(weight, 1, delta), modelled_gain_db(weight, 1, taps.diagonal)
-    assert scalar > 3 and channel > scalar
+    gains = {"scalar": modelled_gain_db(weight, 1, delta),
+             "channel": modelled_gain_db(weight, 1, taps.diagonal)}
+    assert min(gains.values()) > 3 and max(gains, key=gains.get) == winner, gains
 
 
 def test_modelled_gain_without_an_identity_is_a_loss():
