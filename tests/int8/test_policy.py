@@ -16,10 +16,13 @@ import operator
 import pytest
 import torch
 import torch.nn as nn
+from hypothesis import given, note, settings
+from hypothesis import strategies as st
 
 import reparam_fx
 from reparam_fx import FusionError
 from reparam_fx.int8.policy import Int8Policy, apply_int8_policy
+from reparam_fx.testing import block_specs
 from reparam_fx.testing.statistics import batchnorm_roles, trained_like
 
 D = torch.float64
@@ -280,3 +283,37 @@ def test_batchnorm_roles():
     roles = batchnorm_roles(model, torch.randn(1, 3, 8, 8))
     assert roles == {"blocks.0.dense.1": "conv", "blocks.0.point.1": "conv",
                      "blocks.0.identity": "identity"}
+
+
+# ---- every rewrite is exact: generated blocks, chained, in every form ------------------
+
+@settings(deadline=None)
+@given(first=block_specs(dims=(1, 2), max_channels=6), second=block_specs(dims=(1, 2), max_channels=6),
+       seed=st.integers(0, 2**16 - 1), form=st.sampled_from([SCALAR, CHANNEL, EVERYWHERE]))
+def test_generated_blocks_stay_exact(first, second, seed, form):
+    """Two generated multi-branch blocks (RepVGG, MobileOne, ACNet, RepMixer, CPE-like,
+    nonlinear or not), the second fed by the first where their shapes allow: whatever the
+    policy keeps apart and wherever the scales move, the function is the same."""
+    note(first.describe())
+    block = first.build(seed=seed).double()
+    x = first.example_input(seed=seed).double()
+    with torch.no_grad():
+        y = block(x)
+    model = block
+    if second.dims == first.dims and second.in_channels == y.shape[1]:
+        note(second.describe())
+        model = nn.Sequential(block, nn.ReLU(), second.build(seed=seed + 1).double()).eval()
+        try:
+            with torch.no_grad():
+                model(x)
+        except RuntimeError:  # (the second block does not take the first's output size)
+            model = block
+    fused = reparam_fx.fuse(model, target=form)
+    with torch.no_grad():
+        expected, got = model(x), fused(x)
+    assert float((got - expected).abs().max() / expected.abs().max().clamp_min(1e-30)) < RTOL
+    report = fused.fusion_report.int8
+    floated = reparam_fx.fuse(model)
+    assert _ops(fused)["add"] == _ops(floated)["add"] + len(report.kept_apart)
+    channel = sum(d.mode == "channel" for d in report.decisions)
+    assert _ops(fused)["mul"] == _ops(floated)["mul"] + channel
