@@ -78,7 +78,8 @@ def fuse(model, example_inputs=None, *, capture: str = "auto", target: str = "fl
         fused = _fuse(model, example_inputs, capture)
     if policy is not None:
         from reparam_fx.int8.policy import apply_int8_policy
-        fused = apply_int8_policy(fused, calibration=calibration, policy=policy)
+        fused = apply_int8_policy(fused, calibration=calibration, policy=policy,
+                                  example_inputs=example_inputs)
     return fused
 
 

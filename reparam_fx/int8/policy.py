@@ -92,6 +92,7 @@ class Int8Report:
     policy: Int8Policy
     decisions: list[Int8Decision] = field(default_factory=list)
     calibrated: bool = False
+    sized: bool = False  # the convs' sizes were known: the budget was the program's
 
     @property
     def kept_apart(self) -> list[Int8Decision]:
@@ -102,8 +103,10 @@ class Int8Report:
 
     def table(self) -> str:
         counts = ", ".join(f"{n} {mode}" for mode, n in self.mode_counts().items())
+        scope = "of the program" if self.sized else "of each conv (no shapes: pass " \
+            "example_inputs or calibration for the program's)"
         lines = [f"int8 policy ({'calibrated' if self.calibrated else 'data-free'}; budget "
-                 f"{self.policy.budget:.0%}, min gain {self.policy.min_gain_db:g} dB): "
+                 f"{self.policy.budget:.0%} {scope}, min gain {self.policy.min_gain_db:g} dB): "
                  f"{len(self.decisions)} conv(s) holding an identity: {counts}"]
         for d in self.decisions:
             gains = ", ".join(f"{mode} {value:+.1f}" for mode, value in d.gain_db.items())
@@ -116,24 +119,35 @@ class Int8Report:
     __str__ = table
 
 
-def apply_int8_policy(fused: nn.Module, *, calibration=None,
-                      policy: Int8Policy | None = None) -> nn.Module:
+def apply_int8_policy(fused: nn.Module, *, calibration=None, policy: Int8Policy | None = None,
+                      example_inputs=None) -> nn.Module:
     """A copy of ``fused`` (what :func:`reparam_fx.fuse` returned) with the int8 policy
     applied to every graph in it; ``result.fusion_report.int8`` is its
-    :class:`Int8Report`. ``calibration``: an iterable of inputs of ``fused``."""
+    :class:`Int8Report`. ``calibration``: an iterable of inputs of ``fused`` (measured
+    choices). Without it, ``example_inputs`` (or the shapes an exported graph records)
+    give the convs' sizes, and the budget is the whole program's rather than each conv's."""
     policy = policy or Int8Policy()
     result = copy.deepcopy(fused)
     report = Int8Report(policy)
-    inputs = None
+    inputs, keep = None, 0
     if calibration is not None:
         from reparam_fx.int8.calibration import calibration_inputs
-        inputs = calibration_inputs(calibration)
+        inputs, keep = calibration_inputs(calibration), 2
         report.calibrated = True
+    elif example_inputs is not None:
+        inputs = [tuple(example_inputs) if isinstance(example_inputs, (tuple, list))
+                  else (example_inputs,)]
+    elif isinstance(result, torch.fx.GraphModule):
+        inputs = _inputs_from_shapes(result)
     graphs = [m for m in result.modules() if isinstance(m, torch.fx.GraphModule)]
+    recorded = {}
     if isinstance(result, torch.fx.GraphModule) and inputs is not None:
-        recorded = record_conv_inputs(result, inputs)
-    else:
-        recorded = {}
+        try:
+            recorded = record_conv_inputs(result, inputs, keep=keep)
+        except Exception:  # noqa: BLE001 - shapes only help: without them each conv's budget
+            if calibration is not None:
+                raise
+    report.sized = bool(recorded)
     for gm in graphs:
         report.decisions += _apply_to_graph(gm, policy, recorded if gm is result else {})
     fusion_report = getattr(fused, "fusion_report", None)
@@ -143,6 +157,20 @@ def apply_int8_policy(fused: nn.Module, *, calibration=None,
     else:
         result.fusion_report = None
     return result
+
+
+def _inputs_from_shapes(gm: torch.fx.GraphModule) -> list | None:
+    """Zero inputs of the shapes an exported graph's placeholders record, if all are
+    concrete (a ``torch.export`` graph); else None."""
+    inputs = []
+    for node in gm.graph.nodes:
+        if node.op != "placeholder":
+            continue
+        value = node.meta.get("val")
+        if not isinstance(value, torch.Tensor) or not all(isinstance(d, int) for d in value.shape):
+            return None
+        inputs.append(torch.zeros(tuple(value.shape), dtype=value.dtype))
+    return [tuple(inputs)] if inputs else None
 
 
 # ---- choosing ------------------------------------------------------------------------
@@ -169,7 +197,7 @@ def _options(site: LinearSite, policy: Int8Policy, recorded) -> tuple[list, dict
     if delta <= 0:
         del candidates["scalar"]
     measured = {}
-    if recorded is not None:
+    if recorded is not None and recorded.inputs:
         for option in candidates.values():
             option.gain = measured[option.mode] = measured_gain_db(site, option.delta, recorded)
     options = [o for mode, o in candidates.items() if mode in policy.modes]

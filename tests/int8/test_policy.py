@@ -239,6 +239,34 @@ def test_budget_falls_back_to_the_cheaper_form_then_to_merging():
     assert all("would cost 27.8% of the conv (budget 10%" in d.reason for d in merged)
 
 
+class HeavyHead(nn.Module):
+    """Two cheap RepVGG blocks before a conv 16x their cost: the blocks' added ops are
+    28% / 56% of their own convs' but a few percent of the program."""
+
+    def __init__(self):
+        super().__init__()
+        self.stem = nn.Conv2d(3, 16, 3, padding=1)
+        self.blocks = nn.Sequential(RepBlock(16), RepBlock(16))
+        self.head = nn.Conv2d(16, 256, 3, padding=1)
+
+    def forward(self, x):
+        return self.head(self.blocks(torch.relu(self.stem(x))))
+
+
+@pytest.mark.parametrize("capture", ["example_inputs", "export"])
+def test_with_shapes_the_budget_is_the_programs(capture):
+    model, x = _model(HeavyHead())
+    forced = Int8Policy(min_gain_db=-math.inf, modes=("channel",))  # the default 10% budget
+    local = reparam_fx.fuse(model, target=forced).fusion_report.int8
+    assert not local.sized and [d.mode for d in local.decisions] == ["merged", "merged"]
+    fused = (reparam_fx.fuse(model, x, target=forced) if capture == "example_inputs" else
+             reparam_fx.fuse(torch.export.export(model, (x,)), target=forced))
+    report = fused.fusion_report.int8
+    assert report.sized and "of the program" in report.table()
+    assert [d.mode for d in report.decisions] == ["channel", "channel"]
+    assert _error(model, fused, x) < RTOL
+
+
 # ---- calibration -----------------------------------------------------------------------
 
 def test_calibration_measures_and_stays_exact():
