@@ -6,7 +6,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test test-thorough fuzz bench bench-all bench-fuse bench-scale corpus-table layout-targets clean
+.PHONY: demo test test-thorough fuzz bench bench-int8 bench-all bench-fuse bench-scale corpus-table layout-targets clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -32,6 +32,11 @@ fuzz: $(STAMP)
 # the zoo before/after fusion: latency (eager, ONNX Runtime), MACs, ONNX nodes, MIL ops
 bench: $(STAMP)
 	$(PY) tools/bench.py
+
+# the int8 section alone: SQNR and XNNPACK / ONNX Runtime int8 latency per fusion form, and
+# the SQNR-latency plot (out/bench/bench-int8.md, .json, .png)
+bench-int8: $(STAMP)
+	$(PY) tools/bench.py --int8-only
 
 bench-all: $(STAMP)
 	$(PY) tools/bench.py --all

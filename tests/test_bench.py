@@ -4,9 +4,12 @@ that say fusion happened; bad command lines exit 2 with one line and write nothi
 
 Lowering a training form to ExecuTorch takes 15-50 s, so one run (RepVGG-A0, the
 smallest with a hand-written baseline) covers ExecuTorch and ``--save-models``; the
-two-model run skips it."""
+two-model run skips it. The int8 section runs once, alone and tiny (``--quick
+--int8-only``: a 2-block RepVGG stack, three forms; about 10 s), in process."""
 
 import json
+import math
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -117,7 +120,7 @@ def test_a_failed_core_ml_conversion_is_reported_and_the_rest_kept(tmp_path, mon
         raise ExportError(f"Core ML conversion of {type(model).__name__} failed (test)")
     monkeypatch.setattr(bench_module, "to_coreml", refuse)
     assert bench_module.main(["--quick", "--models", "repvgg_a0", "--out", str(tmp_path),
-                              "--save-models"]) == 0
+                              "--save-models", "--no-int8"]) == 0
     data = json.loads((tmp_path / "bench.json").read_text())
     (row,) = data["models"]
     assert set(row["coreml_errors"]) == {"train", "hand", "fused"}
@@ -155,3 +158,93 @@ def test_a_failed_core_ml_conversion_is_reported_and_the_rest_kept(tmp_path, mon
     assert (tmp_path / "repvgg_a0.coreml.pte").stat().st_size > 1_000_000
     for backend in ("xnnpack", "coreml"):  # ExecuTorch's flatbuffer file identifier
         assert (tmp_path / f"repvgg_a0.{backend}.pte").read_bytes()[4:6] == b"ET"
+
+
+def test_quick_int8_section(tmp_path, capfd):
+    """``--quick --int8-only``: the int8 section alone writes its three files; every form
+    has its columns (SQNR finite, latency, ratio to ``fuse``, delegation) in both int8
+    runtimes, the policy forms their mode counts, and the ``int8`` form computes what
+    ``fuse`` does in float (exactness itself is tested in float64 elsewhere). No timing
+    is asserted."""
+    sys.path.insert(0, str(ROOT / "tools"))
+    import bench as bench_module
+    assert bench_module.main(["--quick", "--int8-only", "--out", str(tmp_path)]) == 0
+    assert sorted(p.name for p in tmp_path.iterdir()) == \
+        ["bench-int8.json", "bench-int8.md", "bench-int8.png"]
+    assert (tmp_path / "bench-int8.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    captured = capfd.readouterr()
+    assert captured.err == ""  # nothing from torchao, ExecuTorch or ONNX Runtime
+
+    data = json.loads((tmp_path / "bench-int8.json").read_text())
+    settings = data["settings"]
+    assert settings["quick"] and settings["executorch_threads"] == 1
+    assert settings["forms"] == ["hand", "fuse", "int8"] and settings["size"] == 32
+    (row,) = data["models"]
+    assert row["model"] == "repvgg_stack2_c64" and row["forms"] == settings["forms"]
+    assert row["input_shape"] == [1, 64, 32, 32]
+    forms = set(row["forms"])
+    for runtime in ("xnnpack", "ort"):
+        numbers = row[runtime]
+        assert not numbers["errors"]
+        assert set(numbers["sqnr_db"]) == forms
+        assert all(math.isfinite(v) and v > 0 for v in numbers["sqnr_db"].values())
+        assert set(numbers["ms"]) == forms and all(v > 0 for v in numbers["ms"].values())
+        assert set(numbers["over_fuse"]) == forms and numbers["over_fuse"]["fuse"] == 1.0
+    assert row["xnnpack"]["fully_delegated"] == {"hand": True, "fuse": True, "int8": True}
+    assert row["xnnpack"]["portable_ops"] == {"hand": {}, "fuse": {}, "int8": {}}
+    # the policy ran, and what it kept apart is still the same function in float
+    modes = row["modes"]["int8"]
+    assert set(modes) == {"merged", "scalar", "channel"} and sum(modes.values()) == 2
+    assert set(row["modes"]) == {"int8"}
+    assert row["float_rel_error_vs_fuse"]["int8"] <= 1e-4
+    assert all(error <= 1e-4 for error in row["float_rel_error_vs_train"].values())
+
+    table = (tmp_path / "bench-int8.md").read_text()
+    assert "Random calibration stands in for real data" in table
+    assert ("| model | form | XNNPACK SQNR dB | XNNPACK ms | / fuse | fully delegated "
+            "| ORT SQNR dB | ORT ms | / fuse | modes m/s/c | fp32 err vs train |") in table
+    for form in row["forms"]:
+        assert f"| repvgg_stack2_c64 | {form} | " in table
+    assert "| repvgg_stack2_c64 | fuse | " in table and " | 1.000 | yes | " in table
+    assert f"| {modes['merged']}/{modes['scalar']}/{modes['channel']} |" in table
+    assert table.strip() in captured.out
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--int8-only", "--no-executorch"], "--int8-only needs ExecuTorch"),
+    (["--int8-models", "resnet50"], "unknown int8 model(s) resnet50"),
+    (["--int8-size", "100"], "--int8-size must be a positive multiple of 32"),
+    (["--int8-repeats", "0"], "--int8-repeats must be at least 1"),
+])
+def test_bad_int8_arguments_are_refused(args, message):
+    """In process (the command line's exit 2 and one line are checked above)."""
+    sys.path.insert(0, str(ROOT / "tools"))
+    import bench as bench_module
+    with pytest.raises(bench_module.BenchError, match=re.escape(message)):
+        bench_module.parse_args(args)
+
+
+def test_int8_section_defaults():
+    """On by default in the full run, with its models and forms; skipped without
+    ExecuTorch or when --models picks the other sections' models (unless --int8); alone
+    with --int8-only."""
+    sys.path.insert(0, str(ROOT / "tools"))
+    import bench as bench_module
+    full = bench_module.parse_args([])
+    assert full.int8 and not full.int8_only and full.int8_size == 96
+    assert full.int8_repeats >= 20
+    assert full.int8_models == [
+        "repvgg_a0", "mobileone_s0", "fastvit_t8", "repvit_m0_9", "mobilevit_xxs",
+        "repvgg_stack8_c32", "repvgg_stack8_c64", "timm.byobnet_repvgg_a0",
+        "timm.byobnet_mobileone_s0", "yolov6.efficientrep_repvgg",
+        "ultralytics.repconv_identity_bn"]
+    settings = bench_module.int8_section_settings(full)
+    assert settings["forms"] == ["train", "hand", "fuse", "int8", "scalar", "channel"]
+    assert settings["calibration"] == 8 and settings["evaluation"] == 4
+    assert not bench_module.parse_args(["--no-executorch"]).int8
+    assert not bench_module.parse_args(["--no-int8"]).int8
+    assert bench_module.parse_args(["--int8-only"]).int8
+    assert bench_module.parse_args(["--quick"]).int8_models == ["repvgg_stack2_c64"]
+    # --models chooses the other sections' models (make demo): int8 only when asked for
+    assert not bench_module.parse_args(["--models", "repvgg_a0"]).int8
+    assert bench_module.parse_args(["--models", "repvgg_a0", "--int8"]).int8

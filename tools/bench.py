@@ -24,8 +24,19 @@ randomised BatchNorm statistics:
   delegate took every op (else the ops left to the portable kernels), and the relative
   error of each program run in ExecuTorch against its module in torch.
 
+The int8 section (``tools/bench_int8.py``; on by default unless ``--models`` chooses the
+models of the others (``--int8`` then adds it), ``--no-int8`` skips it, ``--int8-only`` runs
+it alone, as ``make bench-int8`` does): for the smallest zoo variants,
+two RepVGG block stacks and four third-party code shapes, all with trained-like BatchNorm
+statistics, the forms ``train`` / ``hand`` / ``fuse`` / ``fuse(target="int8")`` and two
+int8 policies with one extraction mode each, quantized to int8 (PT2E, XNNPACK quantizer,
+random calibration standing in for real data): the SQNR and the 1-thread latency of the
+ExecuTorch XNNPACK program and of the ONNX Runtime QDQ model, delegation, the policy's
+mode counts; the plot of SQNR against XNNPACK latency relative to ``fuse``.
+
 Writes ``bench.md`` (tables), ``bench.json`` (every number) and ``bench.png`` (chart) to
-``--out`` (default ``out/bench``); ``--save-models`` also writes each fused model as
+``--out`` (default ``out/bench``), and for the int8 section ``bench-int8.md``,
+``bench-int8.json`` and ``bench-int8.png``; ``--save-models`` also writes each fused model as
 ``NAME.onnx``, ``NAME.mlpackage``, ``NAME.xnnpack.pte`` and ``NAME.coreml.pte`` there.
 Core ML prediction needs macOS (``tools/coreml_latency.py``); published iPhone latencies
 are quoted next to the results.
@@ -33,6 +44,8 @@ are quoted next to the results.
     python tools/bench.py [--models NAME ...] [--all] [--quick] [--size 224]
                           [--repeats 20] [--calls 2] [--out out/bench] [--save-models]
                           [--no-coreml] [--no-executorch]
+                          [--no-int8 | --int8-only] [--int8-models NAME ...]
+                          [--int8-forms FORM ...] [--int8-size 96] [--int8-repeats 20]
 """
 
 from __future__ import annotations
@@ -68,6 +81,7 @@ from reparam_fx.export import (check_executorch, executorch_runtime as  # noqa: 
 from reparam_fx.testing import randomize_batchnorm_, randomize_parameters_  # noqa: E402
 from reference.models import FULL_SIZE_BUILDERS, reparameterize_model  # noqa: E402
 from timing import interleaved, machine_description, median_ms, median_ratio  # noqa: E402
+import bench_int8  # noqa: E402
 
 SMALLEST = ("repvgg_a0", "mobileone_s0", "fastvit_t8", "repvit_m0_9", "mobilevit_xxs")
 DETECTORS = ("yolov7_tiny",)
@@ -493,15 +507,52 @@ def parse_args(argv):
                              "NAME.xnnpack.pte and NAME.coreml.pte")
     parser.add_argument("--no-coreml", action="store_true", help="skip Core ML conversion")
     parser.add_argument("--no-executorch", action="store_true",
-                        help="skip ExecuTorch (lowering, latency and the .pte files)")
+                        help="skip ExecuTorch (lowering, latency and the .pte files; and so "
+                             "the int8 section)")
+    int8 = parser.add_mutually_exclusive_group()
+    int8.add_argument("--int8", dest="int8", action="store_true", default=None,
+                      help="run the int8 section after the others (the default, except "
+                           "with --models: a choice of models for the other sections)")
+    int8.add_argument("--no-int8", dest="int8", action="store_false",
+                      help="skip the int8 section")
+    int8.add_argument("--int8-only", action="store_true",
+                      help="run the int8 section alone (make bench-int8)")
+    parser.add_argument("--int8-models", nargs="+", metavar="NAME",
+                        help="models of the int8 section: zoo names, corpus names "
+                             "(tests/third_party) or repvgg_stackN_cC (default: "
+                             f"{', '.join(bench_int8.DEFAULT_MODELS)})")
+    parser.add_argument("--int8-forms", nargs="+", metavar="FORM",
+                        choices=bench_int8.FORMS,
+                        help=f"forms of the int8 section (default: {' '.join(bench_int8.FORMS)}; "
+                             "--quick: " + " ".join(bench_int8.QUICK_FORMS) + ")")
+    parser.add_argument("--int8-size", type=int, default=96,
+                        help="input side of the int8 section (default 96)")
+    parser.add_argument("--int8-repeats", type=int, default=20,
+                        help="interleaved repeats of the int8 section (default 20)")
     args = parser.parse_args(argv)
     if args.quick:
         args.size, args.repeats, args.calls = 64, 3, 1
+        args.int8_size, args.int8_repeats = 32, 2
     if args.size <= 0 or args.size % 32:
         raise BenchError(f"--size must be a positive multiple of 32 (the zoo's stride), "
                          f"not {args.size}")
     if args.repeats < 1 or args.calls < 1:
         raise BenchError("--repeats and --calls must be at least 1")
+    if args.int8_size <= 0 or args.int8_size % 32:
+        raise BenchError(f"--int8-size must be a positive multiple of 32, not {args.int8_size}")
+    if args.int8_repeats < 1:
+        raise BenchError("--int8-repeats must be at least 1")
+    if args.int8_only and args.no_executorch:
+        raise BenchError("--int8-only needs ExecuTorch; drop --no-executorch")
+    if args.int8 is None:  # on in the full run; --models (make demo) chooses the others only
+        args.int8 = args.models is None
+    args.int8 = (args.int8 or args.int8_only) and not args.no_executorch
+    args.int8_models = args.int8_models or list(
+        bench_int8.QUICK_MODELS if args.quick else bench_int8.DEFAULT_MODELS)
+    unknown = [name for name in args.int8_models if not bench_int8.valid_model(name)]
+    if unknown:
+        raise BenchError(f"unknown int8 model(s) {', '.join(unknown)}; valid: zoo names, "
+                         "tests/third_party corpus names, repvgg_stackN_cC")
     args.models = zoo.names() if args.all else (args.models or [*SMALLEST, *DETECTORS])
     valid = [*zoo.names(), *DETECTORS]
     unknown = [name for name in args.models if name not in valid]
@@ -533,7 +584,8 @@ def run(args) -> dict:
                          "(make bench installs them)") from None
     # not imported here: importing coremltools prints version warnings and "Failed to
     # load" lines (to_coreml imports it quietly)
-    if not args.no_coreml and importlib.util.find_spec("coremltools") is None:
+    if not args.no_coreml and not args.int8_only \
+            and importlib.util.find_spec("coremltools") is None:
         raise BenchError("coremltools is missing: pip install 'reparam-fx[bench,onnx,coreml]' "
                          "(make bench installs them)")
     if not args.no_executorch and importlib.util.find_spec("executorch") is None:
@@ -544,11 +596,18 @@ def run(args) -> dict:
     all_threads = torch.get_num_threads()
     steps_per_model = 3 + len(args.threads) * 2 * args.repeats \
         + (0 if args.no_executorch else 1 + args.repeats)
-    rows = []
-    with tqdm(total=steps_per_model * len(args.models), unit="step", file=sys.stderr,
-              desc="bench", dynamic_ncols=True, disable=None) as progress:
-        for name in args.models:
+    models = [] if args.int8_only else args.models
+    int8_settings = int8_section_settings(args)
+    total = steps_per_model * len(models) + (
+        bench_int8.steps_per_model(int8_settings) * len(args.int8_models) if args.int8 else 0)
+    rows, int8 = [], None
+    with tqdm(total=total, unit="step", file=sys.stderr, desc="bench", dynamic_ncols=True,
+              disable=None) as progress:
+        for name in models:
             rows.append(measure(name, args, progress))
+        if args.int8:
+            runtime, _ = executorch_runtime(1)  # (before any program is loaded)
+            int8 = bench_int8.run(int8_settings, runtime, progress)
     torch.set_num_threads(all_threads)
     executorch = None if args.no_executorch else importlib.metadata.version("executorch")
     return {
@@ -560,28 +619,65 @@ def run(args) -> dict:
         "settings": {"size": args.size, "repeats": args.repeats, "calls": args.calls,
                      "threads": args.threads, "quick": args.quick,
                      "executorch_threads": None if args.no_executorch
-                     else executorch_runtime()[1]},
+                     else executorch_runtime()[1], "int8_only": args.int8_only},
         "models": rows,
+        "int8": int8,
     }
+
+
+def int8_section_settings(args) -> dict:
+    return {"models": list(args.int8_models),
+            "forms": [form for form in bench_int8.FORMS if form in (
+                args.int8_forms or (bench_int8.QUICK_FORMS if args.quick else bench_int8.FORMS))],
+            "size": args.int8_size, "calibration": 2 if args.quick else 8,
+            "evaluation": 1 if args.quick else 4, "repeats": args.int8_repeats,
+            "calls": args.calls, "quick": args.quick}
+
+
+def outputs(result: dict) -> dict:
+    """``{file name: bytes}``: ``bench.*`` for the float section, ``bench-int8.*`` for the
+    int8 one, each when it ran (all built before anything is written)."""
+    files = {}
+    if not result["settings"]["int8_only"]:
+        text = markdown(result)
+        if result["int8"] is not None:
+            text += "\nThe int8 section is in bench-int8.md (and .json, .png).\n"
+        files["bench.json"] = json.dumps({k: v for k, v in result.items() if k != "int8"},
+                                         indent=2).encode()
+        files["bench.md"] = text.encode()
+        files["bench.png"] = chart(result)
+    if result["int8"] is not None:
+        threads = result["settings"]["executorch_threads"]
+        text = bench_int8.markdown(result["int8"], result["machine"], result["date"], threads)
+        header = {k: v for k, v in result.items() if k not in ("settings", "models", "int8")}
+        settings = {**result["int8"]["settings"], "executorch_threads": threads,
+                    "onnxruntime_threads": 1}
+        files["bench-int8.json"] = json.dumps(
+            {**header, "settings": settings, "models": result["int8"]["models"]},
+            indent=2).encode()
+        files["bench-int8.md"] = text.encode()
+        files["bench-int8.png"] = bench_int8.chart(result["int8"], result["machine"],
+                                                   result["date"])
+    return files
 
 
 def main(argv=None) -> int:
     try:
         args = parse_args(argv)
         result = run(args)
-        text, image = markdown(result), chart(result)  # all built before anything is written
-        write_bytes(args.out / "bench.json", json.dumps(result, indent=2).encode())
-        write_bytes(args.out / "bench.md", text.encode())
-        write_bytes(args.out / "bench.png", image)
+        files = outputs(result)  # all built before anything is written
+        for name, data in files.items():
+            write_bytes(args.out / name, data)
     except (BenchError, ExportError) as error:
         print(f"bench.py: error: {error}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("bench.py: interrupted; nothing written", file=sys.stderr)
         return 130
-    print(text)
-    written = ", ".join(str(args.out / f) for f in ("bench.md", "bench.json", "bench.png"))
-    print(f"wrote {written}")
+    for name in ("bench.md", "bench-int8.md"):
+        if name in files:
+            print(files[name].decode())
+    print(f"wrote {', '.join(str(args.out / name) for name in files)}")
     return 0
 
 
