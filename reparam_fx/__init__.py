@@ -24,6 +24,7 @@ _EXPORTS = {
     "Skipped": "reparam_fx.core.report", "op_counts": "reparam_fx.fx.counts",
     "parameter_count": "reparam_fx.fx.counts", "mac_count": "reparam_fx.fx.counts",
     "fuse_onnx_model": "reparam_fx.onnx", "verify_onnx": "reparam_fx.onnx",
+    "Int8Policy": "reparam_fx.int8.policy",
 }
 __all__ = sorted(_EXPORTS)
 __version__ = "0.1.0"

@@ -25,6 +25,8 @@ _EXPORTS = {
     "quantize_pt2e": "reparam_fx.int8.quantize",
     "sqnr_db": "reparam_fx.int8.quantize",
     "int8_sqnr": "reparam_fx.int8.quantize",
+    "Int8Policy": "reparam_fx.int8.policy",
+    "apply_int8_policy": "reparam_fx.int8.policy",
 }
 __all__ = sorted(_EXPORTS)
 

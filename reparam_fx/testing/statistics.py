@@ -72,7 +72,8 @@ def trained_like(model: nn.Module, example_inputs, *, seed: int = 0,
                  batches: int = 4) -> nn.Module:
     """A copy of ``model`` (in eval mode) with trained-like BatchNorm statistics (see the
     module docstring). ``example_inputs``: one input batch (a tensor or tuple); the
-    running statistics are measured on ``batches`` random batches of its shape."""
+    running statistics are measured on ``batches`` random batches of its shape (batch
+    size 8 at least)."""
     inputs = _as_tuple(example_inputs)
     model = copy.deepcopy(model).eval()
     roles = batchnorm_roles(model, inputs)
@@ -91,10 +92,11 @@ def trained_like(model: nn.Module, example_inputs, *, seed: int = 0,
         norm.reset_running_stats()
         norm.momentum = None  # cumulative average over the batches below
         norm.train()
-    with torch.no_grad():
+    with torch.no_grad():  # batches of 8 at least: a head's BatchNorm1d needs more than 1
         for _ in range(batches):
-            model(*(torch.randn(x.shape, generator=generator, dtype=x.dtype)
-                    if isinstance(x, torch.Tensor) and x.is_floating_point() else x
+            model(*(torch.randn((max(8, x.shape[0]),) + tuple(x.shape[1:]), generator=generator,
+                                dtype=x.dtype)
+                    if isinstance(x, torch.Tensor) and x.is_floating_point() and x.dim() else x
                     for x in inputs))
     for norm in norms.values():
         norm.momentum = 0.1
