@@ -58,7 +58,7 @@ Per-tensor activation quantization is blind to a scalar scale (its step scales w
 it), and per-channel weight quantization of a row is blind to a scalar on the row; so
 moving a scalar changes nothing in int8 but where the identity lives. (A per-channel
 scale moved the same way would spread channels' activation ranges apart, which costs
-what the extraction gains; measured in ``docs/int8-plan.md``.)
+what the extraction gains; measured in ``docs/int8.md``.)
 """
 
 from __future__ import annotations
