@@ -262,22 +262,30 @@ def _lower(model: nn.Module, inputs: tuple, backend: str, minimum_deployment_tar
     if precision not in ("fp16", "fp32"):
         raise ValueError(f"precision must be 'fp16' or 'fp32', not {precision!r}")
     _refuse_training(model)
+    return lower_to_edge(model, inputs, backend, lambda: _partitioner(
+        backend, minimum_deployment_target, compute_units, precision), "ExecuTorch lowering")
+
+
+def lower_to_edge(model: nn.Module, inputs: tuple, backend: str, partitioner, what: str,
+                  name: str | None = None) -> tuple[bytes, ExecuTorchCheck]:
+    """Export ``model`` at ``inputs``, lower it with ``partitioner()`` and return the
+    ``.pte`` bytes and the delegation counts; errors (a missing ExecuTorch, a failed
+    lowering) as :class:`ExportError` starting with ``what`` and the model's ``name``."""
     try:
         with _quiet():
             from executorch.exir import to_edge_transform_and_lower
-            partitioner = _partitioner(backend, minimum_deployment_target, compute_units,
-                                       precision)
+            made = partitioner()
     except ImportError as error:
         raise ExportError(f"ExecuTorch lowering needs executorch ({error.name or error} is "
                           "missing): pip install 'reparam-fx[executorch]'") from error
     try:
         with _quiet():
             program = torch.export.export(model, inputs)
-            edge = to_edge_transform_and_lower(program, partitioner=[partitioner])
+            edge = to_edge_transform_and_lower(program, partitioner=[made])
             check = _delegation(edge.exported_program().graph_module, backend)
             buffer = edge.to_executorch().buffer
     except Exception as error:  # noqa: BLE001 - re-raised with what failed
-        raise ExportError(f"ExecuTorch lowering ({backend}) of {type(model).__name__} failed: "
+        raise ExportError(f"{what} ({backend}) of {name or type(model).__name__} failed: "
                           f"{first_line(error, 300, kind=False)}") from error
     check.pte_bytes, check.program = len(buffer), buffer
     return buffer, check

@@ -62,6 +62,19 @@ def _param_access(gm: torch.fx.GraphModule, weight_node, bias_node):
     return get, put
 
 
+def _module_access(module: nn.Module):
+    """get/set for a conv or linear module's own weight and bias."""
+    def get():
+        return module.weight, module.bias
+
+    def put(weight, bias):
+        with torch.no_grad():
+            module.weight.data = weight.to(module.weight.dtype)
+            if module.bias is not None:
+                module.bias.data = bias.to(module.bias.dtype)
+    return get, put
+
+
 def _attr(gm, target):
     owner, _, name = target.rpartition(".")
     return getattr(gm.get_submodule(owner) if owner else gm, name)
@@ -93,27 +106,11 @@ def linear_site(gm: torch.fx.GraphModule, node: torch.fx.Node, calls: dict) -> L
         if calls.get(node.target, 0) != 1 or not node.args or node.kwargs or len(node.args) != 1:
             return None
         if _standard(module, _CONV_MODULES) and module.padding_mode == "zeros":
-            def get(m=module):
-                return m.weight, m.bias
-
-            def put(weight, bias, m=module):
-                with torch.no_grad():
-                    m.weight.data = weight.to(m.weight.dtype)
-                    if m.bias is not None:
-                        m.bias.data = bias.to(m.bias.dtype)
             why = holds_identity(tuple(module.weight.shape), module.groups, module.stride,
                                  module.padding, module.dilation)
-            return LinearSite(node, node.args[0], get, put, module.groups, why)
+            return LinearSite(node, node.args[0], *_module_access(module), module.groups, why)
         if _standard(module, (nn.Linear,)):
-            def get(m=module):
-                return m.weight, m.bias
-
-            def put(weight, bias, m=module):
-                with torch.no_grad():
-                    m.weight.data = weight.to(m.weight.dtype)
-                    if m.bias is not None:
-                        m.bias.data = bias.to(m.bias.dtype)
-            return LinearSite(node, node.args[0], get, put)
+            return LinearSite(node, node.args[0], *_module_access(module))
         return None
     if node.op != "call_function":
         return None

@@ -31,7 +31,7 @@ import torch.nn as nn
 from reparam_fx.cli.files import staged
 from reparam_fx.cli.logs import quiet, quiet_onnxruntime
 from reparam_fx.core.text import first_line
-from reparam_fx.export import (ExecuTorchCheck, ExportError, _delegation, _inputs, _quiet,
+from reparam_fx.export import (ExecuTorchCheck, ExportError, _inputs, _quiet, lower_to_edge,
                                _refuse_training, _save_package, _write_atomically, mil_op_histogram,
                                run_pte, to_coreml, to_onnx)
 from reparam_fx.int8.calibration import CalibrationError, calibration_inputs
@@ -68,25 +68,12 @@ def _checked(model: nn.Module, example_inputs, calibration, what: str):
 
 def _lower_xnnpack(model: nn.Module, inputs: tuple, items: list) -> tuple[bytes, ExecuTorchCheck]:
     converted = _quantize(model, items, per_channel=True)
-    try:
-        with _quiet():
-            from executorch.backends.xnnpack.partition.xnnpack_partitioner import \
-                XnnpackPartitioner
-            from executorch.exir import to_edge_transform_and_lower
-    except ImportError as error:
-        raise ExportError(f"ExecuTorch lowering needs executorch ({error.name or error} is "
-                          "missing): pip install 'reparam-fx[executorch]'") from error
-    try:
-        with _quiet():
-            program = torch.export.export(converted, inputs)
-            edge = to_edge_transform_and_lower(program, partitioner=[XnnpackPartitioner()])
-            check = _delegation(edge.exported_program().graph_module, "xnnpack")
-            buffer = edge.to_executorch().buffer
-    except Exception as error:  # noqa: BLE001 - re-raised with what failed
-        raise ExportError(f"ExecuTorch int8 lowering (xnnpack) of {type(model).__name__} "
-                          f"failed: {first_line(error, 300, kind=False)}") from error
-    check.pte_bytes, check.program = len(buffer), buffer
-    return buffer, check
+
+    def partitioner():
+        from executorch.backends.xnnpack.partition.xnnpack_partitioner import XnnpackPartitioner
+        return XnnpackPartitioner()
+    return lower_to_edge(converted, inputs, "xnnpack", partitioner, "ExecuTorch int8 lowering",
+                         type(model).__name__)
 
 
 def to_executorch_int8(model: nn.Module, example_inputs, path, *, calibration) -> Path:

@@ -229,8 +229,9 @@ def _apply_to_graph(gm: torch.fx.GraphModule, policy: Int8Policy, recorded: dict
         if not useful:
             best = max((o.gain for o in options), default=0.0)
             kind = "measured" if measured else "modelled"
-            decisions.append(replace(base, reason=f"keeping the identity apart gains {best:.1f} "
-                                                  f"dB of {kind} int8 error at best (< {policy.min_gain_db:g} dB)"))
+            reason = (f"keeping the identity apart gains {best:.1f} dB of {kind} int8 error "
+                      f"at best (< {policy.min_gain_db:g} dB)")
+            decisions.append(replace(base, reason=reason))
             continue
         refusals = []
         for option in useful:

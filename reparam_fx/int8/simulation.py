@@ -53,7 +53,8 @@ def record_conv_inputs(gm: torch.fx.GraphModule, inputs: list, keep: int = 2) ->
                                                    result[0].numel(), 0)
                     if len(item.inputs) < keep:
                         item.inputs.append(x.detach())
-                    item.low, item.high = min(item.low, float(x.min())), max(item.high, float(x.max()))
+                    item.low = min(item.low, float(x.min()))
+                    item.high = max(item.high, float(x.max()))
                     item.out_low = min(item.out_low, float(result.min()))
                     item.out_high = max(item.out_high, float(result.max()))
             return result
