@@ -182,6 +182,7 @@ def test_quick_int8_section(tmp_path, capfd):
     (row,) = data["models"]
     assert row["model"] == "repvgg_stack2_c64" and row["forms"] == settings["forms"]
     assert row["input_shape"] == [1, 64, 32, 32]
+    assert row["statistics"]["identity_batchnorms"] == 2  # one per block
     forms = set(row["forms"])
     for runtime in ("xnnpack", "ort"):
         numbers = row[runtime]

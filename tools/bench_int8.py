@@ -47,7 +47,6 @@ import torch.nn as nn
 import reparam_fx
 from reparam_fx.export import ExportError
 from reparam_fx.int8.policy import Int8Policy
-from reparam_fx.testing.statistics import trained_like
 from timing import interleaved, median_ms, median_ratio
 
 ZOO_MODELS = ("repvgg_a0", "mobileone_s0", "fastvit_t8", "repvit_m0_9", "mobilevit_xxs")
@@ -135,6 +134,55 @@ def _leaves(value) -> list:
             if isinstance(leaf, torch.Tensor) or hasattr(leaf, "__array__")]
 
 
+def batchnorm_roles(model: nn.Module, example_inputs) -> dict[str, str]:
+    """``reparam_fx.testing.statistics.batchnorm_roles`` with the conv outputs kept alive
+    during the run. The library's keeps only their ``id()``s, and an id is reused as soon
+    as its tensor is freed: a block's input (a ReLU's output) allocated where an earlier
+    conv's output was is then taken for a conv's output, so identity BatchNorms get a conv
+    branch's ``gamma``, and which ones changes from process to process (RepVGG-A0: 7 or 8
+    of its 17 identity BatchNorms found; MobileOne-S0: 1 to 8). A local fallback until the
+    library keeps them (then both agree and this changes nothing)."""
+    produced: dict[int, torch.Tensor] = {}  # id -> the tensor, alive until the run ends
+    roles: dict[str, str] = {}
+    handles = []
+
+    def remember(_module, _inputs, output):
+        if isinstance(output, torch.Tensor):
+            produced[id(output)] = output
+
+    def classify(name):
+        def hook(_module, inputs):
+            if inputs and isinstance(inputs[0], torch.Tensor):
+                roles.setdefault(name, "conv" if produced.get(id(inputs[0])) is inputs[0]
+                                 else "identity")
+        return hook
+
+    for name, module in model.named_modules():
+        if isinstance(module, (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear)):
+            handles.append(module.register_forward_hook(remember))
+        elif isinstance(module, nn.modules.batchnorm._BatchNorm):
+            handles.append(module.register_forward_pre_hook(classify(name)))
+    try:
+        with torch.no_grad():
+            model(*(example_inputs if isinstance(example_inputs, tuple) else (example_inputs,)))
+    finally:
+        for handle in handles:
+            handle.remove()
+    return roles
+
+
+def trained_like(model: nn.Module, example_inputs, *, seed: int) -> nn.Module:
+    """``reparam_fx.testing.statistics.trained_like`` with :func:`batchnorm_roles` above
+    in place of the library's (swapped in for this call only)."""
+    from reparam_fx.testing import statistics
+    library = statistics.batchnorm_roles
+    statistics.batchnorm_roles = batchnorm_roles
+    try:
+        return statistics.trained_like(model, example_inputs, seed=seed)
+    finally:
+        statistics.batchnorm_roles = library
+
+
 def _batch(shape) -> torch.Tensor:
     """The example batch whose shape ``trained_like`` measures the statistics at."""
     return torch.zeros((STATISTICS_BATCH, *shape[1:]))
@@ -142,7 +190,10 @@ def _batch(shape) -> torch.Tensor:
 
 def build_model(name: str, size: int) -> tuple[nn.Module, nn.Module | None, str, tuple]:
     """``(train, hand or None, why there is no hand, input shape)``: ``train`` in eval mode
-    with trained-like statistics; ``hand`` computes the same function (checked)."""
+    with trained-like statistics; ``hand`` with the same weights (:func:`prepared_forms`
+    checks that it computes the same function: tests/reference's FastViT applies a GELU
+    after each ReparamLargeKernelConv, which the zoo's, as the official code runs it, does
+    not)."""
     import zoo
     torch.manual_seed(SEED_WEIGHTS)
     stack = _STACK.match(name)
@@ -170,10 +221,21 @@ def build_model(name: str, size: int) -> tuple[nn.Module, nn.Module | None, str,
     return train, idiom.reparameterize(copy.deepcopy(train)).eval(), "", shape
 
 
+HAND_TOLERANCE = 1e-3  # fp32 relative error of hand against train, above which it is dropped
+
+
 def prepared_forms(name: str, size: int, forms) -> tuple[nn.Module, dict, tuple, dict]:
-    """``(train, {form: module}, input shape, notes)`` for the forms asked for."""
+    """``(train, {form: module}, input shape, notes)`` for the forms asked for. A ``hand``
+    form that does not compute what ``train`` does is dropped, and the notes say so."""
     train, hand, why, shape = build_model(name, size)
     result, notes = {"train": train}, {}
+    if "hand" in forms and hand is not None:
+        x = torch.randn(shape, generator=torch.Generator().manual_seed(SEED_EVALUATION))
+        with torch.no_grad():
+            error = _relative_error(train(x), hand(x))
+        if error > HAND_TOLERANCE:
+            hand, why = None, (f"the hand-written form computes another function: fp32 "
+                               f"relative error {error:.1e} against the training form")
     if "hand" in forms:
         if hand is None:
             notes["hand"] = why
@@ -218,8 +280,13 @@ def measure_model(name: str, settings: dict, runtime, progress) -> dict:
     with torch.no_grad():
         reference = [train(x) for x in evaluation]
         floats = {form: [module(x) for x in evaluation] for form, module in forms.items()}
+    from reparam_fx.testing.statistics import batchnorm_roles as library_roles
+    identity = {f"{kind}": sum(role == "identity" for role in roles(train, _batch(shape)).values())
+                for kind, roles in (("identity_batchnorms", batchnorm_roles),
+                                    ("library_identity_batchnorms", library_roles))}
     row = {
         "model": name, "input_shape": list(shape), "forms": list(forms), "notes": notes,
+        "statistics": identity,
         "build_seconds": time.perf_counter() - start,
         "float_rel_error_vs_train": {f: max(_relative_error(r, o) for r, o in zip(reference, out))
                                      for f, out in floats.items()},
@@ -385,9 +452,17 @@ def markdown(section: dict, machine: str, date: str, threads) -> str:
                for form, why in row["notes"].items()]
     errors = [(row["model"], runtime, form, message) for row in section["models"]
               for runtime in ("xnnpack", "ort") for form, message in row[runtime]["errors"].items()]
-    if skipped or errors:
+    roles = [(row["model"], row["statistics"]) for row in section["models"]
+             if row["statistics"]["identity_batchnorms"]
+             != row["statistics"]["library_identity_batchnorms"]]
+    if skipped or errors or roles:
         lines += [""]
         lines += [f"- {model}: no `{form}` form ({why})." for model, form, why in skipped]
+        lines += [f"- {model}: {counts['identity_batchnorms']} identity-branch BatchNorms given "
+                  "identity statistics (tools/bench_int8.py: `batchnorm_roles`); the library's "
+                  f"`batchnorm_roles` found {counts['library_identity_batchnorms']} in this run "
+                  "(it matches tensors by `id()`, which freed tensors pass on)."
+                  for model, counts in roles]
         lines += [f"- {model} `{form}`: {'XNNPACK' if runtime == 'xnnpack' else 'ONNX'} "
                   f"lowering failed: {message}" for model, runtime, form, message in errors]
     lines.append("")
