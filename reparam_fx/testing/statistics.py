@@ -39,13 +39,13 @@ def batchnorm_roles(model: nn.Module, example_inputs) -> dict[str, str]:
     """``{batchnorm name: "conv" | "identity"}``: whether each BatchNorm's input, in a
     run on ``example_inputs``, was a conv's (or linear's) output. Works on any code
     style (module hooks, no tracing)."""
-    produced: set[int] = set()
-    roles: dict[str, str] = {}
+    produced: dict[int, torch.Tensor] = {}  # the outputs are kept alive: a freed tensor's
+    roles: dict[str, str] = {}              # id() may come back on another tensor
     handles = []
 
     def remember(_module, _inputs, output):
         if isinstance(output, torch.Tensor):
-            produced.add(id(output))
+            produced[id(output)] = output
 
     def classify(name):
         def hook(_module, inputs):
