@@ -47,6 +47,7 @@ import torch.nn as nn
 import reparam_fx
 from reparam_fx.export import ExportError
 from reparam_fx.int8.policy import Int8Policy
+from reparam_fx.testing.statistics import batchnorm_roles, trained_like
 from timing import interleaved, median_ms, median_ratio
 
 ZOO_MODELS = ("repvgg_a0", "mobileone_s0", "fastvit_t8", "repvit_m0_9", "mobilevit_xxs")
@@ -132,55 +133,6 @@ def _relative_error(expected, got) -> float:
 def _leaves(value) -> list:
     return [leaf for leaf in torch.utils._pytree.tree_leaves(value)
             if isinstance(leaf, torch.Tensor) or hasattr(leaf, "__array__")]
-
-
-def batchnorm_roles(model: nn.Module, example_inputs) -> dict[str, str]:
-    """``reparam_fx.testing.statistics.batchnorm_roles`` with the conv outputs kept alive
-    during the run. The library's keeps only their ``id()``s, and an id is reused as soon
-    as its tensor is freed: a block's input (a ReLU's output) allocated where an earlier
-    conv's output was is then taken for a conv's output, so identity BatchNorms get a conv
-    branch's ``gamma``, and which ones changes from process to process (RepVGG-A0: 7 or 8
-    of its 17 identity BatchNorms found; MobileOne-S0: 1 to 8). A local fallback until the
-    library keeps them (then both agree and this changes nothing)."""
-    produced: dict[int, torch.Tensor] = {}  # id -> the tensor, alive until the run ends
-    roles: dict[str, str] = {}
-    handles = []
-
-    def remember(_module, _inputs, output):
-        if isinstance(output, torch.Tensor):
-            produced[id(output)] = output
-
-    def classify(name):
-        def hook(_module, inputs):
-            if inputs and isinstance(inputs[0], torch.Tensor):
-                roles.setdefault(name, "conv" if produced.get(id(inputs[0])) is inputs[0]
-                                 else "identity")
-        return hook
-
-    for name, module in model.named_modules():
-        if isinstance(module, (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear)):
-            handles.append(module.register_forward_hook(remember))
-        elif isinstance(module, nn.modules.batchnorm._BatchNorm):
-            handles.append(module.register_forward_pre_hook(classify(name)))
-    try:
-        with torch.no_grad():
-            model(*(example_inputs if isinstance(example_inputs, tuple) else (example_inputs,)))
-    finally:
-        for handle in handles:
-            handle.remove()
-    return roles
-
-
-def trained_like(model: nn.Module, example_inputs, *, seed: int) -> nn.Module:
-    """``reparam_fx.testing.statistics.trained_like`` with :func:`batchnorm_roles` above
-    in place of the library's (swapped in for this call only)."""
-    from reparam_fx.testing import statistics
-    library = statistics.batchnorm_roles
-    statistics.batchnorm_roles = batchnorm_roles
-    try:
-        return statistics.trained_like(model, example_inputs, seed=seed)
-    finally:
-        statistics.batchnorm_roles = library
 
 
 def _batch(shape) -> torch.Tensor:
@@ -280,10 +232,8 @@ def measure_model(name: str, settings: dict, runtime, progress) -> dict:
     with torch.no_grad():
         reference = [train(x) for x in evaluation]
         floats = {form: [module(x) for x in evaluation] for form, module in forms.items()}
-    from reparam_fx.testing.statistics import batchnorm_roles as library_roles
-    identity = {f"{kind}": sum(role == "identity" for role in roles(train, _batch(shape)).values())
-                for kind, roles in (("identity_batchnorms", batchnorm_roles),
-                                    ("library_identity_batchnorms", library_roles))}
+    identity = {"identity_batchnorms": sum(
+        role == "identity" for role in batchnorm_roles(train, _batch(shape)).values())}
     row = {
         "model": name, "input_shape": list(shape), "forms": list(forms), "notes": notes,
         "statistics": identity,
@@ -452,17 +402,9 @@ def markdown(section: dict, machine: str, date: str, threads) -> str:
                for form, why in row["notes"].items()]
     errors = [(row["model"], runtime, form, message) for row in section["models"]
               for runtime in ("xnnpack", "ort") for form, message in row[runtime]["errors"].items()]
-    roles = [(row["model"], row["statistics"]) for row in section["models"]
-             if row["statistics"]["identity_batchnorms"]
-             != row["statistics"]["library_identity_batchnorms"]]
-    if skipped or errors or roles:
+    if skipped or errors:
         lines += [""]
         lines += [f"- {model}: no `{form}` form ({why})." for model, form, why in skipped]
-        lines += [f"- {model}: {counts['identity_batchnorms']} identity-branch BatchNorms given "
-                  "identity statistics (tools/bench_int8.py: `batchnorm_roles`); the library's "
-                  f"`batchnorm_roles` found {counts['library_identity_batchnorms']} in this run "
-                  "(it matches tensors by `id()`, which freed tensors pass on)."
-                  for model, counts in roles]
         lines += [f"- {model} `{form}`: {'XNNPACK' if runtime == 'xnnpack' else 'ONNX'} "
                   f"lowering failed: {message}" for model, runtime, form, message in errors]
     lines.append("")
