@@ -50,7 +50,8 @@ def batchnorm_roles(model: nn.Module, example_inputs) -> dict[str, str]:
     def classify(name):
         def hook(_module, inputs):
             if inputs and isinstance(inputs[0], torch.Tensor):
-                roles.setdefault(name, "conv" if id(inputs[0]) in produced else "identity")
+                fed = produced.get(id(inputs[0])) is inputs[0]
+                roles.setdefault(name, "conv" if fed else "identity")
         return hook
 
     for name, module in model.named_modules():
