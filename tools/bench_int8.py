@@ -422,7 +422,7 @@ def chart(section: dict, machine: str, date: str) -> bytes:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     from matplotlib.lines import Line2D
-    from matplotlib.ticker import ScalarFormatter
+    from matplotlib.ticker import FixedLocator, FuncFormatter, NullFormatter
 
     rows = section["models"]
     colours = plt.get_cmap("tab20")(range(len(rows)))
@@ -442,9 +442,9 @@ def chart(section: dict, machine: str, date: str) -> bytes:
                              linewidths=0.4, zorder=3)
         axis.axvline(1.0, color="grey", linewidth=0.8)
         axis.set_xscale("log")  # the training forms are several times slower
-        axis.xaxis.set_major_formatter(ScalarFormatter())
-        axis.xaxis.set_minor_formatter(ScalarFormatter())
-        axis.tick_params(axis="x", which="minor", labelsize=7)
+        axis.xaxis.set_major_locator(FixedLocator([0.8, 1.0, 1.25, 1.5, 2, 3, 5, 10, 20, 50]))
+        axis.xaxis.set_major_formatter(FuncFormatter(lambda value, _: f"{value:g}"))
+        axis.xaxis.set_minor_formatter(NullFormatter())
         axis.set_xlabel("int8 latency / latency of the fuse form (same run)")
         axis.set_title(title, fontsize=10)
         axis.grid(alpha=0.3)
