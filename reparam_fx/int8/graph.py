@@ -95,15 +95,57 @@ def _set_attr(gm, target, value: torch.Tensor):
             setattr(holder, name, value.to(old.dtype))
 
 
-def _own_get_attr(node) -> bool:
-    return isinstance(node, torch.fx.Node) and node.op == "get_attr" and len(node.users) == 1
+def _own_get_attr(node, gm=None, uses: GraphUses | None = None) -> bool:
+    return isinstance(node, torch.fx.Node) and node.op == "get_attr" and \
+        len(node.users) == 1 and (uses is None or uses.private(gm, node.target))
 
 
-def linear_site(gm: torch.fx.GraphModule, node: torch.fx.Node, calls: dict) -> LinearSite | None:
-    """The node as a rewritable conv/linear, or None."""
+@dataclass
+class GraphUses:
+    """What may not be rewritten in place: modules called more than once, attributes
+    read by more than one node, and tensors held under more than one name (tied
+    weights: scaling one would scale the other)."""
+
+    module_calls: dict
+    attribute_reads: dict
+    shared: set
+
+    def private(self, gm: torch.fx.GraphModule, *names: str) -> bool:
+        """Are the tensors at these qualified names read only where the caller reads them?"""
+        for name in names:
+            owner, _, attribute = name.rpartition(".")
+            if self.attribute_reads.get(name, 0) > 1 or \
+                    id(getattr(gm.get_submodule(owner) if owner else gm, attribute)) in self.shared:
+                return False
+        return True
+
+
+def graph_uses(gm: torch.fx.GraphModule) -> GraphUses:
+    calls: dict = {}
+    reads: dict = {}
+    for node in gm.graph.nodes:
+        if node.op == "call_module":
+            calls[node.target] = calls.get(node.target, 0) + 1
+        elif node.op == "get_attr":
+            reads[node.target] = reads.get(node.target, 0) + 1
+    seen: dict = {}
+    for _, tensor in [*gm.named_parameters(remove_duplicate=False),
+                      *gm.named_buffers(remove_duplicate=False)]:
+        seen[id(tensor)] = seen.get(id(tensor), 0) + 1
+    return GraphUses(calls, reads, {key for key, count in seen.items() if count > 1})
+
+
+def linear_site(gm: torch.fx.GraphModule, node: torch.fx.Node, uses: GraphUses
+                ) -> LinearSite | None:
+    """The node as a rewritable conv/linear (its weights its own), or None."""
     if node.op == "call_module":
         module = gm.get_submodule(node.target)
-        if calls.get(node.target, 0) != 1 or not node.args or node.kwargs or len(node.args) != 1:
+        if uses.module_calls.get(node.target, 0) != 1 or len(node.args) != 1 or node.kwargs:
+            return None
+        names = [f"{node.target}.{name}" for name in ("weight", "bias")
+                 if getattr(module, name, None) is not None]
+        if any(uses.attribute_reads.get(name) for name in names) or \
+                not uses.private(gm, *names):
             return None
         if _standard(module, _CONV_MODULES) and module.padding_mode == "zeros":
             why = holds_identity(tuple(module.weight.shape), module.groups, module.stride,
@@ -133,13 +175,15 @@ def linear_site(gm: torch.fx.GraphModule, node: torch.fx.Node, calls: dict) -> L
         names = ("input", "weight", "bias")
         bound = dict(zip(names, args)) | dict(node.kwargs)
         x, weight, bias = bound.get("input"), bound.get("weight"), bound.get("bias")
-        if not _own_get_attr(weight) or not (bias is None or _own_get_attr(bias)):
+        if not _own_get_attr(weight, gm, uses) or \
+                not (bias is None or _own_get_attr(bias, gm, uses)):
             return None
         get, put = _param_access(gm, weight, bias)
         return LinearSite(node, x, get, put)
     else:
         return None
-    if not _own_get_attr(weight) or not (bias is None or _own_get_attr(bias)) or \
+    if not _own_get_attr(weight, gm, uses) or \
+            not (bias is None or _own_get_attr(bias, gm, uses)) or \
             not isinstance(x, torch.fx.Node) or not isinstance(groups, int):
         return None
     get, put = _param_access(gm, weight, bias)
@@ -182,6 +226,7 @@ _HOMOGENEOUS_ATEN = {
     "upsample_bilinear2d", "_to_copy", "detach"}
 _ADDS = {operator.add, operator.iadd, operator.sub, operator.isub, torch.add, torch.sub}
 _SCALES = {operator.mul, operator.imul, operator.truediv, operator.itruediv, torch.mul, torch.div}
+_DIVISIONS = {operator.truediv, operator.itruediv, torch.div}
 _SHAPE_READS = {"size", "dim", "numel", "ndimension"}
 
 
@@ -226,7 +271,7 @@ def _scale_rule(gm: torch.fx.GraphModule, node: torch.fx.Node) -> str | None:
         if node.target in ("add", "add_", "sub", "sub_"):
             return "tie" if len(args) == 2 and not _constant(args[1]) and not node.kwargs else None
         if node.target in ("mul", "mul_", "div", "div_"):
-            return _product_rule(args)
+            return _product_rule(args, node.target.startswith("div"), node.kwargs)
         return None
     if node.op != "call_function":
         return None
@@ -245,7 +290,7 @@ def _scale_rule(gm: torch.fx.GraphModule, node: torch.fx.Node) -> str | None:
         return "tie" if len(args) == 2 and not _constant(args[0]) and not _constant(args[1]) \
             and "alpha" not in node.kwargs else None
     if node.target in _SCALES:
-        return _product_rule(args)
+        return _product_rule(args, node.target in _DIVISIONS, node.kwargs)
     name = _aten_name(node.target)
     if name in _HOMOGENEOUS_ATEN:
         return "tie"
@@ -254,15 +299,22 @@ def _scale_rule(gm: torch.fx.GraphModule, node: torch.fx.Node) -> str | None:
         return "tie" if len(args) >= 2 and not _constant(args[0]) and not _constant(args[1]) \
             and alpha == 1 else None
     if name in ("mul", "mul_", "div", "div_"):
-        return _product_rule(args)
+        return _product_rule(args, name.startswith("div"), node.kwargs)
     return None
 
 
-def _product_rule(args) -> str | None:
-    if len(args) != 2:
+def _product_rule(args, divides: bool, kwargs) -> str | None:
+    """``a * b`` / ``a / b``: a constant factor or divisor ties (linear in the tensor);
+    ``c / x`` scales as ``1 / s``, a rounding division not at all: unscaled. Two tensors:
+    ``"gate"`` (``a * gate``, ``gate * a``) or ``"divisor gate"`` (``a / gate`` only)."""
+    if len(args) != 2 or kwargs.get("rounding_mode") is not None:
         return None
-    if _constant(args[1]) or (_constant(args[0])):
-        return "tie"  # a constant factor: linear in the tensor
+    if divides:
+        if _constant(args[0]):
+            return None
+        return "tie" if _constant(args[1]) else "divisor gate"
+    if _constant(args[1]) or _constant(args[0]):
+        return "tie"
     return "gate"
 
 
@@ -310,10 +362,11 @@ def scale_constraints(gm: torch.fx.GraphModule, linears: dict) -> ScaleSolver:
             if rule == "tie":
                 for value in tensors:
                     solver.tie(node, value)
-            elif rule == "gate" and len(tensors) == 2 and (
-                    _unscaled_gate(gm, tensors[1]) or _unscaled_gate(gm, tensors[0])):
-                gate, value = (tensors[1], tensors[0]) if _unscaled_gate(gm, tensors[1]) \
-                    else tensors
+            elif rule in ("gate", "divisor gate") and len(tensors) == 2 and (
+                    _unscaled_gate(gm, node.args[1]) or
+                    (rule == "gate" and _unscaled_gate(gm, node.args[0]))):
+                gate, value = (node.args[1], node.args[0]) if _unscaled_gate(gm, node.args[1]) \
+                    else (node.args[0], node.args[1])
                 solver.tie(node, value)
                 solver.fix(gate, f"{gate.name} is a gate")
             else:

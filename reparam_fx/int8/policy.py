@@ -49,7 +49,7 @@ import torch.nn as nn
 
 from reparam_fx.core.quantization import (ScaleSolver, best_identity_scale, extract_identity,
                                           identity_taps, modelled_gain_db)
-from reparam_fx.int8.graph import LinearSite, linear_site, scale_constraints
+from reparam_fx.int8.graph import LinearSite, graph_uses, linear_site, scale_constraints
 from reparam_fx.int8.simulation import measured_gain_db, record_conv_inputs
 
 aten = torch.ops.aten
@@ -205,13 +205,10 @@ def _options(site: LinearSite, policy: Int8Policy, recorded) -> tuple[list, dict
 
 
 def _apply_to_graph(gm: torch.fx.GraphModule, policy: Int8Policy, recorded: dict) -> list:
-    calls: dict = {}
-    for node in gm.graph.nodes:
-        if node.op == "call_module":
-            calls[node.target] = calls.get(node.target, 0) + 1
+    uses = graph_uses(gm)
     linears = {}
     for node in gm.graph.nodes:
-        site = linear_site(gm, node, calls)
+        site = linear_site(gm, node, uses)
         if site is not None:
             linears[node] = site
     solver = scale_constraints(gm, linears)

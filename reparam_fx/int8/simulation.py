@@ -18,7 +18,7 @@ import torch.fx
 import torch.nn.functional as F
 
 from reparam_fx.core.quantization import extract_identity
-from reparam_fx.int8.graph import LinearSite, linear_site
+from reparam_fx.int8.graph import LinearSite, graph_uses, linear_site
 
 aten = torch.ops.aten
 
@@ -35,46 +35,38 @@ class Recorded:
 
 
 def record_conv_inputs(gm: torch.fx.GraphModule, inputs: list, keep: int = 2) -> dict:
-    """Run the float graph on the calibration inputs; per conv/linear node, its input's
-    and output's ranges, a few inputs, and its size per sample."""
-    targets = {n for n in gm.graph.nodes if n.op in ("call_module", "call_function")}
+    """Run the float graph on the calibration inputs; per rewritable conv/linear node, its
+    input's and output's ranges, its first ``keep`` inputs, and its size per sample."""
+    uses = graph_uses(gm)
+    sites = {node: site for node in gm.graph.nodes
+             if (site := linear_site(gm, node, uses)) is not None}
     seen: dict = {}
 
     class Recorder(torch.fx.Interpreter):
         def run_node(self, n):
             result = super().run_node(n)
-            if n in targets and isinstance(result, torch.Tensor) and n.all_input_nodes:
-                x = self.env.get(n.all_input_nodes[0]) if n.op == "call_module" else \
-                    self.env.get(n.args[0]) if isinstance(n.args[0], torch.fx.Node) else None
-                if isinstance(x, torch.Tensor) and x.is_floating_point():
-                    item = seen.get(n)
-                    if item is None:
-                        item = seen[n] = Recorded([], math.inf, -math.inf, math.inf, -math.inf,
-                                                   result[0].numel(), 0)
-                    if len(item.inputs) < keep:
-                        item.inputs.append(x.detach())
-                    item.low = min(item.low, float(x.min()))
-                    item.high = max(item.high, float(x.max()))
-                    item.out_low = min(item.out_low, float(result.min()))
-                    item.out_high = max(item.out_high, float(result.max()))
+            site = sites.get(n)
+            x = self.env.get(site.input) if site is not None else None
+            if isinstance(result, torch.Tensor) and isinstance(x, torch.Tensor) and \
+                    x.is_floating_point():
+                item = seen.get(n)
+                if item is None:
+                    weight, _ = site.get()
+                    numel = result[0].numel()
+                    item = seen[n] = Recorded([], math.inf, -math.inf, math.inf, -math.inf,
+                                              numel, numel * math.prod(weight.shape[1:]))
+                if len(item.inputs) < keep:
+                    item.inputs.append(x.detach())
+                item.low = min(item.low, float(x.min()))
+                item.high = max(item.high, float(x.max()))
+                item.out_low = min(item.out_low, float(result.min()))
+                item.out_high = max(item.out_high, float(result.max()))
             return result
 
     with torch.no_grad():
         for args in inputs:
             Recorder(gm).run(*args)
-    calls: dict = {}
-    for node in gm.graph.nodes:
-        if node.op == "call_module":
-            calls[node.target] = calls.get(node.target, 0) + 1
-    result = {}
-    for node, item in seen.items():
-        site = linear_site(gm, node, calls)
-        if site is None:
-            continue
-        weight, _ = site.get()
-        item.macs = item.numel_out * math.prod(weight.shape[1:])
-        result[node] = item
-    return result
+    return seen
 
 
 def _fake_quant(x: torch.Tensor, low: float, high: float) -> torch.Tensor:

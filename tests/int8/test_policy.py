@@ -345,3 +345,87 @@ def test_generated_blocks_stay_exact(first, second, seed, form):
     assert _ops(fused)["add"] == _ops(floated)["add"] + len(report.kept_apart)
     channel = sum(d.mode == "channel" for d in report.decisions)
     assert _ops(fused)["mul"] == _ops(floated)["mul"] + channel
+
+
+# ---- divisions, gates and tied weights (negative cases of the scale rules) --------------
+
+class After(nn.Module):
+    """A block whose output goes through ``op`` to a conv: ``op`` decides whether the
+    block's scale can travel into that conv."""
+
+    def __init__(self, op):
+        super().__init__()
+        self.stem = nn.Conv2d(3, 8, 3, padding=1)
+        self.block = RepBlock(8)
+        self.head = nn.Conv2d(8, 4, 1)
+        self.op = op
+
+    def forward(self, x):
+        return self.head(self.op(self.block(torch.relu(self.stem(x)))))
+
+
+@pytest.mark.parametrize("op,moves", [
+    (lambda y: y / 2.0, True),                      # a constant divisor: linear
+    (lambda y: y * torch.sigmoid(torch.ones(1, 1, 1, 1, dtype=y.dtype)), True),  # a gate
+    # squeeze-excitation: the gate reads y itself, and sigmoid(s z) != sigmoid(z)
+    (lambda y: y * torch.sigmoid(y.mean((2, 3), keepdim=True)), False),
+    (lambda y: y / (1 + torch.sigmoid(y)), False),  # a divisor that reads y: not a gate
+    (lambda y: 2.0 / (y + 1), False),               # c / x scales as 1/s
+    (lambda y: torch.sigmoid(y) / (y + 1), False),  # a gate over a scaled divisor
+    (lambda y: torch.div(y, 3.0, rounding_mode="floor"), False),
+    (lambda y: torch.relu(y - 1.0), False),         # a constant added (no conv to take it)
+])
+def test_scales_through_products_and_divisions(op, moves):
+    """The stem can always absorb the block's scale backwards, so the block is refused
+    only when both sides are pinned: here the stem's side is made unscaled by a SiLU."""
+    model, x = _model(After(op))
+    model.stem = nn.Sequential(model.stem, nn.SiLU()).double()  # pins the block's input
+    fused = reparam_fx.fuse(model, target=SCALAR)
+    assert _error(model, fused, x) < RTOL
+    (decision,) = fused.fusion_report.int8.decisions
+    assert (decision.mode == "scalar") == moves, decision.reason
+
+
+class Tied(nn.Module):
+    """Two RepVGG blocks; the head conv's weight is shared with another conv (weight
+    tying): scaling one would scale the other."""
+
+    def __init__(self):
+        super().__init__()
+        self.stem = nn.Conv2d(3, 8, 3, padding=1)
+        self.block = RepBlock(8)
+        self.head = nn.Conv2d(8, 8, 1)
+        self.twin = nn.Conv2d(8, 8, 1)
+        self.twin.weight = self.head.weight
+
+    def forward(self, x):
+        y = self.block(torch.nn.functional.silu(self.stem(x)))
+        return self.head(y) + self.twin(torch.nn.functional.silu(x.mean(1, keepdim=True)
+                                                                 .expand(-1, 8, -1, -1)))
+
+
+def test_tied_weights_are_not_rescaled():
+    model, x = _model(Tied())
+    fused = reparam_fx.fuse(model, target=SCALAR)
+    assert _error(model, fused, x) < RTOL
+    (decision,) = fused.fusion_report.int8.decisions
+    assert decision.mode == "merged" and "both keep scale 1" in decision.reason
+    assert fused.head.weight is fused.twin.weight
+
+
+@pytest.mark.parametrize("function,rule", [
+    (lambda x: x / 2.0, "tie"), (lambda x: x * 3.0, "tie"), (lambda x: 3.0 * x, "tie"),
+    (lambda x: 2.0 / x, None),  # scales as 1/s
+    (lambda x: torch.div(x, 2.0, rounding_mode="floor"), None),
+    (lambda x: x / torch.sigmoid(x), "divisor gate"), (lambda x: x * torch.sigmoid(x), "gate"),
+    (lambda x: x + 1.0, None), (lambda x: x - x.mean(), "tie"),
+])
+def test_scale_rules_of_arithmetic(function, rule):
+    from reparam_fx.int8.graph import _scale_rule
+
+    class Op(nn.Module):
+        def forward(self, x):
+            return function(x)
+    gm = torch.fx.symbolic_trace(Op())
+    last = [n for n in gm.graph.nodes if n.op == "call_function"][-1]
+    assert _scale_rule(gm, last) == rule
